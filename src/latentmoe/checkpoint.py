@@ -1,0 +1,187 @@
+"""HF-format checkpoints: `config.json` + safetensors (one file or shards with an index).
+
+Names on disk are the released ones (per-expert `mlp.experts.E.{gate,up,down}_proj.weight`);
+in the model the routed experts of a layer are stacked. This table is the whole mapping:
+
+| checkpoint name                               | model tensor                                   |
+|-----------------------------------------------|------------------------------------------------|
+| model.layers.L.mlp.experts.E.gate_proj.weight | model.layers.L.mlp.experts.gate_up_proj[E, :I] |
+| model.layers.L.mlp.experts.E.up_proj.weight   | model.layers.L.mlp.experts.gate_up_proj[E, I:] |
+| model.layers.L.mlp.experts.E.down_proj.weight | model.layers.L.mlp.experts.down_proj[E]        |
+| anything else                                 | the parameter of the same name                 |
+
+Loading builds the model on the meta device, allocates it once on the target device in the
+target dtype, then copies tensor by tensor, shard by shard: no full fp32 copy ever exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ModelConfig
+from .model import DeepseekV2ForCausalLM
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+_EXPERT_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match its config: lists every missing, unexpected or mis-shaped tensor."""
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return default_dtype(device)
+    if isinstance(dtype, str):
+        table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+        if dtype not in table:
+            raise ValueError(f"dtype must be one of {sorted(table)}, got {dtype!r}")
+        return table[dtype]
+    return dtype
+
+
+def checkpoint_entries(model: DeepseekV2ForCausalLM) -> Iterator[tuple[str, torch.Tensor]]:
+    """(checkpoint name, view into the model's tensor) for every tensor a checkpoint holds."""
+    tied = model.config.tie_word_embeddings
+    for name, param in model.state_dict(keep_vars=True).items():
+        if tied and name == "lm_head.weight":
+            continue
+        if name.endswith("mlp.experts.gate_up_proj"):
+            prefix = name[: -len(".gate_up_proj")]
+            inter = param.shape[1] // 2
+            for e in range(param.shape[0]):
+                yield f"{prefix}.{e}.gate_proj.weight", param.data[e, :inter]
+                yield f"{prefix}.{e}.up_proj.weight", param.data[e, inter:]
+        elif name.endswith("mlp.experts.down_proj"):
+            prefix = name[: -len(".down_proj")]
+            for e in range(param.shape[0]):
+                yield f"{prefix}.{e}.down_proj.weight", param.data[e]
+        else:
+            yield name, param.data
+
+
+def _shard_files(path: str) -> list[str]:
+    index = os.path.join(path, INDEX_FILE)
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not os.path.exists(os.path.join(path, f))]
+        if missing:
+            raise CheckpointError(f"{INDEX_FILE} names shard files that do not exist: {missing}")
+        return [os.path.join(path, f) for f in files]
+    single = os.path.join(path, SINGLE_FILE)
+    if os.path.exists(single):
+        return [single]
+    others = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if others:
+        return [os.path.join(path, f) for f in others]
+    raise CheckpointError(f"no safetensors weights in {path} (expected {SINGLE_FILE} or {INDEX_FILE})")
+
+
+@torch.no_grad()
+def load_model(path: str | os.PathLike, device: torch.device | str | None = None,
+               dtype: torch.dtype | str | None = None, progress: bool = False) -> DeepseekV2ForCausalLM:
+    """Load an HF-format DeepSeek-V2 directory onto `device` (default CPU) in `dtype`
+    (default: bf16 on CUDA, fp32 on CPU)."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory not found: {path}")
+    cfg = ModelConfig.from_json(path)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    dtype = _resolve_dtype(dtype, device)
+    files = _shard_files(path)
+    with torch.device("meta"):
+        model = DeepseekV2ForCausalLM(cfg)
+    model.to(dtype)
+    model.to_empty(device=device)
+    model.model.rotary.reset()
+    targets = dict(checkpoint_entries(model))
+    seen: set[str] = set()
+    unexpected: list[str] = []
+    misshaped: list[str] = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(files), desc="loading shards", unit="shard")
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                target = targets.get(name)
+                if target is None:
+                    if cfg.tie_word_embeddings and name == "lm_head.weight":
+                        continue
+                    unexpected.append(name)
+                    continue
+                tensor = f.get_tensor(name)
+                if tuple(tensor.shape) != tuple(target.shape):
+                    misshaped.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(target.shape)}")
+                    continue
+                target.copy_(tensor)
+                seen.add(name)
+                del tensor
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    missing = sorted(set(targets) - seen)
+    if missing or unexpected or misshaped:
+        lines = [f"checkpoint {path} does not match its config.json:"]
+        for title, items in (("missing", missing), ("unexpected", sorted(unexpected)), ("mis-shaped", misshaped)):
+            if items:
+                lines.append(f"  {len(items)} {title} tensor(s):")
+                lines.extend(f"    {item}" for item in items[:50])
+                if len(items) > 50:
+                    lines.append(f"    ... and {len(items) - 50} more")
+        raise CheckpointError("\n".join(lines))
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def save_model(model: DeepseekV2ForCausalLM, path: str | os.PathLike,
+               max_shard_size: int | str = "5GB", tokenizer_dir: str | os.PathLike | None = None) -> None:
+    """Write config.json + safetensors (sharded with an index above `max_shard_size`)."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in checkpoint_entries(model)}
+    split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size,
+                                               filename_pattern="model{suffix}.safetensors")
+    # Remove stale weights from an earlier save so the directory holds exactly one checkpoint.
+    for old in os.listdir(path):
+        if old.endswith(".safetensors") or old == INDEX_FILE:
+            os.remove(os.path.join(path, old))
+    for filename, names in split.filename_to_tensors.items():
+        save_file({n: tensors[n] for n in names}, os.path.join(path, filename), metadata={"format": "pt"})
+    if split.is_sharded:
+        with open(os.path.join(path, INDEX_FILE), "w") as f:
+            json.dump({"metadata": dict(split.metadata), "weight_map": split.tensor_to_filename}, f, indent=2)
+    cfg_dict = model.config.to_dict()
+    cfg_dict["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg_dict, f, indent=2, sort_keys=True)
+        f.write("\n")
+    if tokenizer_dir is not None:
+        import shutil
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+            src = os.path.join(os.fspath(tokenizer_dir), name)
+            if os.path.exists(src) and os.path.abspath(src) != os.path.abspath(os.path.join(path, name)):
+                shutil.copyfile(src, os.path.join(path, name))
+
+
+__all__ = ["load_model", "save_model", "CheckpointError", "checkpoint_entries"]

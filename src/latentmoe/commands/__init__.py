@@ -1,0 +1,1 @@
+"""Subcommands of the `latentmoe` CLI: each module defines `register(subparsers)`."""
