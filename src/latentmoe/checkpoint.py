@@ -108,7 +108,7 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
         model = DeepseekV2ForCausalLM(cfg)
     model.to(dtype)
     model.to_empty(device=device)
-    model.model.rotary.reset()
+    model.tie_weights()
     targets = dict(checkpoint_entries(model))
     seen: set[str] = set()
     unexpected: list[str] = []

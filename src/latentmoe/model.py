@@ -397,9 +397,13 @@ class DeepseekV2ForCausalLM(nn.Module):
         self.config = cfg
         self.model = DeepseekV2Model(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
         self.gradient_checkpointing = False
+
+    def tie_weights(self) -> None:
+        """Share lm_head with the embedding when configured (again after `to_empty`, which unties)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     def set_attention_mode(self, mode: str) -> None:
         """'decompressed' (rebuild K/V, the reference) or 'absorbed' (latent-only attention)."""
@@ -493,6 +497,7 @@ def build_model(cfg: ModelConfig, device: torch.device | str | None = None,
     if dtype is not None:
         model.to(dtype)  # on meta: free
     model.to_empty(device=device)
+    model.tie_weights()
     if seed is not None:
         torch.manual_seed(seed)
     init_weights(model, std)

@@ -1,0 +1,105 @@
+"""Continuous batching: every step picks, under a token budget, one token for each decoding
+sequence and chunks of prompts still being prefilled, admits waiting requests while blocks and
+the budget last, and preempts (by recompute) the newest running sequence when blocks run out.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from .block_manager import BlockManager
+from .sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence]           # decodes first, then prefill chunks
+    num_new_tokens: list[int]      # tokens computed this step, per sequence
+    num_decodes: int               # leading sequences that take the absorbed (decode) path
+    preempted: list[Sequence]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        if max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
+        self.bm = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, seq: Sequence) -> None:
+        # Recompute: drop its cache; on readmission prompt + generated tokens are prefilled
+        # again (prefix caching usually finds most of them still in the cache).
+        self.bm.free_seq(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def schedule(self) -> ScheduledBatch:
+        budget = self.max_num_batched_tokens
+        chosen: list[tuple[Sequence, int]] = []
+        preempted: list[Sequence] = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(len(seq) - seq.num_computed_tokens, budget)
+            while not self.bm.allocate(seq, seq.num_computed_tokens + n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status != SequenceStatus.RUNNING:
+                break  # it preempted itself: nothing after it remains either
+            chosen.append((seq, n))
+            budget -= n
+            i += 1
+        if not preempted:
+            while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+                seq = self.waiting[0]
+                self.bm.match_prefix(seq)
+                n = min(len(seq) - seq.num_computed_tokens, budget)
+                if not self.bm.allocate(seq, seq.num_computed_tokens + n):
+                    self.bm.free_seq(seq)   # undo the prefix hits; try again next step
+                    seq.num_cached_tokens = 0
+                    break
+                self.waiting.popleft()
+                seq.status = SequenceStatus.RUNNING
+                self.running.append(seq)
+                chosen.append((seq, n))
+                budget -= n
+        decodes = [(s, n) for s, n in chosen if n == 1 and s.num_computed_tokens > 0]
+        prefills = [(s, n) for s, n in chosen if not (n == 1 and s.num_computed_tokens > 0)]
+        ordered = decodes + prefills
+        return ScheduledBatch([s for s, _ in ordered], [n for _, n in ordered], len(decodes), preempted)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Finish (stop, length or abort): blocks go back at once."""
+        seq.finish_reason = reason
+        if seq.status == SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status == SequenceStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        self.bm.free_seq(seq)
+        seq.status = SequenceStatus.FINISHED
+
+
+__all__ = ["Scheduler", "ScheduledBatch"]

@@ -1,0 +1,57 @@
+"""Whether Triton can run here, and on which tensors: compiled on CUDA, interpreted on CPU under TRITON_INTERPRET=1."""
+import functools
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - Triton ships with CUDA builds of torch; only odd installs lack it
+    import types
+    triton = None
+    tl = types.SimpleNamespace(constexpr=None)  # lets kernel signatures be defined (never launched)
+    HAS_TRITON = False
+
+# Read once, at import: triton.jit decides at decoration time whether a kernel is interpreted.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Tests set this to fill every buffer a kernel must write with NaN first, exposing unwritten elements.
+POISON = False
+
+
+def new_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    return HAS_TRITON and (t.is_cuda or (INTERPRET and t.device.type == "cpu"))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of the device (a nominal 8 for the CPU interpreter)."""
+    if device.type != "cuda":
+        return 8
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def jit(fn):
+    """triton.jit where Triton exists; the plain function otherwise (never launched then)."""
+    return triton.jit(fn) if HAS_TRITON else fn
+
+
+@jit
+def dot(a, b, UPCAST: tl.constexpr):
+    """tl.dot with fp32 accumulation; UPCAST feeds it fp32 operands (the CPU interpreter's bf16 dot is wrong)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    return tl.dot(a, b)

@@ -1,0 +1,173 @@
+"""MLA decode attention over the paged latent cache (Triton): split-KV partials, then a log-sum-exp merge.
+
+Absorbed decode is an MQA: every head of a sequence attends to the same rows [c_kv (C) | k_pe (R)],
+so one program takes BLOCK_H heads and loads each latent tile once for all of them. A sequence is
+cut into NUM_SPLITS equal pieces, one program per piece, so that small batches still fill the chip;
+each piece leaves its normalised output and log-sum-exp, and a second kernel merges them.
+"""
+import math
+
+import torch
+
+from ._triton import INTERPRET, dot, jit, new_buffer, sm_count, tl, triton, use_triton
+from .reference import mla_decode_ref
+
+LOG2E = 1.4426950408889634
+
+
+@jit
+def _mla_decode_split_kernel(
+    q_lat_ptr, q_pe_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, o_ptr, lse_ptr,
+    stride_qb, stride_qh, stride_pb, stride_ph, stride_kv_blk, stride_kv_tok, stride_bt,
+    stride_ob, stride_oh, stride_os,
+    H, qk_scale,
+    C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    # Head groups vary fastest, so the programs sharing one (sequence, split) run side by side
+    # and all but the first find its latent tiles in L2.
+    pid_h = tl.program_id(0)
+    split = tl.program_id(1)
+    b = tl.program_id(2)
+
+    seq_len = tl.load(seq_lens_ptr + b)
+    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_h = offs_h < H
+    mask_c = offs_c < C
+    mask_r = offs_r < R
+    q_lat = tl.load(q_lat_ptr + b * stride_qb + offs_h[:, None] * stride_qh + offs_c[None, :],
+                    mask=mask_h[:, None] & mask_c[None, :], other=0.0)          # [BLOCK_H, BLOCK_C]
+    q_pe = tl.load(q_pe_ptr + b * stride_pb + offs_h[:, None] * stride_ph + offs_r[None, :],
+                   mask=mask_h[:, None] & mask_r[None, :], other=0.0)           # [BLOCK_H, BLOCK_R]
+
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)  # running max, log2 units
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)                 # running sum of exp2
+    acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        # Token t of the sequence lives in cache block block_table[b, t // PAGE], row t % PAGE.
+        page = tl.load(block_table_ptr + b * stride_bt + offs_n // PAGE, mask=mask_n, other=0).to(tl.int64)
+        row = page * stride_kv_blk + (offs_n % PAGE) * stride_kv_tok
+        k_lat = tl.load(kv_ptr + row[:, None] + offs_c[None, :],
+                        mask=mask_n[:, None] & mask_c[None, :], other=0.0)      # [BLOCK_N, BLOCK_C]
+        k_pe = tl.load(kv_ptr + row[:, None] + C + offs_r[None, :],
+                       mask=mask_n[:, None] & mask_r[None, :], other=0.0)       # [BLOCK_N, BLOCK_R]
+        s = dot(q_lat, tl.trans(k_lat), UPCAST) + dot(q_pe, tl.trans(k_pe), UPCAST)      # fp32 [BLOCK_H, BLOCK_N]
+        s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + dot(p.to(k_lat.dtype), k_lat, UPCAST)
+        m_i = m_new
+
+    # An empty piece (sequence shorter than the split count) leaves o = 0 and lse = -inf.
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    tl.store(o_ptr + b * stride_ob + offs_h[:, None] * stride_oh + split * stride_os + offs_c[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=mask_h[:, None] & mask_c[None, :])
+    if NUM_SPLITS > 1:
+        lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
+        tl.store(lse_ptr + (b * H + offs_h) * NUM_SPLITS + split, lse, mask=mask_h)
+
+
+@jit
+def _mla_decode_merge_kernel(
+    o_part_ptr, lse_ptr, out_ptr, stride_ob, stride_oh, H,
+    C: tl.constexpr, BLOCK_C: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid = tl.program_id(0)  # = b * H + h; o_part is [B, H, NUM_SPLITS, C] contiguous
+    b = pid // H
+    h = pid % H
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_s = offs_s < NUM_SPLITS
+    mask_c = offs_c < C
+    lse = tl.load(lse_ptr + pid * NUM_SPLITS + offs_s, mask=mask_s, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m)                                   # empty pieces weigh 0
+    o = tl.load(o_part_ptr + (pid * NUM_SPLITS + offs_s[:, None]) * C + offs_c[None, :],
+                mask=mask_s[:, None] & mask_c[None, :], other=0.0)
+    out = tl.sum(o * w[:, None], 0) / tl.maximum(tl.sum(w, 0), 1e-30)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_c, out.to(out_ptr.dtype.element_ty), mask=mask_c)
+
+
+def choose_num_splits(batch: int, head_groups: int, max_seq_len: int, device: torch.device,
+                      min_tokens_per_split: int = 256, max_splits: int = 32) -> int:
+    """Pieces per sequence: enough programs for about two per multiprocessor, never pieces under
+    `min_tokens_per_split` tokens (each piece costs a partial write and a merge read)."""
+    programs = batch * head_groups
+    want = math.ceil(2 * sm_count(device) / programs)
+    cap = max(1, max_seq_len // min_tokens_per_split)
+    return max(1, min(want, cap, max_splits))
+
+
+def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                      seq_lens: torch.Tensor, softmax_scale: float, *, max_seq_len: int | None = None,
+                      num_splits: int | None = None, block_h: int | None = None, block_n: int | None = None,
+                      num_warps: int | None = None, num_stages: int | None = None,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    B, H, C = q_lat.shape
+    R = q_pe.shape[-1]
+    NB, PAGE, X = kv_cache.shape
+    assert X == C + R, f"kv_cache rows are {X} wide, expected C + R = {C + R}"
+    assert q_lat.stride(-1) == 1 and q_pe.stride(-1) == 1 and kv_cache.stride(-1) == 1
+    assert block_table.dtype == torch.int32 and seq_lens.dtype == torch.int32
+    block_h = block_h or (16 if H <= 16 else 64)
+    block_n = block_n or (32 if block_h <= 16 else 64)
+    head_groups = triton.cdiv(H, block_h)
+    # No host sync: the longest possible sequence comes from the block table's width unless given.
+    if max_seq_len is None:
+        max_seq_len = block_table.shape[1] * PAGE
+    if num_splits is None:
+        num_splits = choose_num_splits(B, head_groups, max_seq_len, q_lat.device)
+    if num_warps is None:
+        num_warps = 4 if block_h <= 16 else 8
+    if num_stages is None:
+        num_stages = 2
+    if out is None:
+        out = new_buffer(q_lat.shape, q_lat.dtype, q_lat.device)
+    if num_splits == 1:
+        o_part, lse = out, out  # the split kernel normalises and writes the result itself
+        so = (out.stride(0), out.stride(1), 0)
+    else:
+        o_part = new_buffer((B, H, num_splits, C), torch.float32, q_lat.device)
+        lse = new_buffer((B, H, num_splits), torch.float32, q_lat.device)
+        so = o_part.stride()[:3]
+    _mla_decode_split_kernel[(head_groups, num_splits, B)](
+        q_lat, q_pe, kv_cache, block_table, seq_lens, o_part, lse,
+        q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0), *so,
+        H, softmax_scale * LOG2E,
+        C=C, R=R, BLOCK_C=triton.next_power_of_2(C), BLOCK_R=triton.next_power_of_2(R),
+        PAGE=PAGE, BLOCK_H=block_h, BLOCK_N=block_n, NUM_SPLITS=num_splits, UPCAST=INTERPRET,
+        num_warps=num_warps, num_stages=num_stages)
+    if num_splits > 1:
+        _mla_decode_merge_kernel[(B * H,)](
+            o_part, lse, out, out.stride(0), out.stride(1), H,
+            C=C, BLOCK_C=triton.next_power_of_2(C), NUM_SPLITS=num_splits,
+            BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4)
+    return out
+
+
+def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+               seq_lens: torch.Tensor, softmax_scale: float, **tuning) -> torch.Tensor:
+    """Absorbed decode attention: q_lat [B,H,C], q_pe [B,H,R], kv_cache [NB,BS,C+R] -> o_lat [B,H,C].
+
+    Triton on CUDA (and on CPU under TRITON_INTERPRET=1), the torch reference elsewhere. fp32
+    accumulation; the result has q_lat's dtype. `tuning` (max_seq_len, num_splits, block_h,
+    block_n, num_warps, num_stages, out) reaches the Triton path only; max_seq_len (an upper
+    bound, default the block table's capacity) picks the split count without a host sync.
+    """
+    if use_triton(q_lat):
+        return mla_decode_triton(q_lat, q_pe, kv_cache, block_table, seq_lens, softmax_scale, **tuning)
+    return mla_decode_ref(q_lat, q_pe, kv_cache, block_table, seq_lens, softmax_scale)

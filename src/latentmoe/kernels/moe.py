@@ -1,0 +1,164 @@
+"""Routed experts as two Triton grouped GEMMs over expert-sorted (token, expert) assignments.
+
+Assignments are grouped by expert and each expert's group padded to BLOCK_M rows, so every
+program works for one expert: it gathers its tokens' rows of x straight from x_MD (no permuted
+copy), and reads each weight tile once per BLOCK_M assignments. Few tokens (decode) use
+BLOCK_M = 16, so each touched expert's weights are read once; many tokens (prefill) use large
+tiles. SwiGLU runs in the first GEMM's epilogue, the routing weight in the second's.
+
+Legend: M tokens, K experts per token, A = M*K assignments, E experts, D hidden, I expert width,
+P padded assignment rows (a multiple of BLOCK_M).
+"""
+import torch
+
+from ._triton import INTERPRET, dot, jit, new_buffer, tl, triton, use_triton
+from .reference import fused_moe_ref
+
+
+def moe_align(topk_idx_MK: torch.Tensor, n_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> sorted_ids [P] (assignment ids m*K+k grouped by expert, each group padded to block_m with
+    the id A), block_expert [P / block_m] (each row block's expert; E for blocks past the last).
+
+    P is the worst case cdiv(A, block_m) + min(E, A) blocks, so shapes never depend on the routing
+    (no host sync; CUDA graphs can capture it).
+    """
+    A = topk_idx_MK.numel()
+    dev = topk_idx_MK.device
+    flat_A = topk_idx_MK.flatten()
+    order_A = flat_A.argsort(stable=True)
+    # scatter_add, not bincount: bincount reads the max back to the host (a sync, no CUDA graphs).
+    counts_E = torch.zeros(n_experts, dtype=torch.int64, device=dev).scatter_add_(0, flat_A, torch.ones_like(flat_A))
+    blocks_E = (counts_E + block_m - 1) // block_m
+    block_end_E = blocks_E.cumsum(0)
+    first_row_E = (block_end_E - blocks_E) * block_m       # first padded row of each expert
+    first_rank_E = counts_E.cumsum(0) - counts_E           # first sorted position of each expert
+    expert_A = flat_A[order_A]
+    dest_A = first_row_E[expert_A] + torch.arange(A, device=dev) - first_rank_E[expert_A]
+    n_blocks = triton.cdiv(A, block_m) + min(n_experts, A)
+    sorted_ids = torch.full((n_blocks * block_m,), A, dtype=torch.int32, device=dev)
+    sorted_ids[dest_A] = order_A.to(torch.int32)
+    block_expert = torch.searchsorted(block_end_E, torch.arange(n_blocks, device=dev), right=True).to(torch.int32)
+    return sorted_ids, block_expert
+
+
+@jit
+def _moe_gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_expert_ptr,
+                        stride_xm, stride_we, stride_wn, stride_hm, A, D, I, E,
+                        TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+    """h[p, n] = silu(x[tok(p)] . w_gate[e, n]) * (x[tok(p)] . w_up[e, n]) for the rows p of one block."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if e < E:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        ids = tl.load(sorted_ids_ptr + offs_m)
+        valid = ids < A
+        tok = (ids // TOP_K).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < I
+        offs_k = tl.arange(0, BLOCK_K)
+        x_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :]
+        wg_ptrs = w_ptr + e * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
+        wu_ptrs = wg_ptrs + I * stride_wn
+        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            mask_k = offs_k < D - k0
+            xa = tl.load(x_ptrs, mask=valid[:, None] & mask_k[None, :], other=0.0)
+            wg = tl.load(wg_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            wu = tl.load(wu_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            acc_g += dot(xa, wg, UPCAST)
+            acc_u += dot(xa, wu, UPCAST)
+            x_ptrs += BLOCK_K
+            wg_ptrs += BLOCK_K
+            wu_ptrs += BLOCK_K
+        h = acc_g * tl.sigmoid(acc_g) * acc_u
+        tl.store(h_ptr + offs_m[:, None].to(tl.int64) * stride_hm + offs_n[None, :],
+                 h.to(h_ptr.dtype.element_ty), mask=mask_n[None, :])
+
+
+@jit
+def _moe_down_kernel(h_ptr, w_ptr, y_ptr, sorted_ids_ptr, block_expert_ptr, topk_weight_ptr,
+                     stride_hm, stride_we, stride_wn, stride_ym, A, I, D, E,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+    """y[id(p), n] = weight[id(p)] * (h[p] . w_down[e, n]), written at the assignment's own row."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if e < E:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        ids = tl.load(sorted_ids_ptr + offs_m)
+        valid = ids < A
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < D
+        offs_k = tl.arange(0, BLOCK_K)
+        h_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hm + offs_k[None, :]
+        w_ptrs = w_ptr + e * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]   # [BLOCK_K, BLOCK_N]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, I, BLOCK_K):
+            mask_k = offs_k < I - k0
+            ha = tl.load(h_ptrs, mask=mask_k[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            acc += dot(ha, w, UPCAST)
+            h_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        wt = tl.load(topk_weight_ptr + ids, mask=valid, other=0.0).to(tl.float32)
+        y = acc * wt[:, None]
+        tl.store(y_ptr + ids[:, None].to(tl.int64) * stride_ym + offs_n[None, :],
+                 y.to(y_ptr.dtype.element_ty), mask=valid[:, None] & mask_n[None, :])
+
+
+# (BLOCK_M, BLOCK_N gate_up, BLOCK_N down, BLOCK_K, num_warps, num_stages) by tokens per expert.
+DECODE_CONFIG = dict(block_m=16, block_n1=64, block_n2=64, block_k=128, num_warps=4, num_stages=3)
+PREFILL_CONFIG = dict(block_m=128, block_n1=64, block_n2=128, block_k=64, num_warps=8, num_stages=3)
+
+
+def choose_moe_config(n_assignments: int, n_experts: int) -> dict:
+    per_expert = n_assignments / n_experts
+    if per_expert < 32:
+        return DECODE_CONFIG
+    if per_expert < 256:
+        return dict(PREFILL_CONFIG, block_m=64, num_warps=4)
+    return PREFILL_CONFIG
+
+
+def fused_moe_triton(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+                     topk_idx_MK: torch.Tensor, topk_weight_MK: torch.Tensor, config: dict | None = None) -> torch.Tensor:
+    M, D = x_MD.shape
+    K = topk_idx_MK.shape[1]
+    E, I = down_proj.shape[0], down_proj.shape[2]
+    A = M * K
+    assert gate_up_proj.shape == (E, 2 * I, D) and down_proj.shape == (E, D, I)
+    assert x_MD.stride(-1) == 1 and gate_up_proj.stride(-1) == 1 and down_proj.stride(-1) == 1
+    cfg = config or choose_moe_config(A, E)
+    bm, bk, nw, ns = cfg["block_m"], cfg["block_k"], cfg["num_warps"], cfg["num_stages"]
+    sorted_ids, block_expert = moe_align(topk_idx_MK, E, bm)
+    n_blocks = block_expert.numel()
+    h_PI = new_buffer((n_blocks * bm, I), x_MD.dtype, x_MD.device)
+    _moe_gate_up_kernel[(triton.cdiv(I, cfg["block_n1"]), n_blocks)](
+        x_MD, gate_up_proj, h_PI, sorted_ids, block_expert,
+        x_MD.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), h_PI.stride(0), A, D, I, E,
+        TOP_K=K, BLOCK_M=bm, BLOCK_N=cfg["block_n1"], BLOCK_K=bk, UPCAST=INTERPRET, num_warps=nw, num_stages=ns)
+    y_AD = new_buffer((A, D), x_MD.dtype, x_MD.device)
+    weight_A = topk_weight_MK.reshape(-1).contiguous()
+    _moe_down_kernel[(triton.cdiv(D, cfg["block_n2"]), n_blocks)](
+        h_PI, down_proj, y_AD, sorted_ids, block_expert, weight_A,
+        h_PI.stride(0), down_proj.stride(0), down_proj.stride(1), y_AD.stride(0), A, I, D, E,
+        BLOCK_M=bm, BLOCK_N=cfg["block_n2"], BLOCK_K=bk, UPCAST=INTERPRET, num_warps=nw, num_stages=ns)
+    # Each token's K rows are adjacent: summing them is deterministic, unlike atomics.
+    return y_AD.view(M, K, D).sum(dim=1, dtype=torch.float32).to(x_MD.dtype)
+
+
+def fused_moe(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+              topk_idx_MK: torch.Tensor, topk_weight_MK: torch.Tensor) -> torch.Tensor:
+    """Routed experts: y[m] = sum_k w[m,k] down_e(silu(gate_e x[m]) * up_e x[m]), e = topk_idx[m,k].
+
+    x_MD [M,D], gate_up_proj [E,2I,D] rows [gate | up], down_proj [E,D,I] -> [M,D] in x's dtype.
+    Forward only (no autograd). Triton on CUDA (CPU under TRITON_INTERPRET=1), the reference elsewhere.
+    """
+    if x_MD.shape[0] == 0:
+        return x_MD.clone()
+    if use_triton(x_MD):
+        return fused_moe_triton(x_MD, gate_up_proj, down_proj, topk_idx_MK, topk_weight_MK)
+    return fused_moe_ref(x_MD, gate_up_proj, down_proj, topk_idx_MK, topk_weight_MK)

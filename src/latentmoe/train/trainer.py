@@ -1,0 +1,331 @@
+"""The training loop, as small functions: build_model, build_optimizer, train_step, evaluate,
+save/load. Parallelism (expert parallelism, FSDP2/ZeRO-1) goes in one place, `apply_parallelism`,
+applied to the built model from outside; only rank 0 logs and shows progress.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from ..model import DeepseekV2ForCausalLM, build_model as _build_model
+from .checkpointing import checkpoint_dirs, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import TrainConfig
+from .data import TokenData, prepare_data
+from .losses import balance_losses, cross_entropy
+from .optim import batch_size_at, build_optimizer, lr_at, total_tokens
+from .routing import DeviceDropper, configure_routing, inference_config, protected_tokens
+
+_EVAL_SEED = 1_000_003  # val batches are the same at every evaluation
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient became NaN/inf; the last checkpoint on disk is untouched."""
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    model: DeepseekV2ForCausalLM          # the plain module (saved, evaluated)
+    forward: object                      # what train_step calls: the model or its compiled form
+    optimizer: torch.optim.Optimizer
+    train_data: TokenData
+    val_data: TokenData
+    data_dir: str
+    device: torch.device
+    dropper: DeviceDropper | None
+    step: int = 0
+    tokens: int = 0
+    elapsed: float = 0.0                 # training seconds before this process (resumed runs)
+    history: list = field(default_factory=list)
+    parallel: object = None              # latentmoe.parallel.training.TrainParallel under torchrun
+
+
+# ----------------------------------------------------------------------------- setup
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_ctx(cfg: TrainConfig, device: torch.device):
+    mode = cfg.precision.autocast
+    if mode == "bf16" or (mode == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def build_model(cfg: TrainConfig, model_cfg, device: torch.device) -> DeepseekV2ForCausalLM:
+    """fp32 master weights (autocast computes in bf16), the report's init std, routing rules set."""
+    model = _build_model(model_cfg, device=device, dtype=torch.float32, seed=cfg.train.seed,
+                         std=cfg.model.init_std)
+    model.gradient_checkpointing = cfg.precision.activation_checkpointing
+    model.train()
+    return model
+
+
+def apply_parallelism(model: DeepseekV2ForCausalLM, cfg: TrainConfig, parallel=None) -> DeepseekV2ForCausalLM:
+    """The one place where expert/data parallelism wraps the built model (latentmoe.parallel)."""
+    return model if parallel is None else parallel.apply(model, cfg)
+
+
+def setup(cfg: TrainConfig, resume: bool = False, log=print) -> Run:
+    if cfg.precision.threads:
+        torch.set_num_threads(cfg.precision.threads)
+    device = resolve_device(cfg.precision.device)
+    from ..parallel.training import TrainParallel
+    parallel = TrainParallel.from_config(cfg, device)  # None: one process (no torchrun)
+    if parallel is not None:
+        device = parallel.device
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    data_dir = cfg.data.cache_dir or os.path.join(cfg.run_dir, "data")
+    if is_main():  # rank 0 tokenizes; the others then find the shards ready
+        prepare_data(cfg.data, data_dir, log=log)
+    if parallel is not None:
+        parallel.barrier()
+        prepare_data(cfg.data, data_dir, log=lambda *a: None)
+    train_data, val_data = TokenData(data_dir, "train"), TokenData(data_dir, "val")
+    special = {k: v for k, v in train_data.meta["special"].items() if v is not None}
+    model_cfg = cfg.model_config(vocab_size=train_data.meta["vocab_size"], special=special)
+    inference_config(model_cfg, cfg.routing)  # fail early on conflicting routing settings
+    model = apply_parallelism(build_model(cfg, model_cfg, device), cfg, parallel)
+    dropper = configure_routing(model, cfg.routing)
+    optimizer = build_optimizer(model, cfg.optim)
+    if parallel is not None:
+        optimizer = parallel.wrap_optimizer(optimizer, model)
+    forward = torch.compile(model) if cfg.precision.compile else model
+    run = Run(cfg, model, forward, optimizer, train_data, val_data, data_dir, device, dropper, parallel=parallel)
+    if resume:
+        ckpts = checkpoint_dirs(cfg.run_dir)
+        if not ckpts:
+            raise FileNotFoundError(f"--resume: no checkpoint in {cfg.run_dir}/checkpoints")
+        from ..parallel.checkpoint import is_sharded_checkpoint, load_checkpoint_distributed
+        if parallel is not None:
+            state = parallel.load(ckpts[-1], model, optimizer)
+        elif is_sharded_checkpoint(ckpts[-1]):  # written by a multi-process run
+            state = load_checkpoint_distributed(ckpts[-1], model, optimizer)
+        else:
+            state = load_checkpoint(ckpts[-1], model, optimizer)
+        run.step, run.tokens, run.elapsed = state["step"], state["tokens"], state.get("elapsed", 0.0)
+        set_rng_state(state["rng"])
+        _truncate_metrics(cfg.run_dir, run.step)
+        if is_main():
+            log(f"resumed from {ckpts[-1]} at step {run.step} ({run.tokens:,} tokens)")
+    elif is_main():
+        cfg.save(os.path.join(cfg.run_dir, "config.toml"))
+    return run
+
+
+# ----------------------------------------------------------------------------- steps
+def loss_fn(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict, list]:
+    logits, routers = run.forward(x, return_router=True)
+    ce = cross_entropy(logits, y)
+    lc, rc = run.cfg.loss, run.cfg.routing
+    bal = balance_losses(routers, x.shape[0], x.shape[1], rc.devices, rc.max_devices, lc.alpha1, lc.alpha2, lc.alpha3)
+    total = ce + bal["exp"] + bal["dev"] + bal["comm"]
+    return total, {"ce": ce, **bal}, routers
+
+
+def train_step(run: Run) -> dict:
+    """One optimizer step (gradient accumulation over micro-batches); returns the step's metrics."""
+    cfg, tc = run.cfg, run.cfg.train
+    t0 = time.perf_counter()
+    batch = batch_size_at(run.tokens, tc)
+    accum = batch // tc.micro_batch_size
+    lr = lr_at(run.step, run.tokens, cfg.optim, total_tokens(tc))
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    parts = {k: torch.zeros((), device=run.device) for k in ("loss", "ce", "exp", "dev", "comm")}
+    loads, kept, n_assign = None, torch.zeros((), device=run.device), 0
+    for micro in (range(accum) if run.parallel is None else run.parallel.micro_batches(accum)):
+        x, y = run.train_data.batch(tc.micro_batch_size, tc.seq_len, [tc.seed, run.step, micro])
+        x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+        if run.dropper is not None:
+            gen = torch.Generator().manual_seed(hash((tc.seed, run.step, micro)) & 0x7FFFFFFF)
+            run.dropper.protected = protected_tokens(x.shape[0], x.shape[1], cfg.routing.protect_fraction,
+                                                     gen, run.device)
+        with autocast_ctx(cfg, run.device):
+            total, terms, routers = loss_fn(run, x, y)
+        (total / accum).backward()
+        with torch.no_grad():
+            parts["loss"] += total.detach() / accum
+            for k, v in terms.items():
+                parts[k] += v.detach() / accum
+            counts = [torch.bincount(r.topk_idx.flatten(), minlength=r.scores.shape[-1]) for r in routers]
+            if counts:
+                loads = torch.stack(counts) if loads is None else loads + torch.stack(counts)
+            for r in routers:
+                if r.kept is not None:
+                    kept += r.kept.sum()
+                n_assign += r.topk_idx.numel()
+    if run.parallel is not None:  # sum metrics and gradients over ranks, clip by the global norm
+        parts, loads, kept, n_assign = run.parallel.reduce_metrics(parts, loads, kept, n_assign)
+        grad_norm = run.parallel.clip_gradients(run.model, cfg.optim.grad_clip)
+    else:
+        params = [p for p in run.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
+    # One host sync per step: the finiteness check must precede the update.
+    scalars = torch.stack([parts[k].float() for k in ("loss", "ce", "exp", "dev", "comm")] + [grad_norm.float()]).tolist()
+    loss, ce, l_exp, l_dev, l_comm, gn = scalars
+    if not all(math.isfinite(v) for v in (loss, gn)):
+        run.optimizer.zero_grad(set_to_none=True)
+        raise TrainingDiverged(
+            f"step {run.step}: loss {loss} (cross-entropy {ce}), grad norm {gn} is not finite; stopping "
+            f"before the update. The last checkpoint in {run.cfg.run_dir}/checkpoints is intact: resume with "
+            f"--resume and a lower optim.lr, or check the data.")
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    step_tokens = batch * tc.seq_len
+    run.step += 1
+    run.tokens += step_tokens
+    if run.device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    metrics = {"step": run.step, "tokens": run.tokens, "loss": loss, "ce": ce, "l_exp": l_exp, "l_dev": l_dev,
+               "l_comm": l_comm, "grad_norm": gn, "lr": lr, "batch_size": batch, "step_time": dt,
+               "tok_s": step_tokens / dt}
+    if loads is not None:
+        load = loads.float()
+        frac = (load / load.sum(-1, keepdim=True)).tolist()
+        metrics["expert_load"] = [[round(v, 5) for v in row] for row in frac]
+        metrics["load_cv"] = [round(v, 5) for v in (load.std(-1, unbiased=False) / load.mean(-1)).tolist()]
+        metrics["dropped_frac"] = (1.0 - kept.item() / n_assign) if run.dropper is not None and n_assign else 0.0
+    mfu = model_flops_utilization(run, metrics["tok_s"])
+    if mfu is not None:
+        metrics["mfu"] = mfu
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> dict:
+    """Validation loss/perplexity on fixed batches; eval mode, so nothing is dropped."""
+    tc, lc = run.cfg.train, run.cfg.logging
+    run.model.eval()
+    losses = []
+    for i in range(lc.eval_batches):
+        x, y = run.val_data.batch(tc.micro_batch_size, tc.seq_len, [tc.seed, _EVAL_SEED, i])
+        with autocast_ctx(run.cfg, run.device):
+            logits = run.model(x.to(run.device))
+        losses.append(cross_entropy(logits, y.to(run.device)))
+    run.model.train()
+    val = torch.stack(losses).mean().item()
+    return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+
+
+# ----------------------------------------------------------------------------- flops
+def flops_per_token(model_cfg, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x active matmul parameters + causal attention (3 x forward)."""
+    c = model_cfg
+    embed = c.vocab_size * c.hidden_size if not c.tie_word_embeddings else 0
+    dense = 6 * (c.num_parameters(active=True) - embed)
+    attn = 3 * c.num_hidden_layers * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * seq_len
+    return float(dense + attn)
+
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "B200": 2250e12, "A100": 312e12,
+             "A800": 312e12, "L40S": 362e12, "4090": 165e12}
+
+
+def peak_flops(run: Run) -> float | None:
+    if run.cfg.logging.peak_tflops:
+        return run.cfg.logging.peak_tflops * 1e12
+    if run.device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(run.device)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def model_flops_utilization(run: Run, tok_s: float) -> float | None:
+    peak = peak_flops(run)
+    return None if peak is None else tok_s * flops_per_token(run.model.config, run.cfg.train.seq_len) / peak
+
+
+# ----------------------------------------------------------------------------- save
+def save(run: Run) -> str:
+    oc = run.cfg.checkpoint
+    state = {"step": run.step, "tokens": run.tokens, "elapsed": run.elapsed, "rng": rng_state(),
+             "optimizer": run.optimizer.state_dict() if oc.save_optimizer and run.parallel is None else None,
+             "config": run.cfg.to_dict()}
+    if run.parallel is not None:  # collective: every rank writes its shard
+        from .checkpointing import _point_latest
+        return run.parallel.save(run.cfg.run_dir, run.model, run.optimizer if oc.save_optimizer else None, state,
+                                 inference_config(run.model.config, run.cfg.routing), run.data_dir, oc.keep,
+                                 _point_latest)
+    return save_checkpoint(run.cfg.run_dir, run.model, inference_config(run.model.config, run.cfg.routing),
+                           run.data_dir, state, keep=oc.keep)
+
+
+def _truncate_metrics(run_dir: str, step: int) -> None:
+    """Drop metric lines past the resumed step (written by the run that was interrupted)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    with open(path, "w") as f:
+        f.writelines(lines)
+
+
+# ----------------------------------------------------------------------------- loop
+def train(cfg: TrainConfig, resume: bool = False, log=print) -> Run:
+    """Train to train.max_steps (or the token budget / time limit), logging, evaluating, saving."""
+    from .progress import Progress
+
+    run = setup(cfg, resume=resume, log=log)
+    tc, lc = cfg.train, cfg.logging
+    budget = total_tokens(tc)
+    main = is_main()
+    if main:
+        log(f"model: {run.model.config.num_parameters() / 1e6:.2f}M parameters "
+            f"({run.model.config.num_parameters(active=True) / 1e6:.2f}M active), device {run.device}")
+    metrics_file = open(os.path.join(cfg.run_dir, "metrics.jsonl"), "a") if main else None
+    progress = Progress(tc.max_steps, run.step, enabled=main and lc.progress)
+    start = time.perf_counter()
+    try:
+        while run.step < tc.max_steps and run.tokens < budget:
+            m = train_step(run)
+            m["time"] = run.elapsed + time.perf_counter() - start
+            last = run.step >= tc.max_steps or run.tokens >= budget
+            out_of_time = bool(tc.max_time_s) and time.perf_counter() - start >= tc.max_time_s
+            if lc.eval_interval and (run.step % lc.eval_interval == 0 or last or out_of_time):
+                m.update(evaluate(run))
+            if main and (run.step % lc.log_interval == 0 or last or "val_loss" in m):
+                metrics_file.write(json.dumps(m) + "\n")
+                metrics_file.flush()
+            run.history.append(m)
+            progress.update(m)
+            if out_of_time:
+                if main:
+                    progress.write(f"time limit of {tc.max_time_s:.0f}s reached at step {run.step}")
+                break
+            if cfg.checkpoint.interval and run.step % cfg.checkpoint.interval == 0 and not last:
+                run.elapsed += time.perf_counter() - start
+                start = time.perf_counter()
+                if main or run.parallel is not None:
+                    save(run)
+        run.elapsed += time.perf_counter() - start
+        if main or run.parallel is not None:
+            path = save(run)
+        if main:
+            progress.close()
+            log(f"saved {path}")
+    finally:
+        progress.close()
+        if metrics_file is not None:
+            metrics_file.close()
+    return run
+
+
+__all__ = ["Run", "TrainingDiverged", "setup", "build_model", "apply_parallelism", "train_step", "evaluate",
+           "save", "train", "flops_per_token", "is_main", "loss_fn"]

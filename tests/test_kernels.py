@@ -1,0 +1,242 @@
+"""Kernels against their plain-PyTorch references: Triton's interpreter on CPU (small shapes), the GPU at full size.
+
+Every check draws random inputs, shuffled block tables with junk in unused entries, ragged lengths,
+and NaN-filled output buffers, so an unwritten or misaddressed element fails the comparison.
+"""
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+DEV = torch.device("cuda" if CUDA else "cpu")
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+def _purge():
+    for name in [m for m in sys.modules if m.startswith("latentmoe.kernels")]:
+        del sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def K():
+    """latentmoe.kernels, imported with TRITON_INTERPRET=1 on a machine without CUDA (triton.jit reads it
+    when a kernel is defined); restored afterwards so other tests get the ordinary module."""
+    saved = os.environ.get("TRITON_INTERPRET")
+    if not CUDA:
+        os.environ["TRITON_INTERPRET"] = "1"
+        _purge()
+    kernels = importlib.import_module("latentmoe.kernels")
+    if not kernels.HAS_TRITON:
+        pytest.skip("Triton is not installed")
+    poison = sys.modules["latentmoe.kernels._triton"]
+    poison.POISON = True
+    yield kernels
+    poison.POISON = False
+    if not CUDA:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+        _purge()
+
+
+def rel_err(out, ref):
+    assert not torch.isnan(out).any(), "NaN in output (unwritten element?)"
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def make_paged_cache(seq_lens, page, C, R, dtype, gen, extra_blocks=3):
+    """A cache holding the sequences in shuffled, non-contiguous blocks; block-table padding is junk."""
+    blocks_per_seq = [(n + page - 1) // page for n in seq_lens]
+    MB = max(blocks_per_seq) + 2
+    NB = sum(blocks_per_seq) + extra_blocks
+    kv_cache = torch.randn(NB, page, C + R, generator=gen).to(dtype)
+    perm = torch.randperm(NB, generator=gen)
+    block_table = torch.full((len(seq_lens), MB), 2**30, dtype=torch.int32)  # never read
+    used = 0
+    for b, nb in enumerate(blocks_per_seq):
+        block_table[b, :nb] = perm[used:used + nb].int()
+        used += nb
+    return kv_cache.to(DEV), block_table.to(DEV), torch.tensor(seq_lens, dtype=torch.int32, device=DEV)
+
+
+def check_mla(K, seq_lens, H, C, R, page, dtype, scale=0.3, seed=0, **tuning):
+    gen = torch.Generator().manual_seed(seed)
+    B = len(seq_lens)
+    kv_cache, block_table, lens = make_paged_cache(seq_lens, page, C, R, dtype, gen)
+    q_lat = torch.randn(B, H, C, generator=gen).to(dtype).to(DEV)
+    q_pe = torch.randn(B, H, R, generator=gen).to(dtype).to(DEV)
+    ref = K.mla_decode_ref(q_lat.double(), q_pe.double(), kv_cache.double(), block_table, lens, scale)
+    out = K.mla_decode_triton(q_lat, q_pe, kv_cache, block_table, lens, scale, **tuning)
+    assert out.dtype == dtype and out.shape == (B, H, C)
+    err = rel_err(out, ref)
+    assert err < 1e-2, (err, seq_lens, H, C, R, page, dtype, tuning)
+    return err
+
+
+# ----------------------------------------------------------------------------- MLA decode, small shapes
+@pytest.mark.parametrize("page", [16, 64])
+@pytest.mark.parametrize("num_splits", [1, 3, None])
+def test_mla_decode_paged_ragged(K, page, num_splits):
+    check_mla(K, [1, 70, 129, 33], H=4, C=32, R=16, page=page, dtype=torch.bfloat16, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("H,block_h", [(16, 16), (20, 16), (40, 32)])
+def test_mla_decode_head_groups(K, H, block_h):
+    # H not a multiple of BLOCK_H: the last head group is partly masked.
+    check_mla(K, [50, 9], H=H, C=32, R=16, page=16, dtype=torch.bfloat16, block_h=block_h, num_splits=2)
+
+
+def test_mla_decode_fp16_odd_widths_and_many_splits(K):
+    # C, R not powers of two; more pieces than some sequences have tiles (empty pieces must weigh 0).
+    check_mla(K, [5, 100], H=3, C=40, R=8, page=32, dtype=torch.float16, num_splits=8, block_n=16)
+
+
+def test_mla_decode_fp32_is_tight(K):
+    err = check_mla(K, [77, 3], H=4, C=32, R=16, page=16, dtype=torch.float32, num_splits=2)
+    assert err < 1e-3  # only the fp32 -> bf16 probabilities of the second product are rounded
+
+
+def test_mla_decode_matches_dense_attention(K):
+    """The paged reference itself against plain causal attention written differently (MQA over the rows)."""
+    gen = torch.Generator().manual_seed(5)
+    kv_cache, block_table, lens = make_paged_cache([45], 16, 32, 16, torch.float64, gen)
+    q_lat = torch.randn(1, 4, 32, generator=gen, dtype=torch.float64).to(DEV)
+    q_pe = torch.randn(1, 4, 16, generator=gen, dtype=torch.float64).to(DEV)
+    rows = torch.stack([kv_cache[block_table[0, t // 16], t % 16] for t in range(45)])  # [S, C+R]
+    q = torch.cat([q_lat, q_pe], dim=-1)[:, :, None]                                     # [1, H, 1, C+R]
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        q, rows[None, None], rows[None, None, :, :32], scale=0.3)[:, :, 0]
+    assert rel_err(K.mla_decode_ref(q_lat, q_pe, kv_cache, block_table, lens, 0.3), dense) < 1e-12
+
+
+def test_choose_num_splits(K):
+    cpu = torch.device("cpu")  # nominal 8 multiprocessors there
+    assert K.choose_num_splits(batch=1, head_groups=1, max_seq_len=4096, device=cpu) == 16
+    assert K.choose_num_splits(batch=64, head_groups=1, max_seq_len=4096, device=cpu) == 1
+    assert K.choose_num_splits(batch=1, head_groups=1, max_seq_len=300, device=cpu) == 1
+
+
+# ----------------------------------------------------------------------------- cache write
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_write_latent_cache(K, dtype):
+    gen = torch.Generator().manual_seed(1)
+    NB, page, C, R, M = 7, 16, 40, 8, 30
+    kv_cache = torch.randn(NB, page, C + R, generator=gen).to(dtype).to(DEV)
+    slots = torch.randperm(NB * page, generator=gen)[:M]
+    slots[[3, 11]] = -1  # padding tokens: nothing written
+    slots = slots.to(DEV)
+    c_kv = torch.randn(M, C, generator=gen).to(dtype).to(DEV)
+    k_pe = torch.randn(M, 2 * R, generator=gen).to(dtype).to(DEV)[:, ::2]  # a strided view of rows
+    k_pe = k_pe.contiguous()
+    expected = kv_cache.clone()
+    K.write_latent_cache_ref(expected, slots, c_kv, k_pe)
+    K.write_latent_cache(kv_cache, slots, c_kv, k_pe)
+    assert torch.equal(kv_cache, expected)
+    # and the reference does what it says
+    rows = expected.view(-1, C + R)
+    keep = slots >= 0
+    assert torch.equal(rows[slots[keep]], torch.cat([c_kv, k_pe], -1)[keep])
+
+
+# ----------------------------------------------------------------------------- MoE
+def test_moe_align(K):
+    gen = torch.Generator().manual_seed(2)
+    M, TOPK, E, bm = 23, 3, 10, 4
+    idx = torch.stack([torch.randperm(E, generator=gen)[:TOPK] for _ in range(M)]).to(DEV)
+    sorted_ids, block_expert = K.moe_align(idx, E, bm)
+    A = M * TOPK
+    ids = sorted_ids.cpu().view(-1, bm)
+    be = block_expert.cpu()
+    real = ids[ids < A]
+    assert sorted(real.tolist()) == list(range(A))  # every assignment exactly once
+    flat = idx.flatten().cpu()
+    for blk in range(ids.shape[0]):
+        rows = ids[blk][ids[blk] < A]
+        if be[blk] < E:
+            assert len(rows) > 0 and (flat[rows.long()] == be[blk]).all()
+        else:
+            assert len(rows) == 0
+
+
+def make_moe(M, TOPK, E, D, I, dtype, gen, skew=False):
+    x = torch.randn(M, D, generator=gen).to(dtype)
+    gate_up = (torch.randn(E, 2 * I, D, generator=gen) * D**-0.5).to(dtype)
+    down = (torch.randn(E, D, I, generator=gen) * I**-0.5).to(dtype)
+    scores = torch.randn(M, E, generator=gen)
+    if skew:  # most tokens pick the same experts, others get none
+        scores[:, :TOPK] += 4.0
+    weight, idx = scores.softmax(-1).topk(TOPK, dim=-1)
+    return [t.to(DEV) for t in (x, gate_up, down, idx, weight)]
+
+
+@pytest.mark.parametrize("M,skew,block_m", [(1, False, 16), (37, False, 16), (40, True, 32)])
+def test_fused_moe(K, M, skew, block_m):
+    gen = torch.Generator().manual_seed(3 + M)
+    x, gate_up, down, idx, weight = make_moe(M, 3, 8, 64, 48, torch.bfloat16, gen, skew)
+    cfg = dict(block_m=block_m, block_n1=32, block_n2=32, block_k=32, num_warps=4, num_stages=2)
+    out = K.fused_moe_triton(x, gate_up, down, idx, weight, cfg)
+    ref = K.fused_moe_ref(x.double(), gate_up.double(), down.double(), idx, weight)
+    assert out.dtype == x.dtype
+    assert rel_err(out, ref) < 1.5e-2  # two bf16 roundings: the SwiGLU activations and each expert's output
+
+
+def test_fused_moe_reference_matches_model_experts(K):
+    """fused_moe_ref against the model's own Experts module (per-expert loop), in fp64."""
+    from latentmoe.config import get_config
+    from latentmoe.model import Experts
+    cfg = get_config("tiny")
+    experts = Experts(cfg).double()
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(generator=gen)
+        experts.down_proj.normal_(generator=gen)
+    M = 9
+    x = torch.randn(M, cfg.hidden_size, generator=gen, dtype=torch.float64)
+    weight, idx = torch.randn(M, cfg.n_routed_experts, generator=gen).softmax(-1).topk(cfg.num_experts_per_tok, -1)
+    experts.impl = "loop"
+    with torch.no_grad():
+        expected = experts(x, idx, weight.double())
+        got = K.fused_moe_ref(x, experts.gate_up_proj, experts.down_proj, idx, weight.double())
+    assert rel_err(got, expected) < 1e-6  # the model scales by the routing weight in fp32
+
+
+# ----------------------------------------------------------------------------- full size, GPU only
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("H", [16, 128])
+@pytest.mark.parametrize("page", [16, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mla_decode_full_size(K, H, page, dtype):
+    gen = torch.Generator().manual_seed(H + page)
+    lens = torch.randint(1, 3000, (12,), generator=gen).tolist() + [1, 4096]
+    check_mla(K, lens, H=H, C=512, R=64, page=page, dtype=dtype, scale=0.1147)
+    check_mla(K, lens[:3], H=H, C=512, R=64, page=page, dtype=dtype, scale=0.1147, num_splits=1)
+
+
+@gpu
+@needs_cuda
+def test_write_latent_cache_full_size(K):
+    kv = torch.randn(100, 64, 576, device=DEV, dtype=torch.bfloat16)
+    slots = torch.randperm(6400, device=DEV)[:1000]
+    c_kv = torch.randn(1000, 512, device=DEV, dtype=torch.bfloat16)
+    k_pe = torch.randn(1000, 64, device=DEV, dtype=torch.bfloat16)
+    expected = kv.clone()
+    K.write_latent_cache_ref(expected, slots, c_kv, k_pe)
+    K.write_latent_cache(kv, slots, c_kv, k_pe)
+    assert torch.equal(kv, expected)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("M", [1, 64, 4096])
+def test_fused_moe_full_size(K, M):
+    gen = torch.Generator().manual_seed(M)
+    x, gate_up, down, idx, weight = make_moe(M, 6, 64, 2048, 1408, torch.bfloat16, gen)
+    out = K.fused_moe(x, gate_up, down, idx, weight)
+    ref = K.fused_moe_ref(x.float(), gate_up.float(), down.float(), idx, weight)
+    assert rel_err(out, ref) < 1.5e-2
