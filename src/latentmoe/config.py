@@ -88,6 +88,9 @@ class ModelConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise bad(name, "must be a non-negative integer")
+        if self.hidden_size % self.num_attention_heads:
+            # MLA's head dims are explicit, but the released code and transformers both require it.
+            raise bad("num_attention_heads", f"must divide hidden_size ({self.hidden_size})")
         if self.qk_rope_head_dim % 2:
             raise bad("qk_rope_head_dim", "must be even (RoPE rotates pairs)")
         if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
