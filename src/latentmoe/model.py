@@ -322,16 +322,25 @@ class Experts(nn.Module):
 
     def forward(self, x_MD: torch.Tensor, topk_idx_MK: torch.Tensor, topk_weight_MK: torch.Tensor) -> torch.Tensor:
         M, K = topk_idx_MK.shape
+        out_dtype = x_MD.dtype
+        # Autocast does not cover grouped GEMMs: cast to its compute dtype here, as it would for a Linear.
+        if x_MD.is_cuda and torch.is_autocast_enabled("cuda"):
+            x_MD = x_MD.to(torch.get_autocast_dtype("cuda"))
+        w_gate_up, w_down = self.gate_up_proj.to(x_MD.dtype), self.down_proj.to(x_MD.dtype)
         # Sort the M*K (token, expert) assignments by expert so each expert's tokens are contiguous.
         order_A = topk_idx_MK.flatten().argsort(stable=True)
         token_A = order_A // K
-        counts_E = torch.bincount(topk_idx_MK.flatten(), minlength=self.n_experts)
+        # A scatter, not torch.bincount: bincount on CUDA reads the max index back to the host,
+        # a sync that would break CUDA-graph capture of the decode step.
+        idx_A = topk_idx_MK.flatten()
+        counts_E = torch.zeros(self.n_experts, dtype=torch.int64, device=idx_A.device).scatter_add_(
+            0, idx_A, torch.ones_like(idx_A))
         grouped = self.use_grouped_mm(x_MD)
-        h_A2I = grouped_linear(x_MD[token_A], self.gate_up_proj, counts_E, grouped)
+        h_A2I = grouped_linear(x_MD[token_A], w_gate_up, counts_E, grouped)
         gate, up = h_A2I.chunk(2, dim=-1)
-        y_AD = grouped_linear(F.silu(gate) * up, self.down_proj, counts_E, grouped)
-        y_AD = (y_AD.float() * topk_weight_MK.flatten()[order_A, None]).to(x_MD.dtype)
-        return torch.zeros_like(x_MD).index_add_(0, token_A, y_AD)
+        y_AD = grouped_linear(F.silu(gate) * up, w_down, counts_E, grouped)
+        y_AD = (y_AD.float() * topk_weight_MK.flatten()[order_A, None]).to(out_dtype)
+        return x_MD.new_zeros(M, x_MD.shape[1], dtype=out_dtype).index_add_(0, token_A, y_AD)
 
 
 class MoE(nn.Module):
