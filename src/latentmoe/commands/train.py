@@ -35,7 +35,9 @@ def run(args) -> int:
     except TrainingDiverged as e:
         print(f"latentmoe train: stopped: {e}")
         return 1
-    print(f"model: {os.path.join(cfg.run_dir, 'model')}  (latentmoe chat {os.path.join(cfg.run_dir, 'model')})")
+    from ..train.trainer import is_main
+    if is_main():  # under torchrun, rank 0 speaks for all
+        print(f"model: {os.path.join(cfg.run_dir, 'model')}  (latentmoe chat {os.path.join(cfg.run_dir, 'model')})")
     return 0
 
 

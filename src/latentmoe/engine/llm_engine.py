@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import torch
 
 from .block_manager import BlockManager
-from .model_runner import ModelRunner, plan_cache
+from .model_runner import ModelRunner, plan_cache, set_fused_experts
 from .sampling import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Request, RequestOutput, Sequence
@@ -35,7 +35,7 @@ class LLM:
     def __init__(self, model, device=None, dtype=None, max_num_seqs: int = 256, max_model_len: int | None = None,
                  block_size: int = 64, cache_memory_gb: float | None = None, tokenizer=None,
                  enable_prefix_caching: bool = True, max_num_batched_tokens: int | None = None,
-                 num_blocks: int | None = None, enforce_eager: bool = False):
+                 num_blocks: int | None = None, enforce_eager: bool = False, experts_impl: str = "model"):
         if isinstance(model, (str, os.PathLike)):
             from ..checkpoint import load_model
             path = os.fspath(model)
@@ -46,6 +46,8 @@ class LLM:
             if device is not None or dtype is not None:
                 model = model.to(device=device, dtype=dtype)
         model.eval()
+        if experts_impl not in ("model", "fused"):
+            raise ValueError(f"experts_impl must be 'model' or 'fused', got {experts_impl!r}")
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
         if not isinstance(max_num_seqs, int) or max_num_seqs < 1:
@@ -61,6 +63,10 @@ class LLM:
             max_num_batched_tokens = max(2048, max_num_seqs)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
+        # 'fused': routed experts through the Triton fused-MoE kernel (CUDA, inference only).
+        self.experts_impl = experts_impl
+        if experts_impl == "fused" and self.device.type == "cuda":
+            set_fused_experts(model, True)
         self.runner = ModelRunner(model, block_size, num_blocks, max_num_seqs, self.max_model_len,
                                   use_cuda_graphs=not enforce_eager)
         self.requests: dict[str, Request] = {}

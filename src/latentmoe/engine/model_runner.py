@@ -30,6 +30,34 @@ def mha_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
     return per_layer * cfg.num_hidden_layers * torch.empty(0, dtype=dtype).element_size()
 
 
+def set_fused_experts(model, enable: bool) -> int:
+    """Run the routed experts of every MoE layer through `latentmoe.kernels.fused_moe` (or back).
+
+    An override applied from outside the model: it serves only forward passes without autograd on
+    CUDA (the engine's); anything else still reaches the model's own grouped-GEMM path. Returns the
+    number of layers switched (0 when the kernels are unavailable).
+    """
+    try:
+        from ..kernels import fused_moe
+    except Exception:
+        return 0
+    n = 0
+    for layer in model.model.layers:
+        if not layer.is_moe:
+            continue
+        ex = layer.mlp.experts
+        if "forward" in ex.__dict__:
+            del ex.forward                       # back to the class's forward
+        if enable:
+            def forward(x_MD, topk_idx_MK, topk_weight_MK, _ex=ex, _own=ex.forward):
+                if torch.is_grad_enabled() or not x_MD.is_cuda:
+                    return _own(x_MD, topk_idx_MK, topk_weight_MK)
+                return fused_moe(x_MD, _ex.gate_up_proj, _ex.down_proj, topk_idx_MK, topk_weight_MK)
+            ex.forward = forward
+        n += 1
+    return n
+
+
 def batch_buckets(max_num_seqs: int) -> list[int]:
     sizes = [b for b in (1, 2, 4, 8) if b < max_num_seqs] + list(range(16, max_num_seqs, 16))
     return sorted(set(sizes + [max_num_seqs]))
@@ -101,9 +129,10 @@ class ModelRunner:
         """Run the step; returns (tokens, logprob rows) for the sequences that sample, in batch order."""
         samplers = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == len(s)]
         all_decode = batch.num_decodes == len(batch.seqs)
+        logits = None
         if all_decode and self.use_cuda_graphs and len(batch.seqs) <= self.buckets[-1]:
             logits = self._run_graph(batch)
-        else:
+        if logits is None:
             ids, pos, meta, sample_rows = self.prepare(batch)
             self.backend.meta = meta
             h, _ = self.model.forward_hidden(self._to_device(ids, torch.int64)[None],
@@ -112,10 +141,11 @@ class ModelRunner:
             logits = self.model.compute_logits(h[0, self._to_device(sample_rows, torch.int64)]) if sample_rows else None
         if not samplers:
             return [], []
+        # Token histories travel to the device only when some row applies penalties.
+        pen = any(s.params.uses_penalties for s in samplers)
         sb = SamplingBatch.build([s.params for s in samplers], [s.generator for s in samplers],
-                                 [s.prompt_token_ids for s in samplers] if any(s.params.uses_penalties for s in samplers) else [[]],
-                                 [s.output_token_ids for s in samplers] if any(s.params.uses_penalties for s in samplers) else [[]],
-                                 self.cfg.vocab_size, self.device)
+                                 [s.prompt_token_ids if pen else [] for s in samplers],
+                                 [s.output_token_ids if pen else [] for s in samplers], self.cfg.vocab_size, self.device)
         tokens, lp_vals, lp_ids = sample(logits, sb)
         # The one host sync of the step: the scheduler needs the tokens.
         tokens = tokens.tolist()
@@ -182,23 +212,29 @@ class ModelRunner:
         mb = self._context_bucket(mb_needed)
         bs = self.block_size
         pad = b - n
-        ids, pos, slots, table, lens = [], [], [], [], []
+        ids, pos, slots, table = [], [], [], []
         for s in batch.seqs:
             p = s.num_computed_tokens
             ids.append(s.token_ids[p])
             pos.append(p)
             slots.append(s.block_table[p // bs] * bs + p % bs)
-            table.append(s.block_table + [NULL_BLOCK] * (mb - len(s.block_table)))
-            lens.append(p + 1)
+            table += s.block_table
+            table += [NULL_BLOCK] * (mb - len(s.block_table))
         # Padded rows decode against the reserved null block: slot 0, length 1.
         self.h_ids[:b] = torch.tensor(ids + [0] * pad)
         self.h_pos[:b] = torch.tensor(pos + [0] * pad)
         self.h_slots[:b] = torch.tensor(slots + [0] * pad)
-        self.h_block_table[:b, :mb] = torch.tensor(table + [[NULL_BLOCK] * mb] * pad, dtype=torch.int32)
-        self.h_seq_lens[:b] = torch.tensor(lens + [1] * pad, dtype=torch.int32)
+        self.h_block_table[:b, :mb] = torch.tensor(table + [NULL_BLOCK] * (mb * pad), dtype=torch.int32).view(b, mb)
+        self.h_seq_lens[:b] = self.h_pos[:b] + 1
+        self.h_seq_lens[n:b] = 1
         key = (b, mb)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(b, mb)
+            try:
+                self.graphs[key] = self._capture(b, mb)
+            except Exception as e:   # e.g. a host sync somewhere in the model: run eagerly instead
+                log.warning("CUDA graph capture failed (%s); decoding eagerly from now on", e)
+                self.use_cuda_graphs = False
+                return None
         self.g_ids[:b, 0].copy_(self.h_ids[:b], non_blocking=True)
         self.g_pos[:b, 0].copy_(self.h_pos[:b], non_blocking=True)
         self.g_slots[:b].copy_(self.h_slots[:b], non_blocking=True)
@@ -247,4 +283,4 @@ def plan_cache(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, block
     return num_blocks, max_model_len
 
 
-__all__ = ["plan_cache", "ModelRunner", "cache_bytes_per_token", "mha_bytes_per_token", "batch_buckets"]
+__all__ = ["plan_cache", "set_fused_experts", "ModelRunner", "cache_bytes_per_token", "mha_bytes_per_token", "batch_buckets"]

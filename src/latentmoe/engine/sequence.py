@@ -113,9 +113,11 @@ class Request:
         return s.text[: max(0, len(s.text) - hold)]
 
     def output(self) -> RequestOutput:
-        outs = [CompletionOutput(s.index, self._visible_text(s), list(s.output_token_ids), s.finish_reason,
+        outs = [CompletionOutput(s.index, self._visible_text(s), s.output_token_ids, s.finish_reason,
                                  list(s.logprobs) if s.logprobs is not None else None) for s in self.seqs]
-        return RequestOutput(self.request_id, self.prompt, list(self.prompt_token_ids), outs, self.finished)
+        # prompt_token_ids is shared, not copied: outputs are built every step for every request.
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs,
+                             all(o.finish_reason is not None for o in outs))
 
 
 __all__ = ["Sequence", "SequenceStatus", "Request", "RequestOutput", "CompletionOutput"]

@@ -33,7 +33,9 @@ def write_latent_cache(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, c_kv:
     if not use_triton(kv_cache):
         write_latent_cache_ref(kv_cache, slot_mapping, c_kv, k_pe)
         return
-    assert c_kv.stride(-1) == 1 and k_pe.stride(-1) == 1
+    c_kv = c_kv if c_kv.stride(-1) == 1 else c_kv.contiguous()
+    k_pe = k_pe if k_pe.stride(-1) == 1 else k_pe.contiguous()
+    slot_mapping = slot_mapping.contiguous()
     _write_latent_cache_kernel[(M,)](
         kv_cache, slot_mapping, c_kv, k_pe, kv_cache.stride(0), kv_cache.stride(1), c_kv.stride(0), k_pe.stride(0),
         C=C, R=R, PAGE=kv_cache.shape[1], BLOCK_C=triton.next_power_of_2(C), BLOCK_R=triton.next_power_of_2(R),

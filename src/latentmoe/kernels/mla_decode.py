@@ -101,14 +101,18 @@ def _mla_decode_merge_kernel(
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_c, out.to(out_ptr.dtype.element_ty), mask=mask_c)
 
 
-def choose_num_splits(batch: int, head_groups: int, max_seq_len: int, device: torch.device,
-                      min_tokens_per_split: int = 256, max_splits: int = 32) -> int:
-    """Pieces per sequence: enough programs for about two per multiprocessor, never pieces under
-    `min_tokens_per_split` tokens (each piece costs a partial write and a merge read)."""
+def choose_num_splits(batch: int, head_groups: int, max_seq_len: int, device: torch.device, ctas_per_sm: int = 2,
+                      min_tokens_per_split: int = 128, max_splits: int = 64) -> int:
+    """Pieces per sequence: as many as fit in ONE wave of programs (ctas_per_sm per multiprocessor).
+
+    A second, partial wave costs nearly a whole wave's time with most multiprocessors idle
+    (measured on an H100: 5 pieces = 320 programs over 264 slots ran 1.4x slower than 4 = 256).
+    Pieces stay at least `min_tokens_per_split` long: each costs a partial write and a merge read.
+    """
     programs = batch * head_groups
-    want = math.ceil(2 * sm_count(device) / programs)
+    want = max(1, ctas_per_sm * sm_count(device) // programs)
     cap = max(1, max_seq_len // min_tokens_per_split)
-    return max(1, min(want, cap, max_splits))
+    return min(want, cap, max_splits)
 
 
 def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
@@ -120,22 +124,29 @@ def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.T
     R = q_pe.shape[-1]
     NB, PAGE, X = kv_cache.shape
     assert X == C + R, f"kv_cache rows are {X} wide, expected C + R = {C + R}"
-    assert q_lat.stride(-1) == 1 and q_pe.stride(-1) == 1 and kv_cache.stride(-1) == 1
+    assert kv_cache.stride(-1) == 1 and block_table.stride(-1) == 1, "cache rows and block-table rows must be dense"
     assert block_table.dtype == torch.int32 and seq_lens.dtype == torch.int32
+    q_lat = q_lat if q_lat.stride(-1) == 1 else q_lat.contiguous()
+    q_pe = q_pe if q_pe.stride(-1) == 1 else q_pe.contiguous()
+    seq_lens = seq_lens.contiguous()
     block_h = block_h or (16 if H <= 16 else 64)
     block_n = block_n or (32 if block_h <= 16 else 64)
     head_groups = triton.cdiv(H, block_h)
     # No host sync: the longest possible sequence comes from the block table's width unless given.
     if max_seq_len is None:
         max_seq_len = block_table.shape[1] * PAGE
-    if num_splits is None:
-        num_splits = choose_num_splits(B, head_groups, max_seq_len, q_lat.device)
     if num_warps is None:
         num_warps = 4 if block_h <= 16 else 8
+    if num_splits is None:
+        # Registers allow two 4-warp programs of 16 heads per multiprocessor, one of the 64-head kind.
+        ctas = 2 if block_h <= 16 and num_warps == 4 else 1
+        num_splits = choose_num_splits(B, head_groups, max_seq_len, q_lat.device, ctas)
     if num_stages is None:
-        num_stages = 2
+        # H100 sweep (results/kernels.md): 3 stages 8% faster for 16-head programs; 64-head ones have no room.
+        num_stages = 3 if block_h <= 16 else 2
     if out is None:
         out = new_buffer(q_lat.shape, q_lat.dtype, q_lat.device)
+    assert out.shape == q_lat.shape and out.stride(-1) == 1
     if num_splits == 1:
         o_part, lse = out, out  # the split kernel normalises and writes the result itself
         so = (out.stride(0), out.stride(1), 0)

@@ -109,9 +109,10 @@ def _moe_down_kernel(h_ptr, w_ptr, y_ptr, sorted_ids_ptr, block_expert_ptr, topk
                  y.to(y_ptr.dtype.element_ty), mask=valid[:, None] & mask_n[None, :])
 
 
-# (BLOCK_M, BLOCK_N gate_up, BLOCK_N down, BLOCK_K, num_warps, num_stages) by tokens per expert.
-DECODE_CONFIG = dict(block_m=16, block_n1=64, block_n2=64, block_k=128, num_warps=4, num_stages=3)
-PREFILL_CONFIG = dict(block_m=128, block_n1=64, block_n2=128, block_k=64, num_warps=8, num_stages=3)
+# Tile shapes by tokens per expert (block_n1: gate_up GEMM, two accumulators; block_n2: down GEMM).
+# Picked by the sweep of benchmarks/bench_kernels.py on an H100 (results/kernels.md).
+DECODE_CONFIG = dict(block_m=16, block_n1=32, block_n2=32, block_k=128, num_warps=4, num_stages=4)
+PREFILL_CONFIG = dict(block_m=128, block_n1=128, block_n2=128, block_k=64, num_warps=8, num_stages=3)
 
 
 def choose_moe_config(n_assignments: int, n_experts: int) -> dict:
@@ -119,7 +120,7 @@ def choose_moe_config(n_assignments: int, n_experts: int) -> dict:
     if per_expert < 32:
         return DECODE_CONFIG
     if per_expert < 256:
-        return dict(PREFILL_CONFIG, block_m=64, num_warps=4)
+        return dict(PREFILL_CONFIG, block_m=64, block_n1=64, num_warps=4)
     return PREFILL_CONFIG
 
 
@@ -130,7 +131,8 @@ def fused_moe_triton(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: 
     E, I = down_proj.shape[0], down_proj.shape[2]
     A = M * K
     assert gate_up_proj.shape == (E, 2 * I, D) and down_proj.shape == (E, D, I)
-    assert x_MD.stride(-1) == 1 and gate_up_proj.stride(-1) == 1 and down_proj.stride(-1) == 1
+    assert gate_up_proj.stride(-1) == 1 and down_proj.stride(-1) == 1
+    x_MD = x_MD if x_MD.stride(-1) == 1 else x_MD.contiguous()
     cfg = config or choose_moe_config(A, E)
     bm, bk, nw, ns = cfg["block_m"], cfg["block_k"], cfg["num_warps"], cfg["num_stages"]
     sorted_ids, block_expert = moe_align(topk_idx_MK, E, bm)

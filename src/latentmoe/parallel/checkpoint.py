@@ -196,7 +196,9 @@ def _assemble(rows: tuple[int, int] | None, pieces: list) -> dict:
     """The state for global expert rows [lo, hi) (None: a replicated tensor) from pieces saved
     with any slicing (rows None in a piece: the whole tensor)."""
     if rows is None:
-        return pieces[0][1]
+        if all(r is None for r, _ in pieces):
+            return pieces[0][1]
+        rows = (0, max(r[1] for r, _ in pieces))  # the whole stacked tensor from expert-parallel slices
     lo, hi = rows
     out: dict = {}
     unique = {tuple(r) if r is not None else None: s for r, s in pieces}  # data-parallel replicas wrote the same rows

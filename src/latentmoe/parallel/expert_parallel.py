@@ -77,6 +77,8 @@ class EPRouterOutput(RouterOutput):
     """RouterOutput plus what the dispatch really moved (for the device and communication losses)."""
     sent_MP: torch.Tensor | None = None    # [M, P] bool: token t was sent to EP rank p
     assigned_MP: torch.Tensor | None = None  # [M, P] int: how many of token t's K experts live on rank p
+    recv_tokens: int = 0        # token rows this rank received from the whole EP group
+    recv_assignments: int = 0   # (token, expert) pairs among them before dropping
 
 
 # ----------------------------------------------------------------------------- the layer
@@ -148,7 +150,8 @@ class ExpertParallelMoE(MoE):
         # Dispatch: token rows asynchronously; the small per-row metadata (one fp32 tensor, exact
         # for the integer columns) synchronously. Gate weights carry gradient back to the router.
         pending: list = []
-        x_RD = all_to_all(x_MD[token_N], out_splits, in_splits, self.group, pending if self.overlap else None)
+        x_ND = x_MD[token_N].to(compute_dtype(x_MD))  # bf16 on the wire under autocast
+        x_RD = all_to_all(x_ND, out_splits, in_splits, self.group, pending if self.overlap else None)
         meta_N = torch.cat([weight_NK, affinity_NK, local_NK.float(), protected_N.float()[:, None]], dim=1)
         meta_R = all_to_all(meta_N, out_splits, in_splits, self.group)
         shared = self.shared_experts(x_MD) if self.shared_experts is not None else None
@@ -165,11 +168,11 @@ class ExpertParallelMoE(MoE):
             prot_R = meta_R[:, 3 * K].detach() > 0.5
             keep_A = device_keep_mask(aff_RK.flatten()[slots], prot_R[slots // K], capacity)
             kept_RK = torch.zeros_like(valid_RK).flatten().index_fill_(0, slots[keep_A], True).view_as(valid_RK)
-        y_RD = self._local_experts(x_RD, local_RK, w_RK, kept_RK)
+        y_RD = local_experts_forward(self.experts, x_RD, local_RK, w_RK, kept_RK)
 
         # Combine: rows come back in the order they were sent.
         y_ND = all_to_all(y_RD, in_splits, out_splits, self.group)
-        y_MD = torch.zeros_like(x_MD).index_add_(0, token_N, y_ND)
+        y_MD = torch.zeros_like(x_MD).index_add_(0, token_N, y_ND.to(x_MD.dtype))
         if shared is not None:
             y_MD = y_MD + shared
 
@@ -180,25 +183,38 @@ class ExpertParallelMoE(MoE):
             kept_MK = torch.ones(M, K, dtype=torch.bool, device=x.device)
             kept_MK[token_N[n_idx], k_idx] = kept_back_NK[n_idx, k_idx]
             topk_weight_MK = topk_weight_MK * kept_MK
-        router = EPRouterOutput(scores_ME, topk_idx_MK, topk_weight_MK, kept_MK, sent_MP=sent_MP, assigned_MP=assigned_MP)
+        router = EPRouterOutput(scores_ME, topk_idx_MK, topk_weight_MK, kept_MK, sent_MP=sent_MP, assigned_MP=assigned_MP,
+                                recv_tokens=sum(out_splits), recv_assignments=sum(r[1] for r in recv_info))
         return y_MD.view(shape), router
 
-    def _local_experts(self, x_RD, local_RK, w_RK, kept_RK):
-        """Each received row through its (up to K) local experts, weighted and summed per row."""
-        R, K = local_RK.shape
-        slots_A = kept_RK.flatten().nonzero().squeeze(1)
-        expert_A = local_RK.flatten()[slots_A]
-        order = expert_A.argsort(stable=True)
-        slots_A = slots_A[order]
-        row_A = slots_A // K
-        counts_L = torch.bincount(expert_A, minlength=self.n_local)
-        ex = self.experts
-        grouped = ex.use_grouped_mm(x_RD)
-        h_A2I = grouped_linear(x_RD[row_A], ex.gate_up_proj, counts_L, grouped)
-        gate, up = h_A2I.chunk(2, dim=-1)
-        y_AD = grouped_linear(F.silu(gate) * up, ex.down_proj, counts_L, grouped)
-        y_AD = (y_AD.float() * w_RK.flatten()[slots_A, None]).to(x_RD.dtype)
-        return torch.zeros_like(x_RD).index_add_(0, row_A, y_AD)
+
+def local_experts_forward(experts, x_RD: torch.Tensor, local_RK: torch.Tensor, w_RK: torch.Tensor,
+                          kept_RK: torch.Tensor) -> torch.Tensor:
+    """Rows through their (up to K) experts of `experts` (slots with kept False skipped), weighted
+    and summed per row: the same sorted grouped GEMMs as `Experts.forward`, over a variable slot set."""
+    R, K = local_RK.shape
+    out_dtype = x_RD.dtype
+    x_RD = x_RD.to(compute_dtype(x_RD))
+    w_gate_up, w_down = experts.gate_up_proj.to(x_RD.dtype), experts.down_proj.to(x_RD.dtype)
+    slots_A = kept_RK.flatten().nonzero().squeeze(1)
+    expert_A = local_RK.flatten()[slots_A]
+    order = expert_A.argsort(stable=True)
+    slots_A = slots_A[order]
+    row_A = slots_A // K
+    counts_L = torch.bincount(expert_A, minlength=experts.n_experts)
+    grouped = experts.use_grouped_mm(x_RD)
+    h_A2I = grouped_linear(x_RD[row_A], w_gate_up, counts_L, grouped)
+    gate, up = h_A2I.chunk(2, dim=-1)
+    y_AD = grouped_linear(F.silu(gate) * up, w_down, counts_L, grouped)
+    y_AD = (y_AD.float() * w_RK.flatten()[slots_A, None]).to(out_dtype)
+    return x_RD.new_zeros(R, x_RD.shape[1], dtype=out_dtype).index_add_(0, row_A, y_AD)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """Autocast does not cover grouped GEMMs (nor what we send): its dtype on CUDA, else x's own."""
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return x.dtype
 
 
 # ----------------------------------------------------------------------------- apply / inspect
@@ -229,4 +245,5 @@ def is_expert_param(name: str) -> bool:
 
 
 __all__ = ["ExpertParallelMoE", "EPRouterOutput", "apply_expert_parallel", "all_to_all", "device_keep_mask",
+           "local_experts_forward",
            "moe_layers", "is_expert_param"]

@@ -31,12 +31,17 @@ def _worker(rank: int, world: int, port: int, fn, args, backend: str, errors) ->
 
 
 def run_local(fn, world_size: int, *args, backend: str = "gloo") -> None:
-    """fn(rank, world_size, *args) on `world_size` spawned processes (fn must be importable)."""
-    ctx = mp.get_context("spawn")
+    """fn(rank, world_size, *args) on `world_size` new processes (fn must be importable).
+
+    They fork from a server process that imported torch once (not from this process, whose
+    thread pools must not be forked), so each call costs no fresh `import torch`.
+    """
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "latentmoe.model", "latentmoe.parallel.launch"])
     errors = ctx.SimpleQueue()
     try:
         mp.start_processes(_worker, args=(world_size, free_port(), fn, args, backend, errors),
-                           nprocs=world_size, join=True, start_method="spawn")
+                           nprocs=world_size, join=True, start_method="forkserver")
     except mp.ProcessRaisedException as e:
         details = [] if errors.empty() else [errors.get()]
         raise RuntimeError("\n".join(details) or str(e)) from None

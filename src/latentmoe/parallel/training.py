@@ -41,14 +41,12 @@ class TrainParallel:
         dims = init_parallel(p.ep_size, device)
         atexit.register(destroy_parallel)
         r = cfg.routing
-        if dims.ep_size > 1:
-            # Under expert parallelism a routing "device" is an EP rank: D must be the EP size.
-            if r.devices not in (1, dims.ep_size):
-                raise ValueError(f"routing.devices = {r.devices} but parallel.ep_size = {dims.ep_size}: "
-                                 "under expert parallelism the device groups are the EP ranks (leave devices 1 or "
-                                 "set it to ep_size)")
-            r.devices = dims.ep_size
-            r.max_devices = min(r.max_devices, dims.ep_size) if r.device_limited else r.max_devices
+        if dims.ep_size > 1 and (r.devices, r.max_devices) != (dims.ep_size, min(r.max_devices, dims.ep_size)):
+            # Under expert parallelism a routing "device" is an EP rank: D is the EP size.
+            if dims.is_main:
+                print(f"expert parallelism: routing.devices {r.devices} -> {dims.ep_size} (the EP ranks), "
+                      f"routing.max_devices {r.max_devices} -> {min(r.max_devices, dims.ep_size)}")
+            r.devices, r.max_devices = dims.ep_size, min(r.max_devices, dims.ep_size)
         return cls(dims, zero1=bool(p.dp_shard))
 
     # ---- setup

@@ -113,3 +113,16 @@ class ChatCompletionRequest(_Request):
     add_generation_prompt: bool = True
     tools: list[Any] | None = None
     tool_choice: Any = None
+
+
+class TokenizeRequest(BaseModel):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[dict] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model: str | None = None
+    tokens: list[int]

@@ -48,6 +48,7 @@ class TrainSection:
     max_steps: int = 100
     tokens: int = 0                 # token budget for the schedule (0 = max_steps x batch x seq_len)
     max_time_s: float = 0.0         # stop early after this much wall time (0 = no limit); saves first
+    fit_time_s: float = 0.0         # shorten max_steps (and the schedule with it) to fit this loop time
     seed: int = 0
 
 

@@ -24,6 +24,11 @@ class Progress:
         self.bar.set_postfix(post, refresh=False)
         self.bar.update(1)
 
+    def set_total(self, total: int) -> None:
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.refresh()
+
     def write(self, text: str) -> None:
         if self.bar is not None:
             self.bar.write(text)

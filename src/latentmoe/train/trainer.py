@@ -266,6 +266,25 @@ def save(run: Run) -> str:
                            run.data_dir, state, keep=oc.keep)
 
 
+_FIT_CALIBRATION_STEPS = 6
+
+
+def _fit_to_time(run: Run, step_s: float, remaining_s: float, progress) -> int:
+    """Cut max_steps so the loop ends in time; the schedule's token budget follows (decays
+    stay at their fractions). The shortened config is saved, so a resume keeps it."""
+    tc, lc = run.cfg.train, run.cfg.logging
+    evals = (tc.max_steps - run.step) / lc.eval_interval if lc.eval_interval else 0
+    eval_s = evals * lc.eval_batches * step_s / (3 * tc.batch_size // tc.micro_batch_size)  # forward ~ 1/3 step
+    steps = run.step + max(0, int((remaining_s - eval_s) / step_s))
+    if steps < tc.max_steps:
+        progress.write(f"{step_s:.2f}s/step here: training {steps} steps to finish in about {tc.fit_time_s:.0f}s")
+        tc.max_steps, tc.tokens = steps, 0
+        if is_main():
+            run.cfg.save(os.path.join(run.cfg.run_dir, "config.toml"))
+        progress.set_total(steps)
+    return total_tokens(tc)
+
+
 def _truncate_metrics(run_dir: str, step: int) -> None:
     """Drop metric lines past the resumed step (written by the run that was interrupted)."""
     path = os.path.join(run_dir, "metrics.jsonl")
@@ -292,10 +311,16 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Run:
     metrics_file = open(os.path.join(cfg.run_dir, "metrics.jsonl"), "a") if main else None
     progress = Progress(tc.max_steps, run.step, enabled=main and lc.progress)
     start = time.perf_counter()
+    first_step, t_first = run.step, start
     try:
         while run.step < tc.max_steps and run.tokens < budget:
             m = train_step(run)
             m["time"] = run.elapsed + time.perf_counter() - start
+            if run.step == first_step + 1:
+                t_first = time.perf_counter()  # the first step pays one-time costs: time from here
+            if tc.fit_time_s and not resume and run.step == first_step + _FIT_CALIBRATION_STEPS:
+                budget = _fit_to_time(run, (time.perf_counter() - t_first) / (_FIT_CALIBRATION_STEPS - 1),
+                                      tc.fit_time_s - (time.perf_counter() - start), progress)
             last = run.step >= tc.max_steps or run.tokens >= budget
             out_of_time = bool(tc.max_time_s) and time.perf_counter() - start >= tc.max_time_s
             if lc.eval_interval and (run.step % lc.eval_interval == 0 or last or out_of_time):

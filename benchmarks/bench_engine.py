@@ -1,0 +1,335 @@
+"""Engine throughput on a V2-Lite-shaped model with random weights, beside transformers in the same run.
+
+Measures decode tok/s (batch x context), prefill tok/s and the concurrency the latent cache allows,
+with transformers' DeepseekV2ForCausalLM (grouped_mm experts, sdpa) and the memory-bound floor
+(bytes touched per step / 3.0 TB/s) alongside; prints a markdown table and writes it (with date,
+device and command) to benchmarks/results/engine.md. Decode contexts are filled with placeholder
+latents instead of being prefilled (attention cost does not depend on the values).
+
+    python benchmarks/bench_engine.py            # full
+    python benchmarks/bench_engine.py --quick    # fewer points, fits one device call
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import os
+import sys
+import time
+
+import torch
+
+from latentmoe import build_model, get_config
+from latentmoe.engine import LLM, SamplingParams
+from latentmoe.engine.sequence import SequenceStatus
+
+BANDWIDTH = 3.0e12   # bytes/s, measured device-to-device copy on the H100 (see the project's anchors)
+
+
+def floor_ms(cfg, B: int, L: int, dtype_bytes: int = 2) -> float:
+    """Memory-bound floor of one decode step: weights touched + latent cache read, at BANDWIDTH."""
+    total = cfg.num_parameters()
+    expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    routed = cfg.num_moe_layers * cfg.n_routed_experts * expert
+    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+    touched_per_layer = E * (1 - (1 - K / E) ** B)   # distinct experts hit by B tokens, uniform routing
+    # Embedding rows read are negligible: count the table out, keep the LM head.
+    weights = total - routed - cfg.vocab_size * cfg.hidden_size + cfg.num_moe_layers * touched_per_layer * expert
+    cache = B * L * cfg.kv_cache_elements_per_token()
+    return (weights + cache) * dtype_bytes / BANDWIDTH * 1e3
+
+
+# ----------------------------------------------------------------------------- transformers
+def build_hf(cfg, device, dtype, std=0.02):
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+    hcfg = DeepseekV2Config(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        moe_intermediate_size=cfg.moe_intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_attention_heads,
+        n_shared_experts=cfg.n_shared_experts, n_routed_experts=cfg.n_routed_experts,
+        routed_scaling_factor=cfg.routed_scaling_factor, topk_method=cfg.topk_method, n_group=cfg.n_group,
+        topk_group=cfg.topk_group, num_experts_per_tok=cfg.num_experts_per_tok,
+        first_k_dense_replace=cfg.first_k_dense_replace, norm_topk_prob=cfg.norm_topk_prob,
+        q_lora_rank=cfg.q_lora_rank, kv_lora_rank=cfg.kv_lora_rank, qk_nope_head_dim=cfg.qk_nope_head_dim,
+        qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim,
+        max_position_embeddings=cfg.max_position_embeddings, rope_scaling=cfg.rope_scaling,
+        rms_norm_eps=cfg.rms_norm_eps, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id)
+    hcfg._attn_implementation = "sdpa"
+    if device.type == "cuda":
+        hcfg._experts_implementation = "grouped_mm"
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            hf = DeepseekV2ForCausalLM(hcfg).eval()
+    finally:
+        torch.set_default_dtype(old)
+    # Initialise explicitly: a model built in a CUDA device context may hold uninitialised memory.
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std)
+    return hf
+
+
+@torch.inference_mode()
+def hf_decode(hf, cfg, B, L, steps, device, dtype):
+    from transformers import DynamicCache
+    cache = DynamicCache()
+    for i in range(cfg.num_hidden_layers):   # a context of L placeholder latents per layer
+        cache.update(torch.randn(B, 1, L, cfg.kv_lora_rank, device=device, dtype=dtype),
+                     torch.randn(B, 1, L, cfg.qk_rope_head_dim, device=device, dtype=dtype), i)
+    ids = torch.randint(0, cfg.vocab_size, (B, 1), device=device)
+    times = []
+    for s in range(steps + 1):
+        pos = torch.full((B, 1), L + s, device=device)
+        sync(device)
+        t = time.perf_counter()
+        logits = hf(input_ids=ids, past_key_values=cache, position_ids=pos, use_cache=True).logits
+        ids = logits[:, -1].argmax(-1, keepdim=True)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    del cache
+    return median(times[1:])
+
+
+@torch.inference_mode()
+def hf_prefill(hf, cfg, L, device):
+    ids = torch.randint(0, cfg.vocab_size, (1, L), device=device)
+    times = []
+    for _ in range(3):
+        sync(device)
+        t = time.perf_counter()
+        hf(input_ids=ids, use_cache=False, logits_to_keep=1)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return L / median(times[1:])
+
+
+# ----------------------------------------------------------------------------- engine
+def engine_decode(llm, B, L, steps):
+    """Decode tok/s of B sequences at context L: full engine steps (schedule, graph replay, sampling)."""
+    g = torch.Generator().manual_seed(B * 7919 + L)
+    params = SamplingParams(temperature=0, max_tokens=steps + 4, ignore_eos=True)
+    reqs = [llm.add_request(torch.randint(0, llm.config.vocab_size, (L,), generator=g).tolist(), params)
+            for _ in range(B)]
+    sched, bm = llm.scheduler, llm.block_manager
+    # Stand-in for prefill: give each sequence its blocks and mark all but the last prompt token
+    # as cached, so the next steps are pure decodes over a context of L.
+    while sched.waiting:
+        seq = sched.waiting.popleft()
+        assert bm.allocate(seq, len(seq)), "cache too small for this point"
+        seq.num_computed_tokens = len(seq) - 1
+        seq.status = SequenceStatus.RUNNING
+        sched.running.append(seq)
+    times = []
+    for s in range(steps + 2):   # two warm-up steps (graph capture for this bucket)
+        t = time.perf_counter()
+        llm.step()
+        times.append(time.perf_counter() - t)
+    for r in reqs:
+        llm.abort_request(r.request_id)
+    assert bm.num_used_blocks == 0
+    return median(times[2:])
+
+
+def engine_prefill(llm, n, L):
+    g = torch.Generator().manual_seed(n + L)
+    prompts = [torch.randint(0, llm.config.vocab_size, (L,), generator=g).tolist() for _ in range(n)]
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    llm.generate(prompts[:1], params)   # warm-up
+    sync(llm.device)
+    t = time.perf_counter()
+    llm.generate(prompts[1:], params)
+    sync(llm.device)
+    return (n - 1) * L / (time.perf_counter() - t)
+
+
+def profile_decode(llm, B, L, out_path):
+    """Where an eager decode step's time goes (CUDA kernels, grouped by name)."""
+    from torch.profiler import ProfilerActivity, profile
+    runner = llm.runner
+    graphs = runner.use_cuda_graphs
+    runner.use_cuda_graphs = False
+    engine_decode(llm, B, L, 1)   # warm
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if llm.device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        engine_decode(llm, B, L, 2)
+    runner.use_cuda_graphs = graphs
+    key = "cuda_time_total" if llm.device.type == "cuda" else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60)
+    with open(out_path, "w") as f:
+        f.write(table)
+    return table
+
+
+def check_cuda(device):
+    """Greedy tokens of the engine (CUDA graphs, then eager) vs plain full recompute, tiny model, bf16.
+
+    bf16 rounding differs between a batched decode and a full recompute, so near-ties may flip:
+    prints the share of sequences identical over 16 tokens rather than asserting.
+    """
+    cfg = get_config("tiny", vocab_size=512, num_hidden_layers=3)
+    model = build_model(cfg, device=device, dtype=torch.bfloat16, seed=0, std=0.08).eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (5, 17, 1, 30, 9, 12, 64, 100)]
+    want = []
+    with torch.inference_mode():
+        for p in prompts:
+            ids = list(p)
+            for _ in range(16):
+                ids.append(int(model(torch.tensor([ids], device=device))[0, -1].argmax()))
+            want.append(ids[len(p):])
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    for eager in (False, True):
+        llm = LLM(model, block_size=16, num_blocks=400, max_num_seqs=16, enforce_eager=eager)
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        same = sum(a == b for a, b in zip(got, want))
+        first_diff = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), 16) for a, b in zip(got, want)]
+        print(f"check eager={eager}: {same}/{len(prompts)} sequences identical; first differing position "
+              f"per sequence {first_diff}; graphs captured: {len(llm.runner.graphs)}; "
+              f"blocks in use after: {llm.block_manager.num_used_blocks}", flush=True)
+
+
+# ----------------------------------------------------------------------------- helpers
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="deepseek-v2-lite")
+    ap.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (smoke tests)")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--batches", default=None, help="comma list (default 1,32,256)")
+    ap.add_argument("--contexts", default=None, help="comma list (default 1024,4096)")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "engine.md"))
+    ap.add_argument("--profile-out", default=None)
+    ap.add_argument("--check", action="store_true", help="first compare engine greedy output with plain generation")
+    args = ap.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.check:
+        check_cuda(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    over = {"num_hidden_layers": args.layers} if args.layers else {}
+    cfg = get_config(args.preset, **over)
+    batches = [int(x) for x in (args.batches or "1,32,256").split(",")]
+    contexts = [int(x) for x in (args.contexts or "1024,4096").split(",")]
+    steps = 4 if args.quick else args.steps
+    points = [(B, L) for L in contexts for B in batches]
+    dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"# {args.preset} ({cfg.num_parameters() / 1e9:.1f}B params), {dev_name}, {dtype}", flush=True)
+
+    hf_tok = {}
+    hf_prefill_tps = None
+    if not args.no_hf:
+        hf = build_hf(cfg, device, dtype)
+        hf_prefill_tps = hf_prefill(hf, cfg, max(contexts), device)
+        print(f"transformers prefill {hf_prefill_tps:,.0f} tok/s", flush=True)
+        for B, L in points:
+            if args.quick and B * L > 256 * 1024:
+                continue   # the slowest transformers points: skipped in --quick
+            try:
+                dt = hf_decode(hf, cfg, B, L, 3, device, dtype)
+                hf_tok[(B, L)] = B / dt
+            except torch.OutOfMemoryError:
+                hf_tok[(B, L)] = "OOM"
+                torch.cuda.empty_cache()
+            except Exception as e:   # report and go on: the engine's numbers still count
+                hf_tok[(B, L)] = f"error: {type(e).__name__}"
+                print(f"transformers B={B} L={L} failed: {e!r}", flush=True)
+            print(f"transformers B={B} L={L}: {hf_tok[(B, L)]}", flush=True)
+        del hf
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    model = build_model(cfg, device=device, dtype=dtype, seed=0, std=0.02)
+    max_len = max(contexts) + steps + 16
+    t0 = time.perf_counter()
+    llm = LLM(model, max_num_seqs=max(batches), max_model_len=max_len, block_size=64,
+              max_num_batched_tokens=8192, cache_memory_gb=None if device.type == "cuda" else 1.0)
+    bm = llm.block_manager
+    capacity = bm.num_usable_blocks * bm.block_size
+    print(f"engine ready in {time.perf_counter() - t0:.1f}s: {bm.num_usable_blocks} blocks, {capacity:,} tokens",
+          flush=True)
+    prefill_tps = engine_prefill(llm, 5 if args.quick else 9, max(contexts))
+    print(f"engine prefill {prefill_tps:,.0f} tok/s", flush=True)
+    eng_tok = {}
+    for B, L in points:
+        try:
+            dt = engine_decode(llm, B, L, steps)
+        except Exception as e:
+            print(f"engine B={B} L={L} failed: {e!r}", flush=True)
+            for rid in list(llm.requests):
+                llm.abort_request(rid)
+            eng_tok[(B, L)] = f"error: {type(e).__name__}"
+            continue
+        eng_tok[(B, L)] = B / dt
+        print(f"engine B={B} L={L}: {B / dt:,.0f} tok/s ({dt * 1e3:.1f} ms/step)", flush=True)
+
+    per_tok = cfg.kv_cache_elements_per_token() * 2
+    mha_tok = cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * cfg.num_hidden_layers * 2
+    L_conc = 4096
+    conc = capacity // L_conc
+    conc_mha = (capacity * per_tok // mha_tok) // L_conc
+
+    def fmt(x):
+        return x if isinstance(x, str) else f"{x:,.0f}"
+
+    lines = ["| batch | context | engine tok/s | transformers tok/s | ratio | floor ms/step | ceiling tok/s | engine ms/step |",
+             "|---|---|---|---|---|---|---|---|"]
+    for B, L in points:
+        e, h = eng_tok[(B, L)], hf_tok.get((B, L), "-")
+        ratio = f"{e / h:.1f}x" if isinstance(h, float) and isinstance(e, float) else "-"
+        fl = floor_ms(cfg, B, L)
+        ms = f"{B / e * 1e3:.1f}" if isinstance(e, float) else "-"
+        lines.append(f"| {B} | {L:,} | {fmt(e)} | {fmt(h)} | {ratio} | {fl:.2f} | {B / fl * 1e3:,.0f} | {ms} |")
+    lines += ["", "| figure | engine | transformers |", "|---|---|---|",
+              f"| prefill tok/s (prompts of {max(contexts):,}) | {prefill_tps:,.0f} | "
+              f"{fmt(hf_prefill_tps) if hf_prefill_tps else '-'} |",
+              f"| max concurrent sequences at {L_conc:,} (cache of {capacity:,} tokens, "
+              f"{capacity * per_tok / 2**30:.1f} GiB) | {conc} | a per-head cache of the same bytes: {conc_mha} |"]
+    table = "\n".join(lines)
+    print(table)
+
+    # The command as others would type it (where this run wrote its files is not part of it).
+    argv, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a in ("--out", "--profile-out"):
+            skip = True
+        elif not a.startswith(("--out=", "--profile-out=")):
+            argv.append(a)
+    command = " ".join(["python", "benchmarks/bench_engine.py", *argv])
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write(f"# Engine benchmark\n\n{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+                f"{dev_name}, torch {torch.__version__}, {dtype}, {args.preset} shape, random weights (std 0.02).\n\n"
+                f"Command: `{command}`\n\n{table}\n\n"
+                "Floor = (weights touched per step + B x L x latent bytes) / 3.0 TB/s; ceiling = B / floor. "
+                "Decode tok/s are full engine steps (scheduling, CUDA-graph replay, sampling, output).\n")
+    prof_path = args.profile_out or os.path.join(os.path.dirname(args.out), "engine_profile.txt")
+    try:
+        print(profile_decode(llm, min(256, max(batches)), 1024 if 1024 in contexts else contexts[0], prof_path))
+    except Exception as e:
+        print(f"profiling failed: {e!r}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

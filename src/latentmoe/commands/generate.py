@@ -1,0 +1,128 @@
+"""`latentmoe generate PATH --prompt ...`: offline batch generation with the engine."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def add_engine_args(p) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    g.add_argument("--dtype", default=None, help="bfloat16 / float32 (default: bf16 on CUDA, fp32 on CPU)")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument("--block-size", type=int, default=64)
+    g.add_argument("--cache-memory-gb", type=float, default=None, help="latent cache budget")
+    g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+
+
+def add_sampling_args(p, max_tokens: int = 128) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=-1)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--stop-token-id", type=int, action="append", default=None)
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+
+
+def build_llm(args):
+    import torch
+
+    from ..engine import LLM
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return LLM(args.path, device=device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+               max_model_len=args.max_model_len, block_size=args.block_size, cache_memory_gb=args.cache_memory_gb,
+               enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager)
+
+
+def sampling_params(args, **extra):
+    from ..engine import SamplingParams
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop,
+                          stop_token_ids=args.stop_token_id, ignore_eos=args.ignore_eos,
+                          presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                          repetition_penalty=args.repetition_penalty, **extra)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="generate completions for prompts (offline batch)",
+                       description="Load a checkpoint directory and complete prompts with the paged-latent-cache "
+                                   "engine. Prompts are text (needs tokenizer.json in the directory) or, with "
+                                   "--token-ids, comma-separated token ids.")
+    p.add_argument("path", help="HF-format checkpoint directory")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", default=None,
+                   help="one prompt per line; lines of JSON objects use their 'prompt' field")
+    p.add_argument("--token-ids", action="store_true", help="prompts are comma-separated token ids")
+    p.add_argument("--n", type=int, default=1, help="completions per prompt")
+    p.add_argument("--logprobs", type=int, default=None, help="top alternatives per generated token")
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
+    p.add_argument("--stream", action="store_true", help="print tokens as they come (single prompt)")
+    add_sampling_args(p)
+    add_engine_args(p)
+    p.set_defaults(func=run)
+
+
+def _read_prompts(args) -> list:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        with open(args.prompts_file, encoding="utf-8") as f:
+            for line in f:
+                line = line.rstrip("\n")
+                if not line.strip():
+                    continue
+                if line.lstrip().startswith("{"):
+                    line = json.loads(line)["prompt"]
+                prompts.append(line)
+    if not prompts:
+        raise ValueError("no prompts: give --prompt and/or --prompts-file")
+    if args.token_ids:
+        try:
+            prompts = [[int(t) for t in str(p).replace(",", " ").split()] for p in prompts]
+        except ValueError:
+            raise ValueError("--token-ids expects comma-separated integers") from None
+    return prompts
+
+
+def run(args) -> int:
+    prompts = _read_prompts(args)
+    llm = build_llm(args)
+    params = sampling_params(args, n=args.n, logprobs=args.logprobs)
+    if args.stream:
+        if len(prompts) != 1:
+            raise ValueError("--stream takes exactly one prompt")
+        shown = 0
+        for out in llm.generate_stream(prompts[0], params):
+            c = out.outputs[0]
+            text = c.text if llm.tokenizer is not None else " ".join(map(str, c.token_ids))
+            sys.stdout.write(text[shown:])
+            sys.stdout.flush()
+            shown = len(text)
+        print()
+        return 0
+    outs = llm.generate(prompts, params, use_tqdm=len(prompts) > 1 and not args.json)
+    for out in outs:
+        if args.json:
+            print(json.dumps({"request_id": out.request_id, "prompt": out.prompt,
+                              "prompt_token_ids": out.prompt_token_ids,
+                              "outputs": [{"index": c.index, "text": c.text, "token_ids": c.token_ids,
+                                           "finish_reason": c.finish_reason,
+                                           "logprobs": [{str(k): v for k, v in d.items()} for d in c.logprobs]
+                                           if c.logprobs is not None else None} for c in out.outputs]}))
+            continue
+        head = out.prompt if out.prompt is not None else " ".join(map(str, out.prompt_token_ids))
+        print(f"=== prompt: {head!r}")
+        for c in out.outputs:
+            body = c.text if llm.tokenizer is not None else " ".join(map(str, c.token_ids))
+            tag = f"[{c.index}] " if len(out.outputs) > 1 else ""
+            print(f"{tag}{body}\n--- ({len(c.token_ids)} tokens, finish: {c.finish_reason})")
+    return 0

@@ -1,0 +1,97 @@
+"""`latentmoe generate` and `latentmoe chat` on a saved tiny checkpoint with a tokenizer."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+
+from latentmoe.checkpoint import load_model, save_model
+from latentmoe.cli import main
+
+from test_engine import reference_greedy, tiny_model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from latentmoe.tokenizer import train_bpe
+    tok = train_bpe(["hello there, how are you today? fine thanks, and you?"] * 30, vocab_size=300)
+    path = tmp_path_factory.mktemp("chat")
+    tok_dir = path / "tok"
+    tok.save(tok_dir)
+    model = tiny_model(vocab_size=tok.vocab_size, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    save_model(model, path / "model", tokenizer_dir=tok_dir)
+    return path / "model", tok
+
+
+def test_generate_command_matches_reference(ckpt, capsys):
+    path, tok = ckpt
+    rc = main(["generate", str(path), "--prompt", "hello there", "--prompt", "fine", "--max-tokens", "6",
+               "--ignore-eos", "--json", "--device", "cpu", "--max-model-len", "64"])
+    assert rc == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    model = load_model(path)
+    for line, prompt in zip(lines, ["hello there", "fine"]):
+        ids = tok.encode(prompt)
+        want = reference_greedy(model, ids, 6)
+        assert line["prompt_token_ids"] == ids
+        assert line["outputs"][0]["token_ids"] == want
+        assert line["outputs"][0]["text"] == tok.decode(want)
+    # Token-id prompts from a file; a clear error for bad input.
+    f = path.parent / "prompts.txt"
+    f.write_text("5, 6, 7\n8 9\n")
+    assert main(["generate", str(path), "--prompts-file", str(f), "--token-ids", "--max-tokens", "3",
+                 "--device", "cpu", "--max-model-len", "64"]) == 0
+    assert capsys.readouterr().out.count("=== prompt") == 2
+    assert main(["generate", str(path), "--device", "cpu", "--max-model-len", "64"]) == 2
+    assert "no prompts" in capsys.readouterr().err
+
+
+def test_chat_keeps_history_and_ctrl_c_stops_only_the_answer(ckpt, monkeypatch, capsys):
+    from latentmoe.commands.chat import chat_turn
+    from latentmoe.engine import LLM, SamplingParams
+    path, tok = ckpt
+    llm = LLM(str(path), max_model_len=128, block_size=4)
+
+    class Interrupting(io.StringIO):
+        pressed = False
+
+        def write(self, s):   # the user presses Ctrl-C (once) while the second piece is printed
+            if self.tell() > 0 and not self.pressed:
+                self.pressed = True
+                raise KeyboardInterrupt
+            return super().write(s)
+
+    messages = [{"role": "user", "content": "hello"}]
+    text, reason = chat_turn(llm, messages, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+                             out=Interrupting())
+    assert reason == "abort" and llm.block_manager.num_used_blocks == 0 and not llm.has_unfinished()
+    # The program goes on: the next answer is the full greedy one, over the whole history.
+    messages += [{"role": "assistant", "content": text}, {"role": "user", "content": "and you?"}]
+    out = io.StringIO()
+    text2, reason2 = chat_turn(llm, messages, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), out=out)
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    assert reason2 == "length" and text2 == tok.decode(reference_greedy(llm.model, ids, 5)).strip()
+    # The interactive loop: two turns, then Ctrl-D.
+    answers = iter(["hi", "/reset", "again"])
+
+    def fake_input(prompt=""):
+        try:
+            return next(answers)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    assert main(["chat", str(path), "--device", "cpu", "--max-model-len", "128", "--max-tokens", "4"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("Assistant: ") == 2 and "history cleared" in captured.err
