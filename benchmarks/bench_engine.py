@@ -23,9 +23,10 @@ import torch
 
 from latentmoe import build_model, get_config
 from latentmoe.engine import LLM, SamplingParams
+from latentmoe.engine.model_runner import set_fused_experts
 from latentmoe.engine.sequence import SequenceStatus
 
-BANDWIDTH = 3.0e12   # bytes/s, measured device-to-device copy on the H100 (see the project's anchors)
+BANDWIDTH = 3.0e12   # bytes/s: a device-to-device copy measured on the H100 (bytes read + written)
 
 
 def floor_ms(cfg, B: int, L: int, dtype_bytes: int = 2) -> float:
@@ -126,15 +127,28 @@ def engine_decode(llm, B, L, steps):
         seq.num_computed_tokens = len(seq) - 1
         seq.status = SequenceStatus.RUNNING
         sched.running.append(seq)
-    times = []
-    for s in range(steps + 2):   # two warm-up steps (graph capture for this bucket)
+    times, exec_times = [], []
+    execute = llm.runner.execute
+
+    def timed_execute(batch):   # device work + its host preparation + sampling, vs the rest of the step
         t = time.perf_counter()
-        llm.step()
-        times.append(time.perf_counter() - t)
+        out = execute(batch)
+        exec_times.append(time.perf_counter() - t)
+        return out
+
+    llm.runner.execute = timed_execute
+    try:
+        for s in range(steps + 2):   # two warm-up steps (graph capture for this bucket)
+            t = time.perf_counter()
+            llm.step()
+            times.append(time.perf_counter() - t)
+    finally:
+        del llm.runner.execute
     for r in reqs:
         llm.abort_request(r.request_id)
     assert bm.num_used_blocks == 0
-    return median(times[2:])
+    step, ex = median(times[2:]), median(exec_times[2:])
+    return step, step - ex
 
 
 def engine_prefill(llm, n, L):
@@ -158,11 +172,12 @@ def profile_decode(llm, B, L, out_path):
     engine_decode(llm, B, L, 1)   # warm
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if llm.device.type == "cuda" else [])
     with profile(activities=acts) as prof:
-        engine_decode(llm, B, L, 2)
+        engine_decode(llm, B, L, 2)   # 4 steps
     runner.use_cuda_graphs = graphs
-    key = "cuda_time_total" if llm.device.type == "cuda" else "cpu_time_total"
-    table = prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60)
-    with open(out_path, "w") as f:
+    key = "self_cuda_time_total" if llm.device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70)
+    table = f"## eager decode, batch {B}, context {L}, 4 steps, experts {llm.experts_impl}\n{table}\n"
+    with open(out_path, "a") as f:
         f.write(table)
     return table
 
@@ -185,12 +200,13 @@ def check_cuda(device):
                 ids.append(int(model(torch.tensor([ids], device=device))[0, -1].argmax()))
             want.append(ids[len(p):])
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    for eager in (False, True):
-        llm = LLM(model, block_size=16, num_blocks=400, max_num_seqs=16, enforce_eager=eager)
+    for eager, impl in ((False, "model"), (True, "model"), (False, "fused")):
+        llm = LLM(model, block_size=16, num_blocks=400, max_num_seqs=16, enforce_eager=eager, experts_impl=impl)
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
         same = sum(a == b for a, b in zip(got, want))
         first_diff = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), 16) for a, b in zip(got, want)]
-        print(f"check eager={eager}: {same}/{len(prompts)} sequences identical; first differing position "
+        set_fused_experts(model, False)
+        print(f"check eager={eager} experts={impl}: {same}/{len(prompts)} sequences identical; first differing position "
               f"per sequence {first_diff}; graphs captured: {len(llm.runner.graphs)}; "
               f"blocks in use after: {llm.block_manager.num_used_blocks}", flush=True)
 
@@ -217,6 +233,7 @@ def main():
     ap.add_argument("--contexts", default=None, help="comma list (default 1024,4096)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "engine.md"))
     ap.add_argument("--profile-out", default=None)
+    ap.add_argument("--experts", default="model,fused", help="engine expert paths to measure: model, fused")
     ap.add_argument("--check", action="store_true", help="first compare engine greedy output with plain generation")
     args = ap.parse_args()
 
@@ -258,6 +275,19 @@ def main():
             torch.cuda.empty_cache()
 
     model = build_model(cfg, device=device, dtype=dtype, seed=0, std=0.02)
+    impls = args.experts.split(",")
+    if "fused" in impls and device.type == "cuda":
+        # The fused kernel against the model's own experts on this model: relative logits difference.
+        ids = torch.randint(0, cfg.vocab_size, (8, 64), device=device)
+        with torch.inference_mode():
+            ref = model(ids).float()
+            set_fused_experts(model, True)
+            fused = model(ids).float()
+            set_fused_experts(model, False)
+        rel = ((fused - ref).norm() / ref.norm()).item()
+        agree = (fused.argmax(-1) == ref.argmax(-1)).float().mean().item()
+        print(f"fused experts vs model experts, {cfg.num_hidden_layers} layers bf16: rel logits diff {rel:.2e}, "
+              f"argmax agreement {agree:.3f}", flush=True)
     max_len = max(contexts) + steps + 16
     t0 = time.perf_counter()
     llm = LLM(model, max_num_seqs=max(batches), max_model_len=max_len, block_size=64,
@@ -266,20 +296,25 @@ def main():
     capacity = bm.num_usable_blocks * bm.block_size
     print(f"engine ready in {time.perf_counter() - t0:.1f}s: {bm.num_usable_blocks} blocks, {capacity:,} tokens",
           flush=True)
-    prefill_tps = engine_prefill(llm, 5 if args.quick else 9, max(contexts))
-    print(f"engine prefill {prefill_tps:,.0f} tok/s", flush=True)
-    eng_tok = {}
-    for B, L in points:
-        try:
-            dt = engine_decode(llm, B, L, steps)
-        except Exception as e:
-            print(f"engine B={B} L={L} failed: {e!r}", flush=True)
-            for rid in list(llm.requests):
-                llm.abort_request(rid)
-            eng_tok[(B, L)] = f"error: {type(e).__name__}"
-            continue
-        eng_tok[(B, L)] = B / dt
-        print(f"engine B={B} L={L}: {B / dt:,.0f} tok/s ({dt * 1e3:.1f} ms/step)", flush=True)
+    eng_tok, host_ms, prefill = {}, {}, {}
+    for impl in impls:
+        set_fused_experts(model, impl == "fused")
+        llm.experts_impl = impl
+        llm.runner.graphs.clear()
+        prefill[impl] = engine_prefill(llm, 5 if args.quick else 9, max(contexts))
+        print(f"engine ({impl} experts) prefill {prefill[impl]:,.0f} tok/s", flush=True)
+        for B, L in points:
+            try:
+                dt, host = engine_decode(llm, B, L, steps)
+            except Exception as e:
+                print(f"engine B={B} L={L} failed: {e!r}", flush=True)
+                for rid in list(llm.requests):
+                    llm.abort_request(rid)
+                eng_tok[(impl, B, L)] = f"error: {type(e).__name__}"
+                continue
+            eng_tok[(impl, B, L)], host_ms[(impl, B, L)] = B / dt, host * 1e3
+            print(f"engine ({impl} experts) B={B} L={L}: {B / dt:,.0f} tok/s ({dt * 1e3:.1f} ms/step, "
+                  f"{host * 1e3:.1f} ms outside execute)", flush=True)
 
     per_tok = cfg.kv_cache_elements_per_token() * 2
     mha_tok = cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * cfg.num_hidden_layers * 2
@@ -290,16 +325,22 @@ def main():
     def fmt(x):
         return x if isinstance(x, str) else f"{x:,.0f}"
 
-    lines = ["| batch | context | engine tok/s | transformers tok/s | ratio | floor ms/step | ceiling tok/s | engine ms/step |",
-             "|---|---|---|---|---|---|---|---|"]
+    head = " | ".join(f"engine tok/s ({i} experts)" for i in impls)
+    lines = [f"| batch | context | {head} | transformers tok/s | best ratio | engine ms/step (host part) | "
+             "floor ms/step | ceiling tok/s |", "|---" * (7 + len(impls)) + "|"]
     for B, L in points:
-        e, h = eng_tok[(B, L)], hf_tok.get((B, L), "-")
-        ratio = f"{e / h:.1f}x" if isinstance(h, float) and isinstance(e, float) else "-"
+        es = [eng_tok.get((i, B, L), "-") for i in impls]
+        h = hf_tok.get((B, L), "-")
+        best = max((e for e in es if isinstance(e, float)), default=None)
+        ratio = f"{best / h:.1f}x" if isinstance(h, float) and best else "-"
+        bi = impls[es.index(best)] if best else None
+        ms = f"{B / best * 1e3:.1f} ({host_ms[(bi, B, L)]:.1f})" if best else "-"
         fl = floor_ms(cfg, B, L)
-        ms = f"{B / e * 1e3:.1f}" if isinstance(e, float) else "-"
-        lines.append(f"| {B} | {L:,} | {fmt(e)} | {fmt(h)} | {ratio} | {fl:.2f} | {B / fl * 1e3:,.0f} | {ms} |")
+        lines.append(f"| {B} | {L:,} | {' | '.join(fmt(e) for e in es)} | {fmt(h)} | {ratio} | {ms} | {fl:.2f} | "
+                     f"{B / fl * 1e3:,.0f} |")
     lines += ["", "| figure | engine | transformers |", "|---|---|---|",
-              f"| prefill tok/s (prompts of {max(contexts):,}) | {prefill_tps:,.0f} | "
+              f"| prefill tok/s (prompts of {max(contexts):,}) | "
+              f"{', '.join(f'{v:,.0f} ({k} experts)' for k, v in prefill.items())} | "
               f"{fmt(hf_prefill_tps) if hf_prefill_tps else '-'} |",
               f"| max concurrent sequences at {L_conc:,} (cache of {capacity:,} tokens, "
               f"{capacity * per_tok / 2**30:.1f} GiB) | {conc} | a per-head cache of the same bytes: {conc_mha} |"]
@@ -322,12 +363,17 @@ def main():
                 f"{dev_name}, torch {torch.__version__}, {dtype}, {args.preset} shape, random weights (std 0.02).\n\n"
                 f"Command: `{command}`\n\n{table}\n\n"
                 "Floor = (weights touched per step + B x L x latent bytes) / 3.0 TB/s; ceiling = B / floor. "
-                "Decode tok/s are full engine steps (scheduling, CUDA-graph replay, sampling, output).\n")
+                "Decode tok/s are full engine steps (scheduling, CUDA-graph replay, sampling, output); the host "
+                "part is the step's time outside the model runner (scheduling, stop checks, outputs). Experts: "
+                "`model` = the model's torch._grouped_mm path, `fused` = the Triton fused-MoE kernel.\n")
     prof_path = args.profile_out or os.path.join(os.path.dirname(args.out), "engine_profile.txt")
-    try:
-        print(profile_decode(llm, min(256, max(batches)), 1024 if 1024 in contexts else contexts[0], prof_path))
-    except Exception as e:
-        print(f"profiling failed: {e!r}")
+    if os.path.exists(prof_path):
+        os.remove(prof_path)
+    for B in sorted({min(batches), max(batches)}):
+        try:
+            print(profile_decode(llm, B, 1024 if 1024 in contexts else contexts[0], prof_path))
+        except Exception as e:
+            print(f"profiling failed: {e!r}")
     print(f"wrote {args.out}")
 
 

@@ -58,8 +58,10 @@ def hf_model(cfg, device, std):
 
 
 def time_steps(step, steps: int, warmup: int, device) -> float:
-    for _ in range(warmup):
-        step()
+    for i in range(warmup):
+        loss = step()
+        if i == 0:
+            print(f"  first-step loss {loss.item():.4f}", flush=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -79,6 +81,7 @@ def make_step(model, optimizer, forward_loss, x, y, device):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
     return step
 
 
@@ -101,7 +104,7 @@ def main() -> int:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--variants", default="ours,ours-compiled,transformers")
+    ap.add_argument("--variants", default="ours,transformers,ours-compiled")
     ap.add_argument("--out", default=None, help="also write the table (markdown) here")
     ap.add_argument("--overrides", default="", help="model config overrides k=v,k=v (CPU smoke runs)")
     args = ap.parse_args()

@@ -2,8 +2,8 @@
 
 Each rank holds 1/W of the routed experts and 1/W of the batch; the single-process reference sees
 the whole batch with the same weights, the trainer's device-limited routing and dropping rules
-(D = W device groups) and the trainer's balance losses. Loss, every gradient, the global gradient
-norm, one ZeRO-1 AdamW step, the per-rank token counts and the dropping decisions must agree.
+(D = EP size device groups) and the trainer's balance losses. Loss, every gradient, the global
+gradient norm, a ZeRO-1 AdamW step, the per-rank token counts and the dropping decisions must agree.
 """
 
 from __future__ import annotations
@@ -43,45 +43,56 @@ def moes(model):
     return [layer.mlp for layer in model.model.layers if layer.is_moe]
 
 
-def objective(model, ids, world, M, n_global_tokens):
+def objective(model, ids, devices, M, n_global_tokens, world):
     """CE summed over this batch / all tokens + balance losses / world: summed over ranks = the reference loss."""
     logits, routers = model(ids, return_router=True)
     ce = F.cross_entropy(logits.flatten(0, 1), ids.roll(-1, 1).flatten(), reduction="sum") / n_global_tokens
-    bal = balance_losses(routers, ids.shape[0], ids.shape[1], world, M, 0.1, 0.2, 0.3)
-    return ce, bal, routers
+    bal = balance_losses(routers, ids.shape[0], ids.shape[1], devices, M, 0.1, 0.2, 0.3)
+    return ce, {k: v / world for k, v in bal.items()}, routers
 
 
-def ep_worker(rank, world, M, overlap, outdir):
+def ep_worker(rank, world, experiments):
     torch.set_num_threads(1)
-    dims = build_dims(world, torch.device("cpu"))  # ep = world, dp = 1
+    for ep, M, overlap, outdir in experiments:
+        check_expert_parallel(rank, world, ep, M, overlap, outdir)
+
+
+def check_expert_parallel(rank, world, ep, M, overlap, outdir):
+    """World = dp x ep ranks; each rank B_LOCAL sequences; the reference runs all W * B_LOCAL at once."""
+    dims = build_dims(ep, torch.device("cpu"))
     cfg = tiny_config()
-    L = cfg.n_routed_experts // world
+    L = cfg.n_routed_experts // ep
     model = build_model(cfg, seed=0, std=0.2)
     ref = copy.deepcopy(model)
     B = world * B_LOCAL
     ids = torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(1))
     protected = protected_tokens(B, T, 0.25, torch.Generator().manual_seed(2))
     mine = slice(rank * B_LOCAL * T, (rank + 1) * B_LOCAL * T)
+    group_tokens = slice(dims.dp_rank * ep * B_LOCAL * T, (dims.dp_rank + 1) * ep * B_LOCAL * T)
+    # Dropping is decided over an EP group's tokens: comparable with one process when dp = 1.
+    drop = dims.dp_size == 1
 
-    # Reference: one process, D = world device groups, the trainer's dropper over the whole batch.
+    # Reference: one process, D = ep device groups, the trainer's dropper over the whole batch.
     for moe in moes(ref):
-        moe.gate.device_limit = (world, M)
-        moe.dropper = DeviceDropper(world, 1.0)
-        moe.dropper.protected = protected
-    ce_ref, bal_ref, routers_ref = objective(ref, ids, world, M, ids.numel())
+        moe.gate.device_limit = (ep, M)
+        if drop:
+            moe.dropper = DeviceDropper(ep, 1.0)
+            moe.dropper.protected = protected
+    ce_ref, bal_ref, routers_ref = objective(ref, ids, ep, M, ids.numel(), 1)
     (ce_ref + sum(bal_ref.values())).backward()
 
-    apply_expert_parallel(model, dims.ep_group, rank, world, M)
+    apply_expert_parallel(model, dims.ep_group, dims.ep_rank, ep, M)
     for moe in moes(model):
         assert isinstance(moe, ExpertParallelMoE) and moe.experts.gate_up_proj.shape[0] == L
         moe.overlap = overlap
-        moe.dropper = DeviceDropper(world, 1.0)
-        moe.dropper.protected = protected[mine]
-    ce, bal, routers = objective(model, ids[rank * B_LOCAL:(rank + 1) * B_LOCAL], world, M, ids.numel())
-    (ce + sum(bal.values()) / world).backward()
+        if drop:
+            moe.dropper = DeviceDropper(ep, 1.0)
+            moe.dropper.protected = protected[mine]
+    ce, bal, routers = objective(model, ids[rank * B_LOCAL:(rank + 1) * B_LOCAL], ep, M, ids.numel(), world)
+    (ce + sum(bal.values())).backward()
 
-    # Loss parts: CE summed, balance losses (means over sequences) averaged over ranks.
-    parts = torch.stack([ce.detach()] + [bal[k].detach() / world for k in ("exp", "dev", "comm")])
+    # Loss parts, summed over ranks.
+    parts = torch.stack([ce.detach()] + [bal[k].detach() for k in ("exp", "dev", "comm")])
     dist.all_reduce(parts)
     expect = torch.stack([ce_ref.detach()] + [bal_ref[k].detach() for k in ("exp", "dev", "comm")])
     torch.testing.assert_close(parts, expect, rtol=1e-5, atol=1e-7)
@@ -91,26 +102,26 @@ def ep_worker(rank, world, M, overlap, outdir):
         assert torch.equal(r.topk_idx, rr.topk_idx[mine])
         assert int(r.sent_MP.sum(1).max()) <= M
         unlimited = rr.scores.topk(cfg.num_experts_per_tok, dim=-1).indices // L
-        n_dev = torch.zeros(B * T, world, dtype=torch.bool).scatter_(1, unlimited, True).sum(1)
+        n_dev = torch.zeros(B * T, ep, dtype=torch.bool).scatter_(1, unlimited, True).sum(1)
         assert int(n_dev.max()) > M, "the test batch must need the limit"
-        # Real per-rank counts against the single-process routing of the whole batch.
-        on_me = rr.topk_idx // L == rank
+        # Real per-rank counts against the single-process routing of the EP group's tokens.
+        on_me = rr.topk_idx[group_tokens] // L == dims.ep_rank
         assert r.recv_tokens == int(on_me.any(1).sum())
         assert r.recv_assignments == int(on_me.sum())
-        expected_sent = torch.zeros(B * T, world, dtype=torch.bool).scatter_(1, rr.topk_idx // L, True)[mine]
+        expected_sent = torch.zeros(B * T, ep, dtype=torch.bool).scatter_(1, rr.topk_idx // L, True)[mine]
         assert torch.equal(r.sent_MP, expected_sent)
-        # Dropping: each rank against its real capacity, same decisions as one process.
-        assert torch.equal(r.kept, rr.kept[mine])
-        assert r.kept[protected[mine]].all()
-    assert any(not rr.kept.all() for rr in routers_ref), "the test batch must drop something"
+        if drop:  # each rank against its real capacity, the same decisions as one process
+            assert torch.equal(r.kept, rr.kept[mine])
+            assert r.kept[protected[mine]].all()
+    if drop:
+        assert any(not rr.kept.all() for rr in routers_ref), "the test batch must drop something"
 
     # Every gradient, after the data-parallel sum.
     sync_gradients(model, dims)
     ref_params = dict(ref.named_parameters())
+    rows = slice(dims.ep_rank * L, (dims.ep_rank + 1) * L)
     for name, p in model.named_parameters():
-        g_ref = ref_params[name].grad
-        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-            g_ref = g_ref[rank * L:(rank + 1) * L]
+        g_ref = ref_params[name].grad[rows] if is_expert_param(name) else ref_params[name].grad
         torch.testing.assert_close(p.grad, g_ref, rtol=1e-5, atol=1e-5 * float(g_ref.abs().max()), msg=name)
     ref_norm = torch.nn.utils.get_total_norm([p.grad for p in ref.parameters()])
     torch.testing.assert_close(global_grad_norm(model, dims), ref_norm, rtol=1e-5, atol=0)
@@ -126,14 +137,14 @@ def ep_worker(rank, world, M, overlap, outdir):
     n_state = torch.tensor([len([s for s in opt.state.values() if s])])
     dist.all_reduce(n_state)
     n_dense = sum(1 for n, _ in model.named_parameters() if not is_expert_param(n))
-    assert int(n_state) == n_dense + world * 2 * len(moes(model)), "each tensor stepped by exactly one rank"
+    assert int(n_state) == n_dense + ep * 2 * len(moes(model)), "each tensor stepped by exactly one rank"
     for (name, p), c in zip(model.named_parameters(), plain):
         torch.testing.assert_close(p.detach(), c.detach(), rtol=0, atol=0, msg=name)
 
     # Export: every rank writes its experts; the result is an ordinary HF-format directory.
     if outdir is not None:
         # Saved with the routing it was trained with (V2's group-limited rule with groups = ranks).
-        routed_as_trained = cfg.replace(topk_method="group_limited_greedy", n_group=world, topk_group=M)
+        routed_as_trained = cfg.replace(topk_method="group_limited_greedy", n_group=ep, topk_group=M)
         save_model_sharded(model, os.path.join(outdir, "ep"), dims, save_config=routed_as_trained)
         model.eval()
         with torch.no_grad():
@@ -141,10 +152,11 @@ def ep_worker(rank, world, M, overlap, outdir):
         if rank == 0:
             torch.save(logits, os.path.join(outdir, "ep_logits.pt"))
             save_model(ref, os.path.join(outdir, "single"))
+    dist.barrier()
 
 
 def test_expert_parallel_2_ranks_matches_one_process(tmp_path):
-    run_local(ep_worker, 2, 1, True, str(tmp_path))
+    run_local(ep_worker, 2, [(2, 1, True, str(tmp_path))])
     # The export loads in the single-process model and gives the EP model's logits.
     exported = load_model(tmp_path / "ep")
     ids = torch.randint(0, VOCAB, (2 * B_LOCAL, T), generator=torch.Generator().manual_seed(1))
@@ -158,8 +170,9 @@ def test_expert_parallel_2_ranks_matches_one_process(tmp_path):
     assert index["model.layers.1.mlp.experts.7.down_proj.weight"] == "model-00002-of-00002.safetensors"
 
 
-def test_expert_parallel_4_ranks_device_limited_without_overlap():
-    run_local(ep_worker, 4, 2, False, None)
+def test_expert_parallel_4_ranks_and_2x2_data_x_expert_parallel():
+    # EP over 4 ranks (M = 2 of 4, dispatch without overlap), then a (dp 2) x (ep 2) mesh.
+    run_local(ep_worker, 4, [(4, 2, False, None), (2, 1, True, None)])
 
 
 def test_device_keep_mask_protects_then_keeps_highest_affinity():

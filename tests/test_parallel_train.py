@@ -1,6 +1,7 @@
-"""`torchrun --nproc-per-node 2 -m latentmoe train --parallel.ep_size 2` on CPU/gloo: trains, saves
-sharded checkpoints, and resumes from them on 1 rank, on 2 ranks (same EP layout) and on 2 ranks
-with pure data parallelism, continuing with the same losses as the uninterrupted run."""
+"""`torchrun --nproc-per-node 2 -m latentmoe train --parallel.ep_size 2` on CPU/gloo: trains with the
+losses of a single process, saves sharded checkpoints, and resumes from them on 1 rank, on 2 ranks
+(same EP layout) and on 2 ranks with pure data parallelism, continuing with the same losses as the
+uninterrupted run; a single-process checkpoint resumes on 2 ranks too."""
 
 from __future__ import annotations
 
@@ -73,10 +74,18 @@ def test_two_rank_run_trains_checkpoints_and_resumes_anywhere(tmp_path):
         copy_at_step(run, tmp_path / name, 2)
         run_local(resume_worker, 2, [*common_args(tmp_path / name, data), "--parallel.ep_size", ep, "--resume"])
 
-    for name in ("one", "two_ep", "two_dp"):
+    # A plain single-process run: the same losses as the 2-rank one, and its checkpoint resumes on 2 ranks.
+    single = tmp_path / "single"
+    done = subprocess.run([sys.executable, "-m", "latentmoe", *common_args(single, data)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    copy_at_step(single, tmp_path / "single_to_two", 2)
+    run_local(resume_worker, 2, [*common_args(tmp_path / "single_to_two", data), "--parallel.ep_size", "2", "--resume"])
+
+    for name in ("one", "two_ep", "two_dp", "single", "single_to_two"):
         resumed = metrics(tmp_path / name)
         assert sorted(resumed) == list(range(1, STEPS + 1)), name
-        for step in range(3, STEPS + 1):
+        for step in range(1 if name == "single" else 3, STEPS + 1):
             for key in ("loss", "ce", "l_exp", "l_dev", "l_comm", "grad_norm"):
                 assert resumed[step][key] == pytest.approx(full[step][key], rel=2e-5, abs=1e-7), (name, step, key)
         assert resumed[STEPS]["val_loss"] == pytest.approx(full[STEPS]["val_loss"], rel=2e-5), name

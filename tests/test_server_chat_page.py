@@ -29,7 +29,8 @@ def server(tmp_path_factory):
 @pytest.fixture
 def browser():
     binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    assert binary and driver, "chromium and chromium-driver must be installed (apt-get install chromium chromium-driver)"
+    assert binary and driver, "chromium and chromium-driver must be installed (apt-get install chromium " \
+                              "chromium-driver)"
     profile = tempfile.mkdtemp(prefix="chromium-profile-")
     options = webdriver.ChromeOptions()
     options.binary_location = binary

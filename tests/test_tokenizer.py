@@ -20,7 +20,8 @@ CORPUS = [
 ]
 SAMPLES = [
     "Hello world", "  leading spaces and trailing  ", "数学是科学的语言", "🙂🚀 mixed 😀 text ü",
-    "line1\nline2\n\n\tindented", "", "unseen wörds ξψζ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢", f"{BOS}inline special{EOS} tokens",
+    "line1\nline2\n\n\tindented", "", "unseen wörds ξψζ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
+    f"{BOS}inline special{EOS} tokens",
 ]
 
 # Exercises what the sandbox must provide: trim/lstrip blocks, loop controls, tojson, raise_exception, special tokens.

@@ -1,7 +1,7 @@
 """Text <-> token ids for a checkpoint directory: `tokenizer.json` run by the `tokenizers` library, the special tokens
 and BOS rule of `tokenizer_config.json`, chat templates rendered in a sandbox, and a streaming-safe incremental decoder.
 
-Loading follows the established Hugging Face conventions so that a released checkpoint tokenizes exactly as it does there.
+Loading follows the conventions of released HF-format checkpoints, so that they tokenize exactly as in their reference.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ def _token_content(value: Any) -> str | None:
         return value
     if isinstance(value, dict):
         return value.get("content")
-    raise ValueError(f"tokenizer_config.json: a special token must be a string or an object with 'content', got {value!r}")
+    raise ValueError(f"tokenizer_config.json: a special token must be a string or an object with 'content', "
+                     f"got {value!r}")
 
 
 def _added_token(value: Any) -> AddedToken:

@@ -42,9 +42,10 @@ class LLM:
             model = load_model(path, device=device, dtype=dtype)
             if tokenizer is None:
                 tokenizer = _load_tokenizer(path)
-        else:
-            if device is not None or dtype is not None:
-                model = model.to(device=device, dtype=dtype)
+        elif device is not None or dtype is not None:
+            from ..checkpoint import _resolve_dtype
+            device = torch.device(device) if device is not None else next(model.parameters()).device
+            model = model.to(device=device, dtype=_resolve_dtype(dtype, device) if dtype is not None else None)
         model.eval()
         if experts_impl not in ("model", "fused"):
             raise ValueError(f"experts_impl must be 'model' or 'fused', got {experts_impl!r}")

@@ -149,7 +149,7 @@ def _token_counts(ids_BL: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 def apply_penalties(logits: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:
     """Repetition (prompt + output, divides positive / multiplies negative logits), then
-    frequency and presence (output only, subtracted) — the usual OpenAI / vLLM semantics."""
+    frequency and presence (output only, subtracted by count / once)."""
     presence, frequency, repetition = sb.penalties
     V = logits.shape[-1]
     out_counts = _token_counts(sb.output_ids, V)

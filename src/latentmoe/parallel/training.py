@@ -38,6 +38,12 @@ class TrainParallel:
         if p.dp_shard not in (0, 1):
             raise ValueError(f"parallel.dp_shard = {p.dp_shard}: 1 shards the optimizer state over replicas "
                              "(ZeRO-1), 0 replicates it")
+        t, world = cfg.train, int(os.environ["WORLD_SIZE"])
+        for bs in {t.batch_size, t.batch_size_start or t.batch_size}:
+            if (bs // t.micro_batch_size) % world:
+                raise ValueError(f"{world} ranks share each step's micro-batches: train.batch_size (and "
+                                 f"batch_size_start) / train.micro_batch_size must be a multiple of {world} "
+                                 f"(got {bs} / {t.micro_batch_size})")
         dims = init_parallel(p.ep_size, device)
         atexit.register(destroy_parallel)
         r = cfg.routing

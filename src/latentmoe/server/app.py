@@ -12,7 +12,6 @@ import hmac
 import json
 import logging
 import time
-import uuid
 from contextlib import asynccontextmanager
 from importlib import resources
 
@@ -23,8 +22,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .generation import (Detokenizer, Generation, chat_logprobs, completion_logprobs, completion_prompts,
-                         delta_chunks, engine_unavailable, render_chat)
+from .generation import (Detokenizer, Envelope, Generation, chat_logprobs, completion_logprobs,
+                         completion_prompts, delta_chunks, engine_unavailable, render_chat)
 from .metrics import Metrics
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                        bad_request)
@@ -135,7 +134,7 @@ def create_app(engine, served_model_name: str, api_keys: list[str] | None = None
             raise _ClientGone()
         return task.result()
 
-    def sse(gen: Generation, chunks, include_usage: bool, make_chunk) -> StreamingResponse:
+    def sse(gen: Generation, chunks, make_chunk: Envelope) -> StreamingResponse:
         async def body():
             try:
                 for piece in chunks(None, None):   # chunks due before any output (e.g. the chat role)
@@ -143,7 +142,7 @@ def create_app(engine, served_model_name: str, api_keys: list[str] | None = None
                 async for i, out in gen:
                     for piece in chunks(i, out):
                         yield f"data: {json.dumps(piece)}\n\n"
-                if include_usage:
+                if make_chunk.include_usage:
                     yield f"data: {json.dumps(make_chunk([], usage=gen.usage()))}\n\n"
             except APIError as e:   # failed mid-way: the error as a chunk, then the usual end
                 yield f"data: {json.dumps(e.body())}\n\n"
@@ -216,15 +215,7 @@ def create_app(engine, served_model_name: str, api_keys: list[str] | None = None
         if req.echo:
             texts = [t if t is not None else tokenizer().decode(p, skip_special_tokens=False)
                      for t, p in zip(texts, prompts)]
-        rid, created, n = f"cmpl-{uuid.uuid4().hex}", int(time.time()), params.n
-        include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
-
-        def make_chunk(choices, usage=None):
-            chunk = {"id": rid, "object": "text_completion", "created": created, "model": served_model_name,
-                     "choices": choices}
-            if include_usage or usage is not None:
-                chunk["usage"] = usage
-            return chunk
+        n, make_chunk = params.n, Envelope("cmpl", "text_completion", served_model_name, req)
 
         def choice(i, c, start_tok, start_text):
             text = c.text[start_text:]
@@ -239,17 +230,10 @@ def create_app(engine, served_model_name: str, api_keys: list[str] | None = None
         gen = Generation(engine, metrics, prompts, params)
         await run(request, gen, gen.start())
         if req.stream:
-            return sse(gen, delta_chunks(choice, make_chunk, every_token=req.logprobs is not None),
-                       include_usage, make_chunk)
-
-        async def collect():
-            async for _ in gen:
-                pass
-
-        await run(request, gen, collect())
-        choices = [choice(i, c, 0, 0) for i in sorted(gen.final) for c in gen.final[i].outputs]
-        return {"id": rid, "object": "text_completion", "created": created, "model": served_model_name,
-                "choices": choices, "usage": gen.usage()}
+            return sse(gen, delta_chunks(choice, make_chunk, every_token=req.logprobs is not None), make_chunk)
+        await run(request, gen, gen.collect())
+        return {**make_chunk([choice(i, c, 0, 0) for i in sorted(gen.final) for c in gen.final[i].outputs]),
+                "usage": gen.usage()}
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request):
@@ -266,15 +250,8 @@ def create_app(engine, served_model_name: str, api_keys: list[str] | None = None
         k = (req.top_logprobs or 0) if req.logprobs else None
         params = req.sampling_params(req.max_completion_tokens if req.max_completion_tokens is not None
                                      else req.max_tokens, k)
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
-
-        def make_chunk(choices, usage=None):
-            chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": served_model_name,
-                     "choices": choices}
-            if include_usage or usage is not None:
-                chunk["usage"] = usage
-            return chunk
+        make_chunk = Envelope("chatcmpl", "chat.completion.chunk" if req.stream else "chat.completion",
+                              served_model_name, req)
 
         def choice(i, c, start_tok, start_text):
             lps = chat_logprobs(c.token_ids[start_tok:], c.logprobs[start_tok:], k, detok) if k is not None else None
@@ -290,16 +267,9 @@ def create_app(engine, served_model_name: str, api_keys: list[str] | None = None
         if req.stream:
             role = [{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                      "finish_reason": None} for j in range(params.n)]
-            return sse(gen, delta_chunks(choice, make_chunk, make_chunk(role), k is not None),
-                       include_usage, make_chunk)
-
-        async def collect():
-            async for _ in gen:
-                pass
-
-        await run(request, gen, collect())
-        return {"id": rid, "object": "chat.completion", "created": created, "model": served_model_name,
-                "choices": [choice(0, c, 0, 0) for c in gen.final[0].outputs], "usage": gen.usage()}
+            return sse(gen, delta_chunks(choice, make_chunk, make_chunk(role), k is not None), make_chunk)
+        await run(request, gen, gen.collect())
+        return {**make_chunk([choice(0, c, 0, 0) for c in gen.final[0].outputs]), "usage": gen.usage()}
 
     app.include_router(v1)
     app.state.engine, app.state.metrics = engine, metrics

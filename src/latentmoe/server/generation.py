@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 
 from ..engine import QueueFullError
 from .protocol import APIError, bad_request
@@ -93,6 +94,11 @@ class Generation:
                 self.final[i] = out
             yield i, out
 
+    async def collect(self) -> None:
+        """Run to the end (the final outputs are in `self.final`)."""
+        async for _ in self:
+            pass
+
     def close(self) -> None:
         for t in self._tasks:
             t.cancel()
@@ -101,6 +107,21 @@ class Generation:
         prompt = sum(len(p) for p in self.prompts)
         completion = sum(len(c.token_ids) for out in self.final.values() for c in out.outputs)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class Envelope:
+    """(choices, usage) -> a response, or a stream chunk, with the id, time and model shared by all of them."""
+
+    def __init__(self, prefix: str, kind: str, model: str, req):
+        self.fields = {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
+                       "model": model}
+        self.include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
+
+    def __call__(self, choices: list, usage: dict | None = None) -> dict:
+        out = {**self.fields, "choices": choices}
+        if self.include_usage or usage is not None:   # with include_usage every chunk has the key, null until the end
+            out["usage"] = usage
+        return out
 
 
 class Detokenizer:

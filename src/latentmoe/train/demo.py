@@ -22,7 +22,9 @@ def generate_samples(model_dir: str, prompts: list[str], max_tokens: int = 48, s
     from ..engine import LLM, SamplingParams
 
     llm = LLM(model_dir, device="cpu", max_num_seqs=len(prompts), max_model_len=512)
-    params = SamplingParams(temperature=0.7, top_p=0.95, max_tokens=max_tokens, seed=seed)
+    # One seed per prompt: with a shared seed every request would draw the same random numbers.
+    params = [SamplingParams(temperature=0.7, top_p=0.95, max_tokens=max_tokens, seed=seed + i)
+              for i in range(len(prompts))]
     outs = llm.generate(prompts, params)
     return [o.outputs[0].text for o in outs]
 

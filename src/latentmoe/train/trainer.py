@@ -104,7 +104,12 @@ def setup(cfg: TrainConfig, resume: bool = False, log=print) -> Run:
     optimizer = build_optimizer(model, cfg.optim)
     if parallel is not None:
         optimizer = parallel.wrap_optimizer(optimizer, model)
-    forward = torch.compile(model) if cfg.precision.compile else model
+    if cfg.precision.compile:
+        # Block by block: the blocks share one compiled graph (compile time of one layer), the
+        # state-dict names stay unchanged, and the loop over layers stays in Python.
+        for layer in model.model.layers:
+            layer.compile()
+    forward = model
     run = Run(cfg, model, forward, optimizer, train_data, val_data, data_dir, device, dropper, parallel=parallel)
     if resume:
         ckpts = checkpoint_dirs(cfg.run_dir)

@@ -1,0 +1,71 @@
+"""Corpora, the BPE tokenizer, token shards and batch sampling; the demo end to end at toy size."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+
+from latentmoe.train.config import DataSection
+from latentmoe.train.data import (BOS_ID, EOS_ID, TokenData, corpus_documents, load_tokenizer, prepare_data,
+                                  python_docs)
+
+
+def test_python_docs_corpus_is_english_docstrings():
+    docs = corpus_documents("python-docs", max_chars=50_000)
+    assert sum(map(len, docs)) >= 50_000
+    assert all(len(d) >= 40 for d in docs)
+    text = " ".join(docs)
+    assert " the " in text and "Return" in text
+    assert any("pydoc" not in d for d in docs)
+    # The pydoc topics come last: the full corpus ends with them.
+    from pydoc_data.topics import topics
+    *_, last = python_docs()
+    assert last == topics[sorted(topics)[-1]]
+
+
+def test_local_corpus_tokenizer_shards_and_batches(tmp_path):
+    src = tmp_path / "texts"
+    src.mkdir()
+    for i in range(40):
+        (src / f"doc{i:02d}.txt").write_text(f"Document number {i}. " + "The quick brown fox jumps. " * 30)
+    dc = DataSection(corpus=str(src), vocab_size=300, val_fraction=0.1)
+    out = str(tmp_path / "data")
+    prepare_data(dc, out, log=lambda *a: None)
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    assert meta["num_documents"] == 40 and meta["special"]["bos_token_id"] == BOS_ID
+    tok = load_tokenizer(out)
+    assert tok.decode(tok.encode("The quick brown fox").ids) == "The quick brown fox"
+    assert json.load(open(os.path.join(out, "tokenizer_config.json")))["eos_token"] == "<|eos|>"
+    train, val = TokenData(out, "train"), TokenData(out, "val")
+    assert val.num_tokens > 0 and train.num_tokens > 8 * val.num_tokens
+    stream = np.concatenate([np.asarray(s) for s in train.shards])
+    assert stream[0] == BOS_ID and (stream == EOS_ID).sum() == 36  # 4 of 40 documents held out
+    x, y = train.batch(4, 16, [0, 5, 1])
+    x2, _ = train.batch(4, 16, [0, 5, 1])
+    x3, _ = train.batch(4, 16, [0, 6, 1])
+    assert x.shape == (4, 16) and torch.equal(x, x2) and not torch.equal(x, x3)
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    # Prepared once: a second call with the same settings reuses the shards.
+    mtime = os.path.getmtime(os.path.join(out, "meta.json"))
+    prepare_data(dc, out, log=lambda *a: None)
+    assert os.path.getmtime(os.path.join(out, "meta.json")) == mtime
+
+
+def test_demo_end_to_end_at_toy_size(tmp_path, capsys):
+    from latentmoe.train.demo import run_demo
+    run_dir = tmp_path / "demo"
+    over = ["--run_dir", str(run_dir), "--data.max_chars", "40000", "--data.vocab_size", "320",
+            "--train.max_steps", "4", "--train.seq_len", "32", "--train.micro_batch_size", "4",
+            "--train.batch_size", "4", "--train.fit_time_s", "0", "--logging.eval_interval", "4",
+            "--logging.progress", "false", "--model.overrides.hidden_size", "64",
+            "--model.overrides.num_hidden_layers", "2", "--precision.threads", "1"]
+    lines = []
+    assert run_demo(over, log=lines.append) == 0
+    text = "\n".join(lines)
+    assert f"latentmoe chat {run_dir / 'model'}" in text and f"latentmoe serve {run_dir / 'model'}" in text
+    assert "MLA" in text and "load CV" in text
+    assert text.count("> ") >= 4  # the samples
+    assert (run_dir / "plots" / "loss.png").exists() and (run_dir / "plots" / "expert_load.png").exists()
