@@ -101,6 +101,22 @@ def test_greedy_matches_full_recompute(model, expected, kwargs):
     assert_no_leak(llm)
 
 
+def test_graph_path_padding_and_buckets(model, expected):
+    # Decode-only steps through the CUDA-graph path's static buffers (run eagerly here): batches
+    # padded to a bucket with rows on the reserved null block, block tables padded to a context
+    # bucket. Same tokens as full recompute.
+    prompts, want = expected
+    llm = LLM(model, block_size=4, num_blocks=200, max_num_seqs=24, max_model_len=120)
+    llm.runner.enable_graph_emulation()
+    calls = []
+    run_graph = llm.runner._run_graph
+    llm.runner._run_graph = lambda batch: calls.append(len(batch.seqs)) or run_graph(batch)
+    outs = llm.generate(prompts, GREEDY)
+    assert [o.outputs[0].token_ids for o in outs] == want
+    assert calls and set(calls) - set(llm.runner.buckets)   # batches of 6, 5, ... padded up to 8
+    assert_no_leak(llm)
+
+
 def test_requests_arriving_mid_run(model, expected):
     prompts, want = expected
     llm = LLM(model, block_size=4, num_blocks=200, max_num_batched_tokens=16)
@@ -232,3 +248,16 @@ def test_paged_decode_matches_dense_absorbed_attention():
         rows = torch.cat([kv_cache[blk] for blk in tables[b]])[: lens[b]]
         s = (q_lat[b] @ rows[:, :C].T + q_pe[b] @ rows[:, C:].T) * 0.3
         torch.testing.assert_close(out[b], s.softmax(-1) @ rows[:, :C])
+
+
+def test_startup_log_reports_cache_and_mha_comparison(model, caplog):
+    caplog.set_level("INFO", logger="latentmoe.engine")
+    llm = LLM(model, block_size=4, num_blocks=101, max_model_len=100)
+    msg = caplog.text
+    cfg = model.config
+    latent = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * 4
+    mha = cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * cfg.num_hidden_layers * 4
+    assert "100 blocks x 4 tokens = 400 tokens" in msg and f"{latent} bytes/token" in msg
+    assert "max concurrent sequences at max_model_len 100: 4" in msg
+    assert f"per-head MHA cache of the same bytes: {400 * latent // mha // 100}" in msg
+    assert llm.stats()["num_blocks_total"] == 100

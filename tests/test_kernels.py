@@ -100,7 +100,8 @@ def test_mla_decode_fp16_odd_widths_and_many_splits(K):
 
 def test_mla_decode_fp32_is_tight(K):
     err = check_mla(K, [77, 3], H=4, C=32, R=16, page=16, dtype=torch.float32, num_splits=2)
-    assert err < 1e-3  # only the fp32 -> bf16 probabilities of the second product are rounded
+    # Exact fp32 products in the interpreter; on a GPU tl.dot takes fp32 operands as tf32 (~1e-3).
+    assert err < (3e-3 if CUDA else 1e-5)
 
 
 def test_mla_decode_matches_dense_attention(K):

@@ -51,22 +51,23 @@ def objective(model, ids, devices, M, n_global_tokens, world):
     return ce, {k: v / world for k, v in bal.items()}, routers
 
 
-def ep_worker(rank, world, experiments):
+def ep_worker(rank, world, experiments, device="cpu"):
     torch.set_num_threads(1)
     for ep, M, overlap, outdir in experiments:
-        check_expert_parallel(rank, world, ep, M, overlap, outdir)
+        check_expert_parallel(rank, world, ep, M, overlap, outdir, torch.device(device, rank) if device == "cuda"
+                              else torch.device(device))
 
 
-def check_expert_parallel(rank, world, ep, M, overlap, outdir):
+def check_expert_parallel(rank, world, ep, M, overlap, outdir, device=torch.device("cpu")):
     """World = dp x ep ranks; each rank B_LOCAL sequences; the reference runs all W * B_LOCAL at once."""
-    dims = build_dims(ep, torch.device("cpu"))
+    dims = build_dims(ep, device)
     cfg = tiny_config()
     L = cfg.n_routed_experts // ep
-    model = build_model(cfg, seed=0, std=0.2)
+    model = build_model(cfg, seed=0, std=0.2).to(device)
     ref = copy.deepcopy(model)
     B = world * B_LOCAL
-    ids = torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(1))
-    protected = protected_tokens(B, T, 0.25, torch.Generator().manual_seed(2))
+    ids = torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(1)).to(device)
+    protected = protected_tokens(B, T, 0.25, torch.Generator().manual_seed(2)).to(device)
     mine = slice(rank * B_LOCAL * T, (rank + 1) * B_LOCAL * T)
     group_tokens = slice(dims.dp_rank * ep * B_LOCAL * T, (dims.dp_rank + 1) * ep * B_LOCAL * T)
     # Dropping is decided over an EP group's tokens: comparable with one process when dp = 1.
@@ -102,13 +103,13 @@ def check_expert_parallel(rank, world, ep, M, overlap, outdir):
         assert torch.equal(r.topk_idx, rr.topk_idx[mine])
         assert int(r.sent_MP.sum(1).max()) <= M
         unlimited = rr.scores.topk(cfg.num_experts_per_tok, dim=-1).indices // L
-        n_dev = torch.zeros(B * T, ep, dtype=torch.bool).scatter_(1, unlimited, True).sum(1)
+        n_dev = torch.zeros(B * T, ep, dtype=torch.bool, device=device).scatter_(1, unlimited, True).sum(1)
         assert int(n_dev.max()) > M, "the test batch must need the limit"
         # Real per-rank counts against the single-process routing of the EP group's tokens.
         on_me = rr.topk_idx[group_tokens] // L == dims.ep_rank
         assert r.recv_tokens == int(on_me.any(1).sum())
         assert r.recv_assignments == int(on_me.sum())
-        expected_sent = torch.zeros(B * T, ep, dtype=torch.bool).scatter_(1, rr.topk_idx // L, True)[mine]
+        expected_sent = torch.zeros(B * T, ep, dtype=torch.bool, device=device).scatter_(1, rr.topk_idx // L, True)[mine]
         assert torch.equal(r.sent_MP, expected_sent)
         if drop:  # each rank against its real capacity, the same decisions as one process
             assert torch.equal(r.kept, rr.kept[mine])
@@ -134,7 +135,7 @@ def check_expert_parallel(rank, world, ep, M, overlap, outdir):
     torch.optim.AdamW(plain, lr=1e-2, weight_decay=0.1).step()
     opt = ZeroOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1), model, dims)
     opt.step()
-    n_state = torch.tensor([len([s for s in opt.state.values() if s])])
+    n_state = torch.tensor([len([s for s in opt.state.values() if s])], device=device)
     dist.all_reduce(n_state)
     n_dense = sum(1 for n, _ in model.named_parameters() if not is_expert_param(n))
     assert int(n_state) == n_dense + ep * 2 * len(moes(model)), "each tensor stepped by exactly one rank"
@@ -150,7 +151,7 @@ def check_expert_parallel(rank, world, ep, M, overlap, outdir):
         with torch.no_grad():
             logits = model(ids)  # every rank the same full batch
         if rank == 0:
-            torch.save(logits, os.path.join(outdir, "ep_logits.pt"))
+            torch.save(logits.cpu(), os.path.join(outdir, "ep_logits.pt"))
             save_model(ref, os.path.join(outdir, "single"))
     dist.barrier()
 

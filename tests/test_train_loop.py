@@ -11,7 +11,7 @@ import torch
 from latentmoe import load_model
 from latentmoe.train import TrainingDiverged, load_config, train
 from latentmoe.train.checkpointing import checkpoint_dirs, save_checkpoint
-from latentmoe.train.trainer import save, setup, train_step
+from latentmoe.train.trainer import _FIT_CALIBRATION_STEPS, save, setup, train_step
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +100,13 @@ def test_nan_loss_stops_with_message_and_keeps_checkpoint(tmp_path, data_dir):
         train_step(run)
     assert checkpoint_dirs(cfg.run_dir) == [good]
     assert torch.isfinite(load_model(os.path.join(good, "model")).lm_head.weight).all()
+
+
+def test_fit_time_shortens_the_run_and_saves_the_plan(tmp_path, data_dir):
+    from latentmoe.train.config import load_config as load
+    cfg = _cfg(tmp_path / "e", data_dir, **{"train.max_steps": 100000, "train.tokens": 0, "train.fit_time_s": 1.0})
+    run = train(cfg, log=_quiet)
+    assert _FIT_CALIBRATION_STEPS <= run.step < 100000
+    assert run.step == cfg.train.max_steps
+    assert load(str(tmp_path / "e" / "config.toml")).train.max_steps == run.step
+

@@ -16,6 +16,8 @@ def add_engine_args(p) -> None:
     g.add_argument("--cache-memory-gb", type=float, default=None, help="latent cache budget")
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    g.add_argument("--fused-experts", action="store_true",
+                   help="routed experts through the Triton fused-MoE kernel (CUDA)")
 
 
 def add_sampling_args(p, max_tokens: int = 128) -> None:
@@ -35,13 +37,18 @@ def add_sampling_args(p, max_tokens: int = 128) -> None:
 
 
 def build_llm(args):
+    import logging
+
     import torch
+    # The engine reports its cache (blocks, tokens, concurrency vs an MHA cache) at INFO on start.
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from ..engine import LLM
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return LLM(args.path, device=device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                max_model_len=args.max_model_len, block_size=args.block_size, cache_memory_gb=args.cache_memory_gb,
-               enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager)
+               enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
+               experts_impl="fused" if args.fused_experts else "model")
 
 
 def sampling_params(args, **extra):

@@ -81,11 +81,18 @@ class ModelRunner:
                           for _ in range(self.cfg.num_hidden_layers)]
         self.backend = PagedLatentAttention(self.kv_caches)
         self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
+        # Emulation runs the graph body eagerly on the same static, bucket-padded buffers: the
+        # graph path's inputs and padding exercised where CUDA is absent (tests).
+        self.emulate_graphs = False
         self.buckets = batch_buckets(max_num_seqs)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.graph_pool = None
         if self.use_cuda_graphs:
             self._alloc_graph_buffers()
+
+    def enable_graph_emulation(self) -> None:
+        self.emulate_graphs = True
+        self._alloc_graph_buffers()
 
     # ------------------------------------------------------------------ inputs
     def _to_device(self, values, dtype) -> torch.Tensor:
@@ -130,8 +137,13 @@ class ModelRunner:
         samplers = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == len(s)]
         all_decode = batch.num_decodes == len(batch.seqs)
         logits = None
-        if all_decode and self.use_cuda_graphs and len(batch.seqs) <= self.buckets[-1]:
+        if all_decode and (self.use_cuda_graphs or self.emulate_graphs) and len(batch.seqs) <= self.buckets[-1]:
             logits = self._run_graph(batch)
+            if logits is not None and len(samplers) < len(batch.seqs):
+                # A one-token prompt chunk that does not reach the prompt's end samples nothing.
+                keep = [i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))
+                        if s.num_computed_tokens + n == len(s)]
+                logits = logits[self._to_device(keep, torch.int64)]
         if logits is None:
             ids, pos, meta, sample_rows = self.prepare(batch)
             self.backend.meta = meta
@@ -168,12 +180,13 @@ class ModelRunner:
         self.g_block_table = torch.zeros(B, MB, dtype=torch.int32, device=dev)
         self.g_seq_lens = torch.ones(B, dtype=torch.int32, device=dev)
         self.g_logits = torch.zeros(B, self.cfg.vocab_size, dtype=self.dtype, device=dev)
-        # Staging on the host: one pinned buffer, one copy per step.
-        self.h_ids = torch.zeros(B, dtype=torch.int64, pin_memory=True)
-        self.h_pos = torch.zeros(B, dtype=torch.int64, pin_memory=True)
-        self.h_slots = torch.zeros(B, dtype=torch.int64, pin_memory=True)
-        self.h_block_table = torch.zeros(B, MB, dtype=torch.int32, pin_memory=True)
-        self.h_seq_lens = torch.ones(B, dtype=torch.int32, pin_memory=True)
+        # Staging on the host: pinned buffers, one asynchronous copy each per step.
+        pin = dev.type == "cuda"
+        self.h_ids = torch.zeros(B, dtype=torch.int64, pin_memory=pin)
+        self.h_pos = torch.zeros(B, dtype=torch.int64, pin_memory=pin)
+        self.h_slots = torch.zeros(B, dtype=torch.int64, pin_memory=pin)
+        self.h_block_table = torch.zeros(B, MB, dtype=torch.int32, pin_memory=pin)
+        self.h_seq_lens = torch.ones(B, dtype=torch.int32, pin_memory=pin)
 
     def _context_bucket(self, mb: int) -> int:
         b = 16
@@ -228,6 +241,10 @@ class ModelRunner:
         self.h_seq_lens[:b] = self.h_pos[:b] + 1
         self.h_seq_lens[n:b] = 1
         key = (b, mb)
+        if self.emulate_graphs:
+            self._copy_graph_inputs(b, mb)
+            self._forward_graph_body(b, mb)
+            return self.g_logits[:n]
         if key not in self.graphs:
             try:
                 self.graphs[key] = self._capture(b, mb)
@@ -235,13 +252,16 @@ class ModelRunner:
                 log.warning("CUDA graph capture failed (%s); decoding eagerly from now on", e)
                 self.use_cuda_graphs = False
                 return None
+        self._copy_graph_inputs(b, mb)
+        self.graphs[key].replay()
+        return self.g_logits[:n]
+
+    def _copy_graph_inputs(self, b: int, mb: int) -> None:
         self.g_ids[:b, 0].copy_(self.h_ids[:b], non_blocking=True)
         self.g_pos[:b, 0].copy_(self.h_pos[:b], non_blocking=True)
         self.g_slots[:b].copy_(self.h_slots[:b], non_blocking=True)
         self.g_block_table[:b, :mb].copy_(self.h_block_table[:b, :mb], non_blocking=True)
         self.g_seq_lens[:b].copy_(self.h_seq_lens[:b], non_blocking=True)
-        self.graphs[key].replay()
-        return self.g_logits[:n]
 
 
 def plan_cache(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, block_size: int,

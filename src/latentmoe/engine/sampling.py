@@ -9,7 +9,7 @@ of vocabulary size per token, so its samples do not depend on what else is in th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -101,7 +101,6 @@ class SamplingBatch:
     prompt_ids: torch.Tensor | None = None   # [B, Lp] padded with -1 (repetition penalty)
     output_ids: torch.Tensor | None = None   # [B, Lo] padded with -1
     max_logprobs: int = -1           # -1: none wanted
-    extra: dict = field(default_factory=dict)
 
     @staticmethod
     def build(params: list[SamplingParams], generators: list[torch.Generator | None],

@@ -79,6 +79,7 @@ class Scheduler:
                 n = min(len(seq) - seq.num_computed_tokens, budget)
                 if not self.bm.allocate(seq, seq.num_computed_tokens + n):
                     self.bm.free_seq(seq)   # undo the prefix hits; try again next step
+                    self.bm.num_prefix_hits -= seq.num_cached_tokens
                     seq.num_cached_tokens = 0
                     break
                 self.waiting.popleft()

@@ -5,8 +5,6 @@ so one program takes BLOCK_H heads and loads each latent tile once for all of th
 cut into NUM_SPLITS equal pieces, one program per piece, so that small batches still fill the chip;
 each piece leaves its normalised output and log-sum-exp, and a second kernel merges them.
 """
-import math
-
 import torch
 
 from ._triton import INTERPRET, dot, jit, new_buffer, sm_count, tl, triton, use_triton
@@ -126,6 +124,7 @@ def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.T
     assert X == C + R, f"kv_cache rows are {X} wide, expected C + R = {C + R}"
     assert kv_cache.stride(-1) == 1 and block_table.stride(-1) == 1, "cache rows and block-table rows must be dense"
     assert block_table.dtype == torch.int32 and seq_lens.dtype == torch.int32
+    assert q_lat.dtype == q_pe.dtype == kv_cache.dtype, "queries and cache must share one dtype"
     q_lat = q_lat if q_lat.stride(-1) == 1 else q_lat.contiguous()
     q_pe = q_pe if q_pe.stride(-1) == 1 else q_pe.contiguous()
     seq_lens = seq_lens.contiguous()
@@ -175,9 +174,10 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, 
     """Absorbed decode attention: q_lat [B,H,C], q_pe [B,H,R], kv_cache [NB,BS,C+R] -> o_lat [B,H,C].
 
     Triton on CUDA (and on CPU under TRITON_INTERPRET=1), the torch reference elsewhere. fp32
-    accumulation; the result has q_lat's dtype. `tuning` (max_seq_len, num_splits, block_h,
-    block_n, num_warps, num_stages, out) reaches the Triton path only; max_seq_len (an upper
-    bound, default the block table's capacity) picks the split count without a host sync.
+    accumulation (fp32 inputs multiply as tf32 on a GPU); the result has q_lat's dtype. `tuning`
+    (max_seq_len, num_splits, block_h, block_n, num_warps, num_stages, out) reaches the Triton path
+    only; max_seq_len (an upper bound, default the block table's capacity) picks the split count
+    without a host sync.
     """
     if use_triton(q_lat):
         return mla_decode_triton(q_lat, q_pe, kv_cache, block_table, seq_lens, softmax_scale, **tuning)

@@ -131,8 +131,10 @@ def fused_moe_triton(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: 
     E, I = down_proj.shape[0], down_proj.shape[2]
     A = M * K
     assert gate_up_proj.shape == (E, 2 * I, D) and down_proj.shape == (E, D, I)
-    assert gate_up_proj.stride(-1) == 1 and down_proj.stride(-1) == 1
     x_MD = x_MD if x_MD.stride(-1) == 1 else x_MD.contiguous()
+    # fp32 master weights under autocast: run in the activations' dtype, as a Linear would.
+    gate_up_proj = gate_up_proj.to(x_MD.dtype).contiguous()
+    down_proj = down_proj.to(x_MD.dtype).contiguous()
     cfg = config or choose_moe_config(A, E)
     bm, bk, nw, ns = cfg["block_m"], cfg["block_k"], cfg["num_warps"], cfg["num_stages"]
     sorted_ids, block_expert = moe_align(topk_idx_MK, E, bm)

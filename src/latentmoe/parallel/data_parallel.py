@@ -100,12 +100,11 @@ class ZeroOptimizer:
     def __init__(self, optimizer: torch.optim.Optimizer, model, dims: ParallelDims):
         self.optimizer, self.dims = optimizer, dims
         dense, expert = _split_params(model)
-        # (params, group, group size, this rank's index in the group, group rank -> global rank)
-        self.owner: dict[torch.nn.Parameter, int] = {}
         self.buckets: list[tuple[list, object, int]] = []  # (params owned by `src`, group, global src rank)
-        plans = [(dense, dims.world_group, dims.world_size, dims.rank, lambda i: i)]
-        plans.append((expert, dims.dp_group, dims.dp_size, dims.dp_rank, lambda i: i * dims.ep_size + dims.ep_rank))
-        self.my_index: dict[torch.nn.Parameter, bool] = {}
+        self.mine: dict[torch.nn.Parameter, bool] = {}
+        # Per replica group: (tensors, group, its size, this rank's index in it, index -> global rank).
+        plans = [(dense, dims.world_group, dims.world_size, dims.rank, lambda i: i),
+                 (expert, dims.dp_group, dims.dp_size, dims.dp_rank, lambda i: i * dims.ep_size + dims.ep_rank)]
         for params, group, size, me, to_global in plans:
             load = [0] * size
             owned: list[list] = [[] for _ in range(size)]
@@ -113,7 +112,7 @@ class ZeroOptimizer:
                 i = min(range(size), key=lambda j: load[j])
                 load[i] += p.numel()
                 owned[i].append(p)
-                self.my_index[p] = i == me
+                self.mine[p] = i == me
             if size > 1:
                 for i in range(size):
                     if owned[i]:
@@ -128,7 +127,7 @@ class ZeroOptimizer:
         return self.optimizer.state
 
     def owns(self, p: torch.nn.Parameter) -> bool:
-        return self.my_index.get(p, True)
+        return self.mine.get(p, True)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)

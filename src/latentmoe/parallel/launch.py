@@ -20,6 +20,9 @@ def _worker(rank: int, world: int, port: int, fn, args, backend: str, errors) ->
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     try:
+        if backend == "nccl":
+            import torch
+            torch.cuda.set_device(rank)  # one GPU per process
         dist.init_process_group(backend, rank=rank, world_size=world)
         fn(rank, world, *args)
     except BaseException:

@@ -109,7 +109,7 @@ class LoggingSection:
 
 @dataclass
 class ParallelSection:
-    # Applied to the built model from outside (trainer.apply_parallelism). One process today.
+    # Applied to the built model from outside (trainer.apply_parallelism).
     ep_size: int = 1                # expert parallelism
     dp_shard: int = 1               # FSDP2 / ZeRO-1 data-parallel sharding
 
@@ -152,7 +152,8 @@ class TrainConfig:
     # ------------------------------------------------------------------ model
     def model_config(self, vocab_size: int | None = None, special: dict[str, int] | None = None) -> ModelConfig:
         """The ModelConfig trained: preset + overrides, vocab and special ids from the tokenizer."""
-        over = dict(self.model.overrides)
+        # TOML has no null: "null" stands for None (e.g. q_lora_rank = "null", a plain q_proj).
+        over = {k: None if v == "null" else v for k, v in self.model.overrides.items()}
         if vocab_size is not None:
             over["vocab_size"] = vocab_size
         if special:

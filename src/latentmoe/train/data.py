@@ -69,7 +69,8 @@ def shakespeare() -> Iterator[str]:
     plays = sorted((f for f in files if "plays/" in str(f) and str(f).endswith(".md")), key=str)
     for f in plays:
         text = f.read_text(encoding="utf-8")
-        text = re.sub(r"[*_#]+", "", text)          # markdown emphasis and headings
+        text = re.sub(r"^#+\s*", "", text, flags=re.M)  # markdown headings
+        text = re.sub(r"[*_]+", "", text)                 # emphasis (speakers, stage directions)
         text = re.sub(r"[ \t]+\n", "\n", text)      # the two-space line breaks
         yield text.strip()
 

@@ -79,8 +79,12 @@ def run_demo(overrides: list[str] | None = None, config: str = "demo", log=print
     log(balance_report(run.history))
 
     log(_rule("plots"))
-    for path in plot_run(cfg.run_dir):
-        log(path)
+    try:
+        for path in plot_run(cfg.run_dir):
+            log(path)
+    except ImportError:
+        log("(no plots: matplotlib is not installed; pip install matplotlib, then latentmoe plot "
+            f"{cfg.run_dir})")
 
     log(_rule(f"done in {time.perf_counter() - t0:.0f}s"))
     log(f"chat with it:   latentmoe chat {model_dir}\n"

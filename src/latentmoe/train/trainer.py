@@ -38,7 +38,7 @@ def is_main() -> bool:
 class Run:
     cfg: TrainConfig
     model: DeepseekV2ForCausalLM          # the plain module (saved, evaluated)
-    forward: object                      # what train_step calls: the model or its compiled form
+    forward: object                      # what train_step calls (the model; hook for wrappers)
     optimizer: torch.optim.Optimizer
     train_data: TokenData
     val_data: TokenData
@@ -282,7 +282,8 @@ def _fit_to_time(run: Run, step_s: float, remaining_s: float, progress) -> int:
     eval_s = evals * lc.eval_batches * step_s / (3 * tc.batch_size // tc.micro_batch_size)  # forward ~ 1/3 step
     steps = run.step + max(0, int((remaining_s - eval_s) / step_s))
     if steps < tc.max_steps:
-        progress.write(f"{step_s:.2f}s/step here: training {steps} steps to finish in about {tc.fit_time_s:.0f}s")
+        if steps < 0.95 * tc.max_steps:
+            progress.write(f"{step_s:.2f}s/step here: training {steps} steps to finish in about {tc.fit_time_s:.0f}s")
         tc.max_steps, tc.tokens = steps, 0
         if is_main():
             run.cfg.save(os.path.join(run.cfg.run_dir, "config.toml"))
@@ -323,8 +324,12 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Run:
             m["time"] = run.elapsed + time.perf_counter() - start
             if run.step == first_step + 1:
                 t_first = time.perf_counter()  # the first step pays one-time costs: time from here
-            if tc.fit_time_s and not resume and run.step == first_step + _FIT_CALIBRATION_STEPS:
-                budget = _fit_to_time(run, (time.perf_counter() - t_first) / (_FIT_CALIBRATION_STEPS - 1),
+            done = run.step - first_step
+            # Re-fitted every 10 steps after calibration: a machine that slows down still finishes in time.
+            # (Single process only: ranks timing themselves could disagree on max_steps.)
+            if (tc.fit_time_s and not resume and run.parallel is None and done >= _FIT_CALIBRATION_STEPS
+                    and (done == _FIT_CALIBRATION_STEPS or done % 10 == 0)):
+                budget = _fit_to_time(run, (time.perf_counter() - t_first) / (done - 1),
                                       tc.fit_time_s - (time.perf_counter() - start), progress)
             last = run.step >= tc.max_steps or run.tokens >= budget
             out_of_time = bool(tc.max_time_s) and time.perf_counter() - start >= tc.max_time_s
