@@ -168,6 +168,8 @@ def test_n_samples_share_prompt_and_greedy_agree(model, expected):
     out = llm.generate(prompts[3], SamplingParams(n=3, temperature=0, max_tokens=10, ignore_eos=True))[0]
     assert [c.index for c in out.outputs] == [0, 1, 2]
     assert all(c.token_ids == want[3] for c in out.outputs)
+    # The prompt (30 tokens: 7 full blocks before its last token) is computed once, not three times.
+    assert llm.block_manager.num_prefix_hits == 2 * 7 * 4
     assert_no_leak(llm)
 
 

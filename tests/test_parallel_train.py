@@ -95,3 +95,38 @@ def test_two_rank_run_trains_checkpoints_and_resumes_anywhere(tmp_path):
     llm = LLM(str(run / "model"), enforce_eager=True)
     out = llm.generate("def ", SamplingParams(temperature=0.0, max_tokens=5))
     assert len(out[0].outputs[0].token_ids) == 5
+
+
+class _CrashingOptimizer:
+    """Stands in for a rank whose optimizer shard cannot be written."""
+
+    @property
+    def state(self):
+        raise RuntimeError("simulated crash while saving")
+
+
+def crash_worker(rank, world, run_dir):
+    from latentmoe.config import get_config
+    from latentmoe.model import build_model
+    from latentmoe.parallel.checkpoint import save_checkpoint_distributed
+    from latentmoe.parallel.expert_parallel import apply_expert_parallel
+    from latentmoe.parallel.mesh import build_dims
+
+    torch.set_num_threads(1)
+    dims = build_dims(world, torch.device("cpu"))
+    model = build_model(get_config("tiny", vocab_size=64, hidden_size=32, num_hidden_layers=2), seed=0)
+    apply_expert_parallel(model, dims.ep_group, rank, world)
+    optimizer = torch.optim.AdamW(model.parameters())
+    save_checkpoint_distributed(run_dir, model, optimizer, {"step": 1}, dims)
+    # Step 2: rank 1 fails after rank 0 wrote everything it had to write.
+    save_checkpoint_distributed(run_dir, model, _CrashingOptimizer() if rank == 1 else optimizer, {"step": 2}, dims)
+
+
+def test_interrupted_distributed_save_never_commits(tmp_path):
+    with pytest.raises(RuntimeError, match="simulated crash while saving"):
+        run_local(crash_worker, 2, str(tmp_path))
+    root = tmp_path / "checkpoints"
+    assert sorted(os.listdir(root)) == [".tmp-step-000002", "step-000001"]
+    assert (root / "step-000001" / "trainer_state.pt").exists()
+    from latentmoe.checkpoint import load_model
+    load_model(root / "step-000001" / "model")  # the last good checkpoint is whole

@@ -110,3 +110,17 @@ def test_fit_time_shortens_the_run_and_saves_the_plan(tmp_path, data_dir):
     assert run.step == cfg.train.max_steps
     assert load(str(tmp_path / "e" / "config.toml")).train.max_steps == run.step
 
+
+
+def test_activation_checkpointing_gives_the_same_step(tmp_path, data_dir):
+    runs = []
+    for ckpt in (False, True):
+        run = setup(_cfg(tmp_path / f"ac{ckpt}", data_dir, **{"precision.activation_checkpointing": ckpt}),
+                    log=_quiet)
+        assert run.model.gradient_checkpointing is ckpt
+        runs.append((train_step(run), run))
+    (m0, r0), (m1, r1) = runs
+    assert m0["loss"] == m1["loss"]
+    s0, s1 = r0.model.state_dict(), r1.model.state_dict()
+    for k in s0:
+        torch.testing.assert_close(s0[k], s1[k], rtol=1e-5, atol=1e-7)

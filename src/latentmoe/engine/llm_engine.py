@@ -144,8 +144,9 @@ class LLM:
         return self.scheduler.has_unfinished()
 
     # ------------------------------------------------------------------ step
-    def step(self) -> list[RequestOutput]:
-        """One scheduling + forward + sampling step; outputs of the requests that got a new token."""
+    def step(self, outputs: bool = True) -> list[RequestOutput]:
+        """One scheduling + forward + sampling step; outputs of the requests that got a new token
+        (only the finished ones with outputs=False: cumulative outputs cost O(length) each step)."""
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
@@ -166,9 +167,11 @@ class LLM:
             touched[seq.request_id] = self.requests[seq.request_id]
         outs = []
         for rid, req in touched.items():
-            outs.append(req.output())
             if req.finished:
                 del self.requests[rid]
+                outs.append(req.output())
+            elif outputs:
+                outs.append(req.output())
         return outs
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
@@ -221,7 +224,7 @@ class LLM:
             bar = tqdm(total=len(reqs), desc="generating", unit="req")
         try:
             while any(not r.finished for r in reqs):
-                for out in self.step():
+                for out in self.step(outputs=False):
                     if out.finished and bar is not None:
                         bar.update(1)
         finally:

@@ -75,6 +75,8 @@ class Scheduler:
         if not preempted:
             while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 seq = self.waiting[0]
+                if self._sibling_prefilling(seq):
+                    break   # n > 1: wait for the first sample's prompt blocks, then hit them in the cache
                 self.bm.match_prefix(seq)
                 n = min(len(seq) - seq.num_computed_tokens, budget)
                 if not self.bm.allocate(seq, seq.num_computed_tokens + n):
@@ -91,6 +93,12 @@ class Scheduler:
         prefills = [(s, n) for s, n in chosen if not (n == 1 and s.num_computed_tokens > 0)]
         ordered = decodes + prefills
         return ScheduledBatch([s for s, _ in ordered], [n for _, n in ordered], len(decodes), preempted)
+
+    def _sibling_prefilling(self, seq: Sequence) -> bool:
+        if not self.bm.enable_prefix_caching or seq.index == 0 or seq.num_preemptions:
+            return False
+        return any(s.request_id == seq.request_id and s.num_computed_tokens < s.num_prompt_tokens
+                   for s in self.running)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Finish (stop, length or abort): blocks go back at once."""

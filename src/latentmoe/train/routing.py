@@ -32,7 +32,9 @@ def drop_assignments(scores_ME: torch.Tensor, topk_idx_MK: torch.Tensor, devices
     by_priority = priority_A.argsort(descending=True, stable=True)
     order = by_priority[dev_A[by_priority].argsort(stable=True)]
     dev_sorted = dev_A[order]
-    counts_D = torch.bincount(dev_sorted, minlength=devices)
+    # A scatter rather than torch.bincount, which syncs with the host on CUDA.
+    counts_D = torch.zeros(devices, dtype=torch.int64, device=dev_sorted.device).scatter_add_(
+        0, dev_sorted, torch.ones_like(dev_sorted))
     starts_D = counts_D.cumsum(0) - counts_D
     rank = torch.arange(A, device=scores_ME.device) - starts_D[dev_sorted]
     keep_sorted = (rank < capacity) | prot_A[order]

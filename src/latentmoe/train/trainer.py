@@ -167,7 +167,7 @@ def train_step(run: Run) -> dict:
             parts["loss"] += total.detach() / accum
             for k, v in terms.items():
                 parts[k] += v.detach() / accum
-            counts = [torch.bincount(r.topk_idx.flatten(), minlength=r.scores.shape[-1]) for r in routers]
+            counts = [_counts(r.topk_idx, r.scores.shape[-1]) for r in routers]
             if counts:
                 loads = torch.stack(counts) if loads is None else loads + torch.stack(counts)
             for r in routers:
@@ -210,6 +210,12 @@ def train_step(run: Run) -> dict:
     if mfu is not None:
         metrics["mfu"] = mfu
     return metrics
+
+
+def _counts(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """Occurrences of 0..n-1 in idx; unlike torch.bincount on CUDA, no host sync."""
+    flat = idx.flatten()
+    return torch.zeros(n, dtype=torch.int64, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 @torch.no_grad()
