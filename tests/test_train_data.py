@@ -48,6 +48,11 @@ def test_local_corpus_tokenizer_shards_and_batches(tmp_path):
     x3, _ = train.batch(4, 16, [0, 6, 1])
     assert x.shape == (4, 16) and torch.equal(x, x2) and not torch.equal(x, x3)
     assert torch.equal(x[:, 1:], y[:, :-1])
+    # An existing tokenizer.json is used as it is: the same tokens come out.
+    reuse = str(tmp_path / "data2")
+    prepare_data(DataSection(corpus=str(src), tokenizer=out, val_fraction=0.1), reuse, log=lambda *a: None)
+    assert np.array_equal(np.concatenate([np.asarray(s) for s in TokenData(reuse, "train").shards]), stream)
+    assert os.path.exists(os.path.join(reuse, "tokenizer_config.json"))
     # Prepared once: a second call with the same settings reuses the shards.
     mtime = os.path.getmtime(os.path.join(out, "meta.json"))
     prepare_data(dc, out, log=lambda *a: None)

@@ -124,3 +124,12 @@ def test_activation_checkpointing_gives_the_same_step(tmp_path, data_dir):
     s0, s1 = r0.model.state_dict(), r1.model.state_dict()
     for k in s0:
         torch.testing.assert_close(s0[k], s1[k], rtol=1e-5, atol=1e-7)
+
+
+def test_fresh_run_refuses_an_old_run_dir_unless_overwrite(tmp_path, data_dir):
+    train(_cfg(tmp_path / "f", data_dir, **{"train.max_steps": 2}), log=_quiet)
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(_cfg(tmp_path / "f", data_dir, **{"train.max_steps": 1}), log=_quiet)
+    train(_cfg(tmp_path / "f", data_dir, **{"train.max_steps": 1, "checkpoint.overwrite": True}), log=_quiet)
+    assert [json.loads(x)["step"] for x in open(tmp_path / "f" / "metrics.jsonl")] == [1]
+    assert [os.path.basename(p) for p in checkpoint_dirs(str(tmp_path / "f"))] == ["step-000001"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from latentmoe.config import get_config
 from latentmoe.model import build_model

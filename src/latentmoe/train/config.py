@@ -96,6 +96,7 @@ class CheckpointSection:
     interval: int = 0               # steps between saves (0 = only at the end)
     keep: int = 2                   # checkpoints kept
     save_optimizer: bool = True
+    overwrite: bool = False         # a fresh run may replace the checkpoints/metrics already in run_dir
 
 
 @dataclass

@@ -89,6 +89,8 @@ def setup(cfg: TrainConfig, resume: bool = False, log=print) -> Run:
     if parallel is not None:
         device = parallel.device
     os.makedirs(cfg.run_dir, exist_ok=True)
+    if not resume and is_main():
+        _start_fresh(cfg)
     data_dir = cfg.data.cache_dir or os.path.join(cfg.run_dir, "data")
     if is_main():  # rank 0 tokenizes; the others then find the shards ready
         prepare_data(cfg.data, data_dir, log=log)
@@ -295,6 +297,22 @@ def _fit_to_time(run: Run, step_s: float, remaining_s: float, progress) -> int:
             run.cfg.save(os.path.join(run.cfg.run_dir, "config.toml"))
         progress.set_total(steps)
     return total_tokens(tc)
+
+
+def _start_fresh(cfg: TrainConfig) -> None:
+    """A new run in a directory that holds an old one: refuse, or clear it with checkpoint.overwrite."""
+    if not checkpoint_dirs(cfg.run_dir) and not os.path.exists(os.path.join(cfg.run_dir, "metrics.jsonl")):
+        return
+    if not cfg.checkpoint.overwrite:
+        raise ValueError(f"{cfg.run_dir} already holds a run: continue it with --resume, start over with "
+                         f"--checkpoint.overwrite true, or pick another --run_dir")
+    import shutil
+    for name in ("checkpoints", "plots"):
+        shutil.rmtree(os.path.join(cfg.run_dir, name), ignore_errors=True)
+    for name in ("metrics.jsonl", "model"):
+        path = os.path.join(cfg.run_dir, name)
+        if os.path.islink(path) or os.path.isfile(path):
+            os.remove(path)
 
 
 def _truncate_metrics(run_dir: str, step: int) -> None:
