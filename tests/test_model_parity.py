@@ -161,3 +161,13 @@ def test_moe_layer_freq_places_dense_layers():
     cfg = get_config("tiny", num_hidden_layers=6, first_k_dense_replace=1, moe_layer_freq=2)
     model = build_model(cfg)
     assert [layer.is_moe for layer in model.model.layers] == [False, False, True, False, True, False]
+
+
+def test_router_affinities_stay_fp32_under_autocast():
+    cfg = get_config("tiny")
+    gate = next(layer.mlp.gate for layer in build_model(cfg, seed=6).model.layers if layer.is_moe)
+    x = torch.randn(5, cfg.hidden_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores, _, _ = gate(x)
+    assert scores.dtype == torch.float32
+    assert torch.equal(scores, gate(x)[0])  # bit-equal to the fp32 computation outside autocast

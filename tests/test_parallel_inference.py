@@ -41,6 +41,13 @@ def test_engine_generates_the_same_tokens(tmp_path):
     plain = LLM(str(tmp_path), enforce_eager=True).generate(prompts, params)
     sharded = LLM(load_model_expert_parallel(tmp_path, 2), enforce_eager=True).generate(prompts, params)
     assert [o.outputs[0].token_ids for o in sharded] == [o.outputs[0].token_ids for o in plain]
+    # the engine's own switch (what `serve --ep N` passes) loads the same split
+    llm = LLM(str(tmp_path), expert_parallel_size=2)
+    assert type(llm.model.model.layers[-1].mlp.experts).__name__ == "DeviceShardedExperts"
+    via_engine = llm.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in via_engine] == [o.outputs[0].token_ids for o in plain]
+    with pytest.raises(ValueError, match="expert_parallel_size"):
+        LLM(str(tmp_path), expert_parallel_size=0)
 
 
 def test_experts_must_divide(tmp_path):

@@ -268,7 +268,9 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor):
         """x [M, D] -> scores [M, E], topk_weight [M, K], topk_idx [M, K] (weights in fp32)."""
-        scores = F.linear(x.float(), self.weight.float()).softmax(dim=-1)
+        # fp32 affinities even under autocast (which would otherwise run this matmul in bf16)
+        with torch.autocast(x.device.type, enabled=False):
+            scores = F.linear(x.float(), self.weight.float()).softmax(dim=-1)
         masked = scores
         if self.device_limit is not None:
             masked = limit_to_groups(masked, *self.device_limit)

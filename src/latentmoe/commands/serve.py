@@ -25,6 +25,8 @@ def register(sub) -> None:
                    help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--cache-memory-gb", type=float, default=None, help="latent-cache budget (default: automatic)")
     p.add_argument("--block-size", type=int, default=64, help="tokens per cache block")
+    p.add_argument("--ep", type=int, default=1, metavar="N",
+                   help="split the routed experts over N GPUs of this host (expert parallelism)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)
 
@@ -43,7 +45,8 @@ def run(args) -> int:
     keys = args.api_key or ([os.environ["LATENTMOE_API_KEY"]] if os.environ.get("LATENTMOE_API_KEY") else [])
     engine = AsyncLLM.from_path(args.model, max_queued=args.max_queued, device=args.device, dtype=args.dtype,
                                 max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                                block_size=args.block_size, cache_memory_gb=args.cache_memory_gb)
+                                block_size=args.block_size, cache_memory_gb=args.cache_memory_gb,
+                                expert_parallel_size=args.ep)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     app = create_app(engine, name, keys)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)

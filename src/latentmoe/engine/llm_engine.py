@@ -35,13 +35,24 @@ class LLM:
     def __init__(self, model, device=None, dtype=None, max_num_seqs: int = 256, max_model_len: int | None = None,
                  block_size: int = 64, cache_memory_gb: float | None = None, tokenizer=None,
                  enable_prefix_caching: bool = True, max_num_batched_tokens: int | None = None,
-                 num_blocks: int | None = None, enforce_eager: bool = False, experts_impl: str = "model"):
+                 num_blocks: int | None = None, enforce_eager: bool = False, experts_impl: str = "model",
+                 expert_parallel_size: int = 1):
+        if not isinstance(expert_parallel_size, int) or expert_parallel_size < 1:
+            raise ValueError(f"expert_parallel_size must be a positive integer, got {expert_parallel_size!r}")
         if isinstance(model, (str, os.PathLike)):
-            from ..checkpoint import load_model
             path = os.fspath(model)
-            model = load_model(path, device=device, dtype=dtype)
+            if expert_parallel_size > 1:
+                # Routed experts split over N devices of this host; the rest lives on the first.
+                from ..parallel.inference import load_model_expert_parallel
+                model = load_model_expert_parallel(path, expert_parallel_size, device=device, dtype=dtype)
+                enforce_eager = True  # the expert-sharded layer syncs with the host: no CUDA graphs
+            else:
+                from ..checkpoint import load_model
+                model = load_model(path, device=device, dtype=dtype)
             if tokenizer is None:
                 tokenizer = _load_tokenizer(path)
+        elif expert_parallel_size > 1:
+            raise ValueError("expert_parallel_size > 1 needs a checkpoint path (experts are placed while loading)")
         elif device is not None or dtype is not None:
             from ..checkpoint import _resolve_dtype
             device = torch.device(device) if device is not None else next(model.parameters()).device
