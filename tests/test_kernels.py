@@ -22,7 +22,7 @@ CHILD = os.environ.get("LATENTMOE_KERNEL_TEST_CHILD") == "1"
 
 @pytest.mark.skipif(CUDA or CHILD, reason="the interpreter child runs only on machines without CUDA")
 def test_kernels_under_triton_interpreter():
-    pytest.importorskip("triton")
+    import triton  # noqa: F401  (a dev dependency: missing it must fail, not skip)
     env = dict(os.environ, TRITON_INTERPRET="1", LATENTMOE_KERNEL_TEST_CHILD="1")
     proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-o", "addopts=", "-q", "-m", "not gpu",
                            "-p", "no:cacheprovider"],
@@ -95,7 +95,17 @@ def test_mla_decode_head_groups(K, H, block_h):
 
 def test_mla_decode_fp16_odd_widths_and_many_splits(K):
     # C, R not powers of two; more pieces than some sequences have tiles (empty pieces must weigh 0).
-    check_mla(K, [5, 100], H=3, C=40, R=8, page=32, dtype=torch.float16, num_splits=8, block_n=16)
+    check_mla(K, [5, 100], H=3, C=40, R=24, page=32, dtype=torch.float16, num_splits=8, block_n=16)
+
+
+def test_mla_decode_dispatch_handles_narrow_rope(K):
+    """R = 8 is below tl.dot's minimum width on a GPU: the dispatcher must still answer correctly."""
+    gen = torch.Generator().manual_seed(9)
+    kv_cache, block_table, lens = make_paged_cache([30, 7], 16, 32, 8, torch.float32, gen)
+    q_lat = torch.randn(2, 4, 32, generator=gen).to(DEV)
+    q_pe = torch.randn(2, 4, 8, generator=gen).to(DEV)
+    ref = K.mla_decode_ref(q_lat.double(), q_pe.double(), kv_cache.double(), block_table, lens, 0.3)
+    assert rel_err(K.mla_decode(q_lat, q_pe, kv_cache, block_table, lens, 0.3), ref) < 3e-3
 
 
 def test_mla_decode_fp32_is_tight(K):

@@ -179,6 +179,7 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, 
     only; max_seq_len (an upper bound, default the block table's capacity) picks the split count
     without a host sync.
     """
-    if use_triton(q_lat):
+    # tl.dot on a GPU needs inner dims of at least 16: narrower latents/rope keys take the reference.
+    if use_triton(q_lat) and min(q_lat.shape[-1], q_pe.shape[-1]) >= 16:
         return mla_decode_triton(q_lat, q_pe, kv_cache, block_table, seq_lens, softmax_scale, **tuning)
     return mla_decode_ref(q_lat, q_pe, kv_cache, block_table, seq_lens, softmax_scale)
