@@ -35,7 +35,8 @@ def train_run(world: int, run_dir: str, args) -> list[dict]:
            "--train.batch_size_start", str(args.batch), "--train.micro_batch_size", str(args.micro),
            "--parallel.ep_size", str(world), "--routing.devices", str(args.gpus), "--routing.max_devices", "1",
            "--routing.drop_tokens", "false", "--precision.compile", "false", "--checkpoint.save_optimizer", "false",
-           "--logging.progress", "false", "--logging.eval_interval", "0", "--data.max_chars", "3000000"]
+           "--logging.progress", "false", "--logging.eval_interval", "0", "--data.max_chars", "3000000",
+           *args.train_args.split()]
     env = dict(os.environ, OMP_NUM_THREADS="4", NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
                NVSHMEM_DISABLE_NVLS="1")
     t = time.time()
@@ -89,6 +90,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16, help="sequences per optimizer step (global)")
     ap.add_argument("--micro", type=int, default=8, help="sequences per forward on one GPU")
     ap.add_argument("--train-timeout", type=int, default=240)
+    ap.add_argument("--train-args", default="", help="more `latentmoe train` overrides, e.g. "
+                    "'--model.preset deepseek-v2-lite --model.overrides.num_hidden_layers 4'")
     ap.add_argument("--serve-layers", type=int, default=4)
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--skip-serve", action="store_true")
@@ -107,8 +110,9 @@ def main() -> None:
                 tok = {w: sum(m["tok_s"] for m in r[3:]) / len(r[3:]) for w, r in res.items()}
                 mfu = {w: sum(m.get("mfu", 0) for m in r[3:]) / len(r[3:]) for w, r in res.items()}
                 per_gpu = tok[args.gpus] / args.gpus
-                lines.append(f"| train `{args.train_config}`, 1 GPU | {tok[1]:,.0f} tok/s | MFU {100 * mfu[1]:.1f}% |")
-                lines.append(f"| train `{args.train_config}`, {args.gpus} GPUs, EP {args.gpus} | {tok[args.gpus]:,.0f} tok/s "
+                label = f"{args.train_config} {args.train_args}".strip()
+                lines.append(f"| train `{label}` ({args.batch} seqs/step, {args.micro} per forward), 1 GPU | {tok[1]:,.0f} tok/s | MFU {100 * mfu[1]:.1f}% |")
+                lines.append(f"| train `{label}`, {args.gpus} GPUs, EP {args.gpus} | {tok[args.gpus]:,.0f} tok/s "
                              f"({per_gpu:,.0f} per GPU) | scaling efficiency {per_gpu / tok[1]:.0%}; "
                              f"MFU {100 * mfu[args.gpus] / args.gpus:.1f}% per GPU |")
                 pairs = ", ".join(f"{a['loss']:.4f}/{b['loss']:.4f}" for a, b in zip(res[1][:5], res[args.gpus][:5]))
