@@ -23,6 +23,7 @@ import torch
 
 from latentmoe import build_model, get_config
 from latentmoe.engine import LLM, SamplingParams
+from latentmoe.engine.fused_ops import set_fused_ops
 from latentmoe.engine.model_runner import set_fused_experts
 from latentmoe.engine.sequence import SequenceStatus
 
@@ -176,7 +177,11 @@ def profile_decode(llm, B, L, out_path):
     runner.use_cuda_graphs = graphs
     key = "self_cuda_time_total" if llm.device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70)
-    table = f"## eager decode, batch {B}, context {L}, 4 steps, experts {llm.experts_impl}\n{table}\n"
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total for e in kernels)
+    table = (f"## eager decode, batch {B}, context {L}, 4 steps, experts {llm.experts_impl}, "
+             f"fused ops {'on' if llm.fused_ops else 'off'}: {len(kernels) / 4:.0f} CUDA kernels and "
+             f"{busy / 4e3:.2f} ms of kernel time per step\n{table}\n")
     with open(out_path, "a") as f:
         f.write(table)
     return table
@@ -188,7 +193,8 @@ def check_cuda(device):
     bf16 rounding differs between a batched decode and a full recompute, so near-ties may flip:
     prints the share of sequences identical over 16 tokens rather than asserting.
     """
-    cfg = get_config("tiny", vocab_size=512, num_hidden_layers=3)
+    # Greedy routing as in V2-Lite (the tiny preset limits groups, which the fused router leaves to the model).
+    cfg = get_config("tiny", vocab_size=512, num_hidden_layers=3, topk_method="greedy", n_group=1, topk_group=1)
     model = build_model(cfg, device=device, dtype=torch.bfloat16, seed=0, std=0.08).eval()
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (5, 17, 1, 30, 9, 12, 64, 100)]
@@ -200,18 +206,56 @@ def check_cuda(device):
                 ids.append(int(model(torch.tensor([ids], device=device))[0, -1].argmax()))
             want.append(ids[len(p):])
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    for eager, impl in ((False, "model"), (True, "model"), (False, "fused")):
-        llm = LLM(model, block_size=16, num_blocks=400, max_num_seqs=16, enforce_eager=eager, experts_impl=impl)
+    for eager, impl, ops in ((False, "model", False), (False, "model", True), (True, "model", True),
+                             (False, "fused", False), (False, "fused", True), (True, "fused", True)):
+        llm = LLM(model, block_size=16, num_blocks=400, max_num_seqs=16, enforce_eager=eager, experts_impl=impl,
+                  fused_ops=ops)
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
         same = sum(a == b for a, b in zip(got, want))
         first_diff = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), 16) for a, b in zip(got, want)]
         set_fused_experts(model, False)
-        print(f"check eager={eager} experts={impl}: {same}/{len(prompts)} sequences identical; first differing position "
+        set_fused_ops(model, False)
+        print(f"check eager={eager} experts={impl} fused_ops={ops}: {same}/{len(prompts)} sequences identical; "
+              f"first differing position "
               f"per sequence {first_diff}; graphs captured: {len(llm.runner.graphs)}; "
               f"blocks in use after: {llm.block_manager.num_used_blocks}", flush=True)
 
 
+@torch.inference_mode()
+def accuracy_vs_fp32(preset, layers, device):
+    """Is the fused path's difference bf16 rounding? The same random weights in fp32 (the reference) and
+    in bf16 through each path; prints each path's relative logits error and argmax agreement vs fp32."""
+    torch.backends.cuda.matmul.allow_tf32 = False   # a true fp32 reference
+    cfg = get_config(preset, num_hidden_layers=layers)
+    model = build_model(cfg, device=device, dtype=torch.float32, seed=0, std=0.02).eval()
+    ids = torch.randint(0, cfg.vocab_size, (8, 64), device=device, generator=torch.Generator(device=device).manual_seed(0))
+    ref = model(ids).float()
+    model.to(torch.bfloat16)
+    res = {}
+    for experts, ops in (("model", False), ("fused", False), ("model", True), ("fused", True)):
+        set_fused_experts(model, experts == "fused")
+        set_fused_ops(model, ops)
+        out = model(ids).float()
+        res[(experts, ops)] = out
+        print(f"accuracy {preset} {layers} layers, bf16 experts={experts} fused_ops={ops} vs fp32: rel logits err "
+              f"{((out - ref).norm() / ref.norm()).item():.3e}, argmax agreement "
+              f"{(out.argmax(-1) == ref.argmax(-1)).float().mean().item():.3f}", flush=True)
+    set_fused_experts(model, False)
+    set_fused_ops(model, False)
+    base = res[("model", False)]
+    for k, v in res.items():
+        print(f"accuracy: bf16 {k} vs bf16 plain: rel {((v - base).norm() / base.norm()).item():.3e}", flush=True)
+    del model, ref, res
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 # ----------------------------------------------------------------------------- helpers
+def label(variant) -> str:
+    impl, ops = variant
+    return f"{impl} experts" + (", fused ops" if ops else "")
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -235,11 +279,17 @@ def main():
     ap.add_argument("--profile-out", default=None)
     ap.add_argument("--experts", default="model,fused", help="engine expert paths to measure: model, fused")
     ap.add_argument("--check", action="store_true", help="first compare engine greedy output with plain generation")
+    ap.add_argument("--ops", default="off,on", help="fused decode glue (RMSNorm, RoPE, router) settings to measure")
+    ap.add_argument("--accuracy-layers", type=int, default=0,
+                    help="first compare bf16 paths with an fp32 reference of this many layers (CUDA)")
+    ap.add_argument("--no-profile", action="store_true")
     args = ap.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.check:
         check_cuda(device)
+    if args.accuracy_layers and device.type == "cuda":
+        accuracy_vs_fp32(args.preset, args.accuracy_layers, device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     over = {"num_hidden_layers": args.layers} if args.layers else {}
     cfg = get_config(args.preset, **over)
@@ -276,6 +326,8 @@ def main():
 
     model = build_model(cfg, device=device, dtype=dtype, seed=0, std=0.02)
     impls = args.experts.split(",")
+    opses = [x == "on" for x in args.ops.split(",")]
+    variants = [(i, o) for i in impls for o in opses]
     if "fused" in impls and device.type == "cuda":
         # The fused kernel against the model's own experts on this model: relative logits difference.
         ids = torch.randint(0, cfg.vocab_size, (8, 64), device=device)
@@ -283,11 +335,15 @@ def main():
             ref = model(ids).float()
             set_fused_experts(model, True)
             fused = model(ids).float()
+            set_fused_ops(model, True)
+            fused_ops = model(ids).float()
+            set_fused_ops(model, False)
             set_fused_experts(model, False)
-        rel = ((fused - ref).norm() / ref.norm()).item()
-        agree = (fused.argmax(-1) == ref.argmax(-1)).float().mean().item()
-        print(f"fused experts vs model experts, {cfg.num_hidden_layers} layers bf16: rel logits diff {rel:.2e}, "
-              f"argmax agreement {agree:.3f}", flush=True)
+        for name, out in (("fused experts", fused), ("fused experts + fused ops", fused_ops)):
+            rel = ((out - ref).norm() / ref.norm()).item()
+            agree = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
+            print(f"{name} vs model experts, {cfg.num_hidden_layers} layers bf16: rel logits diff {rel:.2e}, "
+                  f"argmax agreement {agree:.3f}", flush=True)
     max_len = max(contexts) + steps + 16
     t0 = time.perf_counter()
     llm = LLM(model, max_num_seqs=max(batches), max_model_len=max_len, block_size=64,
@@ -297,12 +353,14 @@ def main():
     print(f"engine ready in {time.perf_counter() - t0:.1f}s: {bm.num_usable_blocks} blocks, {capacity:,} tokens",
           flush=True)
     eng_tok, host_ms, prefill = {}, {}, {}
-    for impl in impls:
+    for impl, ops in variants:
         set_fused_experts(model, impl == "fused")
+        llm.fused_ops = set_fused_ops(model, ops) > 0 and ops
         llm.experts_impl = impl
         llm.runner.graphs.clear()
-        prefill[impl] = engine_prefill(llm, 5 if args.quick else 9, max(contexts))
-        print(f"engine ({impl} experts) prefill {prefill[impl]:,.0f} tok/s", flush=True)
+        v = (impl, ops)
+        prefill[v] = engine_prefill(llm, 5 if args.quick else 9, max(contexts))
+        print(f"engine ({label(v)}) prefill {prefill[v]:,.0f} tok/s", flush=True)
         for B, L in points:
             try:
                 dt, host = engine_decode(llm, B, L, steps)
@@ -310,10 +368,10 @@ def main():
                 print(f"engine B={B} L={L} failed: {e!r}", flush=True)
                 for rid in list(llm.requests):
                     llm.abort_request(rid)
-                eng_tok[(impl, B, L)] = f"error: {type(e).__name__}"
+                eng_tok[(v, B, L)] = f"error: {type(e).__name__}"
                 continue
-            eng_tok[(impl, B, L)], host_ms[(impl, B, L)] = B / dt, host * 1e3
-            print(f"engine ({impl} experts) B={B} L={L}: {B / dt:,.0f} tok/s ({dt * 1e3:.1f} ms/step, "
+            eng_tok[(v, B, L)], host_ms[(v, B, L)] = B / dt, host * 1e3
+            print(f"engine ({label(v)}) B={B} L={L}: {B / dt:,.0f} tok/s ({dt * 1e3:.1f} ms/step, "
                   f"{host * 1e3:.1f} ms outside execute)", flush=True)
 
     per_tok = cfg.kv_cache_elements_per_token() * 2
@@ -325,22 +383,23 @@ def main():
     def fmt(x):
         return x if isinstance(x, str) else f"{x:,.0f}"
 
-    head = " | ".join(f"engine tok/s ({i} experts)" for i in impls)
-    lines = [f"| batch | context | {head} | transformers tok/s | best ratio | engine ms/step (host part) | "
-             "floor ms/step | ceiling tok/s |", "|---" * (7 + len(impls)) + "|"]
+    head = " | ".join(f"engine tok/s ({label(v)})" for v in variants)
+    lines = [f"| batch | context | {head} | transformers tok/s | best ratio | best ms/step (host part) | "
+             "floor ms/step | best % of floor | ceiling tok/s |", "|---" * (8 + len(variants)) + "|"]
     for B, L in points:
-        es = [eng_tok.get((i, B, L), "-") for i in impls]
+        es = [eng_tok.get((v, B, L), "-") for v in variants]
         h = hf_tok.get((B, L), "-")
         best = max((e for e in es if isinstance(e, float)), default=None)
         ratio = f"{best / h:.1f}x" if isinstance(h, float) and best else "-"
-        bi = impls[es.index(best)] if best else None
+        bi = variants[es.index(best)] if best else None
         ms = f"{B / best * 1e3:.1f} ({host_ms[(bi, B, L)]:.1f})" if best else "-"
         fl = floor_ms(cfg, B, L)
+        pct = f"{fl / (B / best * 1e3):.0%}" if best else "-"
         lines.append(f"| {B} | {L:,} | {' | '.join(fmt(e) for e in es)} | {fmt(h)} | {ratio} | {ms} | {fl:.2f} | "
-                     f"{B / fl * 1e3:,.0f} |")
+                     f"{pct} | {B / fl * 1e3:,.0f} |")
     lines += ["", "| figure | engine | transformers |", "|---|---|---|",
               f"| prefill tok/s (prompts of {max(contexts):,}) | "
-              f"{', '.join(f'{v:,.0f} ({k} experts)' for k, v in prefill.items())} | "
+              f"{', '.join(f'{v:,.0f} ({label(k)})' for k, v in prefill.items())} | "
               f"{fmt(hf_prefill_tps) if hf_prefill_tps else '-'} |",
               f"| max concurrent sequences at {L_conc:,} (cache of {capacity:,} tokens, "
               f"{capacity * per_tok / 2**30:.1f} GiB) | {conc} | a per-head cache of the same bytes: {conc_mha} |"]
@@ -365,11 +424,15 @@ def main():
                 "Floor = (weights touched per step + B x L x latent bytes) / 3.0 TB/s; ceiling = B / floor. "
                 "Decode tok/s are full engine steps (scheduling, CUDA-graph replay, sampling, output); the host "
                 "part is the step's time outside the model runner (scheduling, stop checks, outputs). Experts: "
-                "`model` = the model's torch._grouped_mm path, `fused` = the Triton fused-MoE kernel.\n")
+                "`model` = the model's torch._grouped_mm path, `fused` = the Triton fused-MoE kernel; `fused ops` = "
+                "the engine's fused RMSNorm / MLA post-projection (c_KV norm + RoPE) / router kernels.\n")
     prof_path = args.profile_out or os.path.join(os.path.dirname(args.out), "engine_profile.txt")
     if os.path.exists(prof_path):
         os.remove(prof_path)
-    for B in sorted({min(batches), max(batches)}):
+    set_fused_experts(model, "fused" in impls)
+    llm.experts_impl = "fused" if "fused" in impls else "model"
+    llm.fused_ops = set_fused_ops(model, True in opses) > 0 and True in opses
+    for B in ([] if args.no_profile else sorted({min(batches), max(batches)})):
         try:
             print(profile_decode(llm, B, 1024 if 1024 in contexts else contexts[0], prof_path))
         except Exception as e:

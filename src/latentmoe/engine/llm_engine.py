@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import torch
 
 from .block_manager import BlockManager
+from .fused_ops import set_fused_ops
 from .model_runner import ModelRunner, plan_cache, set_fused_experts
 from .sampling import SamplingParams
 from .scheduler import Scheduler
@@ -36,7 +37,7 @@ class LLM:
                  block_size: int = 64, cache_memory_gb: float | None = None, tokenizer=None,
                  enable_prefix_caching: bool = True, max_num_batched_tokens: int | None = None,
                  num_blocks: int | None = None, enforce_eager: bool = False, experts_impl: str = "model",
-                 expert_parallel_size: int = 1):
+                 expert_parallel_size: int = 1, kv_cache: str = "latent", fused_ops: bool | None = None):
         if not isinstance(expert_parallel_size, int) or expert_parallel_size < 1:
             raise ValueError(f"expert_parallel_size must be a positive integer, got {expert_parallel_size!r}")
         if isinstance(model, (str, os.PathLike)):
@@ -58,6 +59,8 @@ class LLM:
             device = torch.device(device) if device is not None else next(model.parameters()).device
             model = model.to(device=device, dtype=_resolve_dtype(dtype, device) if dtype is not None else None)
         model.eval()
+        if kv_cache not in ("latent", "mha"):   # 'mha': per-head K/V of the same model (the MLA-vs-MHA baseline)
+            raise ValueError(f"kv_cache must be 'latent' or 'mha', got {kv_cache!r}")
         if experts_impl not in ("model", "fused"):
             raise ValueError(f"experts_impl must be 'model' or 'fused', got {experts_impl!r}")
         if not isinstance(block_size, int) or block_size < 1:
@@ -70,7 +73,7 @@ class LLM:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         num_blocks, self.max_model_len = plan_cache(self.config, self.device, self.dtype, block_size, cache_memory_gb,
-                                                    num_blocks, max_num_seqs, max_model_len)
+                                                    num_blocks, max_num_seqs, max_model_len, kv_cache=kv_cache)
         if max_num_batched_tokens is None:
             max_num_batched_tokens = max(2048, max_num_seqs)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
@@ -79,8 +82,12 @@ class LLM:
         self.experts_impl = experts_impl
         if experts_impl == "fused" and self.device.type == "cuda":
             set_fused_experts(model, True)
+        # Fused decode glue (RMSNorm, MLA post-projection, router): default on CUDA, off elsewhere.
+        self.fused_ops = self.device.type == "cuda" if fused_ops is None else bool(fused_ops)
+        if self.fused_ops or fused_ops is not None:
+            self.fused_ops = set_fused_ops(model, self.fused_ops) > 0 and self.fused_ops
         self.runner = ModelRunner(model, block_size, num_blocks, max_num_seqs, self.max_model_len,
-                                  use_cuda_graphs=not enforce_eager)
+                                  use_cuda_graphs=not enforce_eager, kv_cache=kv_cache)
         self.requests: dict[str, Request] = {}
         self.eos_token_ids = set(self.config.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:

@@ -39,6 +39,7 @@ def set_fused_experts(model, enable: bool) -> int:
     """
     try:
         from ..kernels import fused_moe
+        from .fused_ops import FEW_TOKENS, fused_moe_few_tokens
     except Exception:
         return 0
     n = 0
@@ -52,6 +53,8 @@ def set_fused_experts(model, enable: bool) -> int:
             def forward(x_MD, topk_idx_MK, topk_weight_MK, _ex=ex, _own=ex.forward):
                 if torch.is_grad_enabled() or not x_MD.is_cuda:
                     return _own(x_MD, topk_idx_MK, topk_weight_MK)
+                if 0 < x_MD.shape[0] <= FEW_TOKENS:   # batch-1/2 decode: skip the expert sort (2 kernels, not ~14)
+                    return fused_moe_few_tokens(x_MD, _ex.gate_up_proj, _ex.down_proj, topk_idx_MK, topk_weight_MK)
                 return fused_moe(x_MD, _ex.gate_up_proj, _ex.down_proj, topk_idx_MK, topk_weight_MK)
             ex.forward = forward
         n += 1
@@ -65,7 +68,7 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
 
 class ModelRunner:
     def __init__(self, model, block_size: int, num_blocks: int, max_num_seqs: int, max_model_len: int,
-                 use_cuda_graphs: bool):
+                 use_cuda_graphs: bool, kv_cache: str = "latent"):
         self.model = model
         self.cfg: ModelConfig = model.config
         p = next(model.parameters())
@@ -75,11 +78,16 @@ class ModelRunner:
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
         self.max_blocks_per_seq = -(-max_model_len // block_size)
-        width = self.cfg.kv_lora_rank + self.cfg.qk_rope_head_dim
-        # The whole cache: per layer [num_blocks, block_size, C + R] — no per-head K or V anywhere.
-        self.kv_caches = [torch.zeros(num_blocks, block_size, width, dtype=self.dtype, device=self.device)
-                          for _ in range(self.cfg.num_hidden_layers)]
-        self.backend = PagedLatentAttention(self.kv_caches)
+        if kv_cache == "mha":   # the per-head K/V baseline (MLA vs MHA at equal memory)
+            from .mha_attention import PagedMHAAttention
+            self.backend = PagedMHAAttention.allocate(self.cfg, num_blocks, block_size, self.dtype, self.device)
+            self.kv_caches = self.backend.kv_caches
+        else:
+            width = self.cfg.kv_lora_rank + self.cfg.qk_rope_head_dim
+            # The whole cache: per layer [num_blocks, block_size, C + R] — no per-head K or V anywhere.
+            self.kv_caches = [torch.zeros(num_blocks, block_size, width, dtype=self.dtype, device=self.device)
+                              for _ in range(self.cfg.num_hidden_layers)]
+            self.backend = PagedLatentAttention(self.kv_caches)
         self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
         # Emulation runs the graph body eagerly on the same static, bucket-padded buffers: the
         # graph path's inputs and padding exercised where CUDA is absent (tests).
@@ -266,14 +274,14 @@ class ModelRunner:
 
 def plan_cache(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, block_size: int,
                cache_memory_gb: float | None, num_blocks: int | None, max_num_seqs: int,
-               max_model_len: int | None, reserve_gb: float = 4.0) -> tuple[int, int]:
+               max_model_len: int | None, reserve_gb: float = 4.0, kv_cache: str = "latent") -> tuple[int, int]:
     """(num_blocks incl. the reserved one, max_model_len) from a memory budget, and the start-up log.
 
     Budget: `cache_memory_gb` if given; on CUDA otherwise 90% of the free memory after the
     weights minus `reserve_gb` for activations and graphs; on CPU enough for `max_num_seqs`
     sequences of max_model_len (at most 1 GiB).
     """
-    per_token = cache_bytes_per_token(cfg, dtype)
+    per_token = mha_bytes_per_token(cfg, dtype) if kv_cache == "mha" else cache_bytes_per_token(cfg, dtype)
     per_block = per_token * block_size
     want_len = max_model_len or cfg.max_position_embeddings
     if num_blocks is None:
@@ -295,7 +303,7 @@ def plan_cache(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, block
                          f"raise cache_memory_gb or lower max_model_len")
     mha = mha_bytes_per_token(cfg, dtype)
     seqs = capacity // max_model_len
-    log.info("latent cache: %d blocks x %d tokens = %d tokens, %.2f GiB (%d bytes/token); "
+    log.info(f"{kv_cache} cache: %d blocks x %d tokens = %d tokens, %.2f GiB (%d bytes/token); "
              "max concurrent sequences at max_model_len %d: %d (a per-head MHA cache of the same bytes: %d, "
              "%d bytes/token, %.1fx more)",
              num_blocks - 1, block_size, capacity, num_blocks * per_block / GiB, per_token, max_model_len, seqs,
