@@ -83,12 +83,15 @@ def test_few_token_experts_match_reference(dev, M):
     if M == 2:
         idx[1, 0] = idx[0, 1]   # two tokens sharing an expert
     w = torch.rand(M, K, generator=g).to(dev)
-    assert rel(fused_moe_few_tokens(x, w1, w2, idx, w), fused_moe_ref(x, w1, w2, idx, w)) < 1e-5
+    # fp32 tl.dot runs as tf32 on a GPU; the interpreter is exact fp32.
+    assert rel(fused_moe_few_tokens(x, w1, w2, idx, w), fused_moe_ref(x, w1, w2, idx, w)) < (5e-3 if CUDA else 1e-5)
 
 
 @torch.inference_mode()
-def test_engine_greedy_with_fused_ops_matches_plain(dev):
+def test_engine_greedy_with_fused_ops_matches_plain(dev, monkeypatch):
     from latentmoe.engine import LLM, SamplingParams
+    from latentmoe.engine.attention import IMPL
+    monkeypatch.setitem(IMPL, "decode", "torch")   # exact fp32 attention on a GPU too: only the fused ops differ
     cfg = get_config("tiny", vocab_size=256, num_hidden_layers=2, topk_method="greedy", n_group=1, topk_group=1)
     model = build_model(cfg, device=dev, dtype=torch.float32, seed=0, std=0.08).eval()
     prompts = [[5, 17, 3, 99, 42, 7], [200, 1, 64]]
