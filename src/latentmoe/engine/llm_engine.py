@@ -36,7 +36,7 @@ class LLM:
     def __init__(self, model, device=None, dtype=None, max_num_seqs: int = 256, max_model_len: int | None = None,
                  block_size: int = 64, cache_memory_gb: float | None = None, tokenizer=None,
                  enable_prefix_caching: bool = True, max_num_batched_tokens: int | None = None,
-                 num_blocks: int | None = None, enforce_eager: bool = False, experts_impl: str = "model",
+                 num_blocks: int | None = None, enforce_eager: bool = False, experts_impl: str | None = None,
                  expert_parallel_size: int = 1, kv_cache: str = "latent", fused_ops: bool | None = None):
         if not isinstance(expert_parallel_size, int) or expert_parallel_size < 1:
             raise ValueError(f"expert_parallel_size must be a positive integer, got {expert_parallel_size!r}")
@@ -61,7 +61,7 @@ class LLM:
         model.eval()
         if kv_cache not in ("latent", "mha"):   # 'mha': per-head K/V of the same model (the MLA-vs-MHA baseline)
             raise ValueError(f"kv_cache must be 'latent' or 'mha', got {kv_cache!r}")
-        if experts_impl not in ("model", "fused"):
+        if experts_impl not in (None, "model", "fused"):
             raise ValueError(f"experts_impl must be 'model' or 'fused', got {experts_impl!r}")
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
@@ -79,6 +79,10 @@ class LLM:
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         # 'fused': routed experts through the Triton fused-MoE kernel (CUDA, inference only).
+        # Default 'fused' on CUDA: its logits are as close to an fp32 reference as the model's own
+        # grouped-GEMM path (bf16 rounding either way; results/engine.md), and it is faster.
+        if experts_impl is None:
+            experts_impl = "fused" if self.device.type == "cuda" else "model"
         self.experts_impl = experts_impl
         if experts_impl == "fused" and self.device.type == "cuda":
             set_fused_experts(model, True)
