@@ -8,6 +8,8 @@ latents instead of being prefilled (attention cost does not depend on the values
 
     python benchmarks/bench_engine.py            # full
     python benchmarks/bench_engine.py --quick    # fewer points, fits one device call
+    --check: engine greedy vs plain generation first; --accuracy-layers N: each bf16 path vs an fp32
+    reference of N layers; --experts / --ops: the expert paths and fused-glue settings to measure.
 """
 
 from __future__ import annotations

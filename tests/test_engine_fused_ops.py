@@ -101,7 +101,8 @@ def test_engine_greedy_with_fused_ops_matches_plain(dev, monkeypatch):
         for _ in range(4):
             ids.append(int(model(torch.tensor([ids], device=dev))[0, -1].argmax()))
         want.append(ids[len(p):])
-    llm = LLM(model, block_size=4, num_blocks=16, max_num_seqs=4, enforce_eager=True, fused_ops=True)
+    llm = LLM(model, block_size=4, num_blocks=16, max_num_seqs=4, enforce_eager=True, fused_ops=True,
+              experts_impl="model")
     assert llm.fused_ops
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     assert [o.outputs[0].token_ids for o in outs] == want

@@ -17,8 +17,9 @@ def add_engine_args(p) -> None:
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     g.add_argument("--ep", type=int, default=1, metavar="N", help="split the routed experts over N GPUs")
-    g.add_argument("--fused-experts", action="store_true",
-                   help="routed experts through the Triton fused-MoE kernel (CUDA)")
+    g.add_argument("--experts", choices=["auto", "model", "fused"], default="auto",
+                   help="routed-expert path: the Triton fused-MoE kernel ('fused', default on CUDA in bf16/fp16) "
+                        "or the model's grouped GEMMs ('model')")
 
 
 def add_sampling_args(p, max_tokens: int = 128) -> None:
@@ -49,7 +50,7 @@ def build_llm(args):
     return LLM(args.path, device=device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                max_model_len=args.max_model_len, block_size=args.block_size, cache_memory_gb=args.cache_memory_gb,
                enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
-               experts_impl="fused" if args.fused_experts else "model",
+               experts_impl=None if args.experts == "auto" else args.experts,
                expert_parallel_size=getattr(args, "ep", 1))
 
 

@@ -79,13 +79,15 @@ class LLM:
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         # 'fused': routed experts through the Triton fused-MoE kernel (CUDA, inference only).
-        # Default 'fused' on CUDA: its logits are as close to an fp32 reference as the model's own
-        # grouped-GEMM path (bf16 rounding either way; results/engine.md), and it is faster.
+        # Default 'fused' for half-precision models on CUDA: its logits are as close to an fp32 reference
+        # as the model's own grouped-GEMM path (bf16 rounding either way; results/engine.md), and it is
+        # faster. fp32 models keep the model's exact path (the kernel's fp32 dots run as tf32).
         if experts_impl is None:
-            experts_impl = "fused" if self.device.type == "cuda" else "model"
+            half = self.dtype in (torch.bfloat16, torch.float16)
+            experts_impl = "fused" if self.device.type == "cuda" and half else "model"
         self.experts_impl = experts_impl
-        if experts_impl == "fused" and self.device.type == "cuda":
-            set_fused_experts(model, True)
+        if self.device.type == "cuda":
+            set_fused_experts(model, experts_impl == "fused")
         # Fused decode glue (RMSNorm, MLA post-projection, router): default on CUDA, off elsewhere.
         self.fused_ops = self.device.type == "cuda" if fused_ops is None else bool(fused_ops)
         if self.fused_ops or fused_ops is not None:

@@ -42,9 +42,10 @@ def set_fused_experts(model, enable: bool) -> int:
         from .fused_ops import FEW_TOKENS, fused_moe_few_tokens
     except Exception:
         return 0
+    from ..model import Experts
     n = 0
     for layer in model.model.layers:
-        if not layer.is_moe:
+        if not layer.is_moe or not isinstance(layer.mlp.experts, Experts):   # e.g. experts sharded over devices
             continue
         ex = layer.mlp.experts
         if "forward" in ex.__dict__:
@@ -161,6 +162,10 @@ class ModelRunner:
             logits = self.model.compute_logits(h[0, self._to_device(sample_rows, torch.int64)]) if sample_rows else None
         if not samplers:
             return [], []
+        if all(s.params.temperature == 0 and not s.params.uses_penalties and s.params.logprobs is None
+               for s in samplers):
+            # All greedy, nothing else asked: the arg-max is the whole of sampling (no per-step tensors).
+            return logits.argmax(dim=-1).tolist(), [None] * len(samplers)
         # Token histories travel to the device only when some row applies penalties.
         pen = any(s.params.uses_penalties for s in samplers)
         sb = SamplingBatch.build([s.params for s in samplers], [s.generator for s in samplers],
@@ -195,6 +200,10 @@ class ModelRunner:
         self.h_slots = torch.zeros(B, dtype=torch.int64, pin_memory=pin)
         self.h_block_table = torch.zeros(B, MB, dtype=torch.int32, pin_memory=pin)
         self.h_seq_lens = torch.ones(B, dtype=torch.int32, pin_memory=pin)
+        # Block-table rows change once per block_size tokens: rows are rewritten only when they do
+        # (each staged row is its whole width, NULL-padded, so any context bucket may slice it).
+        self.h_block_table.fill_(NULL_BLOCK)
+        self.h_rows: list[list[int] | None] = [None] * B
 
     def _context_bucket(self, mb: int) -> int:
         b = 16
@@ -233,19 +242,23 @@ class ModelRunner:
         mb = self._context_bucket(mb_needed)
         bs = self.block_size
         pad = b - n
-        ids, pos, slots, table = [], [], [], []
-        for s in batch.seqs:
-            p = s.num_computed_tokens
-            ids.append(s.token_ids[p])
-            pos.append(p)
-            slots.append(s.block_table[p // bs] * bs + p % bs)
-            table += s.block_table
-            table += [NULL_BLOCK] * (mb - len(s.block_table))
-        # Padded rows decode against the reserved null block: slot 0, length 1.
+        pos = [s.num_computed_tokens for s in batch.seqs]
+        ids = [s.token_ids[p] for s, p in zip(batch.seqs, pos)]
+        slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(batch.seqs, pos)]
+        rows, table = self.h_rows, self.h_block_table
+        for i, s in enumerate(batch.seqs):
+            if rows[i] != s.block_table:   # list comparison in C: cheap when unchanged
+                rows[i] = list(s.block_table)
+                table[i, :len(rows[i])] = torch.tensor(rows[i], dtype=torch.int32)
+                table[i, len(rows[i]):] = NULL_BLOCK
+        for i in range(n, b):             # padded rows decode against the reserved null block
+            if rows[i] != []:
+                rows[i] = []
+                table[i] = NULL_BLOCK
+        # Padded rows: slot 0, length 1.
         self.h_ids[:b] = torch.tensor(ids + [0] * pad)
         self.h_pos[:b] = torch.tensor(pos + [0] * pad)
         self.h_slots[:b] = torch.tensor(slots + [0] * pad)
-        self.h_block_table[:b, :mb] = torch.tensor(table + [NULL_BLOCK] * (mb * pad), dtype=torch.int32).view(b, mb)
         self.h_seq_lens[:b] = self.h_pos[:b] + 1
         self.h_seq_lens[n:b] = 1
         key = (b, mb)
