@@ -12,21 +12,14 @@ from latentmoe.engine.attention import mla_decode_torch
 from latentmoe.engine.block_manager import BlockManager
 from latentmoe.engine.sequence import Sequence
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 
 
 def tiny_model(seed=0, std=0.08, **over):
     cfg = get_config("tiny", **{"vocab_size": 512, "num_hidden_layers": 3, **over})
     return build_model(cfg, seed=seed, std=std).eval()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matrices: one intra-op thread is many times faster than two on a busy CI machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

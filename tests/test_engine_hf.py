@@ -10,13 +10,7 @@ from latentmoe.engine import LLM, SamplingParams
 
 from test_engine import assert_no_leak, random_prompts
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @torch.no_grad()

@@ -17,15 +17,9 @@ from latentmoe.engine import LLM, SamplingParams
 from latentmoe.engine.mha_attention import mha_decode_torch
 from latentmoe.engine.model_runner import cache_bytes_per_token, mha_bytes_per_token
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
