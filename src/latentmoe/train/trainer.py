@@ -126,8 +126,8 @@ def setup(cfg: TrainConfig, resume: bool = False, log=print) -> Run:
             state = load_checkpoint(ckpts[-1], model, optimizer)
         run.step, run.tokens, run.elapsed = state["step"], state["tokens"], state.get("elapsed", 0.0)
         set_rng_state(state["rng"])
-        _truncate_metrics(cfg.run_dir, run.step)
-        if is_main():
+        if is_main():  # rank 0 alone owns metrics.jsonl (other ranks rewriting it would race its appends)
+            _truncate_metrics(cfg.run_dir, run.step)
             log(f"resumed from {ckpts[-1]} at step {run.step} ({run.tokens:,} tokens)")
     elif is_main():
         cfg.save(os.path.join(cfg.run_dir, "config.toml"))
@@ -322,8 +322,10 @@ def _truncate_metrics(run_dir: str, step: int) -> None:
         return
     with open(path) as f:
         lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    with open(path, "w") as f:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
         f.writelines(lines)
+    os.replace(tmp, path)  # atomic: an interrupted resume never loses the metrics already written
 
 
 # ----------------------------------------------------------------------------- loop
