@@ -17,6 +17,7 @@ def pytest_collection_modifyitems(config, items):
             or os.environ.get("LATENTMOE_FUSED_TEST_CHILD") == "1":
         return
     in_child = {"test_kernels": "K", "test_engine_fused_ops": "dev"}  # module -> fixture of child-only tests
+    in_child["test_kernels_moe_backward"] = "K"
     keep, drop = [], []
     for item in items:
         fixture = in_child.get(item.module.__name__.rsplit(".", 1)[-1]) if item.module else None

@@ -100,17 +100,25 @@ def _mla_decode_merge_kernel(
 
 
 def choose_num_splits(batch: int, head_groups: int, max_seq_len: int, device: torch.device, ctas_per_sm: int = 2,
-                      min_tokens_per_split: int = 128, max_splits: int = 64) -> int:
-    """Pieces per sequence: as many as fit in ONE wave of programs (ctas_per_sm per multiprocessor).
+                      min_tokens_per_split: int = 128, max_splits: int = 64, piece_overhead: int = 64) -> int:
+    """Pieces per sequence, from a wave model of the launch.
 
-    A second, partial wave costs nearly a whole wave's time with most multiprocessors idle
-    (measured on an H100: 5 pieces = 320 programs over 264 slots ran 1.4x slower than 4 = 256).
-    Pieces stay at least `min_tokens_per_split` long: each costs a partial write and a merge read.
+    With s pieces the grid has batch * head_groups * s programs, run in ceil(programs / slots) waves
+    (slots = ctas_per_sm per multiprocessor); each program walks max_seq_len / s tokens plus a fixed
+    cost (query load, partial write, merge) worth about `piece_overhead` tokens. The time is
+    waves * (max_seq_len / s + piece_overhead): minimise it, fewest pieces on ties. Below one wave this
+    fills the wave (measured on an H100: 4 pieces of B=64 ran 1.4x faster than 5, whose second wave
+    was nearly empty); above it, it trims the last wave's idle slots (B=298: 7 pieces, not 1).
+    Pieces stay at least `min_tokens_per_split` long.
     """
     programs = batch * head_groups
-    want = max(1, ctas_per_sm * sm_count(device) // programs)
-    cap = max(1, max_seq_len // min_tokens_per_split)
-    return min(want, cap, max_splits)
+    slots = ctas_per_sm * sm_count(device)
+    cap = max(1, min(max_splits, max_seq_len // min_tokens_per_split))
+
+    def cost(s: int) -> float:
+        return -(-programs * s // slots) * (max_seq_len / s + piece_overhead)
+
+    return min(range(1, cap + 1), key=lambda s: (cost(s), s))
 
 
 def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,

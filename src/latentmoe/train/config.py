@@ -88,6 +88,7 @@ class PrecisionSection:
     autocast: str = "auto"          # "auto" (bf16 on CUDA, none on CPU) | "bf16" | "none"
     compile: bool = False
     activation_checkpointing: bool = False
+    fused_moe: bool = False         # routed experts by the Triton training kernels (kernels.moe_autograd)
     threads: int = 0                # CPU threads (0 = torch default)
 
 
