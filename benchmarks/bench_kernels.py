@@ -2,7 +2,7 @@
 
 Prints markdown tables: the roofline inputs (copy bandwidth, bf16 matmul rate), MLA decode, the
 routed experts, and which SDPA kernel prefill attention gets at the 192/128 head dims.
-Usage: python benchmarks/bench_kernels.py [--sweep] [--out FILE]
+Usage: python benchmarks/bench_kernels.py [--sweep] [--out FILE]; --moe-backward: only the training table.
 """
 import argparse
 import datetime
@@ -184,6 +184,69 @@ def moe_rows(copy_gbs, tflops, sweep):
     return rows, notes
 
 
+def moe_backward_rows(tflops, sweep):
+    """Training-sized routed experts, forward + backward: the model's Experts (torch._grouped_mm and
+    torch's backward) against kernels.moe_autograd, fp32 master weights cast to bf16 as under autocast."""
+    from latentmoe.config import get_config
+    from latentmoe.kernels.moe_autograd import fused_moe_train
+    from latentmoe.model import Experts
+    rows, notes = [], []
+    for preset in ("small", "deepseek-v2-lite"):
+        cfg = get_config(preset)
+        E, D, I, K = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
+        with torch.device("cuda"):
+            experts = Experts(cfg)
+        with torch.no_grad():
+            experts.gate_up_proj.normal_(std=D**-0.5)
+            experts.down_proj.normal_(std=I**-0.5)
+        experts.impl = "grouped_mm"
+        for M in (8192, 16384):
+            x = torch.randn(M, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            w, idx = torch.randn(M, E, device="cuda").softmax(-1).topk(K, dim=-1)
+            w.requires_grad_()
+            dy = torch.randn(M, D, device="cuda", dtype=torch.bfloat16)
+            params = [x, experts.gate_up_proj, experts.down_proj, w]
+            flops_fwd = 6 * M * K * D * I  # two GEMMs (2I and I wide); the backward does twice this
+            paths = {"grouped_mm": lambda: experts(x, idx, w),
+                     "Triton": lambda: fused_moe_train(x, experts.gate_up_proj, experts.down_proj, idx, w)}
+            if sweep:
+                for br, bc in [(128, 64), (128, 128)]:
+                    paths[f"Triton dW {br}x{bc}"] = lambda br=br, bc=bc: fused_moe_train(
+                        x, experts.gate_up_proj, experts.down_proj, idx, w,
+                        dict(choose_moe_config(M * K, E), block_r=br, block_c=bc))
+            res, grads = {}, {}
+            for name, fwd in paths.items():
+                def step():
+                    for p in params:
+                        p.grad = None
+                    fwd().backward(dy)
+                try:
+                    step()
+                    grads[name] = [p.grad.float() for p in params]
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                    ms_fb = bench(step, iters=10)
+                    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+                    with torch.no_grad():
+                        ms_f = bench(fwd, iters=10)
+                except Exception as exc:
+                    notes.append(f"moe backward {preset} M={M} {name}: {type(exc).__name__}: {str(exc)[:160]}")
+                    continue
+                res[name] = (ms_f, ms_fb, peak)
+            ref = grads.get("grouped_mm")
+            for name, (ms_f, ms_fb, peak) in res.items():
+                errs = "" if ref is None or name == "grouped_mm" else " ".join(
+                    f"{((g - r).norm() / r.norm()).item():.1e}" for g, r in zip(grads[name], ref))
+                tf = 3 * flops_fwd / ms_fb / 1e9
+                rows.append(f"| {preset} | {M} | {name} | {ms_f * 1e3:.0f} | {ms_fb * 1e3:.0f} | {tf:.0f} "
+                            f"({tf / tflops * 100:.0f}%) | {3 * flops_fwd / tflops / 1e9 * 1e3:.0f} | {peak:.0f} "
+                            f"| {res['grouped_mm'][1] / ms_fb if 'grouped_mm' in res else float('nan'):.2f}x | {errs} |")
+            del x, w, dy, grads
+        del experts
+        torch.cuda.empty_cache()
+    return rows, notes
+
+
 def sdpa_rows():
     from torch.nn.attention import SDPBackend, sdpa_kernel
     import torch.nn.functional as F
@@ -219,6 +282,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true", help="also time other tile configs and print them")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--moe-backward", action="store_true",
+                    help="only the training table: routed experts forward + backward, Triton vs torch._grouped_mm")
     ap.add_argument("--profile-one", type=int, default=0, metavar="HEADS", help="only run the B=64 decode 3 times (for a profiler)")
     args = ap.parse_args()
     if args.profile_one:
@@ -231,12 +296,24 @@ def main():
     dev = torch.cuda.get_device_name()
     lines = [f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; device: {dev} "
              f"({torch.cuda.get_device_properties(0).multi_processor_count} SMs); torch {torch.__version__}; "
-             f"command: python benchmarks/bench_kernels.py{' --sweep' if args.sweep else ''}", ""]
+             f"command: python benchmarks/bench_kernels.py{' --moe-backward' if args.moe_backward else ''}"
+             f"{' --sweep' if args.sweep else ''}", ""]
     copy_gbs, tflops = roofline()
     lines += ["| roofline input | value |", "|---|---|",
               f"| device-to-device copy (read + write) | {copy_gbs:.0f} GB/s |",
               f"| 8192^3 bf16 matmul (random data) | {tflops:.0f} TFLOP/s |", ""]
     print("\n".join(lines), flush=True)
+    if args.moe_backward:
+        rows, notes = moe_backward_rows(tflops, args.sweep)
+        table = ["Routed experts for training, forward + backward (gradients of x, both weights, the routing weight); "
+                 "bf16 compute, fp32 master weights. floor = 18·M·K·D·I / matmul rate. grouped_mm = the model's Experts "
+                 "with torch's backward; rel err = each gradient against grouped_mm's (x, gate_up, down, weight).", "",
+                 "| model | M tokens | path | fwd us | fwd+bwd us | TFLOP/s (% of matmul) | floor us | peak extra MiB "
+                 "| speedup vs grouped_mm | rel err of grads |", "|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
+        print("\n".join(table + notes), flush=True)
+        if args.out:
+            open(args.out, "w").write("\n".join(lines + table + ["```", *notes, "```", ""]))
+        return
     rows, notes = mla_rows(copy_gbs, tflops, args.sweep)
     mla = ["MLA decode, one layer, C=512 R=64, bf16, paged cache (block 64, shuffled). floor = max(latent bytes / copy BW, "
            "FLOPs / matmul rate); einsum = plain-PyTorch absorbed attention over a dense cache (eager). "
