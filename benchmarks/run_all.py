@@ -40,7 +40,7 @@ BENCHMARKS = [
 
 HEADER = """# Benchmarks
 
-Every figure here was measured on the lent device machine (one H100 80GB, or 2 x H200 for the
+Every figure here was measured on a GPU machine (one H100 80GB, or 2 x H200 for the
 multi-GPU rows), with the reference (transformers, plain PyTorch, the copy bandwidth and matmul rate
 that bound the floor) measured in the same run. Each section names its date, device and command;
 `python benchmarks/run_all.py` regenerates all of it (see its docstring). Random weights throughout:
