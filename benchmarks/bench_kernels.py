@@ -238,9 +238,10 @@ def moe_backward_rows(tflops, sweep):
                 errs = "" if ref is None or name == "grouped_mm" else " ".join(
                     f"{((g - r).norm() / r.norm()).item():.1e}" for g, r in zip(grads[name], ref))
                 tf = 3 * flops_fwd / ms_fb / 1e9
+                speedup = res["grouped_mm"][1] / ms_fb if "grouped_mm" in res else float("nan")
                 rows.append(f"| {preset} | {M} | {name} | {ms_f * 1e3:.0f} | {ms_fb * 1e3:.0f} | {tf:.0f} "
                             f"({tf / tflops * 100:.0f}%) | {3 * flops_fwd / tflops / 1e9 * 1e3:.0f} | {peak:.0f} "
-                            f"| {res['grouped_mm'][1] / ms_fb if 'grouped_mm' in res else float('nan'):.2f}x | {errs} |")
+                            f"| {speedup:.2f}x | {errs} |")
             del x, w, dy, grads
         del experts
         torch.cuda.empty_cache()

@@ -16,6 +16,8 @@ CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
 # Same scheme as tests/test_kernels.py: the interpreter must be chosen before triton is imported.
 CHILD = os.environ.get("LATENTMOE_KERNEL_TEST_CHILD") == "1"
+# fp32 is exact in the interpreter; on a GPU tl.dot takes fp32 operands as tf32 (~1e-3).
+FP32_TOL = 5e-3 if CUDA else 1e-5
 SMALL = dict(block_m=16, block_n1=16, block_n2=16, block_k=16, num_warps=4, num_stages=2)
 
 
@@ -77,7 +79,7 @@ def run_both(K, x, gate_up, down, idx, weight, dy, config=SMALL, grads=(True, Tr
     return (y, [t.grad for t in leaves]), (y_ref, [t.grad for t in ref_leaves])
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, FP32_TOL), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("M,TOPK,block_m", [(1, 2, 16), (29, 3, 16), (40, 4, 32)])
 def test_forward_and_gradients_match_reference(K, dtype, tol, M, TOPK, block_m):
     x, gate_up, down, idx, weight, dy = make_inputs(M, TOPK, 8, 40, 24, dtype, seed=M)
@@ -109,17 +111,17 @@ def test_partial_gradients_and_expanded_output_gradient(K):
     dy = torch.ones(21, 40, device=DEV)
     (y, grads), (_, ref_grads) = run_both(K, x, gate_up, down, idx, weight, dy, grads=(True, False, False, True))
     assert grads[1] is None and grads[2] is None
-    assert rel_err(grads[0], ref_grads[0]) < 1e-5 and rel_err(grads[3], ref_grads[3]) < 1e-5
+    assert rel_err(grads[0], ref_grads[0]) < FP32_TOL and rel_err(grads[3], ref_grads[3]) < FP32_TOL
     xs = x.clone().requires_grad_()
     K.fused_moe_train(xs, gate_up, down, idx, weight, SMALL).sum().backward()
-    assert rel_err(xs.grad, ref_grads[0]) < 1e-5
+    assert rel_err(xs.grad, ref_grads[0]) < FP32_TOL
 
 
 def test_default_config_and_reference_fallback(K, monkeypatch):
     """Tile sizes chosen by the dispatcher; and with Triton unusable the reference runs, still differentiable."""
     x, gate_up, down, idx, weight, dy = make_inputs(24, 2, 6, 32, 16, torch.float32, seed=11, idle=1)
     (_, grads), (_, ref_grads) = run_both(K, x, gate_up, down, idx, weight, dy, config=None)
-    assert all(rel_err(g, r) < 1e-5 for g, r in zip(grads, ref_grads))
+    assert all(rel_err(g, r) < FP32_TOL for g, r in zip(grads, ref_grads))
     if not CUDA:
         monkeypatch.setattr(sys.modules["latentmoe.kernels._triton"], "INTERPRET", False)
         xs = x.clone().requires_grad_()

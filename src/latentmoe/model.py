@@ -313,7 +313,7 @@ class Experts(nn.Module):
         self.n_experts = E
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))  # rows: [gate (I) | up (I)]
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
-        self.impl = "auto"  # "auto" | "grouped_mm" | "loop"
+        self.impl = "auto"  # "auto" | "grouped_mm" | "loop" | "triton"
 
     def use_grouped_mm(self, x: torch.Tensor) -> bool:
         if self.impl == "loop":
@@ -329,6 +329,9 @@ class Experts(nn.Module):
         if x_MD.is_cuda and torch.is_autocast_enabled("cuda"):
             x_MD = x_MD.to(torch.get_autocast_dtype("cuda"))
         w_gate_up, w_down = self.gate_up_proj.to(x_MD.dtype), self.down_proj.to(x_MD.dtype)
+        if self.impl == "triton":  # Triton grouped GEMMs with their own backward (opt-in training path)
+            from .kernels.moe_autograd import fused_moe_train
+            return fused_moe_train(x_MD, w_gate_up, w_down, topk_idx_MK, topk_weight_MK).to(out_dtype)
         # Sort the M*K (token, expert) assignments by expert so each expert's tokens are contiguous.
         order_A = topk_idx_MK.flatten().argsort(stable=True)
         token_A = order_A // K
@@ -424,9 +427,9 @@ class DeepseekV2ForCausalLM(nn.Module):
             layer.self_attn.absorb = mode == "absorbed"
 
     def set_experts_impl(self, impl: str) -> None:
-        """'auto' (grouped_mm on CUDA bf16, loop elsewhere), 'grouped_mm' or 'loop'."""
-        if impl not in ("auto", "grouped_mm", "loop"):
-            raise ValueError(f"experts impl must be 'auto', 'grouped_mm' or 'loop', got {impl!r}")
+        """'auto' (grouped_mm on CUDA bf16, loop elsewhere), 'grouped_mm', 'loop' or 'triton' (kernels.moe_autograd)."""
+        if impl not in ("auto", "grouped_mm", "loop", "triton"):
+            raise ValueError(f"experts impl must be 'auto', 'grouped_mm', 'loop' or 'triton', got {impl!r}")
         for layer in self.model.layers:
             if layer.is_moe:
                 layer.mlp.experts.impl = impl

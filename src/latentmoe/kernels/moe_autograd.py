@@ -74,7 +74,8 @@ def _down_swiglu_bwd_kernel(dy_ptr, w_ptr, gu_ptr, h_ptr, weight_ptr, dgu_ptr, d
         mask_n = offs_n < I
         offs_k = tl.arange(0, BLOCK_K)
         dy_ptrs = dy_ptr + tok[:, None] * stride_dym + offs_k[None, :]
-        w_ptrs = w_ptr + e * stride_we + offs_k[:, None] * stride_wd + offs_n[None, :]   # w_down[e, d, i]: [BLOCK_K, BLOCK_N]
+        # w_down[e, d, i] as a [BLOCK_K, BLOCK_N] tile (d along K)
+        w_ptrs = w_ptr + e * stride_we + offs_k[:, None] * stride_wd + offs_n[None, :]
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, D, BLOCK_K):
             mask_k = offs_k < D - k0
@@ -246,7 +247,8 @@ class FusedMoEFunction(torch.autograd.Function):
             d_x = dx_AD.view(M, K, D).sum(dim=1, dtype=torch.float32).to(dt)
 
         # Each expert's padded rows are blocks [expert_start[e], expert_start[e+1]).
-        expert_start = torch.searchsorted(block_expert, torch.arange(E + 1, device=dev, dtype=torch.int32)).to(torch.int32)
+        expert_start = torch.searchsorted(block_expert, torch.arange(E + 1, device=dev, dtype=torch.int32))
+        expert_start = expert_start.to(torch.int32)
         br, bc = cfg.get("block_r", DW_CONFIG["block_r"]), cfg.get("block_c", DW_CONFIG["block_c"])
         d_gate_up = d_down = None
         if need_gu:
@@ -264,9 +266,12 @@ class FusedMoEFunction(torch.autograd.Function):
         return d_x, d_gate_up, d_down, None, d_weight, None
 
 
-@torch.compiler.disable  # Triton launches and host-side shapes: run eagerly between compiled blocks
+# Eager between compiled blocks (Triton launches, host-side shapes). This module is imported on demand
+# (not from kernels/__init__): the decorator loads torch._dynamo, ~2 s of import time.
+@torch.compiler.disable
 def fused_moe_train(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
-                    topk_idx_MK: torch.Tensor, topk_weight_MK: torch.Tensor, config: dict | None = None) -> torch.Tensor:
+                    topk_idx_MK: torch.Tensor, topk_weight_MK: torch.Tensor,
+                    config: dict | None = None) -> torch.Tensor:
     """Differentiable routed experts (same math as fused_moe): gradients for x, both weights and topk_weight.
 
     Weights are cast to x's dtype (fp32 master weights under bf16 autocast), the routing weight keeps
