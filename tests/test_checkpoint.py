@@ -124,3 +124,20 @@ def test_load_peak_memory_near_model_size(tmp_path):
     print(f"model {size / 1e9:.2f} GB, load peak above baseline {grew / 1e9:.2f} GB")
     # the model itself + at most one mapped 200 MB shard and the libraries loading imports
     assert grew < size + 2 * 200e6, (grew, size)
+
+
+def test_fill_from_checkpoint_skips_extras_and_lists_problems(tmp_path):
+    from latentmoe.checkpoint import checkpoint_entries, fill_from_checkpoint
+
+    model = _tiny(seed=1)
+    save_model(model, tmp_path / "m")
+    target = _tiny(seed=2)
+    entries = dict(checkpoint_entries(target))
+    part = {k: v for k, v in entries.items() if ".experts.0." in k}  # a subset, as one rank's slice would be
+    fill_from_checkpoint(tmp_path / "m", part)
+    src = dict(checkpoint_entries(model))
+    assert all(torch.equal(part[k], src[k]) for k in part)
+    with pytest.raises(CheckpointError, match="missing.*nonexistent"):
+        fill_from_checkpoint(tmp_path / "m", {"nonexistent.weight": torch.zeros(2)})
+    with pytest.raises(CheckpointError, match="mis-shaped.*model.norm.weight"):
+        fill_from_checkpoint(tmp_path / "m", {"model.norm.weight": torch.zeros(3)})

@@ -152,6 +152,38 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
 
 
 @torch.no_grad()
+def fill_from_checkpoint(path: str | os.PathLike, targets: dict[str, torch.Tensor]) -> None:
+    """Copy every tensor named in `targets` from the checkpoint directory `path`, shard by shard.
+
+    Tensors the checkpoint holds beyond `targets` are skipped (another rank's or device's experts);
+    one CheckpointError lists the missing and mis-shaped ones.
+    """
+    path = os.fspath(path)
+    seen: set[str] = set()
+    misshaped: list[str] = []
+    for file in _shard_files(path):
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                target = targets.get(name)
+                if target is None:
+                    continue
+                tensor = f.get_tensor(name)
+                if tuple(tensor.shape) != tuple(target.shape):
+                    misshaped.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(target.shape)}")
+                    continue
+                target.copy_(tensor)
+                seen.add(name)
+    missing = sorted(set(targets) - seen)
+    if missing or misshaped:
+        lines = [f"checkpoint {path} does not match this model:"]
+        if missing:
+            lines.append(f"  {len(missing)} missing tensor(s): " + ", ".join(missing[:10]))
+        if misshaped:
+            lines.append(f"  {len(misshaped)} mis-shaped tensor(s): " + "; ".join(misshaped[:10]))
+        raise CheckpointError("\n".join(lines))
+
+
+@torch.no_grad()
 def save_model(model: DeepseekV2ForCausalLM, path: str | os.PathLike,
                max_shard_size: int | str = "5GB", tokenizer_dir: str | os.PathLike | None = None) -> None:
     """Write config.json + safetensors (sharded with an index above `max_shard_size`)."""
@@ -184,4 +216,4 @@ def save_model(model: DeepseekV2ForCausalLM, path: str | os.PathLike,
                 shutil.copyfile(src, os.path.join(path, name))
 
 
-__all__ = ["load_model", "save_model", "CheckpointError", "checkpoint_entries"]
+__all__ = ["load_model", "save_model", "fill_from_checkpoint", "CheckpointError", "checkpoint_entries"]

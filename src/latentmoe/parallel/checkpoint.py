@@ -22,10 +22,9 @@ import shutil
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..checkpoint import INDEX_FILE, _shard_files, checkpoint_entries
+from ..checkpoint import INDEX_FILE, checkpoint_entries, fill_from_checkpoint
 from .data_parallel import ZeroOptimizer, place_state
 from .mesh import ParallelDims, barrier
 
@@ -160,17 +159,7 @@ def save_checkpoint_distributed(run_dir: str, model, optimizer, trainer_state: d
 @torch.no_grad()
 def load_weights(model, model_dir: str) -> None:
     """Fill this rank's tensors (its expert slice by global name) from an HF-format directory."""
-    targets = dict(global_checkpoint_entries(model))
-    seen = set()
-    for file in _shard_files(model_dir):
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for name in f.keys():
-                if name in targets:
-                    targets[name].copy_(f.get_tensor(name))
-                    seen.add(name)
-    missing = sorted(set(targets) - seen)
-    if missing:
-        raise ValueError(f"checkpoint {model_dir} lacks {len(missing)} tensor(s) this model needs, e.g. {missing[:5]}")
+    fill_from_checkpoint(model_dir, dict(global_checkpoint_entries(model)))
 
 
 def _collect_optimizer_pieces(path: str, trainer_state: dict, model, optimizer) -> dict[str, list]:

@@ -12,10 +12,9 @@ from __future__ import annotations
 import os
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from ..checkpoint import _resolve_dtype, _shard_files
+from ..checkpoint import _resolve_dtype, fill_from_checkpoint
 from ..config import ModelConfig
 from ..model import DeepseekV2ForCausalLM, Experts
 from .expert_parallel import local_experts_forward
@@ -127,17 +126,7 @@ def load_model_expert_parallel(path: str | os.PathLike, expert_parallel_size: in
         for name, b in list(module.named_buffers(recurse=False)):
             setattr(module, name, torch.empty_like(b, device=dev))
     model.tie_weights()
-    targets = dict(_entries(model))
-    seen = set()
-    for file in _shard_files(path):
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for name in f.keys():
-                if name in targets:
-                    targets[name].copy_(f.get_tensor(name))
-                    seen.add(name)
-    missing = sorted(set(targets) - seen)
-    if missing:
-        raise ValueError(f"checkpoint {path} lacks {len(missing)} tensor(s), e.g. {missing[:5]}")
+    fill_from_checkpoint(path, dict(_entries(model)))
     model.eval()
     return model
 
