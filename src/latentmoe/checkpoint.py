@@ -109,7 +109,26 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
     model.to(dtype)
     model.to_empty(device=device)
     model.tie_weights()
-    targets = dict(checkpoint_entries(model))
+    # A tied checkpoint may still carry lm_head.weight: it is the embedding, nothing to load.
+    ignore = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    fill_from_checkpoint(path, dict(checkpoint_entries(model)), files=files, strict=True, ignore=ignore,
+                         progress=progress, what="its config.json")
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def fill_from_checkpoint(path: str | os.PathLike, targets: dict[str, torch.Tensor], *, files: list[str] | None = None,
+                         strict: bool = False, ignore: set[str] = frozenset(), progress: bool = False,
+                         what: str = "this model") -> None:
+    """Copy every tensor named in `targets` from the checkpoint directory `path`, shard by shard.
+
+    With `strict`, tensors the checkpoint holds beyond `targets` (and `ignore`) are errors; without it
+    they are skipped (another rank's or device's experts). One CheckpointError lists every missing,
+    unexpected and mis-shaped tensor.
+    """
+    path = os.fspath(path)
+    files = _shard_files(path) if files is None else files
     seen: set[str] = set()
     unexpected: list[str] = []
     misshaped: list[str] = []
@@ -122,9 +141,8 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
             for name in f.keys():
                 target = targets.get(name)
                 if target is None:
-                    if cfg.tie_word_embeddings and name == "lm_head.weight":
-                        continue
-                    unexpected.append(name)
+                    if strict and name not in ignore:
+                        unexpected.append(name)
                     continue
                 tensor = f.get_tensor(name)
                 if tuple(tensor.shape) != tuple(target.shape):
@@ -139,47 +157,13 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
         bar.close()
     missing = sorted(set(targets) - seen)
     if missing or unexpected or misshaped:
-        lines = [f"checkpoint {path} does not match its config.json:"]
+        lines = [f"checkpoint {path} does not match {what}:"]
         for title, items in (("missing", missing), ("unexpected", sorted(unexpected)), ("mis-shaped", misshaped)):
             if items:
                 lines.append(f"  {len(items)} {title} tensor(s):")
                 lines.extend(f"    {item}" for item in items[:50])
                 if len(items) > 50:
                     lines.append(f"    ... and {len(items) - 50} more")
-        raise CheckpointError("\n".join(lines))
-    model.eval()
-    return model
-
-
-@torch.no_grad()
-def fill_from_checkpoint(path: str | os.PathLike, targets: dict[str, torch.Tensor]) -> None:
-    """Copy every tensor named in `targets` from the checkpoint directory `path`, shard by shard.
-
-    Tensors the checkpoint holds beyond `targets` are skipped (another rank's or device's experts);
-    one CheckpointError lists the missing and mis-shaped ones.
-    """
-    path = os.fspath(path)
-    seen: set[str] = set()
-    misshaped: list[str] = []
-    for file in _shard_files(path):
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for name in f.keys():
-                target = targets.get(name)
-                if target is None:
-                    continue
-                tensor = f.get_tensor(name)
-                if tuple(tensor.shape) != tuple(target.shape):
-                    misshaped.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(target.shape)}")
-                    continue
-                target.copy_(tensor)
-                seen.add(name)
-    missing = sorted(set(targets) - seen)
-    if missing or misshaped:
-        lines = [f"checkpoint {path} does not match this model:"]
-        if missing:
-            lines.append(f"  {len(missing)} missing tensor(s): " + ", ".join(missing[:10]))
-        if misshaped:
-            lines.append(f"  {len(misshaped)} mis-shaped tensor(s): " + "; ".join(misshaped[:10]))
         raise CheckpointError("\n".join(lines))
 
 
