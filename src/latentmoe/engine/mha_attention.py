@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels._triton import jit, new_buffer, sm_count, tl, triton, use_triton
+from ..kernels.mla_decode import _mla_decode_merge_kernel
 
 LOG2E = 1.4426950408889634
 
@@ -85,27 +86,6 @@ def _mha_decode_split_kernel(
         tl.store(lse_ptr + (b * H + h) * NUM_SPLITS + split, lse)
 
 
-@jit
-def _mha_decode_merge_kernel(o_part_ptr, lse_ptr, out_ptr, stride_ob, stride_oh, H,
-                             DV: tl.constexpr, BLOCK_DV: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                             BLOCK_S: tl.constexpr):
-    pid = tl.program_id(0)   # = b * H + h; o_part [B, H, NUM_SPLITS, DV] contiguous fp32
-    b = pid // H
-    h = pid % H
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_DV)
-    mask_s = offs_s < NUM_SPLITS
-    mask_d = offs_d < DV
-    lse = tl.load(lse_ptr + pid * NUM_SPLITS + offs_s, mask=mask_s, other=float("-inf"))
-    m = tl.max(lse, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2(lse - m)
-    o = tl.load(o_part_ptr + (pid * NUM_SPLITS + offs_s[:, None]) * DV + offs_d[None, :],
-                mask=mask_s[:, None] & mask_d[None, :], other=0.0)
-    out = tl.sum(o * w[:, None], 0) / tl.maximum(tl.sum(w, 0), 1e-30)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
-
-
 # Best of a 5-point sweep on an H100 at V2-Lite shapes, batch 32, L=4,096 (results/mla_vs_mha.md): 64 tokens
 # per tile, 4 warps, splits sized for 4 programs per multiprocessor. The benchmark re-tunes in each run.
 TUNING = {"block_n": 64, "num_warps": 4, "ctas_per_sm": 4, "min_tokens_per_split": 256}
@@ -139,8 +119,9 @@ def mha_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scale,
         DK=DK, DV=DV, BLOCK_DK=triton.next_power_of_2(DK), BLOCK_DV=triton.next_power_of_2(DV),
         PAGE=PAGE, BLOCK_N=block_n, NUM_SPLITS=num_splits, num_warps=num_warps)
     if num_splits > 1:
-        _mha_decode_merge_kernel[(B * H,)](
-            o_part, lse, out, out.stride(0), out.stride(1), H, DV=DV, BLOCK_DV=triton.next_power_of_2(DV),
+        # The pieces merge exactly as the latent kernel's do (log-sum-exp weights over [B, H, S, DV] partials).
+        _mla_decode_merge_kernel[(B * H,)](
+            o_part, lse, out, out.stride(0), out.stride(1), H, C=DV, BLOCK_C=triton.next_power_of_2(DV),
             NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4)
     return out
 
