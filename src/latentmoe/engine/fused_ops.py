@@ -229,9 +229,10 @@ def fused_moe_few_tokens(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_pr
     block_expert = topk_idx_MK.reshape(-1)            # block a computes assignment a's expert
     h_PI = torch.empty(A * bm, I, dtype=x_MD.dtype, device=x_MD.device)
     _moe_gate_up_kernel[(triton.cdiv(I, cfg["block_n1"]), A)](
-        x_MD, gate_up_proj, h_PI, sorted_ids, block_expert,
-        x_MD.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), h_PI.stride(0), A, D, I, E,
-        TOP_K=K, BLOCK_M=bm, BLOCK_N=cfg["block_n1"], BLOCK_K=bk, UPCAST=INTERPRET, num_warps=nw, num_stages=ns)
+        x_MD, gate_up_proj, h_PI, h_PI, sorted_ids, block_expert,
+        x_MD.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), h_PI.stride(0), 0, A, D, I, E,
+        TOP_K=K, BLOCK_M=bm, BLOCK_N=cfg["block_n1"], BLOCK_K=bk, UPCAST=INTERPRET, STORE_GU=False,
+        num_warps=nw, num_stages=ns)
     y_AD = torch.empty(A, D, dtype=x_MD.dtype, device=x_MD.device)
     weight_A = topk_weight_MK.reshape(-1).contiguous()
     _moe_down_kernel[(triton.cdiv(D, cfg["block_n2"]), A)](

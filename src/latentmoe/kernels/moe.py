@@ -42,11 +42,14 @@ def moe_align(topk_idx_MK: torch.Tensor, n_experts: int, block_m: int) -> tuple[
 
 
 @jit
-def _moe_gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_expert_ptr,
-                        stride_xm, stride_we, stride_wn, stride_hm, A, D, I, E,
+def _moe_gate_up_kernel(x_ptr, w_ptr, h_ptr, gu_ptr, sorted_ids_ptr, block_expert_ptr,
+                        stride_xm, stride_we, stride_wn, stride_hm, stride_gm, A, D, I, E,
                         TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
-    """h[p, n] = silu(x[tok(p)] . w_gate[e, n]) * (x[tok(p)] . w_up[e, n]) for the rows p of one block."""
+                        BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, STORE_GU: tl.constexpr):
+    """h[p, n] = silu(x[tok(p)] . w_gate[e, n]) * (x[tok(p)] . w_up[e, n]) for the rows p of one block.
+
+    STORE_GU (training) also keeps the SwiGLU inputs gu[p] = [gate | up] for the backward; inference
+    passes any pointer there and the stores compile away."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
@@ -73,9 +76,13 @@ def _moe_gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_expert_ptr,
             x_ptrs += BLOCK_K
             wg_ptrs += BLOCK_K
             wu_ptrs += BLOCK_K
+        rows = offs_m[:, None].to(tl.int64)
+        if STORE_GU:
+            gu_ptrs = gu_ptr + rows * stride_gm + offs_n[None, :]
+            tl.store(gu_ptrs, acc_g.to(gu_ptr.dtype.element_ty), mask=mask_n[None, :])
+            tl.store(gu_ptrs + I, acc_u.to(gu_ptr.dtype.element_ty), mask=mask_n[None, :])
         h = acc_g * tl.sigmoid(acc_g) * acc_u
-        tl.store(h_ptr + offs_m[:, None].to(tl.int64) * stride_hm + offs_n[None, :],
-                 h.to(h_ptr.dtype.element_ty), mask=mask_n[None, :])
+        tl.store(h_ptr + rows * stride_hm + offs_n[None, :], h.to(h_ptr.dtype.element_ty), mask=mask_n[None, :])
 
 
 @jit
@@ -141,9 +148,10 @@ def fused_moe_triton(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: 
     n_blocks = block_expert.numel()
     h_PI = new_buffer((n_blocks * bm, I), x_MD.dtype, x_MD.device)
     _moe_gate_up_kernel[(triton.cdiv(I, cfg["block_n1"]), n_blocks)](
-        x_MD, gate_up_proj, h_PI, sorted_ids, block_expert,
-        x_MD.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), h_PI.stride(0), A, D, I, E,
-        TOP_K=K, BLOCK_M=bm, BLOCK_N=cfg["block_n1"], BLOCK_K=bk, UPCAST=INTERPRET, num_warps=nw, num_stages=ns)
+        x_MD, gate_up_proj, h_PI, h_PI, sorted_ids, block_expert,
+        x_MD.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), h_PI.stride(0), 0, A, D, I, E,
+        TOP_K=K, BLOCK_M=bm, BLOCK_N=cfg["block_n1"], BLOCK_K=bk, UPCAST=INTERPRET, STORE_GU=False,
+        num_warps=nw, num_stages=ns)
     y_AD = new_buffer((A, D), x_MD.dtype, x_MD.device)
     weight_A = topk_weight_MK.reshape(-1).contiguous()
     _moe_down_kernel[(triton.cdiv(D, cfg["block_n2"]), n_blocks)](

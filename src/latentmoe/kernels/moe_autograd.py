@@ -12,48 +12,8 @@ P padded rows, NT tiles of I.
 import torch
 
 from ._triton import INTERPRET, dot, jit, new_buffer, tl, triton, use_triton
-from .moe import _moe_down_kernel, choose_moe_config, moe_align
+from .moe import _moe_down_kernel, _moe_gate_up_kernel, choose_moe_config, moe_align
 from .reference import fused_moe_ref
-
-
-@jit
-def _gate_up_fwd_kernel(x_ptr, w_ptr, gu_ptr, h_ptr, sorted_ids_ptr, block_expert_ptr,
-                        stride_xm, stride_we, stride_wn, stride_gm, stride_hm, A, D, I, E,
-                        TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
-    """gu[p] = [x[tok(p)] . w_gate[e], x[tok(p)] . w_up[e]], h[p] = silu(gate) * up (rows of padding: 0)."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-    if e < E:
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        ids = tl.load(sorted_ids_ptr + offs_m)
-        valid = ids < A
-        tok = (ids // TOP_K).to(tl.int64)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < I
-        offs_k = tl.arange(0, BLOCK_K)
-        x_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :]
-        wg_ptrs = w_ptr + e * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
-        wu_ptrs = wg_ptrs + I * stride_wn
-        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            mask_k = offs_k < D - k0
-            xa = tl.load(x_ptrs, mask=valid[:, None] & mask_k[None, :], other=0.0)
-            wg = tl.load(wg_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            wu = tl.load(wu_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            acc_g += dot(xa, wg, UPCAST)
-            acc_u += dot(xa, wu, UPCAST)
-            x_ptrs += BLOCK_K
-            wg_ptrs += BLOCK_K
-            wu_ptrs += BLOCK_K
-        rows = offs_m[:, None].to(tl.int64)
-        gu_ptrs = gu_ptr + rows * stride_gm + offs_n[None, :]
-        tl.store(gu_ptrs, acc_g.to(gu_ptr.dtype.element_ty), mask=mask_n[None, :])
-        tl.store(gu_ptrs + I, acc_u.to(gu_ptr.dtype.element_ty), mask=mask_n[None, :])
-        h = acc_g * tl.sigmoid(acc_g) * acc_u
-        tl.store(h_ptr + rows * stride_hm + offs_n[None, :], h.to(h_ptr.dtype.element_ty), mask=mask_n[None, :])
 
 
 @jit
@@ -197,11 +157,11 @@ class FusedMoEFunction(torch.autograd.Function):
         n_blocks = block_expert.numel()
         gu_P2I = new_buffer((n_blocks * bm, 2 * I), x_MD.dtype, x_MD.device)
         h_PI = new_buffer((n_blocks * bm, I), x_MD.dtype, x_MD.device)
-        _gate_up_fwd_kernel[(triton.cdiv(I, cfg["block_n1"]), n_blocks)](
-            x_MD, gate_up_proj, gu_P2I, h_PI, sorted_ids, block_expert,
-            x_MD.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), gu_P2I.stride(0), h_PI.stride(0),
+        _moe_gate_up_kernel[(triton.cdiv(I, cfg["block_n1"]), n_blocks)](
+            x_MD, gate_up_proj, h_PI, gu_P2I, sorted_ids, block_expert,
+            x_MD.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), h_PI.stride(0), gu_P2I.stride(0),
             A, D, I, E, TOP_K=K, BLOCK_M=bm, BLOCK_N=cfg["block_n1"], BLOCK_K=bk, UPCAST=INTERPRET,
-            num_warps=nw, num_stages=ns)
+            STORE_GU=True, num_warps=nw, num_stages=ns)
         weight_A = topk_weight_MK.reshape(-1).contiguous()
         y_AD = new_buffer((A, D), x_MD.dtype, x_MD.device)
         _moe_down_kernel[(triton.cdiv(D, cfg["block_n2"]), n_blocks)](
