@@ -104,7 +104,8 @@ def main() -> int:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--variants", default="ours,transformers,ours-compiled")
+    ap.add_argument("--variants", default="ours,transformers,ours-compiled,ours-compiled-fused-moe",
+                    help="comma-separated: ours, transformers, ours-compiled, ours-fused-moe, ours-compiled-fused-moe")
     ap.add_argument("--out", default=None, help="also write the table (markdown) here")
     ap.add_argument("--overrides", default="", help="model config overrides k=v,k=v (CPU smoke runs)")
     args = ap.parse_args()
@@ -125,9 +126,11 @@ def main() -> int:
             torch.manual_seed(0)
             if variant.startswith("ours"):
                 model = build_model(cfg, device=device, dtype=torch.float32, seed=0, std=0.006).train()
-                if variant == "ours-compiled":
+                if variant.startswith("ours-compiled"):
                     for layer in model.model.layers:
                         layer.compile()
+                if variant.endswith("fused-moe"):  # the Triton experts with their own backward
+                    model.set_experts_impl("triton")
                 loss_fn, target = ours_loss(cfg), y
             else:
                 model = hf_model(cfg, device, 0.006)

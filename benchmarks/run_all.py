@@ -23,6 +23,9 @@ RESULTS = os.path.join(HERE, "results")
 BENCHMARKS = [
     ("kernels", "Kernels: MLA decode, latent-cache write, fused MoE", "kernels.md",
      [sys.executable, "benchmarks/bench_kernels.py", "--out", "benchmarks/results/kernels.md"]),
+    ("moe_backward", "Kernels: fused MoE forward + backward for training", "moe_backward.md",
+     [sys.executable, "benchmarks/bench_kernels.py", "--moe-backward", "--sweep", "--out",
+      "benchmarks/results/moe_backward.md"]),
     ("engine", "Inference engine vs transformers (V2-Lite shape)", "engine.md",
      [sys.executable, "benchmarks/bench_engine.py", "--check", "--quick", "--out", "benchmarks/results/engine.md"]),
     ("mla_vs_mha", "MLA vs MHA cache in the same engine", "mla_vs_mha.md",

@@ -61,11 +61,15 @@ def test_fused_modules_match_model(dev, over):
         assert torch.allclose(a.topk_weight.gather(-1, order_a), b.topk_weight.gather(-1, order_b), atol=1e-6)
         assert torch.allclose(a.scores, b.scores, atol=1e-6)
     # Switched back: the model's own code again, bit for bit; with autograd the model's path always serves.
+    # (On CUDA the model's fp32 expert loop sums with atomic index_add_, so two runs of the model's own
+    # code differ in the last bits: there the check is against a tolerance far below the fused path's.)
+    def same(a, b):
+        return torch.equal(a, b) if not CUDA else rel(a, b) < 1e-6
     set_fused_ops(model, False)
-    assert torch.equal(model(ids, positions=pos), ref)
+    assert same(model(ids, positions=pos), ref)
     set_fused_ops(model, True)
     with torch.enable_grad():
-        assert torch.equal(model(ids, positions=pos), ref)
+        assert same(model(ids, positions=pos), ref)
     set_fused_ops(model, False)
 
 

@@ -178,23 +178,33 @@ def test_write_latent_cache(K, dtype):
 
 
 # ----------------------------------------------------------------------------- MoE
-def test_moe_align(K):
-    gen = torch.Generator().manual_seed(2)
-    M, TOPK, E, bm = 23, 3, 10, 4
-    idx = torch.stack([torch.randperm(E, generator=gen)[:TOPK] for _ in range(M)]).to(DEV)
+@pytest.mark.parametrize("M,TOPK,E,bm", [(23, 3, 10, 4), (1, 6, 64, 16), (300, 6, 64, 16), (97, 6, 160, 16),
+                                         (40, 2, 8, 128)])
+def test_moe_align(K, M, TOPK, E, bm):
+    from latentmoe.kernels.moe import moe_align_torch
+    gen = torch.Generator().manual_seed(2 + M)
+    scores = torch.rand(M, E, generator=gen)
+    scores[:, : E // 3] += 1.0  # uneven loads: some experts crowded, some empty
+    idx = scores.topk(TOPK, dim=-1).indices.to(DEV)
     sorted_ids, block_expert = K.moe_align(idx, E, bm)
     A = M * TOPK
     ids = sorted_ids.cpu().view(-1, bm)
     be = block_expert.cpu()
     real = ids[ids < A]
     assert sorted(real.tolist()) == list(range(A))  # every assignment exactly once
+    assert ((ids >= 0) & (ids <= A)).all() and ((be >= 0) & (be <= E)).all()  # all written
     flat = idx.flatten().cpu()
     for blk in range(ids.shape[0]):
         rows = ids[blk][ids[blk] < A]
         if be[blk] < E:
             assert len(rows) > 0 and (flat[rows.long()] == be[blk]).all()
+            assert (rows.diff() > 0).all()  # assignment order within an expert
         else:
             assert len(rows) == 0
+    assert (be.diff() >= 0).all()
+    # The Triton kernel (on a GPU or under the interpreter) and the torch ops give the same layout.
+    ref_ids, ref_be = moe_align_torch(idx, E, bm)
+    assert torch.equal(sorted_ids.cpu(), ref_ids.cpu()) and torch.equal(block_expert.cpu(), ref_be.cpu())
 
 
 def make_moe(M, TOPK, E, D, I, dtype, gen, skew=False):

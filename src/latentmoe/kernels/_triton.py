@@ -18,13 +18,14 @@ except ImportError:  # pragma: no cover - Triton ships with CUDA builds of torch
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# Tests set this to fill every buffer a kernel must write with NaN first, exposing unwritten elements.
+# Tests set this to fill every buffer a kernel must write with NaN (-1 for integers) first, exposing
+# unwritten elements.
 POISON = False
 
 
 def new_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if POISON:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
 

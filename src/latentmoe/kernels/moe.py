@@ -15,13 +15,8 @@ from ._triton import INTERPRET, dot, jit, new_buffer, tl, triton, use_triton
 from .reference import fused_moe_ref
 
 
-def moe_align(topk_idx_MK: torch.Tensor, n_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> sorted_ids [P] (assignment ids m*K+k grouped by expert, each group padded to block_m with
-    the id A), block_expert [P / block_m] (each row block's expert; E for blocks past the last).
-
-    P is the worst case cdiv(A, block_m) + min(E, A) blocks, so shapes never depend on the routing
-    (no host sync; CUDA graphs can capture it).
-    """
+def moe_align_torch(topk_idx_MK: torch.Tensor, n_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """moe_align in torch ops (a stable argsort and a dozen small ops): any size, any device."""
     A = topk_idx_MK.numel()
     dev = topk_idx_MK.device
     flat_A = topk_idx_MK.flatten()
@@ -34,10 +29,102 @@ def moe_align(topk_idx_MK: torch.Tensor, n_experts: int, block_m: int) -> tuple[
     first_rank_E = counts_E.cumsum(0) - counts_E           # first sorted position of each expert
     expert_A = flat_A[order_A]
     dest_A = first_row_E[expert_A] + torch.arange(A, device=dev) - first_rank_E[expert_A]
-    n_blocks = triton.cdiv(A, block_m) + min(n_experts, A)
+    n_blocks = align_blocks(A, n_experts, block_m)
     sorted_ids = torch.full((n_blocks * block_m,), A, dtype=torch.int32, device=dev)
     sorted_ids[dest_A] = order_A.to(torch.int32)
     block_expert = torch.searchsorted(block_end_E, torch.arange(n_blocks, device=dev), right=True).to(torch.int32)
+    return sorted_ids, block_expert
+
+
+def align_blocks(n_assignments: int, n_experts: int, block_m: int) -> int:
+    """Worst-case row blocks: every expert's group may end in a partial block."""
+    return triton.cdiv(n_assignments, block_m) + min(n_experts, n_assignments)
+
+
+@jit
+def _moe_align_layout_kernel(idx_ptr, sorted_ids_ptr, block_expert_ptr, chunk_base_ptr, A, E, n_blocks,
+                             BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_A: tl.constexpr,
+                             BLOCK_J: tl.constexpr):
+    """One program: per-expert counts (and each chunk's running count), the padded group layout,
+    block_expert, the padding rows, and chunk_base[c, e] = where chunk c's first assignment to e goes."""
+    offs_e = tl.arange(0, BLOCK_E)
+    mask_e = offs_e < E
+    offs_a = tl.arange(0, BLOCK_A)
+    counts = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for a0 in range(0, A, BLOCK_A):
+        # Running counts before this chunk, made absolute below once first_row is known.
+        tl.store(chunk_base_ptr + (a0 // BLOCK_A) * BLOCK_E + offs_e, counts)
+        e = tl.load(idx_ptr + a0 + offs_a, mask=a0 + offs_a < A, other=E).to(tl.int32)
+        counts += tl.sum((e[:, None] == offs_e[None, :]).to(tl.int32), 0)
+    blocks = (counts + BLOCK_M - 1) // BLOCK_M
+    block_end = tl.cumsum(blocks, 0)
+    first_row = (block_end - blocks) * BLOCK_M
+    for a0 in range(0, A, BLOCK_A):
+        ptrs = chunk_base_ptr + (a0 // BLOCK_A) * BLOCK_E + offs_e
+        tl.store(ptrs, tl.load(ptrs) + first_row)
+    block_end = tl.where(mask_e, block_end, 1 << 30)
+    offs_j = tl.arange(0, BLOCK_J)
+    offs_r = tl.arange(0, BLOCK_M)
+    for j0 in range(0, n_blocks, BLOCK_J):
+        j = j0 + offs_j
+        # A block's expert = how many experts end at or before it (E past the last used block).
+        be = tl.sum((block_end[None, :] <= j[:, None]).to(tl.int32), 1)
+        tl.store(block_expert_ptr + j, be, mask=j < n_blocks)
+        # Padding: a block's rows past its expert's count, and every row of blocks past the last.
+        hot = offs_e[None, :] == be[:, None]
+        fr = tl.sum(tl.where(hot, first_row[None, :], 0), 1)
+        cnt = tl.sum(tl.where(hot, counts[None, :], 0), 1)
+        row = j[:, None] * BLOCK_M + offs_r[None, :]                                # [BLOCK_J, BLOCK_M]
+        pad = (be[:, None] >= E) | (row - fr[:, None] >= cnt[:, None])
+        tl.store(sorted_ids_ptr + row, tl.zeros([BLOCK_J, BLOCK_M], dtype=tl.int32) + A,
+                 mask=(j[:, None] < n_blocks) & pad)
+
+
+@jit
+def _moe_align_scatter_kernel(idx_ptr, sorted_ids_ptr, chunk_base_ptr, A, E,
+                              BLOCK_E: tl.constexpr, BLOCK_A: tl.constexpr):
+    """One program per chunk: each assignment's rank among the chunk's assignments to its expert
+    (a one-hot prefix sum), plus the chunk's base for that expert, is its row."""
+    c = tl.program_id(0)
+    offs_e = tl.arange(0, BLOCK_E)
+    a = c * BLOCK_A + tl.arange(0, BLOCK_A)
+    e = tl.load(idx_ptr + a, mask=a < A, other=E).to(tl.int32)
+    hot = (e[:, None] == offs_e[None, :]).to(tl.int32)                               # [BLOCK_A, BLOCK_E]
+    base = tl.load(chunk_base_ptr + c * BLOCK_E + offs_e)
+    dest = tl.sum((tl.cumsum(hot, 0) - 1 + base[None, :]) * hot, 1)
+    tl.store(sorted_ids_ptr + dest, a, mask=(a < A) & (e < E))
+
+
+# Up to this many assignments the two kernels above beat the torch path's radix sort and dozen
+# small launches (decode batches); prefill-sized routings take the torch path.
+ALIGN_KERNEL_MAX_ASSIGNMENTS = 8192
+
+
+def moe_align(topk_idx_MK: torch.Tensor, n_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> sorted_ids [P] (assignment ids m*K+k grouped by expert in assignment order, each group
+    padded to block_m with the id A), block_expert [P / block_m] (each row block's expert; E for
+    blocks past the last).
+
+    P is the worst case align_blocks(A, E, block_m) * block_m, so shapes never depend on the routing
+    (no host sync; CUDA graphs can capture it). Up to
+    ALIGN_KERNEL_MAX_ASSIGNMENTS assignments (two Triton kernels), torch ops otherwise (the same output).
+    """
+    A = topk_idx_MK.numel()
+    if not use_triton(topk_idx_MK) or A > ALIGN_KERNEL_MAX_ASSIGNMENTS or A == 0:
+        return moe_align_torch(topk_idx_MK, n_experts, block_m)
+    n_blocks = align_blocks(A, n_experts, block_m)
+    sorted_ids = new_buffer((n_blocks * block_m,), torch.int32, topk_idx_MK.device)
+    block_expert = new_buffer((n_blocks,), torch.int32, topk_idx_MK.device)
+    block_e = triton.next_power_of_2(n_experts)
+    block_a = max(16, min(128, 8192 // block_e))
+    n_chunks = triton.cdiv(A, block_a)
+    idx_A = topk_idx_MK.reshape(-1).contiguous()
+    chunk_base = new_buffer((n_chunks, block_e), torch.int32, topk_idx_MK.device)
+    _moe_align_layout_kernel[(1,)](idx_A, sorted_ids, block_expert, chunk_base, A, n_experts, n_blocks,
+                                   BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_A=block_a,
+                                   BLOCK_J=max(1, 2048 // block_m), num_warps=4)
+    _moe_align_scatter_kernel[(n_chunks,)](idx_A, sorted_ids, chunk_base, A, n_experts,
+                                           BLOCK_E=block_e, BLOCK_A=block_a, num_warps=4)
     return sorted_ids, block_expert
 
 

@@ -131,8 +131,10 @@ def _dw_bwd_kernel(a_ptr, b_ptr, out_ptr, weight_ptr, sorted_ids_ptr, expert_sta
 
 
 # Weight-gradient tiles (rows x cols of one expert's weight; the reduction runs over its token rows).
-# A config dict may override them with the keys block_r / block_c. Not yet tuned on a GPU.
-DW_CONFIG = dict(block_r=64, block_c=64)
+# A config dict may override them with the keys block_r / block_c. H100, 8K and 16K tokens of the
+# small and V2-Lite shapes (benchmarks/results/moe_backward.md): 128x128 was fastest in 3 of 4 cases,
+# 64x64 slowest in all 4.
+DW_CONFIG = dict(block_r=128, block_c=128)
 
 
 class FusedMoEFunction(torch.autograd.Function):
