@@ -139,7 +139,9 @@ def test_choose_num_splits(K):
     assert K.choose_num_splits(batch=64, head_groups=1, max_seq_len=4096, device=cpu) == 1
     # 20 programs: 1 piece = 2 waves, the second 4/16 busy (8,320); 4 pieces = 5 full waves of 1,088 (5,440).
     assert K.choose_num_splits(batch=20, head_groups=1, max_seq_len=4096, device=cpu) == 4
-    assert K.choose_num_splits(batch=1, head_groups=1, max_seq_len=200, device=cpu) == 1   # pieces >= 128 tokens
+    # Pieces of at least 32 tokens: 6 of 200 (1 x (34 + 64)) beat 1 of 200 (264).
+    assert K.choose_num_splits(batch=1, head_groups=1, max_seq_len=200, device=cpu) == 6
+    assert K.choose_num_splits(batch=1, head_groups=1, max_seq_len=40, device=cpu) == 1
 
 
 def test_dispatch_without_triton_uses_the_references(K, monkeypatch):

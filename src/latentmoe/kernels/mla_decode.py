@@ -100,7 +100,7 @@ def _mla_decode_merge_kernel(
 
 
 def choose_num_splits(batch: int, head_groups: int, max_seq_len: int, device: torch.device, ctas_per_sm: int = 2,
-                      min_tokens_per_split: int = 128, max_splits: int = 64, piece_overhead: int = 64) -> int:
+                      min_tokens_per_split: int = 32, max_splits: int = 64, piece_overhead: int = 64) -> int:
     """Pieces per sequence, from a wave model of the launch.
 
     With s pieces the grid has batch * head_groups * s programs, run in ceil(programs / slots) waves
@@ -109,7 +109,8 @@ def choose_num_splits(batch: int, head_groups: int, max_seq_len: int, device: to
     waves * (max_seq_len / s + piece_overhead): minimise it, fewest pieces on ties. Below one wave this
     fills the wave (measured on an H100: 4 pieces of B=64 ran 1.4x faster than 5, whose second wave
     was nearly empty); above it, it trims the last wave's idle slots (B=298: 7 pieces, not 1).
-    Pieces stay at least `min_tokens_per_split` long.
+    Pieces stay at least `min_tokens_per_split` long (one 32-token tile: at batch 1 every tile a
+    program walks is a dependent DRAM round trip, so short pieces win).
     """
     programs = batch * head_groups
     slots = ctas_per_sm * sm_count(device)
