@@ -71,7 +71,7 @@ def build_model(cfg: TrainConfig, model_cfg, device: torch.device) -> DeepseekV2
     model = _build_model(model_cfg, device=device, dtype=torch.float32, seed=cfg.train.seed,
                          std=cfg.model.init_std)
     model.gradient_checkpointing = cfg.precision.activation_checkpointing
-    if cfg.precision.fused_moe:  # off by default until benchmarked against torch._grouped_mm
+    if cfg.precision.fused_moe:  # off by default: faster alone, but a graph break inside compiled blocks
         model.set_experts_impl("triton")
     model.train()
     return model
