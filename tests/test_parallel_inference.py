@@ -23,7 +23,7 @@ def small_checkpoint(path, **over):
 @pytest.mark.parametrize("n", [2, 4])
 def test_sharded_experts_match_plain_model(tmp_path, n):
     small_checkpoint(tmp_path)
-    plain, sharded = load_model(tmp_path), load_model_expert_parallel(tmp_path, n)
+    plain, sharded = load_model(tmp_path), load_model_expert_parallel(tmp_path, n, device="cpu")
     layers = [layer.mlp.experts for layer in sharded.model.layers if layer.is_moe]
     assert all(isinstance(e, DeviceShardedExperts) and len(e.shards) == n for e in layers)
     assert all(s.gate_up_proj.shape[0] == 8 // n for e in layers for s in e.shards)
@@ -38,19 +38,20 @@ def test_engine_generates_the_same_tokens(tmp_path):
     small_checkpoint(tmp_path, topk_method="group_limited_greedy", n_group=4, topk_group=2)
     params = SamplingParams(temperature=0.0, max_tokens=8)
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
-    plain = LLM(str(tmp_path), enforce_eager=True).generate(prompts, params)
-    sharded = LLM(load_model_expert_parallel(tmp_path, 2), enforce_eager=True).generate(prompts, params)
+    plain = LLM(str(tmp_path), device="cpu", enforce_eager=True).generate(prompts, params)
+    sharded = LLM(load_model_expert_parallel(tmp_path, 2, device="cpu"), device="cpu", enforce_eager=True).generate(
+        prompts, params)
     assert [o.outputs[0].token_ids for o in sharded] == [o.outputs[0].token_ids for o in plain]
     # the engine's own switch (what `serve --ep N` passes) loads the same split
-    llm = LLM(str(tmp_path), expert_parallel_size=2)
+    llm = LLM(str(tmp_path), device="cpu", expert_parallel_size=2)
     assert type(llm.model.model.layers[-1].mlp.experts).__name__ == "DeviceShardedExperts"
     via_engine = llm.generate(prompts, params)
     assert [o.outputs[0].token_ids for o in via_engine] == [o.outputs[0].token_ids for o in plain]
     with pytest.raises(ValueError, match="expert_parallel_size"):
-        LLM(str(tmp_path), expert_parallel_size=0)
+        LLM(str(tmp_path), device="cpu", expert_parallel_size=0)
 
 
 def test_experts_must_divide(tmp_path):
     small_checkpoint(tmp_path)
     with pytest.raises(ValueError, match="must divide n_routed_experts"):
-        load_model_expert_parallel(tmp_path, 3)
+        load_model_expert_parallel(tmp_path, 3, device="cpu")

@@ -49,7 +49,7 @@ def copy_at_step(src, dst, step):
 @pytest.mark.slow
 def test_two_rank_run_trains_checkpoints_and_resumes_anywhere(tmp_path):
     data = tmp_path / "data"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")  # gloo, CPU
     run = tmp_path / "ep2"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(free_port()), "-m", "latentmoe", *common_args(run, data), "--parallel.ep_size", "2"]

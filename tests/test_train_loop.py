@@ -23,7 +23,8 @@ def _cfg(run_dir, data_dir, **over):
     base = {"run_dir": str(run_dir), "data.cache_dir": data_dir, "data.max_chars": 60000, "data.vocab_size": 384,
             "train.seq_len": 32, "train.micro_batch_size": 4, "train.batch_size": 8, "train.max_steps": 6,
             "train.tokens": 8 * 32 * 12, "logging.progress": False, "logging.eval_interval": 0,
-            "precision.threads": 1, "optim.warmup_steps": 2, "optim.lr": 3e-3}
+            "precision.threads": 1, "optim.warmup_steps": 2, "optim.lr": 3e-3,
+            "precision.device": "cpu"}
     base.update(over)
     return load_config("tiny", base)
 
