@@ -166,7 +166,7 @@ def test_triton_paged_decode_kernel_on_gpu():
     import latentmoe.kernels._triton as tr
     from latentmoe.engine.mha_attention import mha_decode_triton
     g = torch.Generator().manual_seed(3)
-    B, H, DK, DV, BS, NB = 5, 16, 192, 128, 16, 200
+    B, H, DK, DV, BS, NB = 5, 16, 192, 128, 16, 400   # 63 blocks per sequence, shuffled
     k = torch.randn(NB, BS, H, DK, generator=g).cuda()
     v = torch.randn(NB, BS, H, DV, generator=g).cuda()
     lens = [1, 37, 500, 16, 999]

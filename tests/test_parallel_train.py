@@ -24,7 +24,8 @@ def common_args(run_dir, data_dir):
             "--data.max_chars", "60000", "--train.max_steps", str(STEPS), "--checkpoint.interval", "2",
             "--logging.progress", "false", "--logging.eval_interval", "2", "--precision.threads", "1",
             "--model.overrides.topk_method", "greedy", "--routing.devices", "2", "--routing.max_devices", "1",
-            "--routing.device_limited", "true", "--routing.drop_tokens", "false"]
+            "--routing.device_limited", "true", "--routing.drop_tokens", "false",
+            "--precision.device", "cpu"]  # gloo on CPU, also where a GPU is visible
 
 
 def metrics(run_dir):
