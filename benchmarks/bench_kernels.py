@@ -6,10 +6,13 @@ Usage: python benchmarks/bench_kernels.py [--sweep] [--out FILE]; --moe-backward
 """
 import argparse
 import datetime
-import statistics
+import os
 import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import median_seconds  # noqa: E402
 
 from latentmoe.kernels import fused_moe_triton, mla_decode_einsum, mla_decode_triton
 from latentmoe.kernels import choose_num_splits
@@ -20,35 +23,8 @@ ROW_BYTES = (C + R) * 2
 
 
 def bench(fn, warmup=5, iters=30, graph=False):
-    """Median milliseconds of fn() by CUDA events; optionally replaying a captured CUDA graph."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    if graph:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        run = g.replay
-        # Replays until the clocks settle: in one run the first kernel timed after the roofline's
-        # matmuls read 141 us where the same graph took 129 us a minute later.
-        for _ in range(max(warmup, 50)):
-            run()
-    else:
-        run = fn
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        run()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    """Median milliseconds of fn(), optionally as replays of a captured CUDA graph."""
+    return median_seconds(fn, iters=iters, warmup=warmup, graph=graph) * 1e3
 
 
 def roofline():

@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_engine import engine_decode, floor_ms  # noqa: E402  (the same decode-step measurement)
+from timing import median_seconds  # noqa: E402
 
 from latentmoe import build_model, get_config  # noqa: E402
 from latentmoe.engine import LLM  # noqa: E402
@@ -32,38 +33,8 @@ GiB = 2 ** 30
 
 
 def gpu_time(fn, iters: int, device, graph: bool = False) -> float:
-    """Median seconds of fn() (CUDA events on a GPU, wall clock elsewhere). graph=True times replays
-    of a captured CUDA graph, as the engine runs decode: the kernels' time without the host's launch
-    time, which at small batches is larger than the kernels'."""
-    import time
-    fn()
-    run = fn
-    if graph and device.type == "cuda":
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        run = g.replay
-        for _ in range(20):
-            run()
-    ts = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            run()
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b) / 1e3)
-        else:
-            t = time.perf_counter()
-            run()
-            ts.append(time.perf_counter() - t)
-    return sorted(ts)[len(ts) // 2]
+    """Median seconds of fn() after one warm-up call; graph=True: CUDA-graph replays (on a GPU)."""
+    return median_seconds(fn, iters=iters, warmup=1, graph=graph and device.type == "cuda")
 
 
 def copy_bandwidth(device) -> float:

@@ -11,13 +11,12 @@ import torch
 def pytest_collection_modifyitems(config, items):
     """Without CUDA, Triton kernels are tested by Triton's interpreter in a child pytest (it must be
     chosen before triton is imported): the parent deselects those tests instead of listing them as
-    skipped, and runs them through the child runners (test_kernels_under_triton_interpreter,
-    test_fused_ops_under_triton_interpreter), which fail on any failed or skipped child test."""
-    if torch.cuda.is_available() or os.environ.get("LATENTMOE_KERNEL_TEST_CHILD") == "1" \
-            or os.environ.get("LATENTMOE_FUSED_TEST_CHILD") == "1":
+    skipped, and runs them through each module's child runner (tests/interpreter_child.py), which fails on any
+    failed or skipped child test."""
+    if torch.cuda.is_available() or os.environ.get("LATENTMOE_TRITON_TEST_CHILD") == "1":
         return
-    in_child = {"test_kernels": "K", "test_engine_fused_ops": "dev"}  # module -> fixture of child-only tests
-    in_child["test_kernels_moe_backward"] = "K"
+    # module -> fixture of its child-only tests (each module's runner: interpreter_child.py)
+    in_child = {"test_kernels": "K", "test_kernels_moe_backward": "K", "test_engine_fused_ops": "dev"}
     keep, drop = [], []
     for item in items:
         fixture = in_child.get(item.module.__name__.rsplit(".", 1)[-1]) if item.module else None

@@ -2,36 +2,26 @@
 and engine greedy output with it on == plain generation. Without CUDA it runs in a child pytest under
 Triton's interpreter (fp32: the interpreter truncates on bf16 casts, a GPU rounds to nearest even).
 """
-import os
-import re
-import subprocess
-import sys
 
 import pytest
 import torch
+from interpreter_child import IN_CHILD, run_module_under_interpreter
 
 from latentmoe import build_model, get_config
 
 CUDA = torch.cuda.is_available()
-CHILD = os.environ.get("LATENTMOE_FUSED_TEST_CHILD") == "1"
 YARN = {"type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
         "mscale": 0.707, "mscale_all_dim": 0.707}
 
 
-@pytest.mark.skipif(CUDA or CHILD, reason="the interpreter child runs only on machines without CUDA")
+@pytest.mark.skipif(CUDA or IN_CHILD, reason="the interpreter child runs only on machines without CUDA")
 def test_fused_ops_under_triton_interpreter():
-    import triton  # noqa: F401  (a dev dependency: missing it must fail, not skip)
-    env = dict(os.environ, TRITON_INTERPRET="1", LATENTMOE_FUSED_TEST_CHILD="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-o", "addopts=", "-q", "-p", "no:cacheprovider"],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
-    summary = proc.stdout.strip().splitlines()[-1]
-    assert re.search(r"\d+ passed, 1 skipped", summary) and "failed" not in summary, proc.stdout[-3000:]
+    run_module_under_interpreter(__file__)
 
 
 @pytest.fixture(scope="module")
 def dev():
-    if not CUDA and not CHILD:
+    if not CUDA and not IN_CHILD:
         pytest.skip("runs in the TRITON_INTERPRET child (test_fused_ops_under_triton_interpreter)")
     torch.set_num_threads(1)
     return torch.device("cuda" if CUDA else "cpu")

@@ -3,39 +3,27 @@
 Every check draws random inputs, shuffled block tables with junk in unused entries, ragged lengths,
 and NaN-filled output buffers, so an unwritten or misaddressed element fails the comparison.
 """
-import os
-import re
-import subprocess
 import sys
 
 import pytest
 import torch
+from interpreter_child import IN_CHILD, run_module_under_interpreter
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-# Triton's interpreter must be chosen before triton is first imported (its standard library is
-# decorated then), so without CUDA the kernel tests run in a child pytest with TRITON_INTERPRET=1.
-CHILD = os.environ.get("LATENTMOE_KERNEL_TEST_CHILD") == "1"
+# Without CUDA the kernel tests run in a child pytest under Triton's interpreter (interpreter_child).
 
 
-@pytest.mark.skipif(CUDA or CHILD, reason="the interpreter child runs only on machines without CUDA")
+@pytest.mark.skipif(CUDA or IN_CHILD, reason="the interpreter child runs only on machines without CUDA")
 def test_kernels_under_triton_interpreter():
-    import triton  # noqa: F401  (a dev dependency: missing it must fail, not skip)
-    env = dict(os.environ, TRITON_INTERPRET="1", LATENTMOE_KERNEL_TEST_CHILD="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-o", "addopts=", "-q", "-m", "not gpu",
-                           "-p", "no:cacheprovider"],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
-    # Only this runner may be skipped in the child: a silently skipped kernel test would hide a failure.
-    summary = proc.stdout.strip().splitlines()[-1]
-    assert re.search(r"\d+ passed, 1 skipped", summary) and "failed" not in summary, proc.stdout[-3000:]
+    run_module_under_interpreter(__file__)
 
 
 @pytest.fixture(scope="module")
 def K():
-    if not CUDA and not CHILD:
+    if not CUDA and not IN_CHILD:
         pytest.skip("runs in the TRITON_INTERPRET child (test_kernels_under_triton_interpreter)")
     import latentmoe.kernels as kernels
     if not kernels.HAS_TRITON:

@@ -4,38 +4,28 @@ autograd through the plain-PyTorch reference, in fp64; under Triton's interprete
 Inputs are random, routing is uneven (some experts get no token, some routing weights are zero as after
 token dropping), and every kernel output buffer starts NaN-filled, so an unwritten element fails.
 """
-import os
-import re
-import subprocess
 import sys
 
 import pytest
 import torch
+from interpreter_child import IN_CHILD, run_module_under_interpreter
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
 # Same scheme as tests/test_kernels.py: the interpreter must be chosen before triton is imported.
-CHILD = os.environ.get("LATENTMOE_KERNEL_TEST_CHILD") == "1"
 # fp32 is exact in the interpreter; on a GPU tl.dot takes fp32 operands as tf32 (~1e-3).
 FP32_TOL = 5e-3 if CUDA else 1e-5
 SMALL = dict(block_m=16, block_n1=16, block_n2=16, block_k=16, num_warps=4, num_stages=2)
 
 
-@pytest.mark.skipif(CUDA or CHILD, reason="the interpreter child runs only on machines without CUDA")
+@pytest.mark.skipif(CUDA or IN_CHILD, reason="the interpreter child runs only on machines without CUDA")
 def test_moe_backward_under_triton_interpreter():
-    import triton  # noqa: F401  (a dev dependency: missing it must fail, not skip)
-    env = dict(os.environ, TRITON_INTERPRET="1", LATENTMOE_KERNEL_TEST_CHILD="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-o", "addopts=", "-q", "-m", "not gpu",
-                           "-p", "no:cacheprovider"],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
-    summary = proc.stdout.strip().splitlines()[-1]  # only this runner may be skipped in the child
-    assert re.search(r"\d+ passed, 1 skipped", summary) and "failed" not in summary, proc.stdout[-3000:]
+    run_module_under_interpreter(__file__)
 
 
 @pytest.fixture(scope="module")
 def K():
-    if not CUDA and not CHILD:
+    if not CUDA and not IN_CHILD:
         pytest.skip("runs in the TRITON_INTERPRET child (test_moe_backward_under_triton_interpreter)")
     import latentmoe.kernels as kernels
     if not kernels.HAS_TRITON:
