@@ -191,6 +191,20 @@ def profile_decode(llm, B, L, out_path):
     return table
 
 
+def plain_greedy(model, device, n_new: int = 16):
+    """The check prompts (8 of 1-100 tokens, seeded) and their greedy continuations by full recompute."""
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (5, 17, 1, 30, 9, 12, 64, 100)]
+    want = []
+    with torch.inference_mode():
+        for p in prompts:
+            ids = list(p)
+            for _ in range(n_new):
+                ids.append(int(model(torch.tensor([ids], device=device))[0, -1].argmax()))
+            want.append(ids[len(p):])
+    return prompts, want
+
+
 def check_cuda(device):
     """Greedy tokens of the engine (CUDA graphs, then eager) vs plain full recompute, tiny model, bf16.
 
@@ -200,15 +214,7 @@ def check_cuda(device):
     # Greedy routing as in V2-Lite (the tiny preset limits groups, which the fused router leaves to the model).
     cfg = get_config("tiny", vocab_size=512, num_hidden_layers=3, topk_method="greedy", n_group=1, topk_group=1)
     model = build_model(cfg, device=device, dtype=torch.bfloat16, seed=0, std=0.08).eval()
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (5, 17, 1, 30, 9, 12, 64, 100)]
-    want = []
-    with torch.inference_mode():
-        for p in prompts:
-            ids = list(p)
-            for _ in range(16):
-                ids.append(int(model(torch.tensor([ids], device=device))[0, -1].argmax()))
-            want.append(ids[len(p):])
+    prompts, want = plain_greedy(model, device)
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     for eager, impl, ops in ((False, "model", False), (False, "model", True), (True, "model", True),
                              (False, "fused", False), (False, "fused", True), (True, "fused", True)):

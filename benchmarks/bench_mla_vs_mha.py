@@ -20,7 +20,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_engine import engine_decode, floor_ms  # noqa: E402  (the same decode-step measurement)
+from bench_engine import engine_decode, floor_ms, plain_greedy  # noqa: E402  (the same decode-step measurement)
 from timing import median_seconds  # noqa: E402
 
 from latentmoe import build_model, get_config  # noqa: E402
@@ -87,15 +87,7 @@ def check_engines_agree(device) -> str:
     bf16 rounding differs between a paged decode and a full recompute, so near-ties may flip)."""
     cfg = get_config("tiny", vocab_size=512, num_hidden_layers=3)
     model = build_model(cfg, device=device, dtype=torch.bfloat16, seed=0, std=0.08).eval()
-    gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, 512, (n,), generator=gen).tolist() for n in (5, 17, 1, 30, 9, 12, 64, 100)]
-    want = []
-    with torch.inference_mode():
-        for p in prompts:
-            ids = list(p)
-            for _ in range(16):
-                ids.append(int(model(torch.tensor([ids], device=device))[0, -1].argmax()))
-            want.append(ids[len(p):])
+    prompts, want = plain_greedy(model, device)
     from latentmoe.engine import SamplingParams
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     got = {}
