@@ -41,7 +41,7 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
     if dtype is None or dtype == "auto":
         return default_dtype(device)
     if isinstance(dtype, str):
@@ -102,7 +102,7 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
     cfg = ModelConfig.from_json(path)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    dtype = _resolve_dtype(dtype, device)
+    dtype = resolve_dtype(dtype, device)
     files = _shard_files(path)
     with torch.device("meta"):
         model = DeepseekV2ForCausalLM(cfg)
@@ -200,4 +200,5 @@ def save_model(model: DeepseekV2ForCausalLM, path: str | os.PathLike,
                 shutil.copyfile(src, os.path.join(path, name))
 
 
-__all__ = ["load_model", "save_model", "fill_from_checkpoint", "CheckpointError", "checkpoint_entries"]
+__all__ = ["load_model", "save_model", "fill_from_checkpoint", "CheckpointError", "checkpoint_entries", "resolve_dtype",
+           "default_dtype"]

@@ -55,9 +55,9 @@ class LLM:
         elif expert_parallel_size > 1:
             raise ValueError("expert_parallel_size > 1 needs a checkpoint path (experts are placed while loading)")
         elif device is not None or dtype is not None:
-            from ..checkpoint import _resolve_dtype
+            from ..checkpoint import resolve_dtype
             device = torch.device(device) if device is not None else next(model.parameters()).device
-            model = model.to(device=device, dtype=_resolve_dtype(dtype, device) if dtype is not None else None)
+            model = model.to(device=device, dtype=resolve_dtype(dtype, device) if dtype is not None else None)
         model.eval()
         if kv_cache not in ("latent", "mha"):   # 'mha': per-head K/V of the same model (the MLA-vs-MHA baseline)
             raise ValueError(f"kv_cache must be 'latent' or 'mha', got {kv_cache!r}")

@@ -14,7 +14,7 @@ import os
 import torch
 from torch import nn
 
-from ..checkpoint import _resolve_dtype, fill_from_checkpoint
+from ..checkpoint import resolve_dtype, fill_from_checkpoint
 from ..config import ModelConfig
 from ..model import DeepseekV2ForCausalLM, Experts
 from .expert_parallel import local_experts_forward
@@ -109,7 +109,7 @@ def load_model_expert_parallel(path: str | os.PathLike, expert_parallel_size: in
     path = os.fspath(path)
     cfg = ModelConfig.from_json(path)
     devices = resolve_devices(expert_parallel_size, device)
-    dtype = _resolve_dtype(dtype, devices[0])
+    dtype = resolve_dtype(dtype, devices[0])
     with torch.device("meta"):
         model = DeepseekV2ForCausalLM(cfg)
         for layer in model.model.layers:
