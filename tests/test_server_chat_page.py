@@ -1,6 +1,6 @@
 """The chat page at `/` in headless Chromium: it sends a message and shows the answer streamed from the server.
 
-Needs Debian's `chromium` and `chromium-driver` (installed by CI); without them this test fails rather than skips.
+Needs Debian's `chromium` and `chromium-driver` (`make test` installs them); without them this test fails rather than skips.
 """
 
 import shutil
