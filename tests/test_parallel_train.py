@@ -25,6 +25,7 @@ def common_args(run_dir, data_dir):
             "--logging.progress", "false", "--logging.eval_interval", "2", "--precision.threads", "1",
             "--model.overrides.topk_method", "greedy", "--routing.devices", "2", "--routing.max_devices", "1",
             "--routing.device_limited", "true", "--routing.drop_tokens", "false",
+            "--train.max_time_s", "3600",  # never reached; the ranks agree on the clock every step
             "--precision.device", "cpu"]  # gloo on CPU, also where a GPU is visible
 
 
