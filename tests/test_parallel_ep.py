@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from latentmoe.checkpoint import load_model, save_model
 from latentmoe.config import get_config
 from latentmoe.model import build_model
-from latentmoe.parallel.checkpoint import save_model_sharded
+from latentmoe.checkpoint.training import save_model_parts
 from latentmoe.parallel.data_parallel import ZeroOptimizer, global_grad_norm, sync_gradients
 from latentmoe.parallel.expert_parallel import ExpertParallelMoE, apply_expert_parallel, device_keep_mask, is_expert_param
 from latentmoe.parallel.launch import run_local
@@ -146,7 +146,7 @@ def check_expert_parallel(rank, world, ep, M, overlap, outdir, device=torch.devi
     if outdir is not None:
         # Saved with the routing it was trained with (V2's group-limited rule with groups = ranks).
         routed_as_trained = cfg.replace(topk_method="group_limited_greedy", n_group=ep, topk_group=M)
-        save_model_sharded(model, os.path.join(outdir, "ep"), dims, save_config=routed_as_trained)
+        save_model_parts(model, os.path.join(outdir, "ep"), dims, config=routed_as_trained)
         model.eval()
         with torch.no_grad():
             logits = model(ids)  # every rank the same full batch

@@ -8,9 +8,9 @@ import os
 import numpy as np
 import torch
 
+from latentmoe.tokenizer import BOS, EOS, Tokenizer
 from latentmoe.train.config import DataSection
-from latentmoe.train.data import (BOS_ID, EOS_ID, TokenData, corpus_documents, load_tokenizer, prepare_data,
-                                  python_docs)
+from latentmoe.train.data import TokenData, corpus_documents, prepare_data, python_docs
 
 
 def test_python_docs_corpus_is_english_docstrings():
@@ -35,14 +35,20 @@ def test_local_corpus_tokenizer_shards_and_batches(tmp_path):
     out = str(tmp_path / "data")
     prepare_data(dc, out, log=lambda *a: None)
     meta = json.load(open(os.path.join(out, "meta.json")))
-    assert meta["num_documents"] == 40 and meta["special"]["bos_token_id"] == BOS_ID
-    tok = load_tokenizer(out)
-    assert tok.decode(tok.encode("The quick brown fox").ids) == "The quick brown fox"
-    assert json.load(open(os.path.join(out, "tokenizer_config.json")))["eos_token"] == "<|eos|>"
+    # The tokenizer is DeepSeek-V2's kind (latentmoe.tokenizer.train_bpe): its special tokens, BOS added on encode.
+    tok = Tokenizer.from_dir(out)
+    bos, eos = tok.token_to_id(BOS), tok.token_to_id(EOS)
+    assert bos is not None and eos is not None and bos != eos
+    assert meta["num_documents"] == 40 and meta["vocab_size"] == tok.vocab_size == 300
+    assert meta["special"] == {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": eos}
+    assert tok.decode(tok.encode("The quick brown fox")) == "The quick brown fox"
+    assert tok.encode("The")[0] == bos and tok.apply_chat_template([{"role": "user", "content": "hi"}])
     train, val = TokenData(out, "train"), TokenData(out, "val")
     assert val.num_tokens > 0 and train.num_tokens > 8 * val.num_tokens
     stream = np.concatenate([np.asarray(s) for s in train.shards])
-    assert stream[0] == BOS_ID and (stream == EOS_ID).sum() == 36  # 4 of 40 documents held out
+    assert stream[0] == bos and (stream == eos).sum() == (stream == bos).sum() == 36  # 4 of 40 documents held out
+    first_doc = stream[1:list(stream).index(eos)]
+    assert tok.decode(first_doc.tolist()) == (src / "doc00.txt").read_text()
     x, y = train.batch(4, 16, [0, 5, 1])
     x2, _ = train.batch(4, 16, [0, 5, 1])
     x3, _ = train.batch(4, 16, [0, 6, 1])
@@ -60,7 +66,7 @@ def test_local_corpus_tokenizer_shards_and_batches(tmp_path):
 
 
 def test_demo_end_to_end_at_toy_size(tmp_path, capsys):
-    from latentmoe.train.demo import run_demo
+    from latentmoe.commands.demo import run_demo
     run_dir = tmp_path / "demo"
     over = ["--run_dir", str(run_dir), "--data.max_chars", "40000", "--data.vocab_size", "320",
             "--train.max_steps", "4", "--train.seq_len", "32", "--train.micro_batch_size", "4",

@@ -10,7 +10,7 @@ import torch
 
 from latentmoe import load_model
 from latentmoe.train import TrainingDiverged, load_config, train
-from latentmoe.train.checkpointing import checkpoint_dirs, save_checkpoint
+from latentmoe.checkpoint.commit import checkpoint_dirs
 from latentmoe.train.trainer import _FIT_CALIBRATION_STEPS, save, setup, train_step
 
 
@@ -70,16 +70,23 @@ def test_resume_is_exact(tmp_path, data_dir):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
-def test_interrupted_save_leaves_previous_checkpoint(tmp_path, data_dir):
+def test_interrupted_save_leaves_previous_checkpoint(tmp_path, data_dir, monkeypatch):
     cfg = _cfg(tmp_path / "c", data_dir)
     run = setup(cfg, log=_quiet)
     train_step(run)
     good = save(run)
     before = {k: v.clone() for k, v in run.model.state_dict().items()}
     train_step(run)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        save_checkpoint(cfg.run_dir, run.model, run.model.config, run.data_dir,
-                        {"step": run.step, "tokens": run.tokens}, _fail_after_model=True)
+
+    def crash(*args, **kwargs):  # the disk fails once the model is written: optimizer and trainer state are not
+        raise RuntimeError("simulated crash")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "save", crash)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            save(run)
+    staged = tmp_path / "c" / "checkpoints" / ".tmp-step-000002"
+    assert (staged / "model" / "model.safetensors").exists() and not (staged / "trainer_state.pt").exists()
     assert checkpoint_dirs(cfg.run_dir) == [good]
     assert os.path.realpath(tmp_path / "c" / "model") == os.path.realpath(os.path.join(good, "model"))
     reloaded = load_model(tmp_path / "c" / "model")

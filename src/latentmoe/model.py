@@ -2,7 +2,7 @@
 
 Reads top to bottom. Parameter names equal the released checkpoint names except that routed
 experts are stacked per layer (`mlp.experts.gate_up_proj [E, 2I, D]`, `mlp.experts.down_proj
-[E, D, I]`) so they run as grouped GEMMs; `checkpoint.py` maps the names.
+[E, D, I]`) so they run as grouped GEMMs; `checkpoint/hf.py` maps the names.
 
 Shape legend
   B batch, T query tokens, S key tokens, D hidden, H heads, N qk_nope_head_dim,
@@ -304,6 +304,14 @@ def grouped_linear(x_AD: torch.Tensor, w_EOD: torch.Tensor, counts_E: torch.Tens
     return torch.cat(outs)
 
 
+def grouped_swiglu(x_AD: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, counts_E: torch.Tensor,
+                   use_grouped_mm: bool) -> torch.Tensor:
+    """Each expert's SwiGLU FFN over its rows of x_AD (sorted by expert: counts_E[e] rows for expert e)."""
+    h_A2I = grouped_linear(x_AD, w_gate_up, counts_E, use_grouped_mm)
+    gate, up = h_A2I.chunk(2, dim=-1)
+    return grouped_linear(F.silu(gate) * up, w_down, counts_E, use_grouped_mm)
+
+
 class Experts(nn.Module):
     """All routed experts of one layer, stacked, run as grouped GEMMs over expert-sorted tokens."""
 
@@ -340,10 +348,7 @@ class Experts(nn.Module):
         idx_A = topk_idx_MK.flatten()
         counts_E = torch.zeros(self.n_experts, dtype=torch.int64, device=idx_A.device).scatter_add_(
             0, idx_A, torch.ones_like(idx_A))
-        grouped = self.use_grouped_mm(x_MD)
-        h_A2I = grouped_linear(x_MD[token_A], w_gate_up, counts_E, grouped)
-        gate, up = h_A2I.chunk(2, dim=-1)
-        y_AD = grouped_linear(F.silu(gate) * up, w_down, counts_E, grouped)
+        y_AD = grouped_swiglu(x_MD[token_A], w_gate_up, w_down, counts_E, self.use_grouped_mm(x_MD))
         y_AD = (y_AD.float() * topk_weight_MK.flatten()[order_A, None]).to(out_dtype)
         return x_MD.new_zeros(M, x_MD.shape[1], dtype=out_dtype).index_add_(0, token_A, y_AD)
 

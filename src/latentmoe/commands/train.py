@@ -31,12 +31,11 @@ def run(args) -> int:
         config = saved if args.resume and saved and os.path.exists(saved) else "demo"
     cfg = load_config(config, overrides)
     try:
-        train(cfg, resume=args.resume)
+        run = train(cfg, resume=args.resume)
     except TrainingDiverged as e:
         print(f"latentmoe train: stopped: {e}")
         return 1
-    from ..train.trainer import is_main
-    if is_main():  # under torchrun, rank 0 speaks for all
+    if run.plan.is_main:  # under torchrun, rank 0 speaks for all
         print(f"model: {os.path.join(cfg.run_dir, 'model')}  (latentmoe chat {os.path.join(cfg.run_dir, 'model')})")
     return 0
 

@@ -150,17 +150,4 @@ class ZeroOptimizer:
                     t.copy_(new)
 
 
-def place_state(state: dict, p: torch.nn.Parameter, group: dict) -> dict:
-    """Optimizer state onto the parameter's device; a scalar `step` stays on the CPU unless the
-    optimizer is fused/capturable (torch's own load_state_dict rule)."""
-    on_device = group.get("fused") or group.get("capturable")
-    out = {}
-    for k, v in state.items():
-        if torch.is_tensor(v):
-            v = v.to(p.device) if (k != "step" or on_device) else v.cpu()
-            v = v.to(p.dtype) if k != "step" and v.is_floating_point() else v
-        out[k] = v
-    return out
-
-
-__all__ = ["place_state", "sync_gradients", "global_grad_norm", "clip_grad_norm", "ZeroOptimizer"]
+__all__ = ["sync_gradients", "global_grad_norm", "clip_grad_norm", "ZeroOptimizer"]

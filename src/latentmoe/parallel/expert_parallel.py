@@ -16,10 +16,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from ..model import MoE, RouterOutput, grouped_linear
+from ..model import MoE, RouterOutput, grouped_swiglu
 
 
 # ----------------------------------------------------------------------------- all-to-all with autograd
@@ -109,7 +108,7 @@ class ExpertParallelMoE(MoE):
         ex.gate_up_proj = nn.Parameter(ex.gate_up_proj.detach()[lo:lo + L].clone(), ex.gate_up_proj.requires_grad)
         ex.down_proj = nn.Parameter(ex.down_proj.detach()[lo:lo + L].clone(), ex.down_proj.requires_grad)
         ex.n_experts = L
-        ex.expert_offset, ex.n_global_experts = lo, E  # read by the distributed checkpoint
+        ex.expert_offset, ex.n_global_experts = lo, E  # checkpoints store the rows under their global index
         ex.is_expert_parallel = True
         self.overlap = True  # shared experts while the dispatch is in flight
 
@@ -202,10 +201,7 @@ def local_experts_forward(experts, x_RD: torch.Tensor, local_RK: torch.Tensor, w
     slots_A = slots_A[order]
     row_A = slots_A // K
     counts_L = torch.bincount(expert_A, minlength=experts.n_experts)
-    grouped = experts.use_grouped_mm(x_RD)
-    h_A2I = grouped_linear(x_RD[row_A], w_gate_up, counts_L, grouped)
-    gate, up = h_A2I.chunk(2, dim=-1)
-    y_AD = grouped_linear(F.silu(gate) * up, w_down, counts_L, grouped)
+    y_AD = grouped_swiglu(x_RD[row_A], w_gate_up, w_down, counts_L, experts.use_grouped_mm(x_RD))
     y_AD = (y_AD.float() * w_RK.flatten()[slots_A, None]).to(out_dtype)
     return x_RD.new_zeros(R, x_RD.shape[1], dtype=out_dtype).index_add_(0, row_A, y_AD)
 
@@ -235,7 +231,6 @@ def apply_expert_parallel(model, group, ep_rank: int, ep_size: int, devices_per_
             layer.mlp = ExpertParallelMoE(layer.mlp, group, ep_rank, ep_size)
             if devices_per_token is not None and devices_per_token < ep_size:
                 layer.mlp.gate.device_limit = (ep_size, devices_per_token)
-    model.expert_parallel = (ep_rank, ep_size)
     return model
 
 

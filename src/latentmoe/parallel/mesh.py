@@ -59,6 +59,15 @@ class ParallelDims:
     def world_group(self):
         return dist.group.WORLD if self.distributed else None
 
+    def barrier(self) -> None:
+        """Wait for every rank (nothing to wait for in one process)."""
+        if not self.distributed:
+            return
+        if self.device.type == "cuda":
+            dist.barrier(device_ids=[self.device.index])
+        else:
+            dist.barrier()
+
 
 def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
@@ -111,13 +120,5 @@ def destroy_parallel() -> None:
         dist.destroy_process_group()
 
 
-def barrier(dims: ParallelDims) -> None:
-    if dims.distributed:
-        if dims.device.type == "cuda":
-            dist.barrier(device_ids=[dims.device.index])
-        else:
-            dist.barrier()
-
-
 __all__ = ["ParallelDims", "init_parallel", "build_dims", "destroy_parallel", "backend_for",
-           "launched_by_torchrun", "barrier"]
+           "launched_by_torchrun"]

@@ -1,9 +1,11 @@
-"""The trainer's hooks into parallelism: one object the training loop calls at five points.
+"""The trainer's plan: the hooks the training loop calls, for one plain process or for many.
 
-Launched by torchrun, every rank runs the same loop. A step's micro-batches are numbered
-globally and rank r takes micro-batches r, r+W, r+2W, ... of the same sequence a single process
-would draw, each scaled by 1/(all micro-batches), so the step (and a resume on any number of
-ranks) sees the same data and the same summed gradient as one process would.
+`training_plan` picks one. `SingleProcess` does the one-process thing at every hook, so the loop
+reads the same either way. Launched by torchrun, `TrainParallel` joins the process group and every
+rank runs the same loop: a step's micro-batches are numbered globally and rank r takes
+micro-batches r, r+W, r+2W, ... of the same sequence a single process would draw, each scaled by
+1/(all micro-batches), so the step (and a resume on any number of ranks) sees the same data and
+the same summed gradient as one process would.
 """
 
 from __future__ import annotations
@@ -14,27 +16,72 @@ import os
 import torch
 import torch.distributed as dist
 
-from .checkpoint import load_checkpoint_distributed, save_checkpoint_distributed
+from ..checkpoint.training import load_checkpoint, save_checkpoint
 from .data_parallel import ZeroOptimizer, clip_grad_norm, sync_gradients
 from .expert_parallel import apply_expert_parallel
-from .mesh import ParallelDims, barrier, destroy_parallel, init_parallel, launched_by_torchrun
+from .mesh import ParallelDims, destroy_parallel, init_parallel, launched_by_torchrun
 
 
-class TrainParallel:
-    """ParallelDims plus what the trainer needs from it; None stands for one plain process."""
+class TrainPlan:
+    """What every plan shares: where this process sits (`dims`) and the checkpoints, which every
+    rank saves and loads collectively (one process is the world of one)."""
+
+    dims: ParallelDims
+
+    @property
+    def device(self) -> torch.device:
+        return self.dims.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.dims.is_main
+
+    def barrier(self) -> None:
+        self.dims.barrier()
+
+    def save(self, run_dir, model, optimizer, trainer_state, save_config, tokenizer_dir, keep) -> str:
+        return save_checkpoint(run_dir, model, optimizer, trainer_state, self.dims, save_config, tokenizer_dir, keep)
+
+    def load(self, path, model, optimizer) -> dict:
+        return load_checkpoint(path, model, optimizer, self.dims)
+
+
+class SingleProcess(TrainPlan):
+    """One plain process: the model as built, the optimizer as built, every micro-batch here."""
+
+    def __init__(self, device: torch.device):
+        self.dims = ParallelDims(device=device)
+
+    def apply(self, model, cfg):
+        return model
+
+    def wrap_optimizer(self, optimizer, model):
+        return optimizer
+
+    def micro_batches(self, accum: int) -> range:
+        return range(accum)
+
+    def reduce_metrics(self, parts: dict, loads, kept, n_assign: int):
+        return parts, loads, kept, n_assign
+
+    def clip_gradients(self, model, max_norm: float) -> torch.Tensor:
+        params = [p for p in model.parameters() if p.grad is not None]
+        return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+
+    def agree(self, values: list[float]) -> list[float]:
+        return values
+
+
+class TrainParallel(TrainPlan):
+    """Expert parallelism over the EP ranks of the mesh, ZeRO-1 (or replicated optimizer state) over the rest."""
 
     def __init__(self, dims: ParallelDims, zero1: bool = True):
         self.dims, self.zero1 = dims, zero1
 
     @classmethod
-    def from_config(cls, cfg, device: torch.device) -> "TrainParallel | None":
-        """Join torchrun's process group per [parallel]; None when this is a single process."""
+    def from_config(cls, cfg, device: torch.device) -> "TrainParallel":
+        """Join torchrun's process group per [parallel]."""
         p = cfg.parallel
-        if not launched_by_torchrun() or int(os.environ.get("WORLD_SIZE", "1")) == 1:
-            if p.ep_size != 1:
-                raise ValueError(f"parallel.ep_size = {p.ep_size} needs that many processes: launch with "
-                                 f"`torchrun --nproc-per-node {p.ep_size} -m latentmoe train ...`")
-            return None
         if p.dp_shard not in (0, 1):
             raise ValueError(f"parallel.dp_shard = {p.dp_shard}: 1 shards the optimizer state over replicas "
                              "(ZeRO-1), 0 replicates it")
@@ -56,17 +103,6 @@ class TrainParallel:
         return cls(dims, zero1=bool(p.dp_shard))
 
     # ---- setup
-    @property
-    def device(self) -> torch.device:
-        return self.dims.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.dims.is_main
-
-    def barrier(self) -> None:
-        barrier(self.dims)
-
     def apply(self, model, cfg):
         """Expert parallelism on the built (full, identically seeded) model; device-limited routing over real ranks."""
         r = cfg.routing
@@ -89,7 +125,8 @@ class TrainParallel:
     def reduce_metrics(self, parts: dict, loads, kept, n_assign: int):
         """Sum the step's metric parts over all ranks (each rank holds its micro-batches' share)."""
         keys = list(parts)
-        flat = torch.stack([parts[k].float() for k in keys] + [kept.float(), torch.tensor(float(n_assign), device=kept.device)])
+        n = torch.tensor(float(n_assign), device=kept.device)
+        flat = torch.stack([parts[k].float() for k in keys] + [kept.float(), n])
         dist.all_reduce(flat)
         for i, k in enumerate(keys):
             parts[k] = flat[i]
@@ -101,13 +138,11 @@ class TrainParallel:
         sync_gradients(model, self.dims)
         return clip_grad_norm(model, self.dims, max_norm if max_norm > 0 else float("inf"))
 
-    # ---- checkpoints
-    def save(self, run_dir, model, optimizer, trainer_state, save_config, tokenizer_dir, keep, point_latest=None) -> str:
-        return save_checkpoint_distributed(run_dir, model, optimizer, trainer_state, self.dims, save_config,
-                                           tokenizer_dir, keep, point_latest)
-
-    def load(self, path, model, optimizer) -> dict:
-        return load_checkpoint_distributed(path, model, optimizer, self.dims)
+    def agree(self, values: list[float]) -> list[float]:
+        """Rank 0's values on every rank: clocks differ between ranks, decisions taken from them must not."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.broadcast(t, src=0)
+        return t.tolist()
 
 
 class _Replicated:
@@ -123,4 +158,14 @@ class _Replicated:
         return True
 
 
-__all__ = ["TrainParallel"]
+def training_plan(cfg, device: torch.device) -> TrainPlan:
+    """TrainParallel when torchrun started more than one process, else SingleProcess."""
+    if launched_by_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return TrainParallel.from_config(cfg, device)
+    if cfg.parallel.ep_size != 1:
+        raise ValueError(f"parallel.ep_size = {cfg.parallel.ep_size} needs that many processes: launch with "
+                         f"`torchrun --nproc-per-node {cfg.parallel.ep_size} -m latentmoe train ...`")
+    return SingleProcess(device)
+
+
+__all__ = ["TrainPlan", "SingleProcess", "TrainParallel", "training_plan"]

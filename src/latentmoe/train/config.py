@@ -31,7 +31,7 @@ class ModelSection:
 @dataclass
 class DataSection:
     corpus: str = "python-docs"     # "python-docs" | "shakespeare" | a file/directory path (text files)
-    tokenizer: str = "train"        # "train" (byte-level BPE on the corpus) | a dir/file with tokenizer.json
+    tokenizer: str = "train"        # "train" (byte-level BPE on the corpus) | a dir (or file) with tokenizer.json
     vocab_size: int = 4096          # BPE vocabulary (model vocab_size follows it)
     val_fraction: float = 0.05      # every (1/val_fraction)-th document is held out for validation
     cache_dir: str = ""             # token shards + tokenizer; default: RUN_DIR/data
@@ -111,9 +111,9 @@ class LoggingSection:
 
 @dataclass
 class ParallelSection:
-    # Applied to the built model from outside (trainer.apply_parallelism).
-    ep_size: int = 1                # expert parallelism
-    dp_shard: int = 1               # FSDP2 / ZeRO-1 data-parallel sharding
+    # Under torchrun; applied to the built model from outside (latentmoe.parallel.training).
+    ep_size: int = 1                # expert parallelism: processes that split the routed experts
+    dp_shard: int = 1               # 1: ZeRO-1 (optimizer state sharded over data-parallel replicas); 0: replicated
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Data: text corpora -> byte-level BPE tokenizer -> memory-mapped token shards -> fixed-length batches.
+"""Data: text corpora -> byte-level BPE tokenizer (`latentmoe.tokenizer.train_bpe`, DeepSeek-V2's
+special tokens) -> memory-mapped token shards -> fixed-length batches.
 
 Built-in corpora need no download: `python-docs` (the docstrings of the standard library, read
 with `ast` without importing anything, plus `pydoc_data.topics`: ~2 MB of English) and
@@ -20,15 +21,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>"]   # ids 0, 1, 2
-PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
-# DeepSeek-V2-Chat's conversation format, with this tokenizer's BOS/EOS.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
-    "{% elif message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\n\n' }}"
-    "{% else %}{{ 'Assistant: ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+from ..tokenizer import Tokenizer, train_bpe
+
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".text", ".tex", ".html", ".json", ".csv")
 _SKIP_STDLIB_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3",
                      "__pycache__", "turtledemo", "ensurepip", "pydoc_data"}
@@ -103,63 +97,18 @@ def corpus_documents(corpus: str, max_chars: int = 0) -> list[str]:
     return out
 
 
-# ----------------------------------------------------------------------------- tokenizer
-def train_tokenizer(docs: list[str], vocab_size: int, out_dir: str):
-    """Byte-level BPE (every byte is a token, so any text encodes), written as tokenizer.json
-    + tokenizer_config.json (BOS/EOS, a chat template) into out_dir."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(docs, trainer=trainer)
-    os.makedirs(out_dir, exist_ok=True)
-    tok.save(os.path.join(out_dir, "tokenizer.json"))
-    write_tokenizer_config(out_dir)
-    return tok
-
-
-def write_tokenizer_config(out_dir: str, model_max_length: int = 2048) -> None:
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": SPECIAL_TOKENS[BOS_ID],
-           "eos_token": SPECIAL_TOKENS[EOS_ID], "pad_token": SPECIAL_TOKENS[PAD_ID],
-           "add_bos_token": True, "add_eos_token": False, "model_max_length": model_max_length,
-           "chat_template": CHAT_TEMPLATE}
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
-
-
-def load_tokenizer(path: str):
-    """A tokenizers.Tokenizer from a tokenizer.json file or a directory holding one."""
-    from tokenizers import Tokenizer
-    file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
-    if not os.path.exists(file):
-        raise FileNotFoundError(f"no tokenizer.json at {path}")
-    return Tokenizer.from_file(file)
-
-
-def special_ids(tok) -> dict[str, int | None]:
-    """bos/eos/pad ids of a tokenizer (ours, or DeepSeek's own names)."""
-    def find(*names):
-        for n in names:
-            i = tok.token_to_id(n)
-            if i is not None:
-                return i
-        return None
-    return {"bos_token_id": find("<|bos|>", "<｜begin▁of▁sentence｜>", "<s>", "<|begin_of_text|>"),
-            "eos_token_id": find("<|eos|>", "<｜end▁of▁sentence｜>", "</s>", "<|end_of_text|>", "<|endoftext|>"),
-            "pad_token_id": find("<|pad|>", "<pad>")}
-
-
 # ----------------------------------------------------------------------------- shards
 SHARD_TOKENS = 1 << 27  # 128M tokens per shard file
+
+
+# Part of the cache key: bumped when what is cached changes (2: the tokenizer of latentmoe.tokenizer.train_bpe).
+_CACHE_VERSION = 2
 
 
 def _key(dc) -> str:
     desc = json.dumps({"corpus": os.path.abspath(dc.corpus) if os.path.exists(dc.corpus) else dc.corpus,
                        "tokenizer": dc.tokenizer, "vocab": dc.vocab_size, "val": dc.val_fraction,
-                       "max_chars": dc.max_chars}, sort_keys=True)
+                       "max_chars": dc.max_chars, "version": _CACHE_VERSION}, sort_keys=True)
     return hashlib.sha256(desc.encode()).hexdigest()[:16]
 
 
@@ -176,28 +125,21 @@ def prepare_data(dc, cache_dir: str, log=print) -> str:
     docs = corpus_documents(dc.corpus, dc.max_chars)
     if dc.tokenizer == "train":
         log(f"training a byte-level BPE tokenizer ({dc.vocab_size} tokens) on {sum(map(len, docs)):,} characters")
-        tok = train_tokenizer(docs, dc.vocab_size, cache_dir)
+        tok = train_bpe(docs, dc.vocab_size)
     else:
-        tok = load_tokenizer(dc.tokenizer)
-        src = dc.tokenizer if os.path.isdir(dc.tokenizer) else os.path.dirname(dc.tokenizer)
-        tok.save(os.path.join(cache_dir, "tokenizer.json"))
-        cfg_src = os.path.join(src, "tokenizer_config.json")
-        if os.path.exists(cfg_src):
-            import shutil
-            shutil.copyfile(cfg_src, os.path.join(cache_dir, "tokenizer_config.json"))
-        else:
-            write_tokenizer_config(cache_dir)
-    ids = special_ids(tok)
-    bos, eos = ids["bos_token_id"], ids["eos_token_id"]
+        tok = Tokenizer.from_dir(dc.tokenizer if os.path.isdir(dc.tokenizer) else os.path.dirname(dc.tokenizer))
+    tok.save(cache_dir)  # the tokenizer files the checkpoints copy beside the weights
+    bos, eos = tok.bos_token_id, tok.eos_token_id
     every = max(2, round(1 / dc.val_fraction)) if dc.val_fraction > 0 else 0
     streams: dict[str, list[np.ndarray]] = {"train": [], "val": []}
-    dtype = np.uint16 if tok.get_vocab_size() <= 65536 else np.uint32
-    for i, enc in enumerate(tok.encode_batch(docs, add_special_tokens=False)):
-        toks = ([bos] if bos is not None else []) + enc.ids + ([eos] if eos is not None else [])
+    dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
+    for i, ids in enumerate(tok.encode_batch(docs, add_special_tokens=False)):
+        toks = ([bos] if bos is not None else []) + ids + ([eos] if eos is not None else [])
         split = "val" if every and i % every == every // 2 else "train"
         streams[split].append(np.asarray(toks, dtype=dtype))
-    meta = {"key": key, "vocab_size": tok.get_vocab_size(), "dtype": np.dtype(dtype).name,
-            "special": ids, "num_documents": len(docs), "shards": {}}
+    special = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": tok.pad_token_id}
+    meta = {"key": key, "vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name,
+            "special": special, "num_documents": len(docs), "shards": {}}
     for split, parts in streams.items():
         arr = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
         files = []
@@ -242,5 +184,4 @@ class TokenData:
         return xy[:, :-1], xy[:, 1:]
 
 
-__all__ = ["python_docs", "shakespeare", "local_texts", "corpus_documents", "train_tokenizer",
-           "load_tokenizer", "special_ids", "prepare_data", "TokenData", "CHAT_TEMPLATE"]
+__all__ = ["python_docs", "shakespeare", "local_texts", "corpus_documents", "prepare_data", "TokenData"]

@@ -1,4 +1,5 @@
-"""PNG plots of a run from its metrics.jsonl: loss curves and the expert load per layer over time."""
+"""What a run's metrics.jsonl shows: PNG plots (loss curves, the expert load per layer over time)
+and the expert-balance table."""
 
 from __future__ import annotations
 
@@ -76,4 +77,19 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
     return written
 
 
-__all__ = ["load_metrics", "plot_run"]
+def balance_report(history: list[dict]) -> str:
+    """Per MoE layer: coefficient of variation of the expert load and the busiest/idlest shares,
+    at the first and last step (0 = perfectly even)."""
+    first = next((m for m in history if "load_cv" in m), None)
+    last = next((m for m in reversed(history) if "load_cv" in m), None)
+    if first is None:
+        return "no MoE layers"
+    lines = [f"{'MoE layer':<10} {'load CV first':>14} {'load CV last':>13} {'max share':>10} {'min share':>10}"]
+    for i, (cv0, cv1, load) in enumerate(zip(first["load_cv"], last["load_cv"], last["expert_load"])):
+        lines.append(f"{i:<10} {cv0:>14.3f} {cv1:>13.3f} {max(load):>10.3f} {min(load):>10.3f}")
+    lines.append(f"uniform share {1 / len(last['expert_load'][0]):.3f}; "
+                 f"tokens dropped at the last step: {100 * last.get('dropped_frac', 0.0):.1f}% of assignments")
+    return "\n".join(lines)
+
+
+__all__ = ["load_metrics", "plot_run", "balance_report"]

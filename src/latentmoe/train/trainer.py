@@ -1,6 +1,7 @@
 """The training loop, as small functions: build_model, build_optimizer, train_step, evaluate,
-save/load. Parallelism (expert parallelism, FSDP2/ZeRO-1) goes in one place, `apply_parallelism`,
-applied to the built model from outside; only rank 0 logs and shows progress.
+save/load. Where the loop meets parallelism it calls its plan (`latentmoe.parallel.training`): one
+plain process, or expert parallelism + ZeRO-1 under torchrun, applied to the built model from
+outside; the loop reads the same either way. Only rank 0 logs and shows progress.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
+from ..checkpoint.commit import checkpoint_dirs
+from ..checkpoint.training import rng_state, set_rng_state
 from ..model import DeepseekV2ForCausalLM, build_model as _build_model
-from .checkpointing import checkpoint_dirs, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ..parallel.training import TrainPlan, training_plan
 from .config import TrainConfig
 from .data import TokenData, prepare_data
 from .losses import balance_losses, cross_entropy
@@ -30,26 +32,21 @@ class TrainingDiverged(RuntimeError):
     """The loss or gradient became NaN/inf; the last checkpoint on disk is untouched."""
 
 
-def is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
 @dataclass
 class Run:
     cfg: TrainConfig
-    model: DeepseekV2ForCausalLM          # the plain module (saved, evaluated)
-    forward: object                      # what train_step calls (the model; hook for wrappers)
-    optimizer: torch.optim.Optimizer
+    model: DeepseekV2ForCausalLM          # with this rank's experts under expert parallelism
+    optimizer: torch.optim.Optimizer      # wrapped by the plan (ZeRO-1) under torchrun
     train_data: TokenData
     val_data: TokenData
     data_dir: str
     device: torch.device
     dropper: DeviceDropper | None
+    plan: TrainPlan
     step: int = 0
     tokens: int = 0
     elapsed: float = 0.0                 # training seconds before this process (resumed runs)
     history: list = field(default_factory=list)
-    parallel: object = None              # latentmoe.parallel.training.TrainParallel under torchrun
 
 
 # ----------------------------------------------------------------------------- setup
@@ -77,68 +74,50 @@ def build_model(cfg: TrainConfig, model_cfg, device: torch.device) -> DeepseekV2
     return model
 
 
-def apply_parallelism(model: DeepseekV2ForCausalLM, cfg: TrainConfig, parallel=None) -> DeepseekV2ForCausalLM:
-    """The one place where expert/data parallelism wraps the built model (latentmoe.parallel)."""
-    return model if parallel is None else parallel.apply(model, cfg)
-
-
 def setup(cfg: TrainConfig, resume: bool = False, log=print) -> Run:
     if cfg.precision.threads:
         torch.set_num_threads(cfg.precision.threads)
-    device = resolve_device(cfg.precision.device)
-    from ..parallel.training import TrainParallel
-    parallel = TrainParallel.from_config(cfg, device)  # None: one process (no torchrun)
-    if parallel is not None:
-        device = parallel.device
+    plan = training_plan(cfg, resolve_device(cfg.precision.device))
+    device = plan.device
     os.makedirs(cfg.run_dir, exist_ok=True)
-    if not resume and is_main():
+    if not resume and plan.is_main:
         _start_fresh(cfg)
     data_dir = cfg.data.cache_dir or os.path.join(cfg.run_dir, "data")
-    if is_main():  # rank 0 tokenizes; the others then find the shards ready
+    if plan.is_main:  # rank 0 tokenizes; after the barrier the others find the shards ready
         prepare_data(cfg.data, data_dir, log=log)
-    if parallel is not None:
-        parallel.barrier()
-        prepare_data(cfg.data, data_dir, log=lambda *a: None)
+    plan.barrier()
+    prepare_data(cfg.data, data_dir, log=lambda *a: None)
     train_data, val_data = TokenData(data_dir, "train"), TokenData(data_dir, "val")
     special = {k: v for k, v in train_data.meta["special"].items() if v is not None}
     model_cfg = cfg.model_config(vocab_size=train_data.meta["vocab_size"], special=special)
     inference_config(model_cfg, cfg.routing)  # fail early on conflicting routing settings
-    model = apply_parallelism(build_model(cfg, model_cfg, device), cfg, parallel)
+    model = plan.apply(build_model(cfg, model_cfg, device), cfg)
     dropper = configure_routing(model, cfg.routing)
-    optimizer = build_optimizer(model, cfg.optim)
-    if parallel is not None:
-        optimizer = parallel.wrap_optimizer(optimizer, model)
+    optimizer = plan.wrap_optimizer(build_optimizer(model, cfg.optim), model)
     if cfg.precision.compile:
         # Block by block: the blocks share one compiled graph (compile time of one layer), the
         # state-dict names stay unchanged, and the loop over layers stays in Python.
         for layer in model.model.layers:
             layer.compile()
-    forward = model
-    run = Run(cfg, model, forward, optimizer, train_data, val_data, data_dir, device, dropper, parallel=parallel)
+    run = Run(cfg, model, optimizer, train_data, val_data, data_dir, device, dropper, plan)
     if resume:
         ckpts = checkpoint_dirs(cfg.run_dir)
         if not ckpts:
             raise FileNotFoundError(f"--resume: no checkpoint in {cfg.run_dir}/checkpoints")
-        from ..parallel.checkpoint import is_sharded_checkpoint, load_checkpoint_distributed
-        if parallel is not None:
-            state = parallel.load(ckpts[-1], model, optimizer)
-        elif is_sharded_checkpoint(ckpts[-1]):  # written by a multi-process run
-            state = load_checkpoint_distributed(ckpts[-1], model, optimizer)
-        else:
-            state = load_checkpoint(ckpts[-1], model, optimizer)
+        state = plan.load(ckpts[-1], model, optimizer)  # written on any number of ranks
         run.step, run.tokens, run.elapsed = state["step"], state["tokens"], state.get("elapsed", 0.0)
         set_rng_state(state["rng"])
-        if is_main():  # rank 0 alone owns metrics.jsonl (other ranks rewriting it would race its appends)
+        if plan.is_main:  # rank 0 alone owns metrics.jsonl (other ranks rewriting it would race its appends)
             _truncate_metrics(cfg.run_dir, run.step)
             log(f"resumed from {ckpts[-1]} at step {run.step} ({run.tokens:,} tokens)")
-    elif is_main():
+    elif plan.is_main:
         cfg.save(os.path.join(cfg.run_dir, "config.toml"))
     return run
 
 
 # ----------------------------------------------------------------------------- steps
 def loss_fn(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict, list]:
-    logits, routers = run.forward(x, return_router=True)
+    logits, routers = run.model(x, return_router=True)
     ce = cross_entropy(logits, y)
     lc, rc = run.cfg.loss, run.cfg.routing
     bal = balance_losses(routers, x.shape[0], x.shape[1], rc.devices, rc.max_devices, lc.alpha1, lc.alpha2, lc.alpha3)
@@ -157,7 +136,7 @@ def train_step(run: Run) -> dict:
         group["lr"] = lr
     parts = {k: torch.zeros((), device=run.device) for k in ("loss", "ce", "exp", "dev", "comm")}
     loads, kept, n_assign = None, torch.zeros((), device=run.device), 0
-    for micro in (range(accum) if run.parallel is None else run.parallel.micro_batches(accum)):
+    for micro in run.plan.micro_batches(accum):
         x, y = run.train_data.batch(tc.micro_batch_size, tc.seq_len, [tc.seed, run.step, micro])
         x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
         if run.dropper is not None:
@@ -178,12 +157,9 @@ def train_step(run: Run) -> dict:
                 if r.kept is not None:
                     kept += r.kept.sum()
                 n_assign += r.topk_idx.numel()
-    if run.parallel is not None:  # sum metrics and gradients over ranks, clip by the global norm
-        parts, loads, kept, n_assign = run.parallel.reduce_metrics(parts, loads, kept, n_assign)
-        grad_norm = run.parallel.clip_gradients(run.model, cfg.optim.grad_clip)
-    else:
-        params = [p for p in run.model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
+    # Under torchrun: metrics and gradients summed over the ranks, clipped by the global norm.
+    parts, loads, kept, n_assign = run.plan.reduce_metrics(parts, loads, kept, n_assign)
+    grad_norm = run.plan.clip_gradients(run.model, cfg.optim.grad_clip)
     # One host sync per step: the finiteness check must precede the update.
     scalars = torch.stack([parts[k].float() for k in ("loss", "ce", "exp", "dev", "comm")] + [grad_norm.float()]).tolist()
     loss, ce, l_exp, l_dev, l_comm, gn = scalars
@@ -268,17 +244,13 @@ def model_flops_utilization(run: Run, tok_s: float) -> float | None:
 
 # ----------------------------------------------------------------------------- save
 def save(run: Run) -> str:
+    """Checkpoint `step-N` (collective: every rank writes its part). The model is saved with the
+    inference config (routing as trained) and the tokenizer beside it."""
     oc = run.cfg.checkpoint
     state = {"step": run.step, "tokens": run.tokens, "elapsed": run.elapsed, "rng": rng_state(),
-             "optimizer": run.optimizer.state_dict() if oc.save_optimizer and run.parallel is None else None,
              "config": run.cfg.to_dict()}
-    if run.parallel is not None:  # collective: every rank writes its shard
-        from .checkpointing import _point_latest
-        return run.parallel.save(run.cfg.run_dir, run.model, run.optimizer if oc.save_optimizer else None, state,
-                                 inference_config(run.model.config, run.cfg.routing), run.data_dir, oc.keep,
-                                 _point_latest)
-    return save_checkpoint(run.cfg.run_dir, run.model, inference_config(run.model.config, run.cfg.routing),
-                           run.data_dir, state, keep=oc.keep)
+    return run.plan.save(run.cfg.run_dir, run.model, run.optimizer if oc.save_optimizer else None, state,
+                         inference_config(run.model.config, run.cfg.routing), run.data_dir, oc.keep)
 
 
 _FIT_CALIBRATION_STEPS = 6
@@ -292,10 +264,10 @@ def _fit_to_time(run: Run, step_s: float, remaining_s: float, progress) -> int:
     eval_s = evals * lc.eval_batches * step_s / (3 * tc.batch_size // tc.micro_batch_size)  # forward ~ 1/3 step
     steps = run.step + max(0, int((remaining_s - eval_s) / step_s))
     if steps < tc.max_steps:
-        if steps < 0.95 * tc.max_steps:
+        if run.plan.is_main and steps < 0.95 * tc.max_steps:
             progress.write(f"{step_s:.2f}s/step here: training {steps} steps to finish in about {tc.fit_time_s:.0f}s")
         tc.max_steps, tc.tokens = steps, 0
-        if is_main():
+        if run.plan.is_main:
             run.cfg.save(os.path.join(run.cfg.run_dir, "config.toml"))
         progress.set_total(steps)
     return total_tokens(tc)
@@ -338,7 +310,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Run:
     run = setup(cfg, resume=resume, log=log)
     tc, lc = cfg.train, cfg.logging
     budget = total_tokens(tc)
-    main = is_main()
+    main = run.plan.is_main
     if main:
         log(f"model: {run.model.config.num_parameters() / 1e6:.2f}M parameters "
             f"({run.model.config.num_parameters(active=True) / 1e6:.2f}M active), device {run.device}")
@@ -353,14 +325,16 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Run:
             if run.step == first_step + 1:
                 t_first = time.perf_counter()  # the first step pays one-time costs: time from here
             done = run.step - first_step
-            # Re-fitted every 10 steps after calibration: a machine that slows down still finishes in time.
-            # (Single process only: ranks timing themselves could disagree on max_steps.)
-            if (tc.fit_time_s and not resume and run.parallel is None and done >= _FIT_CALIBRATION_STEPS
+            # Decisions from the clock use rank 0's clock on every rank (plan.agree), so that all
+            # ranks stop at the same step. Re-fitted every 10 steps after calibration: a machine
+            # that slows down still finishes in time.
+            if (tc.fit_time_s and not resume and done >= _FIT_CALIBRATION_STEPS
                     and (done == _FIT_CALIBRATION_STEPS or done % 10 == 0)):
-                budget = _fit_to_time(run, (time.perf_counter() - t_first) / (done - 1),
-                                      tc.fit_time_s - (time.perf_counter() - start), progress)
+                step_s, remaining_s = run.plan.agree([(time.perf_counter() - t_first) / (done - 1),
+                                                      tc.fit_time_s - (time.perf_counter() - start)])
+                budget = _fit_to_time(run, step_s, remaining_s, progress)
             last = run.step >= tc.max_steps or run.tokens >= budget
-            out_of_time = bool(tc.max_time_s) and time.perf_counter() - start >= tc.max_time_s
+            out_of_time = bool(tc.max_time_s) and run.plan.agree([time.perf_counter() - start])[0] >= tc.max_time_s
             if lc.eval_interval and (run.step % lc.eval_interval == 0 or last or out_of_time):
                 m.update(evaluate(run))
             if main and (run.step % lc.log_interval == 0 or last or "val_loss" in m):
@@ -375,11 +349,9 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Run:
             if cfg.checkpoint.interval and run.step % cfg.checkpoint.interval == 0 and not last:
                 run.elapsed += time.perf_counter() - start
                 start = time.perf_counter()
-                if main or run.parallel is not None:
-                    save(run)
+                save(run)
         run.elapsed += time.perf_counter() - start
-        if main or run.parallel is not None:
-            path = save(run)
+        path = save(run)
         if main:
             progress.close()
             log(f"saved {path}")
@@ -390,5 +362,5 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Run:
     return run
 
 
-__all__ = ["Run", "TrainingDiverged", "setup", "build_model", "apply_parallelism", "train_step", "evaluate",
-           "save", "train", "flops_per_token", "is_main", "loss_fn"]
+__all__ = ["Run", "TrainingDiverged", "setup", "build_model", "train_step", "evaluate", "save", "train",
+           "flops_per_token", "loss_fn"]

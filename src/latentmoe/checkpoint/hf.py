@@ -1,4 +1,4 @@
-"""HF-format checkpoints: `config.json` + safetensors (one file or shards with an index).
+"""The HF format: `config.json` + safetensors (one file or shards with an index) + tokenizer files.
 
 Names on disk are the released ones (per-expert `mlp.experts.E.{gate,up,down}_proj.weight`);
 in the model the routed experts of a layer are stacked. This table is the whole mapping:
@@ -10,6 +10,10 @@ in the model the routed experts of a layer are stacked. This table is the whole 
 | model.layers.L.mlp.experts.E.down_proj.weight | model.layers.L.mlp.experts.down_proj[E]        |
 | anything else                                 | the parameter of the same name                 |
 
+An `Experts` that holds only a slice of its layer's experts (expert parallelism) says so with
+`expert_offset`: its row e is stored as expert `expert_offset + e`, so a slice is saved and loaded
+under the global names and the files of all slices together are one ordinary checkpoint.
+
 Loading builds the model on the meta device, allocates it once on the target device in the
 target dtype, then copies tensor by tensor, shard by shard: no full fp32 copy ever exists.
 """
@@ -18,19 +22,20 @@ from __future__ import annotations
 
 import json
 import os
-import re
+import shutil
 from collections.abc import Iterator
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import ModelConfig
-from .model import DeepseekV2ForCausalLM
+from ..config import ModelConfig
+from ..model import DeepseekV2ForCausalLM
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-_EXPERT_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+# What a tokenizer directory holds; copied beside the weights so that a checkpoint directory is complete.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
 class CheckpointError(ValueError):
@@ -61,14 +66,16 @@ def checkpoint_entries(model: DeepseekV2ForCausalLM) -> Iterator[tuple[str, torc
             continue
         if name.endswith("mlp.experts.gate_up_proj"):
             prefix = name[: -len(".gate_up_proj")]
+            offset = getattr(model.get_submodule(prefix), "expert_offset", 0)
             inter = param.shape[1] // 2
             for e in range(param.shape[0]):
-                yield f"{prefix}.{e}.gate_proj.weight", param.data[e, :inter]
-                yield f"{prefix}.{e}.up_proj.weight", param.data[e, inter:]
+                yield f"{prefix}.{offset + e}.gate_proj.weight", param.data[e, :inter]
+                yield f"{prefix}.{offset + e}.up_proj.weight", param.data[e, inter:]
         elif name.endswith("mlp.experts.down_proj"):
             prefix = name[: -len(".down_proj")]
+            offset = getattr(model.get_submodule(prefix), "expert_offset", 0)
             for e in range(param.shape[0]):
-                yield f"{prefix}.{e}.down_proj.weight", param.data[e]
+                yield f"{prefix}.{offset + e}.down_proj.weight", param.data[e]
         else:
             yield name, param.data
 
@@ -168,9 +175,10 @@ def fill_from_checkpoint(path: str | os.PathLike, targets: dict[str, torch.Tenso
 
 
 @torch.no_grad()
-def save_model(model: DeepseekV2ForCausalLM, path: str | os.PathLike,
-               max_shard_size: int | str = "5GB", tokenizer_dir: str | os.PathLike | None = None) -> None:
-    """Write config.json + safetensors (sharded with an index above `max_shard_size`)."""
+def save_model(model: DeepseekV2ForCausalLM, path: str | os.PathLike, max_shard_size: int | str = "5GB",
+               tokenizer_dir: str | os.PathLike | None = None, config: ModelConfig | None = None) -> None:
+    """Write config.json + safetensors (sharded with an index above `max_shard_size`), and the tokenizer
+    files of `tokenizer_dir`. `config` is what config.json says (default: the model's own)."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
     path = os.fspath(path)
@@ -185,20 +193,32 @@ def save_model(model: DeepseekV2ForCausalLM, path: str | os.PathLike,
     for filename, names in split.filename_to_tensors.items():
         save_file({n: tensors[n] for n in names}, os.path.join(path, filename), metadata={"format": "pt"})
     if split.is_sharded:
-        with open(os.path.join(path, INDEX_FILE), "w") as f:
-            json.dump({"metadata": dict(split.metadata), "weight_map": split.tensor_to_filename}, f, indent=2)
-    cfg_dict = model.config.to_dict()
-    cfg_dict["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+        write_index(path, split.tensor_to_filename, split.metadata["total_size"])
+    write_config_and_tokenizer(path, config or model.config, next(model.parameters()).dtype, tokenizer_dir)
+
+
+def write_index(path: str, weight_map: dict[str, str], total_size: int) -> None:
+    """The shard index: which file holds each tensor."""
+    with open(os.path.join(path, INDEX_FILE), "w") as f:
+        json.dump({"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}, f,
+                  indent=2)
+
+
+def write_config_and_tokenizer(path: str, config: ModelConfig, dtype: torch.dtype,
+                               tokenizer_dir: str | os.PathLike | None = None) -> None:
+    """config.json (with the dtype of the weights) and the tokenizer files, beside the weights."""
+    cfg_dict = config.to_dict()
+    cfg_dict["torch_dtype"] = str(dtype).removeprefix("torch.")
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg_dict, f, indent=2, sort_keys=True)
         f.write("\n")
-    if tokenizer_dir is not None:
-        import shutil
-        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
-            src = os.path.join(os.fspath(tokenizer_dir), name)
-            if os.path.exists(src) and os.path.abspath(src) != os.path.abspath(os.path.join(path, name)):
-                shutil.copyfile(src, os.path.join(path, name))
+    if tokenizer_dir is None:
+        return
+    for name in TOKENIZER_FILES:
+        src = os.path.join(os.fspath(tokenizer_dir), name)
+        if os.path.exists(src) and os.path.abspath(src) != os.path.abspath(os.path.join(path, name)):
+            shutil.copyfile(src, os.path.join(path, name))
 
 
 __all__ = ["load_model", "save_model", "fill_from_checkpoint", "CheckpointError", "checkpoint_entries", "resolve_dtype",
-           "default_dtype"]
+           "default_dtype", "write_index", "write_config_and_tokenizer", "INDEX_FILE", "TOKENIZER_FILES"]
