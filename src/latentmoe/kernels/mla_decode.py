@@ -99,6 +99,28 @@ def _mla_decode_merge_kernel(
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_c, out.to(out_ptr.dtype.element_ty), mask=mask_c)
 
 
+def split_outputs(out: torch.Tensor, num_splits: int):
+    """Where a split-KV decode kernel writes its pieces: straight into `out` [B, H, X] when there is one
+    (the kernel normalises it itself), else fp32 partials [B, H, S, X] and log-sum-exps [B, H, S] for
+    `merge_splits`. -> (o_part, lse, the three strides of o_part's batch, head and split dims)."""
+    if num_splits == 1:
+        return out, out, (out.stride(0), out.stride(1), 0)
+    B, H, X = out.shape
+    o_part = new_buffer((B, H, num_splits, X), torch.float32, out.device)
+    lse = new_buffer((B, H, num_splits), torch.float32, out.device)
+    return o_part, lse, o_part.stride()[:3]
+
+
+def merge_splits(o_part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> None:
+    """out[b, h] = the log-sum-exp weighted mean of the partials o_part [B, H, S, X] (lse [B, H, S], log2
+    units); shared by the latent and the per-head decode kernels."""
+    B, H, num_splits, X = o_part.shape
+    _mla_decode_merge_kernel[(B * H,)](
+        o_part, lse, out, out.stride(0), out.stride(1), H,
+        C=X, BLOCK_C=triton.next_power_of_2(X), NUM_SPLITS=num_splits,
+        BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4)
+
+
 def choose_num_splits(batch: int, head_groups: int, max_seq_len: int, device: torch.device, ctas_per_sm: int = 2,
                       min_tokens_per_split: int = 32, max_splits: int = 64, piece_overhead: int = 64) -> int:
     """Pieces per sequence, from a wave model of the launch.
@@ -155,13 +177,7 @@ def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.T
     if out is None:
         out = new_buffer(q_lat.shape, q_lat.dtype, q_lat.device)
     assert out.shape == q_lat.shape and out.stride(-1) == 1
-    if num_splits == 1:
-        o_part, lse = out, out  # the split kernel normalises and writes the result itself
-        so = (out.stride(0), out.stride(1), 0)
-    else:
-        o_part = new_buffer((B, H, num_splits, C), torch.float32, q_lat.device)
-        lse = new_buffer((B, H, num_splits), torch.float32, q_lat.device)
-        so = o_part.stride()[:3]
+    o_part, lse, so = split_outputs(out, num_splits)
     _mla_decode_split_kernel[(head_groups, num_splits, B)](
         q_lat, q_pe, kv_cache, block_table, seq_lens, o_part, lse,
         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1),
@@ -171,10 +187,7 @@ def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.T
         PAGE=PAGE, BLOCK_H=block_h, BLOCK_N=block_n, NUM_SPLITS=num_splits, UPCAST=INTERPRET,
         num_warps=num_warps, num_stages=num_stages)
     if num_splits > 1:
-        _mla_decode_merge_kernel[(B * H,)](
-            o_part, lse, out, out.stride(0), out.stride(1), H,
-            C=C, BLOCK_C=triton.next_power_of_2(C), NUM_SPLITS=num_splits,
-            BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4)
+        merge_splits(o_part, lse, out)
     return out
 
 
