@@ -47,7 +47,7 @@ class LLM:
 
     runner_class = ModelRunner   # a subclass may run steps differently (tests run the graph path eagerly)
 
-    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None, **options):
+    def __init__(self, model, *, tokenizer=None, config: EngineConfig | None = None, **options):
         if config is None:
             config = EngineConfig(**options)
         elif options:
@@ -70,15 +70,16 @@ class LLM:
         self.engine_config = config
         self.tokenizer = tokenizer
         self.device, self.dtype = config.device, config.dtype
+        # Only a device/dtype asked for converts; otherwise every tensor stays where it is (a model
+        # spread over devices, e.g. experts split over GPUs, keeps its placement). Before the cache
+        # plan: on CUDA the budget is the memory left once the weights are in place.
+        runner_model = engine_model(model, fused_ops=config.fused_ops, fused_experts=config.experts_impl == "fused",
+                                    device=asked_device, dtype=asked_dtype)
         num_blocks, self.max_model_len = plan_cache(
             self.config, config.kv_cache, self.device, self.dtype, config.block_size, config.cache_memory_gb,
             config.num_blocks, config.max_num_seqs, config.max_model_len)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        # Only a device/dtype asked for converts; otherwise every tensor stays where it is (a model
-        # spread over devices, e.g. experts split over GPUs, keeps its placement).
-        runner_model = engine_model(model, fused_ops=config.fused_ops, fused_experts=config.experts_impl == "fused",
-                                    device=asked_device, dtype=asked_dtype)
         self.runner = self.runner_class(runner_model, config, num_blocks, self.max_model_len)
         self.last_execute_seconds = 0.0   # the last step's time in the runner (inputs, forward, sampling)
         self.requests: dict[str, Request] = {}

@@ -7,7 +7,7 @@ program; the pieces merge by log-sum-exp exactly as the latent kernel's do (mla_
 import torch
 
 from ._triton import jit, new_buffer, sm_count, tl, triton, use_triton
-from .mla_decode import LOG2E, merge_splits, split_outputs
+from .mla_decode import LOG2E, merge_splits, split_outputs, split_range
 from .reference import mha_decode_ref
 
 
@@ -23,10 +23,7 @@ def _mha_decode_split_kernel(
     h = tl.program_id(0)
     split = tl.program_id(1)
     b = tl.program_id(2)
-    seq_len = tl.load(seq_lens_ptr + b)
-    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = split * split_len
-    end = tl.minimum(start + split_len, seq_len)
+    start, end = split_range(seq_lens_ptr, b, split, NUM_SPLITS, BLOCK_N)
 
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)

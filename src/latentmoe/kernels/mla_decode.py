@@ -14,6 +14,16 @@ LOG2E = 1.4426950408889634
 
 
 @jit
+def split_range(seq_lens_ptr, b, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Tokens [start, end) of sequence b that piece `split` of NUM_SPLITS walks: equal pieces rounded up
+    to whole BLOCK_N tiles (shared by the latent and per-head decode kernels; the merge relies on it)."""
+    seq_len = tl.load(seq_lens_ptr + b)
+    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    return start, tl.minimum(start + split_len, seq_len)
+
+
+@jit
 def _mla_decode_split_kernel(
     q_lat_ptr, q_pe_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, o_ptr, lse_ptr,
     stride_qb, stride_qh, stride_pb, stride_ph, stride_kv_blk, stride_kv_tok, stride_bt,
@@ -29,10 +39,7 @@ def _mla_decode_split_kernel(
     split = tl.program_id(1)
     b = tl.program_id(2)
 
-    seq_len = tl.load(seq_lens_ptr + b)
-    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = split * split_len
-    end = tl.minimum(start + split_len, seq_len)
+    start, end = split_range(seq_lens_ptr, b, split, NUM_SPLITS, BLOCK_N)
 
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_c = tl.arange(0, BLOCK_C)

@@ -284,7 +284,7 @@ def few_token_layout(max_assignments: int, device: torch.device | str) -> torch.
     `fused_moe` first groups assignments by expert (a dozen small kernels) so each expert is read once.
     With one or two tokens experts rarely repeat, so this fixed layout reads about the same bytes with
     2 kernels instead of ~14. Build it once, outside CUDA-graph capture, and pass it to `fused_moe`;
-    any prefix [:A * block_m] serves A assignments.
+    it serves any A up to `max_assignments` (A row blocks read only its first A * block_m ids).
     """
     bm = DECODE_CONFIG["block_m"]
     p = torch.arange(max_assignments * bm, device=device)
@@ -302,8 +302,8 @@ def fused_moe_few_tokens_triton(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, 
     assert layout.numel() >= A * cfg["block_m"], "the layout was built for fewer assignments"
     x_MD, gate_up_proj, down_proj = _inference_inputs(x_MD, gate_up_proj, down_proj)
     block_expert = topk_idx_MK.reshape(-1)            # block a computes assignment a's expert
-    _, y_AD = run_moe_gemms(x_MD, gate_up_proj, down_proj, topk_weight_MK, layout[:A * cfg["block_m"]],
-                            block_expert, cfg, K)
+    # The grid has A row blocks, so only layout[:A * block_m] is read: no slice needed.
+    _, y_AD = run_moe_gemms(x_MD, gate_up_proj, down_proj, topk_weight_MK, layout, block_expert, cfg, K)
     return y_AD.view(M, K, D).sum(dim=1, dtype=torch.float32).to(x_MD.dtype)
 
 
