@@ -4,6 +4,8 @@ What an MHA model of the same shape would read per token: k [H, N+R] and v [H, V
 One program per (head, piece of sequence, sequence), so each cached row is read by exactly one
 program; the pieces merge by log-sum-exp exactly as the latent kernel's do (mla_decode.merge_splits).
 """
+from types import MappingProxyType
+
 import torch
 
 from ._triton import jit, new_buffer, sm_count, tl, triton, use_triton
@@ -65,8 +67,8 @@ def _mha_decode_split_kernel(
 
 # Defaults, the best of a 5-point sweep on an H100 at V2-Lite shapes, batch 32, L=4,096 (results/mla_vs_mha.md):
 # 64 tokens per tile, 4 warps, splits sized for 4 programs per multiprocessor. The benchmark re-tunes in each
-# run and hands its choice to the engine (engine.PerHeadCache(decode_tuning=...)); nothing changes these.
-TUNING = {"block_n": 64, "num_warps": 4, "ctas_per_sm": 4, "min_tokens_per_split": 256}
+# run and hands its choice to the engine (engine.PerHeadCache(decode_tuning=...)); read-only.
+TUNING = MappingProxyType({"block_n": 64, "num_warps": 4, "ctas_per_sm": 4, "min_tokens_per_split": 256})
 
 
 def mha_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scale, num_splits: int | None = None,
