@@ -10,6 +10,9 @@ latents instead of being prefilled (attention cost does not depend on the values
     python benchmarks/bench_engine.py --quick    # fewer points, fits one device call
     --check: engine greedy vs plain generation first; --accuracy-layers N: each bf16 path vs an fp32
     reference of N layers; --experts / --ops: the expert paths and fused-glue settings to measure.
+
+Every path is chosen through the engine's options (LLM(..., experts_impl=, fused_ops=, enforce_eager=)),
+one engine per setting; logits of a path come from the engine's own module tree (engine.layers.engine_model).
 """
 
 from __future__ import annotations
@@ -24,10 +27,8 @@ import time
 import torch
 
 from latentmoe import build_model, get_config
-from latentmoe.engine import LLM, SamplingParams
-from latentmoe.engine.fused_ops import set_fused_ops
-from latentmoe.engine.model_runner import set_fused_experts
-from latentmoe.engine.sequence import SequenceStatus
+from latentmoe.engine import LLM, LatentCache, PerHeadCache, SamplingParams
+from latentmoe.engine.layers import engine_model
 
 BANDWIDTH = 3.0e12   # bytes/s: a device-to-device copy measured on the H100 (bytes read + written)
 
@@ -116,40 +117,24 @@ def hf_prefill(hf, cfg, L, device):
 
 # ----------------------------------------------------------------------------- engine
 def engine_decode(llm, B, L, steps):
-    """Decode tok/s of B sequences at context L: full engine steps (schedule, graph replay, sampling)."""
+    """Decode tok/s of B sequences at context L: full engine steps (schedule, graph replay, sampling).
+
+    The contexts are placeholders (LLM.add_request_without_prefill: attention costs the same whatever
+    the cached values), so the steps are pure decodes from the first. -> (seconds per step, seconds
+    of it outside the model runner)."""
     g = torch.Generator().manual_seed(B * 7919 + L)
     params = SamplingParams(temperature=0, max_tokens=steps + 4, ignore_eos=True)
-    reqs = [llm.add_request(torch.randint(0, llm.config.vocab_size, (L,), generator=g).tolist(), params)
-            for _ in range(B)]
-    sched, bm = llm.scheduler, llm.block_manager
-    # Stand-in for prefill: give each sequence its blocks and mark all but the last prompt token
-    # as cached, so the next steps are pure decodes over a context of L.
-    while sched.waiting:
-        seq = sched.waiting.popleft()
-        assert bm.allocate(seq, len(seq)), "cache too small for this point"
-        seq.num_computed_tokens = len(seq) - 1
-        seq.status = SequenceStatus.RUNNING
-        sched.running.append(seq)
+    reqs = [llm.add_request_without_prefill(torch.randint(0, llm.config.vocab_size, (L,), generator=g).tolist(),
+                                            params) for _ in range(B)]
     times, exec_times = [], []
-    execute = llm.runner.execute
-
-    def timed_execute(batch):   # device work + its host preparation + sampling, vs the rest of the step
+    for s in range(steps + 2):   # two warm-up steps (graph capture for this bucket)
         t = time.perf_counter()
-        out = execute(batch)
-        exec_times.append(time.perf_counter() - t)
-        return out
-
-    llm.runner.execute = timed_execute
-    try:
-        for s in range(steps + 2):   # two warm-up steps (graph capture for this bucket)
-            t = time.perf_counter()
-            llm.step()
-            times.append(time.perf_counter() - t)
-    finally:
-        del llm.runner.execute
+        llm.step()
+        times.append(time.perf_counter() - t)
+        exec_times.append(llm.last_execute_seconds)
     for r in reqs:
         llm.abort_request(r.request_id)
-    assert bm.num_used_blocks == 0
+    assert llm.stats()["num_blocks_used"] == 0
     step, ex = median(times[2:]), median(exec_times[2:])
     return step, step - ex
 
@@ -169,22 +154,19 @@ def engine_prefill(llm, n, L):
 
 
 def profile_decode(llm, B, L, out_path):
-    """Where an eager decode step's time goes (CUDA kernels, grouped by name)."""
+    """Where an eager decode step's time goes (CUDA kernels, grouped by name); `llm` built with enforce_eager."""
     from torch.profiler import ProfilerActivity, profile
-    runner = llm.runner
-    graphs = runner.use_cuda_graphs
-    runner.use_cuda_graphs = False
     engine_decode(llm, B, L, 1)   # warm
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if llm.device.type == "cuda" else [])
     with profile(activities=acts) as prof:
         engine_decode(llm, B, L, 2)   # 4 steps
-    runner.use_cuda_graphs = graphs
     key = "self_cuda_time_total" if llm.device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70)
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     busy = sum(e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total for e in kernels)
-    table = (f"## eager decode, batch {B}, context {L}, 4 steps, experts {llm.experts_impl}, "
-             f"fused ops {'on' if llm.fused_ops else 'off'}: {len(kernels) / 4:.0f} CUDA kernels and "
+    cfg = llm.engine_config
+    table = (f"## eager decode, batch {B}, context {L}, 4 steps, experts {cfg.experts_impl}, "
+             f"fused ops {'on' if cfg.fused_ops else 'off'}: {len(kernels) / 4:.0f} CUDA kernels and "
              f"{busy / 4e3:.2f} ms of kernel time per step\n{table}\n")
     with open(out_path, "a") as f:
         f.write(table)
@@ -223,12 +205,10 @@ def check_cuda(device):
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
         same = sum(a == b for a, b in zip(got, want))
         first_diff = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), 16) for a, b in zip(got, want)]
-        set_fused_experts(model, False)
-        set_fused_ops(model, False)
         print(f"check eager={eager} experts={impl} fused_ops={ops}: {same}/{len(prompts)} sequences identical; "
               f"first differing position "
               f"per sequence {first_diff}; graphs captured: {len(llm.runner.graphs)}; "
-              f"blocks in use after: {llm.block_manager.num_used_blocks}", flush=True)
+              f"blocks in use after: {llm.stats()['num_blocks_used']}", flush=True)
 
 
 @torch.inference_mode()
@@ -243,15 +223,11 @@ def accuracy_vs_fp32(preset, layers, device):
     model.to(torch.bfloat16)
     res = {}
     for experts, ops in (("model", False), ("fused", False), ("model", True), ("fused", True)):
-        set_fused_experts(model, experts == "fused")
-        set_fused_ops(model, ops)
-        out = model(ids).float()
+        out = engine_model(model, fused_experts=experts == "fused", fused_ops=ops)(ids).float()
         res[(experts, ops)] = out
         print(f"accuracy {preset} {layers} layers, bf16 experts={experts} fused_ops={ops} vs fp32: rel logits err "
               f"{((out - ref).norm() / ref.norm()).item():.3e}, argmax agreement "
               f"{(out.argmax(-1) == ref.argmax(-1)).float().mean().item():.3f}", flush=True)
-    set_fused_experts(model, False)
-    set_fused_ops(model, False)
     base = res[("model", False)]
     for k, v in res.items():
         print(f"accuracy: bf16 {k} vs bf16 plain: rel {((v - base).norm() / base.norm()).item():.3e}", flush=True)
@@ -264,6 +240,13 @@ def accuracy_vs_fp32(preset, layers, device):
 def label(variant) -> str:
     impl, ops = variant
     return f"{impl} experts" + (", fused ops" if ops else "")
+
+
+def release_memory(device):
+    """After `del llm`: return its cache and graph pools to the device before the next engine is built."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def sync(device):
@@ -330,9 +313,7 @@ def main():
                 print(f"transformers B={B} L={L} failed: {e!r}", flush=True)
             print(f"transformers B={B} L={L}: {hf_tok[(B, L)]}", flush=True)
         del hf
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        release_memory(device)
 
     model = build_model(cfg, device=device, dtype=dtype, seed=0, std=0.02)
     impls = args.experts.split(",")
@@ -343,31 +324,26 @@ def main():
         ids = torch.randint(0, cfg.vocab_size, (8, 64), device=device)
         with torch.inference_mode():
             ref = model(ids).float()
-            set_fused_experts(model, True)
-            fused = model(ids).float()
-            set_fused_ops(model, True)
-            fused_ops = model(ids).float()
-            set_fused_ops(model, False)
-            set_fused_experts(model, False)
+            fused = engine_model(model, fused_experts=True)(ids).float()
+            fused_ops = engine_model(model, fused_experts=True, fused_ops=True)(ids).float()
         for name, out in (("fused experts", fused), ("fused experts + fused ops", fused_ops)):
             rel = ((out - ref).norm() / ref.norm()).item()
             agree = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
             print(f"{name} vs model experts, {cfg.num_hidden_layers} layers bf16: rel logits diff {rel:.2e}, "
                   f"argmax agreement {agree:.3f}", flush=True)
     max_len = max(contexts) + steps + 16
-    t0 = time.perf_counter()
-    llm = LLM(model, max_num_seqs=max(batches), max_model_len=max_len, block_size=64,
-              max_num_batched_tokens=8192, cache_memory_gb=None if device.type == "cuda" else 1.0)
-    bm = llm.block_manager
-    capacity = bm.num_usable_blocks * bm.block_size
-    print(f"engine ready in {time.perf_counter() - t0:.1f}s: {bm.num_usable_blocks} blocks, {capacity:,} tokens",
-          flush=True)
+    options = dict(max_num_seqs=max(batches), max_model_len=max_len, block_size=64, max_num_batched_tokens=8192,
+                   cache_memory_gb=None if device.type == "cuda" else 1.0)
     eng_tok, host_ms, prefill = {}, {}, {}
+    capacity = None
     for impl, ops in variants:
-        set_fused_experts(model, impl == "fused")
-        llm.fused_ops = set_fused_ops(model, ops) > 0 and ops
-        llm.experts_impl = impl
-        llm.runner.graphs.clear()
+        # One engine per setting (the previous one freed first: each takes most of the free memory).
+        t0 = time.perf_counter()
+        llm = LLM(model, experts_impl=impl, fused_ops=ops, **options)
+        stats = llm.stats()
+        capacity = stats["num_blocks_total"] * llm.engine_config.block_size
+        print(f"engine ({label((impl, ops))}) ready in {time.perf_counter() - t0:.1f}s: "
+              f"{stats['num_blocks_total']} blocks, {capacity:,} tokens", flush=True)
         v = (impl, ops)
         prefill[v] = engine_prefill(llm, 4 if args.quick else 8, max(contexts))
         print(f"engine ({label(v)}) prefill {prefill[v]:,.0f} tok/s", flush=True)
@@ -383,9 +359,11 @@ def main():
             eng_tok[(v, B, L)], host_ms[(v, B, L)] = B / dt, host * 1e3
             print(f"engine ({label(v)}) B={B} L={L}: {B / dt:,.0f} tok/s ({dt * 1e3:.1f} ms/step, "
                   f"{host * 1e3:.1f} ms outside execute)", flush=True)
+        del llm
+        release_memory(device)
 
-    per_tok = cfg.kv_cache_elements_per_token() * 2
-    mha_tok = cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * cfg.num_hidden_layers * 2
+    per_tok = LatentCache().bytes_per_token(cfg, torch.bfloat16)
+    mha_tok = PerHeadCache().bytes_per_token(cfg, torch.bfloat16)
     L_conc = 4096
     conc = capacity // L_conc
     conc_mha = (capacity * per_tok // mha_tok) // L_conc
@@ -439,14 +417,17 @@ def main():
     prof_path = args.profile_out or os.path.join(os.path.dirname(args.out), "engine_profile.txt")
     if os.path.exists(prof_path):
         os.remove(prof_path)
-    set_fused_experts(model, "fused" in impls)
-    llm.experts_impl = "fused" if "fused" in impls else "model"
-    llm.fused_ops = set_fused_ops(model, True in opses) > 0 and True in opses
-    for B in ([] if args.no_profile else sorted({min(batches), max(batches)})):
-        try:
-            print(profile_decode(llm, B, 1024 if 1024 in contexts else contexts[0], prof_path))
-        except Exception as e:
-            print(f"profiling failed: {e!r}")
+    if not args.no_profile:
+        # Eager steps of the fastest setting measured (fused paths where they were measured).
+        llm = LLM(model, experts_impl="fused" if "fused" in impls else "model", fused_ops=True in opses,
+                  enforce_eager=True, **options)
+        for B in sorted({min(batches), max(batches)}):
+            try:
+                print(profile_decode(llm, B, 1024 if 1024 in contexts else contexts[0], prof_path))
+            except Exception as e:
+                print(f"profiling failed: {e!r}")
+        del llm
+        release_memory(device)
     print(f"wrote {args.out}")
 
 

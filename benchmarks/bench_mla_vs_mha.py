@@ -7,6 +7,9 @@ markdown table and writes it (date, device, command) to benchmarks/results/mla_v
 
     python benchmarks/bench_mla_vs_mha.py                # V2-Lite, 36 GiB of cache each
     python benchmarks/bench_mla_vs_mha.py --smoke        # tiny model, runs anywhere (CPU included)
+
+The two layouts are the engine's `LatentCache` and `PerHeadCache` (LLM(..., kv_cache=...)); the per-head
+decode kernel's tuning found here is handed to its layout (PerHeadCache(decode_tuning=...)).
 """
 
 from __future__ import annotations
@@ -24,10 +27,9 @@ from bench_engine import engine_decode, floor_ms, plain_greedy  # noqa: E402  (t
 from timing import median_seconds  # noqa: E402
 
 from latentmoe import build_model, get_config  # noqa: E402
-from latentmoe.engine import LLM  # noqa: E402
-from latentmoe.engine import mha_attention  # noqa: E402
-from latentmoe.engine.attention import mla_decode  # noqa: E402
-from latentmoe.engine.model_runner import cache_bytes_per_token, mha_bytes_per_token  # noqa: E402
+from latentmoe.engine import LLM, LatentCache, PerHeadCache  # noqa: E402
+from latentmoe.kernels import mha_decode, mha_decode_ref, mla_decode  # noqa: E402
+from latentmoe.kernels.mha_decode import TUNING as MHA_DEFAULT_TUNING  # noqa: E402
 
 GiB = 2 ** 30
 
@@ -53,13 +55,13 @@ def paged_inputs(B, L, bs, shapes, dtype, device, g):
     return caches, table, torch.full((B,), L, dtype=torch.int32, device=device)
 
 
-def kernel_bandwidth(cfg, B, L, dtype, device, iters, g) -> dict:
+def kernel_bandwidth(cfg, B, L, dtype, device, iters, g, mha_tuning: dict) -> dict:
     """GB/s of one layer's decode attention, counting each cached byte once: per-head K/V vs latent."""
     H, N, R, V, C = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim,
                      cfg.kv_lora_rank)
     (k, v), table, lens = paged_inputs(B, L, 64, [(H, N + R), (H, V)], dtype, device, g)
     q = torch.randn(B, H, N + R, generator=g, device=device).to(dtype)
-    t_mha = gpu_time(lambda: mha_attention.mha_decode(q, k, v, table, lens, cfg.softmax_scale), iters, device,
+    t_mha = gpu_time(lambda: mha_decode(q, k, v, table, lens, cfg.softmax_scale, **mha_tuning), iters, device,
                      graph=True)
     mha_bytes = B * L * H * (N + R + V) * k.element_size()
     del k, v
@@ -77,8 +79,8 @@ def check_mha_kernel(cfg, dtype, device, g) -> float:
     (k, v), table, _ = paged_inputs(6, 1000, 64, [(H, DK), (H, DV)], dtype, device, g)
     lens = torch.tensor([1000, 1, 77, 640, 999, 64], dtype=torch.int32, device=device)
     q = torch.randn(6, H, DK, generator=g, device=device).to(dtype)
-    out = mha_attention.mha_decode(q, k, v, table, lens, cfg.softmax_scale).float()
-    ref = mha_attention.mha_decode_torch(q.float(), k.float(), v.float(), table, lens, cfg.softmax_scale)
+    out = mha_decode(q, k, v, table, lens, cfg.softmax_scale).float()
+    ref = mha_decode_ref(q.float(), k.float(), v.float(), table, lens, cfg.softmax_scale)
     return ((out - ref).norm() / ref.norm()).item()
 
 
@@ -101,46 +103,46 @@ def check_engines_agree(device) -> str:
             f"{sum(a == b for a, b in zip(got['mha'], got['latent']))}/{n}")
 
 
-def tune_mha_kernel(cfg, B, L, dtype, device, iters, g) -> list[tuple]:
-    """Pick the MHA decode kernel's block and warp counts on this device (the baseline gets its best)."""
+def tune_mha_kernel(cfg, B, L, dtype, device, iters, g) -> tuple[dict, list[tuple]]:
+    """Pick the MHA decode kernel's block and warp counts on this device (the baseline gets its best).
+    -> (the best tuning, every point as (seconds, block_n, warps, ctas per SM))."""
     H, DK, DV = cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
     (k, v), table, lens = paged_inputs(B, L, 64, [(H, DK), (H, DV)], dtype, device, g)
     q = torch.randn(B, H, DK, generator=g, device=device).to(dtype)
     results = []
     for block_n, warps, ctas in ((16, 4, 8), (32, 4, 8), (64, 4, 4), (32, 8, 4), (64, 8, 2)):
-        mha_attention.TUNING.update(block_n=block_n, num_warps=warps, ctas_per_sm=ctas)
-        t = gpu_time(lambda: mha_attention.mha_decode(q, k, v, table, lens, cfg.softmax_scale), iters, device,
+        tuning = dict(block_n=block_n, num_warps=warps, ctas_per_sm=ctas)
+        t = gpu_time(lambda: mha_decode(q, k, v, table, lens, cfg.softmax_scale, **tuning), iters, device,
                      graph=True)
         results.append((t, block_n, warps, ctas))
     best = min(results)
-    mha_attention.TUNING.update(block_n=best[1], num_warps=best[2], ctas_per_sm=best[3])
-    return results
+    return dict(block_n=best[1], num_warps=best[2], ctas_per_sm=best[3]), results
 
 
-def run_engine(model, kind, cache_gb, L, steps, batches, device) -> dict:
+def run_engine(model, layout, cache_gb, L, steps, batches, device) -> dict:
     """One engine with one cache layout: capacity, then decode step time at each batch."""
     cfg = model.config
     bs = 64
-    per_tok = (mha_bytes_per_token if kind == "mha" else cache_bytes_per_token)(cfg, next(model.parameters()).dtype)
+    kind = layout.name
+    per_tok = layout.bytes_per_token(cfg, next(model.parameters()).dtype)
     usable = int(cache_gb * GiB // (per_tok * bs))
     # engine_decode runs steps + 2 tokens past L (+ 4 spare): every sequence's blocks for all of them,
     # so the largest batch decodes without preemption.
     max_len = L + steps + 16
     b_max = usable // -(-(L + steps + 6) // bs)
     batches = sorted({b_max if b == "max" else b for b in batches})
-    llm = LLM(model, kv_cache=kind, cache_memory_gb=cache_gb, block_size=bs, max_num_seqs=max(batches),
+    llm = LLM(model, kv_cache=layout, cache_memory_gb=cache_gb, block_size=bs, max_num_seqs=max(batches),
               max_model_len=max_len, max_num_batched_tokens=8192,
               experts_impl="fused" if device.type == "cuda" else "model")
-    bm = llm.block_manager
-    assert bm.num_usable_blocks == usable, (bm.num_usable_blocks, usable)
+    assert llm.stats()["num_blocks_total"] == usable, (llm.stats()["num_blocks_total"], usable)
     res = dict(per_tok=per_tok, capacity=usable * bs, conc=usable * bs // L, b_max=b_max, steps={})
     for B in batches:
         dt, host = engine_decode(llm, B, L, steps)
         res["steps"][B] = (dt, host)
         print(f"{kind}: B={B} L={L}: {B / dt:,.0f} tok/s ({dt * 1e3:.2f} ms/step, host {host * 1e3:.2f} ms)",
               flush=True)
-    res["preemptions"] = llm.scheduler.num_preemptions
-    del llm, bm
+    res["preemptions"] = llm.stats()["num_preemptions"]
+    del llm
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -176,13 +178,14 @@ def main():
     agree = check_engines_agree(device)
     print(agree, flush=True)
     print(f"copy {bw_copy / 1e9:,.0f} GB/s; MHA paged decode vs fp32 reference: rel err {err:.2e}", flush=True)
-    sweep = tune_mha_kernel(cfg, common, L, dtype, device, iters, g) if device.type == "cuda" else []
+    tuned, sweep = (tune_mha_kernel(cfg, common, L, dtype, device, iters, g) if device.type == "cuda"
+                    else ({}, []))
     for t, bn, w, c in sweep:
         print(f"mha kernel block_n={bn} warps={w} ctas/sm={c}: {t * 1e6:.0f} us", flush=True)
-    per_lat, per_mha = cache_bytes_per_token(cfg, dtype), mha_bytes_per_token(cfg, dtype)
+    per_lat, per_mha = LatentCache().bytes_per_token(cfg, dtype), PerHeadCache().bytes_per_token(cfg, dtype)
     b_max_guess = {k: int(cache_gb * GiB // (p * 64)) // -(-(L + args.steps + 6) // 64)
                    for k, p in (("latent", per_lat), ("mha", per_mha))}
-    kern = {B: kernel_bandwidth(cfg, B, L, dtype, device, iters, g)
+    kern = {B: kernel_bandwidth(cfg, B, L, dtype, device, iters, g, tuned)
             for B in sorted({common, b_max_guess["mha"], b_max_guess["latent"]})}
     for B, r in kern.items():
         print(f"kernels B={B} L={L}: MHA {r['mha_s'] * 1e6:.0f} us {r['mha_gbs']:,.0f} GB/s; "
@@ -191,8 +194,8 @@ def main():
     if device.type == "cuda":
         torch.cuda.empty_cache()
     model = build_model(cfg, device=device, dtype=dtype, seed=0, std=0.02).eval()   # explicit random init
-    res = {kind: run_engine(model, kind, cache_gb, L, args.steps, ["max", common], device)
-           for kind in ("latent", "mha")}
+    res = {layout.name: run_engine(model, layout, cache_gb, L, args.steps, ["max", common], device)
+           for layout in (LatentCache(), PerHeadCache(decode_tuning=tuned))}
 
     lat, mha = res["latent"], res["mha"]
 
@@ -230,7 +233,7 @@ def main():
         i = argv.index("--out")
         del argv[i:i + 2]
     command = " ".join(["python", "benchmarks/bench_mla_vs_mha.py", *argv])
-    tuned = mha_attention.TUNING
+    tuned = {**MHA_DEFAULT_TUNING, **tuned}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         f.write(

@@ -54,6 +54,8 @@ def serve_compare(args, tmp: str) -> list[str]:
 
     from latentmoe import build_model, get_config, save_model
     from latentmoe.engine import LLM, SamplingParams
+    from latentmoe.engine.llm_engine import load_tokenizer
+    from latentmoe.parallel.inference import load_model_expert_parallel
 
     cfg = get_config("deepseek-v2-lite", num_hidden_layers=args.serve_layers)
     path = os.path.join(tmp, "lite")
@@ -66,8 +68,12 @@ def serve_compare(args, tmp: str) -> list[str]:
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     rows, outs = [], {}
     for n in (1, args.gpus):
-        llm = LLM(path, device="cuda", dtype=torch.bfloat16, max_num_seqs=256, max_model_len=2048,
-                  expert_parallel_size=n, cache_memory_gb=20)
+        options = dict(max_num_seqs=256, max_model_len=2048, cache_memory_gb=20)
+        if n == 1:
+            llm = LLM(path, device="cuda", dtype=torch.bfloat16, **options)
+        else:   # what `serve --ep N` runs: the split model handed to the engine, no CUDA graphs
+            llm = LLM(load_model_expert_parallel(path, n, device="cuda", dtype=torch.bfloat16),
+                      tokenizer=load_tokenizer(path), enforce_eager=True, **options)
         outs[n] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
         step, host = engine_decode(llm, 256, 1024, 6)
         rows.append(f"| serve, {n} GPU{'s' if n > 1 else ''} ({'experts split' if n > 1 else 'plain'}) | "

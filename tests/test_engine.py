@@ -3,14 +3,17 @@ the block manager never leaks; bad requests raise clear errors."""
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
 from latentmoe import build_model, get_config
-from latentmoe.engine import LLM, SamplingParams
-from latentmoe.engine.attention import mla_decode_torch
+from latentmoe.engine import LLM, EngineConfig, SamplingParams
 from latentmoe.engine.block_manager import BlockManager
+from latentmoe.engine.model_runner import ModelRunner
 from latentmoe.engine.sequence import Sequence
+from latentmoe.kernels import mla_decode_ref
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,6 +42,32 @@ def reference_greedy(model, prompt, n):
 def random_prompts(lengths, seed=0, vocab=512):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+class EagerGraphRunner(ModelRunner):
+    """Decode-only steps through the CUDA-graph path (static buffers, batch padded to a bucket, block
+    tables to a context bucket) with the captured body run eagerly instead: that path without CUDA."""
+
+    @staticmethod
+    def supports_graphs(device):
+        return True
+
+    def decode_graph(self, b, mb):
+        self.graph_buckets.append(b)
+        return types.SimpleNamespace(replay=lambda: self.decode_body(b, mb))
+
+    def execute(self, batch):
+        if batch.num_decodes == len(batch.seqs):
+            self.decode_batch_sizes.append(len(batch.seqs))
+        return super().execute(batch)
+
+    def __init__(self, *args, **kwargs):
+        self.graph_buckets, self.decode_batch_sizes = [], []
+        super().__init__(*args, **kwargs)
+
+
+class EagerGraphLLM(LLM):
+    runner_class = EagerGraphRunner
 
 
 def assert_no_leak(llm):
@@ -99,14 +128,12 @@ def test_graph_path_padding_and_buckets(model, expected):
     # padded to a bucket with rows on the reserved null block, block tables padded to a context
     # bucket. Same tokens as full recompute.
     prompts, want = expected
-    llm = LLM(model, block_size=4, num_blocks=200, max_num_seqs=24, max_model_len=120)
-    llm.runner.enable_graph_emulation()
-    calls = []
-    run_graph = llm.runner._run_graph
-    llm.runner._run_graph = lambda batch: calls.append(len(batch.seqs)) or run_graph(batch)
+    llm = EagerGraphLLM(model, block_size=4, num_blocks=200, max_num_seqs=24, max_model_len=120)
     outs = llm.generate(prompts, GREEDY)
     assert [o.outputs[0].token_ids for o in outs] == want
-    assert calls and set(calls) - set(llm.runner.buckets)   # batches of 6, 5, ... padded up to 8
+    runner = llm.runner
+    assert runner.graph_buckets and set(runner.graph_buckets) <= set(runner.buckets)
+    assert set(runner.decode_batch_sizes) - set(runner.buckets)   # batches of 6, 5, ... padded up to 8
     assert_no_leak(llm)
 
 
@@ -238,7 +265,7 @@ def test_paged_decode_matches_dense_absorbed_attention():
     tables = [[3, 7], [1, 9, 2], [4]]
     q_lat, q_pe = torch.randn(B, H, C), torch.randn(B, H, R)
     bt = torch.tensor([t + [0] * (3 - len(t)) for t in tables], dtype=torch.int32)
-    out = mla_decode_torch(q_lat, q_pe, kv_cache, bt, torch.tensor(lens, dtype=torch.int32), 0.3)
+    out = mla_decode_ref(q_lat, q_pe, kv_cache, bt, torch.tensor(lens, dtype=torch.int32), 0.3)
     for b in range(B):
         rows = torch.cat([kv_cache[blk] for blk in tables[b]])[: lens[b]]
         s = (q_lat[b] @ rows[:, :C].T + q_pe[b] @ rows[:, C:].T) * 0.3
@@ -250,9 +277,95 @@ def test_startup_log_reports_cache_and_mha_comparison(model, caplog):
     llm = LLM(model, block_size=4, num_blocks=101, max_model_len=100)
     msg = caplog.text
     cfg = model.config
-    latent = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * 4
-    mha = cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * cfg.num_hidden_layers * 4
+    latent = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * 4   # written out, not derived
+    mha = cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) \
+        * cfg.num_hidden_layers * 4
     assert "100 blocks x 4 tokens = 400 tokens" in msg and f"{latent} bytes/token" in msg
     assert "max concurrent sequences at max_model_len 100: 4" in msg
     assert f"per-head MHA cache of the same bytes: {400 * latent // mha // 100}" in msg
     assert llm.stats()["num_blocks_total"] == 100
+
+
+def test_engine_leaves_the_callers_model_alone(model):
+    """The engine runs its own module tree: same Parameter objects, same state_dict keys, engine classes
+    where fused paths were chosen; the caller's modules keep their classes, attributes and outputs."""
+    ids = torch.tensor([[5, 17, 3, 99, 42, 7]])
+    with torch.no_grad():
+        before = model(ids)
+    classes = [type(m) for m in model.modules()]
+    attrs = [sorted(m.__dict__) for m in model.modules()]
+    llm = LLM(model, block_size=4, num_blocks=50, fused_ops=True, experts_impl="fused")
+    llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    ours = llm.runner.model
+    assert llm.model is model and ours is not model
+    assert list(ours.state_dict()) == list(model.state_dict())
+    assert all(a is b for a, b in zip(ours.parameters(), model.parameters()))   # shared, not copied
+    kinds = {type(m).__name__ for m in ours.modules()}
+    assert {"EngineRMSNorm", "EngineMLA", "EngineExperts"} <= kinds
+    # The tiny preset routes group-limited: its routers keep the model's forward.
+    assert "EngineRouter" not in kinds and "Router" in kinds
+    assert [type(m) for m in model.modules()] == classes
+    assert [sorted(m.__dict__) for m in model.modules()] == attrs
+    assert model.training is False and all(p.requires_grad for p in model.parameters())
+    with torch.no_grad():
+        assert torch.equal(model(ids), before)
+
+
+def test_engine_converts_a_copy_for_another_dtype(model):
+    # dtype (or device) other than the model's: the engine converts its own copy; the model stays fp32.
+    llm = LLM(model, dtype=torch.float64, block_size=4, num_blocks=50)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(p.dtype == torch.float64 for p in llm.runner.model.parameters())
+    assert llm.runner.kv_caches[0].dtype == torch.float64 and llm.dtype == torch.float64
+    ours = llm.runner.model
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight or not model.config.tie_word_embeddings
+    prompts = random_prompts([7, 3])
+    want = [reference_greedy(model, p, 6) for p in prompts]
+    got = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    assert [o.outputs[0].token_ids for o in got] == want
+
+
+@pytest.mark.parametrize("options,field", [
+    (dict(block_size=0), "block_size"), (dict(max_num_seqs=2.5), "max_num_seqs"),
+    (dict(max_model_len=-1), "max_model_len"), (dict(num_blocks=1), "num_blocks"),
+    (dict(cache_memory_gb=0), "cache_memory_gb"), (dict(experts_impl="triton"), "experts_impl"),
+    (dict(fused_ops="yes"), "fused_ops"), (dict(kv_cache="gqa"), "kv_cache"), (dict(dtype="int8"), "dtype"),
+    (dict(device="tpu9"), "device"), (dict(enforce_eager=1), "enforce_eager"),
+    (dict(num_blocks=10, cache_memory_gb=1.0), "num_blocks or cache_memory_gb"),
+])
+def test_engine_config_names_the_bad_field(model, options, field):
+    with pytest.raises(ValueError, match=field):
+        EngineConfig(**options)
+    with pytest.raises(ValueError, match=field):
+        LLM(model, **options)
+
+
+def test_engine_config_as_object_or_keywords(model):
+    cfg = EngineConfig(block_size=4, num_blocks=40, max_num_seqs=3)
+    llm = LLM(model, config=cfg)
+    assert llm.engine_config.max_num_batched_tokens == 2048 and llm.engine_config.block_size == 4
+    assert llm.engine_config.experts_impl == "model" and llm.engine_config.fused_ops is False   # CPU defaults
+    assert cfg.device is None   # the caller's config is not resolved in place
+    with pytest.raises(ValueError, match="not both"):
+        LLM(model, config=cfg, block_size=8)
+    with pytest.raises(TypeError):
+        LLM(model, expert_parallel_size=2)   # not an engine option: the CLI's --ep loads such a model
+
+
+def test_requests_without_prefill_decode_at_their_context(model):
+    llm = LLM(model, block_size=4, num_blocks=60, max_num_seqs=3)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    reqs = [llm.add_request_without_prefill(p, params) for p in random_prompts([21, 9])]
+    steps = []
+    while llm.has_unfinished():
+        batch_before = len(llm.scheduler.running)
+        llm.step()
+        steps.append(batch_before)
+    assert steps == [2, 2, 2, 2]                      # no prefill step: four decodes of both at once
+    assert all(len(r.output().outputs[0].token_ids) == 4 for r in reqs)
+    assert llm.block_manager.hash_to_block == {}      # placeholder contents never offered as a prefix
+    assert_no_leak(llm)
+    with pytest.raises(ValueError, match="no room"):   # the second of n=2 does not fit: the first is undone
+        llm.add_request_without_prefill(list(range(3, 153)), SamplingParams(n=2, max_tokens=1))
+    assert_no_leak(llm)
+    assert not llm.requests

@@ -55,7 +55,7 @@ def test_chat_keeps_history_and_ctrl_c_stops_only_the_answer(ckpt, monkeypatch, 
     from latentmoe.commands.chat import chat_turn
     from latentmoe.engine import LLM, SamplingParams
     path, tok = ckpt
-    llm = LLM(str(path), max_model_len=128, block_size=4)
+    llm = LLM(str(path), device="cpu", max_model_len=128, block_size=4)
 
     class Interrupting(io.StringIO):
         pressed = False
@@ -89,3 +89,30 @@ def test_chat_keeps_history_and_ctrl_c_stops_only_the_answer(ckpt, monkeypatch, 
     assert main(["chat", str(path), "--device", "cpu", "--max-model-len", "128", "--max-tokens", "4"]) == 0
     captured = capsys.readouterr()
     assert captured.out.count("Assistant: ") == 2 and "history cleared" in captured.err
+
+
+def test_engine_options_are_checked_in_one_place(ckpt, capsys):
+    # Bad engine options: a one-line error naming the option, exit code 2, for each command that takes them.
+    path, _ = ckpt
+    for argv, field in ((["--block-size", "0"], "block_size"), (["--kv-cache", "gqa"], "kv_cache"),
+                        (["--dtype", "int8"], "dtype"), (["--ep", "0"], "--ep")):
+        assert main(["generate", str(path), "--prompt", "hi", "--device", "cpu", *argv]) == 2
+        err = capsys.readouterr().err
+        assert field in err and "Traceback" not in err
+    assert main(["chat", str(path), "--device", "cpu", "--max-num-seqs", "0"]) == 2
+    assert "max_num_seqs" in capsys.readouterr().err
+
+
+def test_engine_options_reach_the_engine(ckpt):
+    from latentmoe.cli import build_parser
+    from latentmoe.commands._engine_args import build_llm
+    path, _ = ckpt
+    for command in ("generate", "chat", "serve"):
+        argv = [command, str(path), "--device", "cpu", "--max-model-len", "64", "--block-size", "8",
+                "--kv-cache", "mha", "--experts", "fused", "--fused-ops", "off", "--no-prefix-caching",
+                "--max-num-batched-tokens", "100"]
+        args = build_parser().parse_args(argv)
+        llm = build_llm(args, str(path))
+        cfg = llm.engine_config
+        assert (cfg.block_size, cfg.kv_cache.name, cfg.experts_impl, cfg.fused_ops) == (8, "mha", "fused", False)
+        assert (cfg.enable_prefix_caching, cfg.max_num_batched_tokens, llm.max_model_len) == (False, 100, 64)

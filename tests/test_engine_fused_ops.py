@@ -1,6 +1,7 @@
-"""The engine's fused decode glue (RMSNorm, MLA post-projection, router) against the model's own modules,
-and engine greedy output with it on == plain generation. Without CUDA it runs in a child pytest under
-Triton's interpreter (fp32: the interpreter truncates on bf16 casts, a GPU rounds to nearest even).
+"""The engine's own module tree with its fused forwards (RMSNorm, MLA post-projection, router, routed
+experts; engine/layers.py) against the model's modules, and engine greedy output with them on == off ==
+plain generation. Without CUDA it runs in a child pytest under Triton's interpreter (fp32: the
+interpreter truncates on bf16 casts, a GPU rounds to nearest even).
 """
 
 import pytest
@@ -35,57 +36,46 @@ def rel(a, b):
                                   dict(routed_scaling_factor=2.5, num_experts_per_tok=3)])
 @torch.inference_mode()
 def test_fused_modules_match_model(dev, over):
-    from latentmoe.engine.fused_ops import set_fused_ops
+    from latentmoe.engine.layers import engine_model
     cfg = get_config("tiny", vocab_size=256, num_hidden_layers=2, topk_method="greedy", n_group=1, topk_group=1, **over)
     model = build_model(cfg, device=dev, dtype=torch.float32, seed=1, std=0.1).eval()
     ids = torch.randint(0, 256, (2, 5), device=dev)
     pos = torch.randint(0, 300, (2, 5), device=dev)   # beyond the YaRN original length too
     ref, ref_r = model(ids, positions=pos, return_router=True)
-    n = set_fused_ops(model, True)
-    assert n == sum(1 for m in model.modules() if type(m).__name__ in ("RMSNorm", "MLA", "Router"))
-    out, out_r = model(ids, positions=pos, return_router=True)
+    fused = engine_model(model, fused_ops=True)
+    kinds = [type(m).__name__ for m in fused.modules()]
+    assert [k.removeprefix("Engine") for k in kinds] == [type(m).__name__ for m in model.modules()]
+    assert sum(k in ("EngineRMSNorm", "EngineMLA", "EngineRouter") for k in kinds) == \
+        sum(type(m).__name__ in ("RMSNorm", "MLA", "Router") for m in model.modules())
+    assert list(fused.state_dict()) == list(model.state_dict())
+    out, out_r = fused(ids, positions=pos, return_router=True)
     assert rel(out, ref) < 1e-5
     for a, b in zip(out_r, ref_r):
         order_a, order_b = a.topk_idx.argsort(-1), b.topk_idx.argsort(-1)
         assert torch.equal(a.topk_idx.gather(-1, order_a), b.topk_idx.gather(-1, order_b))
         assert torch.allclose(a.topk_weight.gather(-1, order_a), b.topk_weight.gather(-1, order_b), atol=1e-6)
         assert torch.allclose(a.scores, b.scores, atol=1e-6)
-    # Switched back: the model's own code again, bit for bit; with autograd the model's path always serves.
-    # (On CUDA the model's fp32 expert loop sums with atomic index_add_, so two runs of the model's own
-    # code differ in the last bits: there the check is against a tolerance far below the fused path's.)
-    def same(a, b):
-        return torch.equal(a, b) if not CUDA else rel(a, b) < 1e-6
-    set_fused_ops(model, False)
-    assert same(model(ids, positions=pos), ref)
-    set_fused_ops(model, True)
-    with torch.enable_grad():
-        assert same(model(ids, positions=pos), ref)
-    set_fused_ops(model, False)
-
-
-@pytest.mark.parametrize("M", [1, 2])
-@torch.inference_mode()
-def test_few_token_experts_match_reference(dev, M):
-    from latentmoe.engine.fused_ops import fused_moe_few_tokens
-    from latentmoe.kernels import fused_moe_ref
-    g = torch.Generator().manual_seed(M)
-    E, D, I, K = 8, 32, 48, 3
-    x = torch.randn(M, D, generator=g).to(dev)
-    w1 = (torch.randn(E, 2 * I, D, generator=g) * 0.2).to(dev)
-    w2 = (torch.randn(E, D, I, generator=g) * 0.2).to(dev)
-    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(M)]).to(dev)
-    if M == 2:
-        idx[1, 0] = idx[0, 1]   # two tokens sharing an expert
-    w = torch.rand(M, K, generator=g).to(dev)
-    # fp32 tl.dot runs as tf32 on a GPU; the interpreter is exact fp32.
-    assert rel(fused_moe_few_tokens(x, w1, w2, idx, w), fused_moe_ref(x, w1, w2, idx, w)) < (5e-3 if CUDA else 1e-5)
+    # The model itself still runs its own code. (On CUDA the model's fp32 expert loop sums with atomic
+    # index_add_, so two runs differ in the last bits: there the check is a tolerance far below the fused path's.)
+    again = model(ids, positions=pos)
+    assert torch.equal(again, ref) if not CUDA else rel(again, ref) < 1e-6
 
 
 @torch.inference_mode()
-def test_engine_greedy_with_fused_ops_matches_plain(dev, monkeypatch):
+def test_fused_experts_match_model(dev):
+    from latentmoe.engine.layers import engine_model
+    cfg = get_config("tiny", vocab_size=256, num_hidden_layers=2)
+    model = build_model(cfg, device=dev, dtype=torch.float32, seed=2, std=0.1).eval()
+    fused = engine_model(model, fused_experts=True)
+    assert any(type(m).__name__ == "EngineExperts" for m in fused.modules())
+    for shape in ((1, 1), (2, 1), (2, 7)):   # 1-2 tokens take the unsorted layout, more the sorted one
+        ids = torch.randint(0, 256, shape, device=dev)
+        assert rel(fused(ids), model(ids)) < (5e-3 if CUDA else 1e-5)   # fp32 tl.dot is tf32 on a GPU
+
+
+@torch.inference_mode()
+def test_engine_greedy_with_fused_ops_matches_plain(dev):
     from latentmoe.engine import LLM, SamplingParams
-    from latentmoe.engine.attention import IMPL
-    monkeypatch.setitem(IMPL, "decode", "torch")   # exact fp32 attention on a GPU too: only the fused ops differ
     cfg = get_config("tiny", vocab_size=256, num_hidden_layers=2, topk_method="greedy", n_group=1, topk_group=1)
     model = build_model(cfg, device=dev, dtype=torch.float32, seed=0, std=0.08).eval()
     prompts = [[5, 17, 3, 99, 42, 7], [200, 1, 64]]
@@ -95,11 +85,12 @@ def test_engine_greedy_with_fused_ops_matches_plain(dev, monkeypatch):
         for _ in range(4):
             ids.append(int(model(torch.tensor([ids], device=dev))[0, -1].argmax()))
         want.append(ids[len(p):])
-    llm = LLM(model, block_size=4, num_blocks=16, max_num_seqs=4, enforce_eager=True, fused_ops=True,
-              experts_impl="model")
-    assert llm.fused_ops
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-    assert [o.outputs[0].token_ids for o in outs] == want
-    assert llm.block_manager.num_used_blocks == 0
-    LLM(model, block_size=4, num_blocks=16, max_num_seqs=4, fused_ops=False)   # restores the model's own forwards
-    assert all("forward" not in m.__dict__ and "project" not in m.__dict__ for m in model.modules())
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    got = {}
+    for ops in (True, False):   # the same decode attention either way: only the fused ops differ
+        llm = LLM(model, block_size=4, num_blocks=16, max_num_seqs=4, enforce_eager=True, fused_ops=ops,
+                  experts_impl="model")
+        assert llm.engine_config.fused_ops is ops
+        got[ops] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        assert llm.block_manager.num_used_blocks == 0
+    assert got[True] == got[False] == want

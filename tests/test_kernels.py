@@ -28,10 +28,8 @@ def K():
     import latentmoe.kernels as kernels
     if not kernels.HAS_TRITON:
         pytest.skip("Triton is not installed")
-    poison = sys.modules["latentmoe.kernels._triton"]
-    poison.POISON = True
-    yield kernels
-    poison.POISON = False
+    with kernels.poisoned_outputs():   # every output buffer starts NaN: an unwritten element fails
+        yield kernels
 
 
 def rel_err(out, ref):
@@ -239,6 +237,100 @@ def test_fused_moe_reference_matches_model_experts(K):
     assert rel_err(got, expected) < 1e-6  # the model scales by the routing weight in fp32
 
 
+def test_poisoned_outputs_is_scoped(K):
+    from latentmoe.kernels._triton import new_buffer
+    assert new_buffer((3,), torch.float32, torch.device("cpu")).isnan().all()   # inside the fixture's block
+    import contextvars
+    outside = contextvars.Context()   # a fresh context: no poisoning there
+    assert not outside.run(lambda: new_buffer((64,), torch.int32, torch.device("cpu")).eq(-1).all())
+
+
+@pytest.mark.parametrize("M", [1, 2])
+def test_few_token_experts_match_reference(K, M):
+    g = torch.Generator().manual_seed(M)
+    E, D, I, TOPK = 8, 32, 48, 3
+    x = torch.randn(M, D, generator=g).to(DEV)
+    w1 = (torch.randn(E, 2 * I, D, generator=g) * 0.2).to(DEV)
+    w2 = (torch.randn(E, D, I, generator=g) * 0.2).to(DEV)
+    idx = torch.stack([torch.randperm(E, generator=g)[:TOPK] for _ in range(M)]).to(DEV)
+    if M == 2:
+        idx[1, 0] = idx[0, 1]   # two tokens sharing an expert
+    w = torch.rand(M, TOPK, generator=g).to(DEV)
+    layout = K.few_token_layout(K.FEW_TOKENS * TOPK, DEV)   # built for 2 tokens, serving 1 or 2
+    out = K.fused_moe(x, w1, w2, idx, w, few_token_layout=layout)
+    # fp32 tl.dot runs as tf32 on a GPU; the interpreter is exact fp32.
+    assert rel_err(out, K.fused_moe_ref(x, w1, w2, idx, w)) < (5e-3 if CUDA else 1e-5)
+    assert torch.equal(out, K.fused_moe(x, w1, w2, idx, w, few_token_layout=layout))   # deterministic
+
+
+# ----------------------------------------------------------------------------- per-head (MHA) decode
+def make_per_head_cache(seq_lens, page, H, DK, DV, dtype, gen):
+    kv, block_table, lens = make_paged_cache(seq_lens, page, H * DK, H * DV, dtype, gen)
+    k = kv[..., :H * DK].reshape(*kv.shape[:2], H, DK).contiguous()
+    v = kv[..., H * DK:].reshape(*kv.shape[:2], H, DV).contiguous()
+    return k, v, block_table, lens
+
+
+@pytest.mark.parametrize("num_splits,block_n", [(1, 4), (2, 4), (5, 4), (None, 16)])
+def test_mha_decode_paged_ragged(K, num_splits, block_n):
+    gen = torch.Generator().manual_seed(11)
+    k, v, block_table, lens = make_per_head_cache([13, 9, 1], 4, 3, 40, 24, torch.float32, gen)
+    q = torch.randn(3, 3, 40, generator=gen).to(DEV)
+    ref = K.mha_decode_ref(q.double(), k.double(), v.double(), block_table, lens, 0.25)
+    out = K.mha_decode_triton(q, k, v, block_table, lens, 0.25, num_splits=num_splits, block_n=block_n)
+    assert rel_err(out, ref) < (3e-3 if CUDA else 1e-5)
+    assert torch.equal(K.mha_decode(q, k, v, block_table, lens, 0.25, num_splits=num_splits, block_n=block_n), out)
+
+
+# ----------------------------------------------------------------------------- norm, RoPE, router
+@pytest.mark.parametrize("N,dtype", [(48, torch.float32), (1024, torch.bfloat16)])
+def test_rms_norm(K, N, dtype):
+    gen = torch.Generator().manual_seed(N)
+    x = (torch.randn(2, 5, N, generator=gen) * 3).to(dtype).to(DEV)
+    w = torch.randn(N, generator=gen).to(dtype).to(DEV)
+    out = K.rms_norm(x, w, 1e-6)
+    ref = K.rms_norm_ref(x, w, 1e-6)
+    assert out.shape == x.shape and out.dtype == ref.dtype
+    assert rel_err(out, ref) < (1e-6 if dtype == torch.float32 else 1e-2)
+    # the reference is the model's RMSNorm
+    from latentmoe.model import RMSNorm
+    norm = RMSNorm(N, 1e-6).to(dtype).to(DEV)
+    norm.weight.data.copy_(w)
+    with torch.no_grad():
+        assert torch.equal(norm(x), ref)
+
+
+@pytest.mark.parametrize("H,N,C,R,q_rows", [(4, 8, 32, 16, 5), (3, 12, 40, 8, 1)])
+def test_mla_post_projection(K, H, N, C, R, q_rows):
+    from latentmoe.model import apply_rope
+    gen = torch.Generator().manual_seed(H * C)
+    q = torch.randn(q_rows, H * (N + R), generator=gen).to(DEV)
+    kv = torch.randn(q_rows, C + R, generator=gen).to(DEV)
+    w = torch.randn(C, generator=gen).to(DEV)
+    angle = torch.rand(q_rows, R // 2, generator=gen).to(DEV) * 6
+    cos, sin = angle.cos().contiguous(), angle.sin().contiguous()
+    ref = K.mla_post_projection_ref(q.clone(), kv.clone(), w, 1e-6, cos, sin, H)
+    out = K.mla_post_projection(q.clone(), kv.clone(), w, 1e-6, cos, sin, H)
+    for a, b in zip(out, ref):
+        assert a.shape == b.shape and rel_err(a, b) < 1e-6
+    # the reference rotates as the model does
+    q3 = q.view(q_rows, H, N + R)
+    assert torch.equal(ref[1], apply_rope(q3[..., N:], cos[:, None], sin[:, None]))
+    assert torch.equal(ref[3], apply_rope(kv[:, C:], cos, sin))
+
+
+@pytest.mark.parametrize("E,top_k,norm,scale", [(8, 2, True, 1.0), (64, 6, False, 2.5), (10, 1, True, 16.0)])
+def test_softmax_topk(K, E, top_k, norm, scale):
+    gen = torch.Generator().manual_seed(E + top_k)
+    logits = (torch.randn(7, E, generator=gen) * 2).to(DEV)
+    scores, w, idx = K.softmax_topk(logits, top_k, norm, scale)
+    ref_s, ref_w, ref_i = K.softmax_topk_ref(logits, top_k, norm, scale)
+    assert idx.dtype == torch.int64 and torch.equal(idx, ref_i)   # both in descending order
+    assert rel_err(scores, ref_s) < 1e-6 and rel_err(w, ref_w) < 1e-6
+    if norm and top_k > 1:
+        assert torch.allclose(w.sum(-1), torch.ones(7, device=DEV))
+
+
 # ----------------------------------------------------------------------------- full size, GPU only
 @gpu
 @needs_cuda
@@ -275,3 +367,17 @@ def test_fused_moe_full_size(K, M):
     out = K.fused_moe(x, gate_up, down, idx, weight)
     ref = K.fused_moe_ref(x.float(), gate_up.float(), down.float(), idx, weight)
     assert rel_err(out, ref) < 1.5e-2
+
+
+@gpu
+@needs_cuda
+def test_mha_decode_full_size(K):
+    gen = torch.Generator().manual_seed(3)
+    lens = [1, 37, 500, 16, 999]
+    k, v, block_table, sl = make_per_head_cache(lens, 16, 16, 192, 128, torch.float32, gen)
+    q = torch.randn(len(lens), 16, 192, generator=gen).to(DEV)
+    ref = K.mha_decode_ref(q.double(), k.double(), v.double(), block_table, sl, 0.07)
+    for dtype, tol in ((torch.float32, 2e-3), (torch.bfloat16, 2e-2)):   # fp32 runs as tf32 on the GPU
+        for splits in (1, 3, None):
+            out = K.mha_decode_triton(q.to(dtype), k.to(dtype), v.to(dtype), block_table, sl, 0.07, num_splits=splits)
+            assert rel_err(out, ref) < tol, (dtype, splits)

@@ -42,13 +42,18 @@ def test_engine_generates_the_same_tokens(tmp_path):
     sharded = LLM(load_model_expert_parallel(tmp_path, 2, device="cpu"), device="cpu", enforce_eager=True).generate(
         prompts, params)
     assert [o.outputs[0].token_ids for o in sharded] == [o.outputs[0].token_ids for o in plain]
-    # the engine's own switch (what `serve --ep N` passes) loads the same split
-    llm = LLM(str(tmp_path), device="cpu", expert_parallel_size=2)
+    # `--ep N` (generate, chat, serve) loads the same split and hands it to the engine, graphs off
+    from latentmoe.cli import build_parser
+    from latentmoe.commands._engine_args import build_llm
+    args = build_parser().parse_args(["generate", str(tmp_path), "--device", "cpu", "--ep", "2"])
+    llm = build_llm(args, args.path)
     assert type(llm.model.model.layers[-1].mlp.experts).__name__ == "DeviceShardedExperts"
-    via_engine = llm.generate(prompts, params)
-    assert [o.outputs[0].token_ids for o in via_engine] == [o.outputs[0].token_ids for o in plain]
-    with pytest.raises(ValueError, match="expert_parallel_size"):
-        LLM(str(tmp_path), device="cpu", expert_parallel_size=0)
+    assert llm.engine_config.enforce_eager
+    via_cli = llm.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in via_cli] == [o.outputs[0].token_ids for o in plain]
+    args.ep = 0
+    with pytest.raises(ValueError, match="--ep"):
+        build_llm(args, args.path)
 
 
 def test_experts_must_divide(tmp_path):

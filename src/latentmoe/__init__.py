@@ -12,7 +12,7 @@ __all__ = ["ModelConfig", "PRESETS", "get_config", "DeepseekV2ForCausalLM", "bui
 
 def __getattr__(name):
     # Heavier parts load on first use so `import latentmoe` stays light.
-    if name in ("LLM", "SamplingParams"):
+    if name in ("LLM", "SamplingParams", "EngineConfig"):
         from . import engine
         return getattr(engine, name)
     if name in ("Tokenizer",):

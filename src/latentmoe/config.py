@@ -182,9 +182,19 @@ class ModelConfig:
             return []
         return list(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
 
+    @property
+    def kv_cache_width(self) -> int:
+        """Elements MLA caches per token and layer: the latent c_KV (kv_lora_rank) and the shared rope key."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
     def kv_cache_elements_per_token(self) -> int:
         """Latent cache per token over all layers: (kv_lora_rank + rope dim) x layers."""
-        return (self.kv_lora_rank + self.qk_rope_head_dim) * self.num_hidden_layers
+        return self.kv_cache_width * self.num_hidden_layers
+
+    def mha_cache_elements_per_token(self) -> int:
+        """What an MHA model of this shape caches per token over all layers: every head's key (qk head
+        dim, nope + rope) and value (v head dim)."""
+        return self.num_attention_heads * (self.qk_head_dim + self.v_head_dim) * self.num_hidden_layers
 
     def num_parameters(self, active: bool = False) -> int:
         """Parameter count from the config alone (active: per token, with K routed experts)."""

@@ -28,16 +28,16 @@ def cache_rows(cfg: ModelConfig, gqa_groups: int = 8) -> list[CacheRow]:
     this model would hold them (the report's Table 9 convention: 2 n_h d_h l with d_h = 128).
     """
     layers, heads = cfg.num_hidden_layers, cfg.num_attention_heads
-    k_dim, v_dim = cfg.qk_head_dim, cfg.v_head_dim
     # The report counts 2 * n_h * d_h * l with d_h the per-head dimension (128 for V2):
     # use the value head dim for both halves so the table reproduces the report's numbers,
-    # and list the exact K(192)+V(128) MHA cache separately.
-    d_h = v_dim
+    # and list the exact K(192)+V(128) MHA cache (what the engine's per-head baseline stores) separately.
+    d_h = cfg.v_head_dim
     groups = min(gqa_groups, heads)
     return [
-        CacheRow("MLA (latent + rope key)", (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * layers),
+        CacheRow("MLA (latent + rope key)", cfg.kv_cache_elements_per_token()),
         CacheRow(f"MHA ({heads} heads, 2*n_h*d_h)", 2 * heads * d_h * layers),
-        CacheRow(f"MHA as stored (K {k_dim} + V {v_dim} per head)", heads * (k_dim + v_dim) * layers),
+        CacheRow(f"MHA as stored (K {cfg.qk_head_dim} + V {cfg.v_head_dim} per head)",
+                 cfg.mha_cache_elements_per_token()),
         CacheRow(f"GQA-{groups}", 2 * groups * d_h * layers),
         CacheRow("MQA", 2 * d_h * layers),
     ]

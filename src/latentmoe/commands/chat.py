@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import sys
 
-from .generate import add_engine_args, add_sampling_args, build_llm, sampling_params
+from ._engine_args import add_engine_args, build_llm
+from .generate import add_sampling_args, sampling_params
 
 HELP = "commands: /reset (forget the history), /exit. Ctrl-C stops an answer; Ctrl-D leaves."
 
@@ -50,7 +51,7 @@ def chat_turn(llm, messages: list[dict], params, out=None) -> tuple[str, str | N
 
 
 def run(args) -> int:
-    llm = build_llm(args)
+    llm = build_llm(args, args.path)
     if llm.tokenizer is None:
         raise ValueError(f"{args.path} has no tokenizer.json: chat needs one")
     if llm.tokenizer.chat_template is None:

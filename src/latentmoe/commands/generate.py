@@ -5,21 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-
-def add_engine_args(p) -> None:
-    g = p.add_argument_group("engine")
-    g.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
-    g.add_argument("--dtype", default=None, help="bfloat16 / float32 (default: bf16 on CUDA, fp32 on CPU)")
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--max-num-seqs", type=int, default=256)
-    g.add_argument("--block-size", type=int, default=64)
-    g.add_argument("--cache-memory-gb", type=float, default=None, help="latent cache budget")
-    g.add_argument("--no-prefix-caching", action="store_true")
-    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    g.add_argument("--ep", type=int, default=1, metavar="N", help="split the routed experts over N GPUs")
-    g.add_argument("--experts", choices=["auto", "model", "fused"], default="auto",
-                   help="routed-expert path: the Triton fused-MoE kernel ('fused', default on CUDA in bf16/fp16) "
-                        "or the model's grouped GEMMs ('model')")
+from ._engine_args import add_engine_args, build_llm
 
 
 def add_sampling_args(p, max_tokens: int = 128) -> None:
@@ -36,22 +22,6 @@ def add_sampling_args(p, max_tokens: int = 128) -> None:
     g.add_argument("--presence-penalty", type=float, default=0.0)
     g.add_argument("--frequency-penalty", type=float, default=0.0)
     g.add_argument("--repetition-penalty", type=float, default=1.0)
-
-
-def build_llm(args):
-    import logging
-
-    import torch
-    # The engine reports its cache (blocks, tokens, concurrency vs an MHA cache) at INFO on start.
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-
-    from ..engine import LLM
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return LLM(args.path, device=device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-               max_model_len=args.max_model_len, block_size=args.block_size, cache_memory_gb=args.cache_memory_gb,
-               enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
-               experts_impl=None if args.experts == "auto" else args.experts,
-               expert_parallel_size=getattr(args, "ep", 1))
 
 
 def sampling_params(args, **extra):
@@ -105,7 +75,7 @@ def _read_prompts(args) -> list:
 
 def run(args) -> int:
     prompts = _read_prompts(args)
-    llm = build_llm(args)
+    llm = build_llm(args, args.path)
     params = sampling_params(args, n=args.n, logprobs=args.logprobs)
     if args.stream:
         if len(prompts) != 1:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from ._engine_args import add_engine_args, build_llm
+
 
 def register(sub) -> None:
     p = sub.add_parser("serve", help="serve a checkpoint over the OpenAI API (completions, chat, streaming)",
@@ -17,17 +19,9 @@ def register(sub) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1/* (repeat for several keys); "
                         "default: the LATENTMOE_API_KEY environment variable if set, else no key")
     p.add_argument("--served-model-name", default=None, help="model id in the API (default: the directory name)")
-    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences batched together at most")
     p.add_argument("--max-queued", type=int, default=1024, help="waiting requests before answering 503")
-    p.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: cuda if available)")
-    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                   help="default: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--cache-memory-gb", type=float, default=None, help="latent-cache budget (default: automatic)")
-    p.add_argument("--block-size", type=int, default=64, help="tokens per cache block")
-    p.add_argument("--ep", type=int, default=1, metavar="N",
-                   help="split the routed experts over N GPUs of this host (expert parallelism)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_engine_args(p)
     p.set_defaults(func=run)
 
 
@@ -43,10 +37,7 @@ def run(args) -> int:
         raise FileNotFoundError(f"no checkpoint directory {args.model!r}")
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     keys = args.api_key or ([os.environ["LATENTMOE_API_KEY"]] if os.environ.get("LATENTMOE_API_KEY") else [])
-    engine = AsyncLLM.from_path(args.model, max_queued=args.max_queued, device=args.device, dtype=args.dtype,
-                                max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                                block_size=args.block_size, cache_memory_gb=args.cache_memory_gb,
-                                expert_parallel_size=args.ep)
+    engine = AsyncLLM(build_llm(args, args.model), max_queued=args.max_queued)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     app = create_app(engine, name, keys)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)

@@ -1,10 +1,18 @@
-"""The inference engine: paged latent cache, continuous batching, offline and async generation."""
+"""The inference engine: paged latent cache, continuous batching, offline and async generation.
 
+One concept per file: sequence, block_manager, scheduler, model_runner, llm_engine, async_engine;
+config (EngineConfig), kv_cache (cache layouts and the planner), attention (the layouts' backends),
+layers (the engine's own module tree with fused forwards), sampling.
+"""
+
+from .config import EngineConfig
+from .kv_cache import CacheLayout, LatentCache, PerHeadCache
 from .llm_engine import LLM
 from .sampling import SamplingParams
 from .sequence import CompletionOutput, RequestOutput
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "AsyncLLM", "QueueFullError"]
+__all__ = ["LLM", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput", "CacheLayout",
+           "LatentCache", "PerHeadCache", "AsyncLLM", "QueueFullError"]
 
 
 def __getattr__(name):

@@ -36,6 +36,7 @@ class AsyncLLM:
 
     @classmethod
     def from_path(cls, path, max_queued: int = 1024, **llm_kwargs) -> "AsyncLLM":
+        """An engine for the checkpoint directory `path`; `llm_kwargs` are LLM's (EngineConfig fields or config=)."""
         return cls(LLM(path, **llm_kwargs), max_queued=max_queued)
 
     # ------------------------------------------------------------------ properties

@@ -1,89 +1,25 @@
-"""The paged latent cache as the model's AttentionBackend.
+"""The paged caches as the model's AttentionBackend: the step's metadata, and one backend per cache layout.
 
-Per layer one tensor kv_cache [num_blocks, block_size, C + R], row = [c_kv | k_pe]. A step's tokens
-arrive flattened (decodes first, then prefill chunks). Every new token's latent is written to its
-slot; decodes use absorbed attention over the paged cache (q_lat = W_UK^T q_nope, MQA over the
-576-wide latent, W_UV applied after); prefill chunks rebuild per-head K/V from the cached prefix +
-the chunk and run ordinary causal attention. `mla_decode` / `write_latent_cache` below are the one
-switch between the Triton kernels (CUDA, when `latentmoe.kernels` is importable) and torch.
+A step's tokens arrive flattened (decodes first, then prefill chunks). Every new token is written
+to its slot; decodes attend over the paged cache with the layout's decode kernel, prefill chunks
+rebuild per-head K/V for the cached prefix + the chunk and run ordinary causal attention.
+
+Latent (MLA): per layer kv_cache [NB, BS, C + R], row = [c_kv | k_pe]; decode is absorbed attention
+(q_lat = W_UK^T q_nope, an MQA over the latent rows, W_UV applied after). Per-head (the MHA
+baseline): per layer k_cache [NB, BS, H, N + R] (k_nope decompressed by W_UK, the shared rotated
+k_pe repeated per head) and v_cache [NB, BS, H, V], written once per token, read once per decode.
 """
 
 from __future__ import annotations
 
-import functools
-import types
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
+
+from .. import kernels
 
 
-# ----------------------------------------------------------------------------- torch reference
-def write_latent_cache_torch(kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                             c_kv: torch.Tensor, k_pe: torch.Tensor) -> None:
-    """kv_cache [NB, BS, C+R] <- rows [c_kv | k_pe] at slot_mapping [M] (in place)."""
-    flat = kv_cache.view(-1, kv_cache.shape[-1])
-    flat.index_copy_(0, slot_mapping, torch.cat([c_kv, k_pe], dim=-1).to(kv_cache.dtype))
-
-
-def mla_decode_torch(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
-                     block_table: torch.Tensor, seq_lens: torch.Tensor, softmax_scale: float) -> torch.Tensor:
-    """Absorbed decode attention over the paged cache: q_lat [B,H,C], q_pe [B,H,R] -> o_lat [B,H,C].
-
-    Gathers each sequence's blocks (block_table [B, MB]) into [B, MB*BS, C+R] and masks positions
-    >= seq_lens. Scores and softmax in fp32.
-    """
-    B, H, C = q_lat.shape
-    _, BS, CR = kv_cache.shape
-    kv = kv_cache[block_table.long()].view(B, -1, CR)           # [B, S, C+R]
-    c_kv, k_pe = kv[..., :C], kv[..., C:]
-    scores = (torch.einsum("bhc,bsc->bhs", q_lat, c_kv)
-              + torch.einsum("bhr,bsr->bhs", q_pe, k_pe)).float() * softmax_scale
-    pos = torch.arange(kv.shape[1], device=kv.device)
-    scores = scores.masked_fill((pos[None, :] >= seq_lens[:, None])[:, None, :], float("-inf"))
-    p = scores.softmax(dim=-1).to(c_kv.dtype)
-    return torch.einsum("bhs,bsc->bhc", p, c_kv).to(q_lat.dtype)
-
-
-# ----------------------------------------------------------------------------- dispatcher
-@functools.lru_cache(maxsize=None)
-def _kernels():
-    try:
-        from latentmoe.kernels import mla_decode, write_latent_cache
-    except Exception:  # not built, or Triton missing: the torch path serves
-        return None
-    if not (callable(mla_decode) and callable(write_latent_cache)):
-        return None
-    return types.SimpleNamespace(mla_decode=mla_decode, write_latent_cache=write_latent_cache)
-
-
-IMPL = {"decode": "auto"}   # "auto" | "torch" | "kernels" (tests and benchmarks switch here)
-
-
-def _use_kernels(t: torch.Tensor) -> bool:
-    mode = IMPL["decode"]
-    if mode == "torch":
-        return False
-    k = _kernels()
-    if mode == "kernels":
-        if k is None:
-            raise RuntimeError("latentmoe.kernels is not importable")
-        return True
-    return k is not None and t.is_cuda
-
-
-def mla_decode(q_lat, q_pe, kv_cache, block_table, seq_lens, softmax_scale):
-    if _use_kernels(q_lat):
-        return _kernels().mla_decode(q_lat, q_pe, kv_cache, block_table, seq_lens, softmax_scale)
-    return mla_decode_torch(q_lat, q_pe, kv_cache, block_table, seq_lens, softmax_scale)
-
-
-def write_latent_cache(kv_cache, slot_mapping, c_kv, k_pe):
-    if _use_kernels(c_kv):
-        return _kernels().write_latent_cache(kv_cache, slot_mapping, c_kv, k_pe)
-    return write_latent_cache_torch(kv_cache, slot_mapping, c_kv, k_pe)
-
-
-# ----------------------------------------------------------------------------- backend
 @dataclass
 class PrefillChunk:
     start: int                  # first row of the chunk in the flattened batch
@@ -100,10 +36,20 @@ class AttentionMetadata:
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
-class PagedLatentAttention:
-    """Implements the model's AttentionBackend over per-layer paged latent caches."""
+def chunk_causal_mask(Tq: int, S: int, device) -> torch.Tensor | None:
+    """A chunk's Tq queries are the last of S positions: query i (position S-Tq+i) sees keys 0..S-Tq+i.
+    [Tq, S] bool, or None when the chunk is the whole context (plain causal)."""
+    return None if S == Tq else torch.ones(Tq, S, dtype=torch.bool, device=device).tril(S - Tq)
 
-    def __init__(self, kv_caches: list[torch.Tensor]):
+
+class PagedAttention:
+    """The model's AttentionBackend over per-layer paged caches (one entry of `kv_caches` per layer).
+
+    `meta` is set by the runner for each step. A layout's backend says how new tokens are written
+    (`write`) and how decodes and prefill chunks read its cache (`decode`, `prefill`).
+    """
+
+    def __init__(self, kv_caches: list):
         self.kv_caches = kv_caches
         self.meta: AttentionMetadata | None = None
 
@@ -111,29 +57,86 @@ class PagedLatentAttention:
         meta = self.meta
         B, T, H, _ = q_nope.shape
         M = B * T
-        C = c_kv.shape[-1]
         q_nope, q_pe = q_nope.reshape(M, H, -1), q_pe.reshape(M, H, -1)
-        kv_cache = self.kv_caches[layer.layer_idx]
-        write_latent_cache(kv_cache, meta.slot_mapping, c_kv.reshape(M, C), k_pe.reshape(M, -1))
+        cache = self.kv_caches[layer.layer_idx]
+        self.write(layer, cache, meta.slot_mapping, c_kv.reshape(M, -1), k_pe.reshape(M, -1))
         nd = meta.num_decodes
         outs = []
         if nd:
-            q_lat = torch.einsum("bhn,hnc->bhc", q_nope[:nd], layer.w_uk)
-            o_lat = mla_decode(q_lat, q_pe[:nd], kv_cache, meta.block_table, meta.seq_lens, layer.softmax_scale)
-            outs.append(torch.einsum("bhc,hvc->bhv", o_lat, layer.w_uv))
-        if meta.prefills:
-            flat = kv_cache.view(-1, kv_cache.shape[-1])
-            for chunk in meta.prefills:
-                s, e = chunk.start, chunk.start + chunk.length
-                kv = flat[chunk.ctx_slots][None]                     # [1, S, C+R]
-                S, Tq = kv.shape[1], chunk.length
-                # Causal, aligned to the end: query i (position S-Tq+i) sees keys 0..S-Tq+i.
-                mask = None if S == Tq else torch.ones(Tq, S, dtype=torch.bool, device=kv.device).tril(S - Tq)[None, None]
-                o = layer.attend_decompressed(q_nope[None, s:e], q_pe[None, s:e], kv[..., :C], kv[..., C:], mask)
-                outs.append(o[0])
+            outs.append(self.decode(layer, cache, q_nope[:nd], q_pe[:nd], meta.block_table, meta.seq_lens))
+        for chunk in meta.prefills:
+            s, e = chunk.start, chunk.start + chunk.length
+            outs.append(self.prefill(layer, cache, q_nope[s:e], q_pe[s:e], chunk.ctx_slots))
         o = outs[0] if len(outs) == 1 else torch.cat(outs)
         return o.view(B, T, H, -1)
 
+    def write(self, layer, cache, slot_mapping, c_kv, k_pe) -> None:
+        raise NotImplementedError
 
-__all__ = ["PagedLatentAttention", "AttentionMetadata", "PrefillChunk", "mla_decode", "write_latent_cache",
-           "mla_decode_torch", "write_latent_cache_torch", "IMPL"]
+    def decode(self, layer, cache, q_nope, q_pe, block_table, seq_lens) -> torch.Tensor:
+        """[nd, H, N], [nd, H, R] -> [nd, H, V]: one new token per sequence over its paged cache."""
+        raise NotImplementedError
+
+    def prefill(self, layer, cache, q_nope, q_pe, ctx_slots) -> torch.Tensor:
+        """[Tq, H, N], [Tq, H, R] -> [Tq, H, V]: a chunk over the cached prefix and itself."""
+        raise NotImplementedError
+
+
+class PagedLatentAttention(PagedAttention):
+    """Over the latent cache: kv_caches[layer] = [NB, BS, C + R]."""
+
+    def write(self, layer, cache, slot_mapping, c_kv, k_pe) -> None:
+        kernels.write_latent_cache(cache, slot_mapping, c_kv, k_pe)
+
+    def decode(self, layer, cache, q_nope, q_pe, block_table, seq_lens):
+        q_lat = torch.einsum("bhn,hnc->bhc", q_nope, layer.w_uk)
+        o_lat = kernels.mla_decode(q_lat, q_pe, cache, block_table, seq_lens, layer.softmax_scale)
+        return torch.einsum("bhc,hvc->bhv", o_lat, layer.w_uv)
+
+    def prefill(self, layer, cache, q_nope, q_pe, ctx_slots):
+        C = layer.kv_lora_rank
+        kv = cache.view(-1, cache.shape[-1])[ctx_slots][None]          # [1, S, C+R]
+        mask = chunk_causal_mask(q_nope.shape[0], kv.shape[1], kv.device)
+        o = layer.attend_decompressed(q_nope[None], q_pe[None], kv[..., :C], kv[..., C:],
+                                      None if mask is None else mask[None, None])
+        return o[0]
+
+
+class PagedPerHeadAttention(PagedAttention):
+    """Over per-head K/V: kv_caches[layer] = (k_cache [NB, BS, H, N+R], v_cache [NB, BS, H, V]).
+    `decode_tuning` reaches kernels.mha_decode (the benchmark hands its own sweep's choice)."""
+
+    def __init__(self, kv_caches: list, decode_tuning: dict | None = None):
+        super().__init__(kv_caches)
+        self.decode_tuning = dict(decode_tuning or {})
+
+    def write(self, layer, cache, slot_mapping, c_kv, k_pe) -> None:
+        # Decompress the new tokens once, as an MHA model's K/V projections would produce them.
+        k_cache, v_cache = cache
+        M, H, N, R, V = c_kv.shape[0], layer.n_heads, layer.nope_dim, layer.rope_dim, layer.v_dim
+        k_nope, v = layer.kv_b_proj(c_kv).view(M, H, N + V).split([N, V], dim=-1)
+        k = torch.cat([k_nope, k_pe.reshape(M, 1, R).expand(M, H, R)], dim=-1)
+        k_cache.view(-1, H, N + R).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+        v_cache.view(-1, H, V).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+    def decode(self, layer, cache, q_nope, q_pe, block_table, seq_lens):
+        k_cache, v_cache = cache
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        return kernels.mha_decode(q, k_cache, v_cache, block_table, seq_lens, layer.softmax_scale, **self.decode_tuning)
+
+    def prefill(self, layer, cache, q_nope, q_pe, ctx_slots):
+        k_cache, v_cache = cache
+        H = layer.n_heads
+        kc = k_cache.view(-1, H, k_cache.shape[-1])[ctx_slots]          # [S, H, N+R]
+        vc = v_cache.view(-1, H, v_cache.shape[-1])[ctx_slots]          # [S, H, V]
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        Tq = q.shape[0]
+        mask = chunk_causal_mask(Tq, kc.shape[0], q.device)
+        o = F.scaled_dot_product_attention(q.transpose(0, 1), kc.transpose(0, 1), vc.transpose(0, 1),
+                                           attn_mask=mask, is_causal=mask is None and Tq > 1,
+                                           scale=layer.softmax_scale)
+        return o.transpose(0, 1)                                        # [Tq, H, V]
+
+
+__all__ = ["AttentionMetadata", "PrefillChunk", "PagedAttention", "PagedLatentAttention", "PagedPerHeadAttention",
+           "chunk_causal_mask"]

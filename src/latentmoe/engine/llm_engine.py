@@ -15,8 +15,10 @@ from collections.abc import Iterator
 import torch
 
 from .block_manager import BlockManager
-from .fused_ops import set_fused_ops
-from .model_runner import ModelRunner, plan_cache, set_fused_experts
+from .config import EngineConfig
+from .kv_cache import plan_cache
+from .layers import engine_model
+from .model_runner import ModelRunner
 from .sampling import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Request, RequestOutput, Sequence
@@ -24,7 +26,8 @@ from .sequence import Request, RequestOutput, Sequence
 _request_counter = itertools.count()
 
 
-def _load_tokenizer(path):
+def load_tokenizer(path):
+    """The checkpoint directory's tokenizer, or None when it has none."""
     try:
         from ..tokenizer import Tokenizer
         return Tokenizer.from_dir(path)
@@ -33,67 +36,52 @@ def _load_tokenizer(path):
 
 
 class LLM:
-    def __init__(self, model, device=None, dtype=None, max_num_seqs: int = 256, max_model_len: int | None = None,
-                 block_size: int = 64, cache_memory_gb: float | None = None, tokenizer=None,
-                 enable_prefix_caching: bool = True, max_num_batched_tokens: int | None = None,
-                 num_blocks: int | None = None, enforce_eager: bool = False, experts_impl: str | None = None,
-                 expert_parallel_size: int = 1, kv_cache: str = "latent", fused_ops: bool | None = None):
-        if not isinstance(expert_parallel_size, int) or expert_parallel_size < 1:
-            raise ValueError(f"expert_parallel_size must be a positive integer, got {expert_parallel_size!r}")
+    """The engine over `model`: a checkpoint directory (loaded here, with its tokenizer) or a built model.
+
+    Options are EngineConfig fields, as keyword arguments or as `config=EngineConfig(...)`. A built
+    model is never changed: the engine runs its own module tree sharing the model's parameters
+    (converted copies only when `device`/`dtype` differ from the model's), see layers.engine_model.
+    `llm.model` is the model given or loaded; `llm.config` its ModelConfig; `llm.engine_config` the
+    resolved options.
+    """
+
+    runner_class = ModelRunner   # a subclass may run steps differently (tests run the graph path eagerly)
+
+    def __init__(self, model, *, tokenizer=None, config: EngineConfig | None = None, **options):
+        if config is None:
+            config = EngineConfig(**options)
+        elif options:
+            raise ValueError(f"pass engine options as config= or as keyword arguments, not both "
+                             f"(got config= and {sorted(options)})")
+        elif not isinstance(config, EngineConfig):
+            raise ValueError(f"config must be an EngineConfig, got {type(config).__name__}")
         if isinstance(model, (str, os.PathLike)):
+            from ..checkpoint import load_model
             path = os.fspath(model)
-            if expert_parallel_size > 1:
-                # Routed experts split over N devices of this host; the rest lives on the first.
-                from ..parallel.inference import load_model_expert_parallel
-                model = load_model_expert_parallel(path, expert_parallel_size, device=device, dtype=dtype)
-                enforce_eager = True  # the expert-sharded layer syncs with the host: no CUDA graphs
-            else:
-                from ..checkpoint import load_model
-                model = load_model(path, device=device, dtype=dtype)
+            device = config.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            model = load_model(path, device=device, dtype=config.dtype)
             if tokenizer is None:
-                tokenizer = _load_tokenizer(path)
-        elif expert_parallel_size > 1:
-            raise ValueError("expert_parallel_size > 1 needs a checkpoint path (experts are placed while loading)")
-        elif device is not None or dtype is not None:
-            from ..checkpoint import resolve_dtype
-            device = torch.device(device) if device is not None else next(model.parameters()).device
-            model = model.to(device=device, dtype=resolve_dtype(dtype, device) if dtype is not None else None)
-        model.eval()
-        if kv_cache not in ("latent", "mha"):   # 'mha': per-head K/V of the same model (the MLA-vs-MHA baseline)
-            raise ValueError(f"kv_cache must be 'latent' or 'mha', got {kv_cache!r}")
-        if experts_impl not in (None, "model", "fused"):
-            raise ValueError(f"experts_impl must be 'model' or 'fused', got {experts_impl!r}")
-        if not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
-        if not isinstance(max_num_seqs, int) or max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be a positive integer, got {max_num_seqs!r}")
+                tokenizer = load_tokenizer(path)
+        asked_device, asked_dtype = config.device, config.dtype
+        p = next(model.parameters())
+        config = config.resolved(asked_device or p.device, asked_dtype or p.dtype)
         self.model = model
         self.config = model.config
+        self.engine_config = config
         self.tokenizer = tokenizer
-        p = next(model.parameters())
-        self.device, self.dtype = p.device, p.dtype
-        num_blocks, self.max_model_len = plan_cache(self.config, self.device, self.dtype, block_size, cache_memory_gb,
-                                                    num_blocks, max_num_seqs, max_model_len, kv_cache=kv_cache)
-        if max_num_batched_tokens is None:
-            max_num_batched_tokens = max(2048, max_num_seqs)
-        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
-        # 'fused': routed experts through the Triton fused-MoE kernel (CUDA, inference only).
-        # Default 'fused' for half-precision models on CUDA: its logits are as close to an fp32 reference
-        # as the model's own grouped-GEMM path (bf16 rounding either way; results/engine.md), and it is
-        # faster. fp32 models keep the model's exact path (the kernel's fp32 dots run as tf32).
-        if experts_impl is None:
-            half = self.dtype in (torch.bfloat16, torch.float16)
-            experts_impl = "fused" if self.device.type == "cuda" and half else "model"
-        self.experts_impl = experts_impl
-        if self.device.type == "cuda":
-            set_fused_experts(model, experts_impl == "fused")
-        # Fused decode glue (RMSNorm, MLA post-projection, router): default on CUDA, off elsewhere.
-        self.fused_ops = self.device.type == "cuda" if fused_ops is None else bool(fused_ops)
-        if self.fused_ops or fused_ops is not None:
-            self.fused_ops = set_fused_ops(model, self.fused_ops) > 0 and self.fused_ops
-        self.runner = ModelRunner(model, block_size, num_blocks, max_num_seqs, self.max_model_len,
-                                  use_cuda_graphs=not enforce_eager, kv_cache=kv_cache)
+        self.device, self.dtype = config.device, config.dtype
+        # Only a device/dtype asked for converts; otherwise every tensor stays where it is (a model
+        # spread over devices, e.g. experts split over GPUs, keeps its placement). Before the cache
+        # plan: on CUDA the budget is the memory left once the weights are in place.
+        runner_model = engine_model(model, fused_ops=config.fused_ops, fused_experts=config.experts_impl == "fused",
+                                    device=asked_device, dtype=asked_dtype)
+        num_blocks, self.max_model_len = plan_cache(
+            self.config, config.kv_cache, self.device, self.dtype, config.block_size, config.cache_memory_gb,
+            config.num_blocks, config.max_num_seqs, config.max_model_len)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = self.runner_class(runner_model, config, num_blocks, self.max_model_len)
+        self.last_execute_seconds = 0.0   # the last step's time in the runner (inputs, forward, sampling)
         self.requests: dict[str, Request] = {}
         self.eos_token_ids = set(self.config.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
@@ -113,6 +101,31 @@ class LLM:
 
     def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> Request:
         """Validate and queue one request; raises ValueError before anything is queued."""
+        req = self._new_request(prompt, params, request_id)
+        for seq in req.seqs:
+            self.scheduler.add(seq)
+        return req
+
+    def add_request_without_prefill(self, prompt, params: SamplingParams | None = None,
+                                    request_id: str | None = None) -> Request:
+        """Like add_request, but the prompt is taken as already in the cache: its blocks are allocated
+        and left as they are, and the next steps decode straight away at a context of len(prompt).
+
+        For measuring decode at a given context without paying for its prefill (benchmarks/bench_engine.py):
+        attention costs the same whatever the cached values, but they are placeholders, so the outputs
+        mean nothing. Those blocks are never offered to the prefix cache. Raises ValueError when
+        max_num_seqs or the cache has no room for all of the request's sequences.
+        """
+        req = self._new_request(prompt, params, request_id)
+        try:
+            for seq in req.seqs:
+                self.scheduler.admit_prefilled(seq)
+        except ValueError:
+            self.abort_request(req.request_id)
+            raise
+        return req
+
+    def _new_request(self, prompt, params: SamplingParams | None, request_id: str | None) -> Request:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -150,8 +163,6 @@ class LLM:
             seqs.append(seq)
         req = Request(request_id, text, ids, seqs)
         self.requests[request_id] = req
-        for seq in seqs:
-            self.scheduler.add(seq)
         return req
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -174,7 +185,9 @@ class LLM:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
+        t0 = time.perf_counter()
         tokens, lps = self.runner.execute(batch)
+        self.last_execute_seconds = time.perf_counter() - t0
         touched: dict[str, Request] = {}
         k = 0
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
@@ -278,4 +291,4 @@ class LLM:
                     num_preemptions=self.scheduler.num_preemptions, prefix_cache_hit_tokens=bm.num_prefix_hits)
 
 
-__all__ = ["LLM"]
+__all__ = ["LLM", "load_tokenizer"]

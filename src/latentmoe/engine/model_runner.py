@@ -1,6 +1,6 @@
-"""Runs one scheduled step on the device: allocates the paged latent cache from a memory budget,
-builds the step's inputs and attention metadata, runs the model (decode-only steps replay a CUDA
-graph captured per batch-size / context bucket), and samples on device.
+"""Runs one scheduled step on the device: owns the engine's model and the paged cache, builds the
+step's inputs and attention metadata, runs the model (decode-only steps replay a CUDA graph
+captured per batch-size / context bucket), and samples on device.
 """
 
 from __future__ import annotations
@@ -10,56 +10,13 @@ import logging
 import torch
 
 from ..config import ModelConfig
-from .attention import AttentionMetadata, PagedLatentAttention, PrefillChunk
+from .attention import AttentionMetadata, PrefillChunk
 from .block_manager import NULL_BLOCK
+from .config import EngineConfig
 from .sampling import SamplingBatch, sample
 from .scheduler import ScheduledBatch
 
 log = logging.getLogger("latentmoe.engine")
-
-GiB = 1024 ** 3
-
-
-def cache_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
-    return cfg.kv_cache_elements_per_token() * torch.empty(0, dtype=dtype).element_size()
-
-
-def mha_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
-    """What a per-head K/V cache of the same model would take (K: nope+rope, V: v per head)."""
-    per_layer = cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
-    return per_layer * cfg.num_hidden_layers * torch.empty(0, dtype=dtype).element_size()
-
-
-def set_fused_experts(model, enable: bool) -> int:
-    """Run the routed experts of every MoE layer through `latentmoe.kernels.fused_moe` (or back).
-
-    An override applied from outside the model: it serves only forward passes without autograd on
-    CUDA (the engine's); anything else still reaches the model's own grouped-GEMM path. Returns the
-    number of layers switched (0 when the kernels are unavailable).
-    """
-    try:
-        from ..kernels import fused_moe
-        from .fused_ops import FEW_TOKENS, fused_moe_few_tokens
-    except Exception:
-        return 0
-    from ..model import Experts
-    n = 0
-    for layer in model.model.layers:
-        if not layer.is_moe or not isinstance(layer.mlp.experts, Experts):   # e.g. experts sharded over devices
-            continue
-        ex = layer.mlp.experts
-        if "forward" in ex.__dict__:
-            del ex.forward                       # back to the class's forward
-        if enable:
-            def forward(x_MD, topk_idx_MK, topk_weight_MK, _ex=ex, _own=ex.forward):
-                if torch.is_grad_enabled() or not x_MD.is_cuda:
-                    return _own(x_MD, topk_idx_MK, topk_weight_MK)
-                if 0 < x_MD.shape[0] <= FEW_TOKENS:   # batch-1/2 decode: skip the expert sort (2 kernels, not ~14)
-                    return fused_moe_few_tokens(x_MD, _ex.gate_up_proj, _ex.down_proj, topk_idx_MK, topk_weight_MK)
-                return fused_moe(x_MD, _ex.gate_up_proj, _ex.down_proj, topk_idx_MK, topk_weight_MK)
-            ex.forward = forward
-        n += 1
-    return n
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:
@@ -68,40 +25,30 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
 
 
 class ModelRunner:
-    def __init__(self, model, block_size: int, num_blocks: int, max_num_seqs: int, max_model_len: int,
-                 use_cuda_graphs: bool, kv_cache: str = "latent"):
+    """`model` is the engine's own module tree (layers.engine_model), on the device it runs on;
+    `config` a resolved EngineConfig; the cache gets `num_blocks` blocks of the config's layout."""
+
+    def __init__(self, model, config: EngineConfig, num_blocks: int, max_model_len: int):
         self.model = model
         self.cfg: ModelConfig = model.config
-        p = next(model.parameters())
-        self.device, self.dtype = p.device, p.dtype
-        self.block_size = block_size
+        self.device, self.dtype = config.device, config.dtype
+        self.block_size = config.block_size
         self.num_blocks = num_blocks
-        self.max_num_seqs = max_num_seqs
+        self.max_num_seqs = config.max_num_seqs
         self.max_model_len = max_model_len
-        self.max_blocks_per_seq = -(-max_model_len // block_size)
-        if kv_cache == "mha":   # the per-head K/V baseline (MLA vs MHA at equal memory)
-            from .mha_attention import PagedMHAAttention
-            self.backend = PagedMHAAttention.allocate(self.cfg, num_blocks, block_size, self.dtype, self.device)
-            self.kv_caches = self.backend.kv_caches
-        else:
-            width = self.cfg.kv_lora_rank + self.cfg.qk_rope_head_dim
-            # The whole cache: per layer [num_blocks, block_size, C + R] — no per-head K or V anywhere.
-            self.kv_caches = [torch.zeros(num_blocks, block_size, width, dtype=self.dtype, device=self.device)
-                              for _ in range(self.cfg.num_hidden_layers)]
-            self.backend = PagedLatentAttention(self.kv_caches)
-        self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
-        # Emulation runs the graph body eagerly on the same static, bucket-padded buffers: the
-        # graph path's inputs and padding exercised where CUDA is absent (tests).
-        self.emulate_graphs = False
-        self.buckets = batch_buckets(max_num_seqs)
+        self.max_blocks_per_seq = -(-max_model_len // self.block_size)
+        self.backend = config.kv_cache.allocate(self.cfg, num_blocks, self.block_size, self.dtype, self.device)
+        self.kv_caches = self.backend.kv_caches
+        self.use_cuda_graphs = not config.enforce_eager and self.supports_graphs(self.device)
+        self.buckets = batch_buckets(self.max_num_seqs)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.graph_pool = None
         if self.use_cuda_graphs:
             self._alloc_graph_buffers()
 
-    def enable_graph_emulation(self) -> None:
-        self.emulate_graphs = True
-        self._alloc_graph_buffers()
+    @staticmethod
+    def supports_graphs(device: torch.device) -> bool:
+        return device.type == "cuda"
 
     # ------------------------------------------------------------------ inputs
     def _to_device(self, values, dtype) -> torch.Tensor:
@@ -146,7 +93,7 @@ class ModelRunner:
         samplers = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == len(s)]
         all_decode = batch.num_decodes == len(batch.seqs)
         logits = None
-        if all_decode and (self.use_cuda_graphs or self.emulate_graphs) and len(batch.seqs) <= self.buckets[-1]:
+        if all_decode and self.use_cuda_graphs and len(batch.seqs) <= self.buckets[-1]:
             logits = self._run_graph(batch)
             if logits is not None and len(samplers) < len(batch.seqs):
                 # A one-token prompt chunk that does not reach the prompt's end samples nothing.
@@ -214,7 +161,8 @@ class ModelRunner:
         b = 16 if mb <= 16 else -(-mb // 8) * 8
         return min(b, self.max_blocks_per_seq)
 
-    def _forward_graph_body(self, b: int, mb: int) -> None:
+    def decode_body(self, b: int, mb: int) -> None:
+        """One decode step of bucket (b sequences, mb blocks) on the static buffers: what a graph captures."""
         meta = AttentionMetadata(slot_mapping=self.g_slots[:b], num_decodes=b,
                                  block_table=self.g_block_table[:b, :mb], seq_lens=self.g_seq_lens[:b])
         self.backend.meta = meta
@@ -227,11 +175,11 @@ class ModelRunner:
         self.g_block_table[:b].zero_()
         self.g_seq_lens[:b].fill_(1)
         self.g_slots[:b].zero_()
-        self._forward_graph_body(b, mb)   # warm-up: lazy initialisation must not happen while capturing
+        self.decode_body(b, mb)   # warm-up: lazy initialisation must not happen while capturing
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.graph_pool):
-            self._forward_graph_body(b, mb)
+            self.decode_body(b, mb)
         if self.graph_pool is None:
             self.graph_pool = graph.pool()
         torch.cuda.synchronize()
@@ -264,21 +212,25 @@ class ModelRunner:
         self.h_slots[:b] = torch.tensor(slots + [0] * pad)
         self.h_seq_lens[:b] = self.h_pos[:b] + 1
         self.h_seq_lens[n:b] = 1
+        graph = self.decode_graph(b, mb)
+        if graph is None:
+            return None
+        self._copy_graph_inputs(b, mb)
+        graph.replay()
+        return self.g_logits[:n]
+
+    def decode_graph(self, b: int, mb: int):
+        """The replayable decode step of bucket (b, mb): its CUDA graph, captured on first use. None when
+        capture fails (e.g. a host sync somewhere in the model): the runner then decodes eagerly."""
         key = (b, mb)
-        if self.emulate_graphs:
-            self._copy_graph_inputs(b, mb)
-            self._forward_graph_body(b, mb)
-            return self.g_logits[:n]
         if key not in self.graphs:
             try:
                 self.graphs[key] = self._capture(b, mb)
-            except Exception as e:   # e.g. a host sync somewhere in the model: run eagerly instead
+            except Exception as e:
                 log.warning("CUDA graph capture failed (%s); decoding eagerly from now on", e)
                 self.use_cuda_graphs = False
                 return None
-        self._copy_graph_inputs(b, mb)
-        self.graphs[key].replay()
-        return self.g_logits[:n]
+        return self.graphs[key]
 
     def _copy_graph_inputs(self, b: int, mb: int) -> None:
         self.g_ids[:b, 0].copy_(self.h_ids[:b], non_blocking=True)
@@ -288,43 +240,4 @@ class ModelRunner:
         self.g_seq_lens[:b].copy_(self.h_seq_lens[:b], non_blocking=True)
 
 
-def plan_cache(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, block_size: int,
-               cache_memory_gb: float | None, num_blocks: int | None, max_num_seqs: int,
-               max_model_len: int | None, reserve_gb: float = 4.0, kv_cache: str = "latent") -> tuple[int, int]:
-    """(num_blocks incl. the reserved one, max_model_len) from a memory budget, and the start-up log.
-
-    Budget: `cache_memory_gb` if given; on CUDA otherwise 90% of the free memory after the
-    weights minus `reserve_gb` for activations and graphs; on CPU enough for `max_num_seqs`
-    sequences of max_model_len (at most 1 GiB).
-    """
-    per_token = mha_bytes_per_token(cfg, dtype) if kv_cache == "mha" else cache_bytes_per_token(cfg, dtype)
-    per_block = per_token * block_size
-    want_len = max_model_len or cfg.max_position_embeddings
-    if num_blocks is None:
-        if cache_memory_gb is not None:
-            budget = cache_memory_gb * GiB
-        elif device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            budget = 0.9 * free - reserve_gb * GiB
-        else:
-            budget = min(GiB, max_num_seqs * want_len * per_token)
-        num_blocks = int(budget // per_block) + 1
-    if num_blocks < 2:
-        raise ValueError(f"cache budget too small: {per_block} bytes per block, got {num_blocks - 1} blocks")
-    capacity = (num_blocks - 1) * block_size
-    if max_model_len is None:
-        max_model_len = min(cfg.max_position_embeddings, capacity)
-    elif max_model_len > capacity:
-        raise ValueError(f"max_model_len {max_model_len} does not fit in the cache ({capacity} tokens); "
-                         f"raise cache_memory_gb or lower max_model_len")
-    mha = mha_bytes_per_token(cfg, dtype)
-    seqs = capacity // max_model_len
-    log.info(f"{kv_cache} cache: %d blocks x %d tokens = %d tokens, %.2f GiB (%d bytes/token); "
-             "max concurrent sequences at max_model_len %d: %d (a per-head MHA cache of the same bytes: %d, "
-             "%d bytes/token, %.1fx more)",
-             num_blocks - 1, block_size, capacity, num_blocks * per_block / GiB, per_token, max_model_len, seqs,
-             (capacity * per_token // mha) // max_model_len, mha, mha / per_token)
-    return num_blocks, max_model_len
-
-
-__all__ = ["plan_cache", "set_fused_experts", "ModelRunner", "cache_bytes_per_token", "mha_bytes_per_token", "batch_buckets"]
+__all__ = ["ModelRunner", "batch_buckets"]

@@ -5,6 +5,7 @@ the budget last, and preempts (by recompute) the newest running sequence when bl
 
 from __future__ import annotations
 
+import sys
 from collections import deque
 from dataclasses import dataclass
 
@@ -40,6 +41,18 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+
+    def admit_prefilled(self, seq: Sequence) -> None:
+        """Run `seq` from the next step with all but its last token taken as cached (placeholder
+        contents: LLM.add_request_without_prefill). ValueError when max_num_seqs or the blocks run out."""
+        if len(self.running) >= self.max_num_seqs:
+            raise ValueError(f"max_num_seqs ({self.max_num_seqs}) sequences are already running")
+        if not self.bm.allocate(seq, len(seq)):
+            raise ValueError(f"the cache has no room for another {len(seq)} tokens")
+        seq.num_computed_tokens = len(seq) - 1
+        seq.num_hashed_blocks = sys.maxsize   # past any block count: never published as a prefix
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)

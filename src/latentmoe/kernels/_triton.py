@@ -1,4 +1,7 @@
-"""Whether Triton can run here, and on which tensors: compiled on CUDA, interpreted on CPU under TRITON_INTERPRET=1."""
+"""Whether Triton can run here, and on which tensors: compiled on CUDA, interpreted on CPU under TRITON_INTERPRET=1.
+Also what every kernel module shares: output buffers (NaN-poisoned on request) and the multiprocessor count."""
+import contextlib
+import contextvars
 import functools
 import os
 
@@ -18,13 +21,23 @@ except ImportError:  # pragma: no cover - Triton ships with CUDA builds of torch
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# Tests set this to fill every buffer a kernel must write with NaN (-1 for integers) first, exposing
-# unwritten elements.
-POISON = False
+_POISON = contextvars.ContextVar("latentmoe_kernels_poison", default=False)
+
+
+@contextlib.contextmanager
+def poisoned_outputs():
+    """Within the block, every buffer a kernel must write starts filled with NaN (-1 for integers), so an
+    element a kernel leaves unwritten shows up in the result (the kernel tests run inside this)."""
+    token = _POISON.set(True)
+    try:
+        yield
+    finally:
+        _POISON.reset(token)
 
 
 def new_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    if POISON:
+    """torch.empty for a kernel's output, or NaN/-1-filled inside `poisoned_outputs()`."""
+    if _POISON.get():
         return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 

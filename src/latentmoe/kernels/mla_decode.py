@@ -14,6 +14,16 @@ LOG2E = 1.4426950408889634
 
 
 @jit
+def split_range(seq_lens_ptr, b, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Tokens [start, end) of sequence b that piece `split` of NUM_SPLITS walks: equal pieces rounded up
+    to whole BLOCK_N tiles (shared by the latent and per-head decode kernels; the merge relies on it)."""
+    seq_len = tl.load(seq_lens_ptr + b)
+    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    return start, tl.minimum(start + split_len, seq_len)
+
+
+@jit
 def _mla_decode_split_kernel(
     q_lat_ptr, q_pe_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, o_ptr, lse_ptr,
     stride_qb, stride_qh, stride_pb, stride_ph, stride_kv_blk, stride_kv_tok, stride_bt,
@@ -29,10 +39,7 @@ def _mla_decode_split_kernel(
     split = tl.program_id(1)
     b = tl.program_id(2)
 
-    seq_len = tl.load(seq_lens_ptr + b)
-    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = split * split_len
-    end = tl.minimum(start + split_len, seq_len)
+    start, end = split_range(seq_lens_ptr, b, split, NUM_SPLITS, BLOCK_N)
 
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_c = tl.arange(0, BLOCK_C)
@@ -99,6 +106,28 @@ def _mla_decode_merge_kernel(
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_c, out.to(out_ptr.dtype.element_ty), mask=mask_c)
 
 
+def split_outputs(out: torch.Tensor, num_splits: int):
+    """Where a split-KV decode kernel writes its pieces: straight into `out` [B, H, X] when there is one
+    (the kernel normalises it itself), else fp32 partials [B, H, S, X] and log-sum-exps [B, H, S] for
+    `merge_splits`. -> (o_part, lse, the three strides of o_part's batch, head and split dims)."""
+    if num_splits == 1:
+        return out, out, (out.stride(0), out.stride(1), 0)
+    B, H, X = out.shape
+    o_part = new_buffer((B, H, num_splits, X), torch.float32, out.device)
+    lse = new_buffer((B, H, num_splits), torch.float32, out.device)
+    return o_part, lse, o_part.stride()[:3]
+
+
+def merge_splits(o_part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> None:
+    """out[b, h] = the log-sum-exp weighted mean of the partials o_part [B, H, S, X] (lse [B, H, S], log2
+    units); shared by the latent and the per-head decode kernels."""
+    B, H, num_splits, X = o_part.shape
+    _mla_decode_merge_kernel[(B * H,)](
+        o_part, lse, out, out.stride(0), out.stride(1), H,
+        C=X, BLOCK_C=triton.next_power_of_2(X), NUM_SPLITS=num_splits,
+        BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4)
+
+
 def choose_num_splits(batch: int, head_groups: int, max_seq_len: int, device: torch.device, ctas_per_sm: int = 2,
                       min_tokens_per_split: int = 32, max_splits: int = 64, piece_overhead: int = 64) -> int:
     """Pieces per sequence, from a wave model of the launch.
@@ -155,13 +184,7 @@ def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.T
     if out is None:
         out = new_buffer(q_lat.shape, q_lat.dtype, q_lat.device)
     assert out.shape == q_lat.shape and out.stride(-1) == 1
-    if num_splits == 1:
-        o_part, lse = out, out  # the split kernel normalises and writes the result itself
-        so = (out.stride(0), out.stride(1), 0)
-    else:
-        o_part = new_buffer((B, H, num_splits, C), torch.float32, q_lat.device)
-        lse = new_buffer((B, H, num_splits), torch.float32, q_lat.device)
-        so = o_part.stride()[:3]
+    o_part, lse, so = split_outputs(out, num_splits)
     _mla_decode_split_kernel[(head_groups, num_splits, B)](
         q_lat, q_pe, kv_cache, block_table, seq_lens, o_part, lse,
         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1),
@@ -171,10 +194,7 @@ def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.T
         PAGE=PAGE, BLOCK_H=block_h, BLOCK_N=block_n, NUM_SPLITS=num_splits, UPCAST=INTERPRET,
         num_warps=num_warps, num_stages=num_stages)
     if num_splits > 1:
-        _mla_decode_merge_kernel[(B * H,)](
-            o_part, lse, out, out.stride(0), out.stride(1), H,
-            C=C, BLOCK_C=triton.next_power_of_2(C), NUM_SPLITS=num_splits,
-            BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4)
+        merge_splits(o_part, lse, out)
     return out
 
 

@@ -12,7 +12,7 @@ P padded rows, NT tiles of I.
 import torch
 
 from ._triton import INTERPRET, dot, jit, new_buffer, tl, triton, use_triton
-from .moe import _moe_down_kernel, _moe_gate_up_kernel, choose_moe_config, moe_align
+from .moe import choose_moe_config, moe_align, run_moe_gemms
 from .reference import fused_moe_ref
 
 
@@ -154,22 +154,11 @@ class FusedMoEFunction(torch.autograd.Function):
         assert gate_up_proj.dtype == down_proj.dtype == x_MD.dtype
         x_MD, gate_up_proj, down_proj = x_MD.contiguous(), gate_up_proj.contiguous(), down_proj.contiguous()
         cfg = config or choose_moe_config(A, E)
-        bm, bk, nw, ns = cfg["block_m"], cfg["block_k"], cfg["num_warps"], cfg["num_stages"]
-        sorted_ids, block_expert = moe_align(topk_idx_MK, E, bm)
-        n_blocks = block_expert.numel()
-        gu_P2I = new_buffer((n_blocks * bm, 2 * I), x_MD.dtype, x_MD.device)
-        h_PI = new_buffer((n_blocks * bm, I), x_MD.dtype, x_MD.device)
-        _moe_gate_up_kernel[(triton.cdiv(I, cfg["block_n1"]), n_blocks)](
-            x_MD, gate_up_proj, h_PI, gu_P2I, sorted_ids, block_expert,
-            x_MD.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), h_PI.stride(0), gu_P2I.stride(0),
-            A, D, I, E, TOP_K=K, BLOCK_M=bm, BLOCK_N=cfg["block_n1"], BLOCK_K=bk, UPCAST=INTERPRET,
-            STORE_GU=True, num_warps=nw, num_stages=ns)
+        sorted_ids, block_expert = moe_align(topk_idx_MK, E, cfg["block_m"])
+        gu_P2I = new_buffer((block_expert.numel() * cfg["block_m"], 2 * I), x_MD.dtype, x_MD.device)
+        h_PI, y_AD = run_moe_gemms(x_MD, gate_up_proj, down_proj, topk_weight_MK, sorted_ids, block_expert, cfg, K,
+                                   gu_P2I=gu_P2I)
         weight_A = topk_weight_MK.reshape(-1).contiguous()
-        y_AD = new_buffer((A, D), x_MD.dtype, x_MD.device)
-        _moe_down_kernel[(triton.cdiv(D, cfg["block_n2"]), n_blocks)](
-            h_PI, down_proj, y_AD, sorted_ids, block_expert, weight_A,
-            h_PI.stride(0), down_proj.stride(0), down_proj.stride(1), y_AD.stride(0), A, I, D, E,
-            BLOCK_M=bm, BLOCK_N=cfg["block_n2"], BLOCK_K=bk, UPCAST=INTERPRET, num_warps=nw, num_stages=ns)
         ctx.save_for_backward(x_MD, gate_up_proj, down_proj, weight_A, sorted_ids, block_expert, gu_P2I, h_PI)
         ctx.cfg, ctx.weight_shape, ctx.weight_dtype = cfg, topk_weight_MK.shape, topk_weight_MK.dtype
         return y_AD.view(M, K, D).sum(dim=1, dtype=torch.float32).to(x_MD.dtype)

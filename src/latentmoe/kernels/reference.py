@@ -1,8 +1,11 @@
 """Plain-PyTorch references for the kernels: the definitions the fast paths are tested against.
 
 Shape legend: B batch (sequences), H heads, C latent width (kv_lora_rank), R rope width,
-NB/BS cache blocks / tokens per block, MB block-table width, M tokens, K experts per token,
-E experts, D hidden, I expert width.
+N nope width, NB/BS cache blocks / tokens per block, MB block-table width, M tokens, K experts per
+token, E experts, D hidden, I expert width.
+
+The norm, RoPE and routing references repeat the model's formulas in the same order (model.py is the
+ground truth and stays free of kernel concerns); tests check both agree.
 """
 import torch
 import torch.nn.functional as F
@@ -13,26 +16,35 @@ def _acc(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
+def _gather_pages(cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+    """Each sequence's cache rows in order: cache [NB, BS, ...] -> [B, MB*BS, ...]. Block-table entries
+    past a sequence's length are never read (they may be junk); their rows are block 0's."""
+    first_pos_MB = torch.arange(block_table.shape[1], device=block_table.device) * cache.shape[1]
+    table_BM = torch.where(first_pos_MB[None, :] < seq_lens[:, None], block_table.long(), 0)
+    return cache[table_BM].flatten(1, 2)
+
+
+def _mask_past(scores_BHS: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+    pos_S = torch.arange(scores_BHS.shape[-1], device=scores_BHS.device)
+    return scores_BHS.masked_fill((pos_S[None, :] >= seq_lens[:, None])[:, None, :], float("-inf"))
+
+
 def mla_decode_ref(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
                    block_table: torch.Tensor, seq_lens: torch.Tensor, softmax_scale: float) -> torch.Tensor:
     """Absorbed decode attention, one new token per sequence: an MQA with C+R wide keys, C wide values.
 
     score[b,h,s] = (q_lat[b,h] . c_kv[b,s] + q_pe[b,h] . k_pe[b,s]) * scale, softmax over the
-    seq_lens[b] cached tokens (fp32), o[b,h] = sum_s p[b,h,s] c_kv[b,s]. Loops over sequences, so
-    it holds only one sequence's keys at a time; the result has q_lat's dtype.
+    seq_lens[b] cached tokens, o[b,h] = sum_s p[b,h,s] c_kv[b,s]; all in fp32 (fp64 for fp64 inputs),
+    the result in q_lat's dtype.
     """
-    B, H, C = q_lat.shape
-    BS = kv_cache.shape[1]
-    out_BHC = torch.empty_like(q_lat)
+    C = q_lat.shape[-1]
     acc = _acc(q_lat)
-    for b in range(B):
-        L = int(seq_lens[b])
-        n_blocks = (L + BS - 1) // BS
-        rows_SX = kv_cache[block_table[b, :n_blocks].long()].reshape(-1, kv_cache.shape[-1])[:L].to(acc)
-        c_kv_SC, k_pe_SR = rows_SX[:, :C], rows_SX[:, C:]
-        scores_HS = (q_lat[b].to(acc) @ c_kv_SC.T + q_pe[b].to(acc) @ k_pe_SR.T) * softmax_scale
-        out_BHC[b] = (scores_HS.softmax(dim=-1) @ c_kv_SC).to(q_lat.dtype)
-    return out_BHC
+    rows_BSX = _gather_pages(kv_cache, block_table, seq_lens).to(acc)
+    c_kv_BSC, k_pe_BSR = rows_BSX[..., :C], rows_BSX[..., C:]
+    scores_BHS = (torch.einsum("bhc,bsc->bhs", q_lat.to(acc), c_kv_BSC)
+                  + torch.einsum("bhr,bsr->bhs", q_pe.to(acc), k_pe_BSR)) * softmax_scale
+    p_BHS = _mask_past(scores_BHS, seq_lens).softmax(dim=-1)
+    return torch.einsum("bhs,bsc->bhc", p_BHS, c_kv_BSC).to(q_lat.dtype)
 
 
 def mla_decode_einsum(q_lat: torch.Tensor, q_pe: torch.Tensor, c_kv_BSC: torch.Tensor, k_pe_BSR: torch.Tensor,
@@ -42,6 +54,21 @@ def mla_decode_einsum(q_lat: torch.Tensor, q_pe: torch.Tensor, c_kv_BSC: torch.T
                   + torch.einsum("bhr,bsr->bhs", q_pe, k_pe_BSR)).float() * softmax_scale
     p_BHS = scores_BHS.softmax(dim=-1).to(c_kv_BSC.dtype)
     return torch.einsum("bhs,bsc->bhc", p_BHS, c_kv_BSC)
+
+
+def mha_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                   seq_lens: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+    """Decode attention over a per-head paged K/V cache (the MHA baseline), one new token per sequence.
+
+    q [B,H,Dk], k_cache [NB,BS,H,Dk], v_cache [NB,BS,H,Dv] -> o [B,H,Dv] in q's dtype; each sequence's
+    blocks gathered from block_table [B,MB] (entries past a sequence's blocks are never read),
+    positions >= seq_lens[b] masked, softmax in fp32 (fp64 for fp64 inputs).
+    """
+    acc = _acc(q)
+    k_BSHD = _gather_pages(k_cache, block_table, seq_lens).to(acc)
+    v_BSHD = _gather_pages(v_cache, block_table, seq_lens).to(acc)
+    scores_BHS = torch.einsum("bhd,bshd->bhs", q.to(acc), k_BSHD) * softmax_scale
+    return torch.einsum("bhs,bshd->bhd", _mask_past(scores_BHS, seq_lens).softmax(-1), v_BSHD).to(q.dtype)
 
 
 def write_latent_cache_ref(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, c_kv: torch.Tensor,
@@ -67,3 +94,42 @@ def fused_moe_ref(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: tor
         a_TI = F.silu(h_T2I[:, :I]) * h_T2I[:, I:]
         y_MD.index_add_(0, tok, (a_TI @ down_proj[e].to(acc).T) * topk_weight_MK[tok, slot].to(acc)[:, None])
     return y_MD.to(x_MD.dtype)
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * (x * rsqrt(mean(x^2) + eps)): statistics in fp32, rounded to x's dtype before the weight."""
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(dtype)
+
+
+def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) in fp32; cos/sin broadcast to [..., R/2]."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).to(x.dtype)
+
+
+def mla_post_projection_ref(q: torch.Tensor, kv: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                            cos: torch.Tensor, sin: torch.Tensor, n_heads: int):
+    """MLA after its projections: q [M, H*(N+R)], kv [M, C+R], cos/sin [M, R/2] fp32
+    -> q_nope [M,H,N], q_pe [M,H,R] (rotated), c_kv [M,C] (RMS-normed), k_pe [M,R] (rotated)."""
+    M, R = q.shape[0], 2 * cos.shape[-1]
+    q_MHX = q.view(M, n_heads, -1)
+    q_nope, q_pe = q_MHX.split([q_MHX.shape[-1] - R, R], dim=-1)
+    c_kv, k_pe = kv.split([kv.shape[-1] - R, R], dim=-1)
+    return (q_nope, rope_ref(q_pe, cos[:, None], sin[:, None]), rms_norm_ref(c_kv, norm_weight, eps),
+            rope_ref(k_pe, cos, sin))
+
+
+def softmax_topk_ref(logits_ME: torch.Tensor, top_k: int, norm_topk_prob: bool, routed_scaling_factor: float):
+    """Greedy routing from router logits: scores = softmax in fp32, the top_k experts, their weights
+    normalised (top_k > 1 and norm_topk_prob) or else scaled -> scores [M,E], topk_weight [M,K], topk_idx [M,K]."""
+    scores_ME = logits_ME.float().softmax(dim=-1)
+    topk_weight_MK, topk_idx_MK = scores_ME.topk(top_k, dim=-1)
+    if top_k > 1 and norm_topk_prob:
+        topk_weight_MK = topk_weight_MK / (topk_weight_MK.sum(dim=-1, keepdim=True) + 1e-20)
+    else:   # the released rule: normalise OR scale, never both
+        topk_weight_MK = topk_weight_MK * routed_scaling_factor
+    return scores_ME, topk_weight_MK, topk_idx_MK

@@ -3,8 +3,9 @@
 For a model too large for one GPU (DeepSeek-V2's 236B are ~93% routed experts): everything else,
 and the engine's latent cache, stays on the first device; each MoE layer's experts are cut into N
 equal slices, slice d on device d. Per layer the tokens that chose an expert on device d are
-copied there, run through its experts and their weighted sum copied back. The engine needs no
-change beyond loading the model this way (`LLM(..., expert_parallel_size=N)`).
+copied there, run through its experts and their weighted sum copied back. The engine takes the
+model built this way like any other (`LLM(load_model_expert_parallel(path, N), enforce_eager=True)`;
+`serve/generate/chat --ep N` do that) and knows nothing of the split.
 """
 
 from __future__ import annotations

@@ -1,0 +1,105 @@
+"""EngineConfig: every option of the inference engine, validated in one place.
+
+`LLM(model, **options)` builds one (or takes `config=`); the command line builds one from its
+arguments (commands/_engine_args.py); the runner, planner and scheduler read it. Options left None
+depend on where the model runs and are settled by `resolved(device, dtype)` when the engine starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from .. import kernels
+from ..checkpoint import resolve_dtype
+from .kv_cache import CacheLayout, cache_layout
+
+EXPERTS_IMPLS = ("model", "fused")
+
+
+@dataclass
+class EngineConfig:
+    device: str | torch.device | None = None   # default: the model's; for a checkpoint path CUDA if present, else CPU
+    dtype: str | torch.dtype | None = None     # default: the model's; for a path bf16 on CUDA, fp32 on CPU
+    max_num_seqs: int = 256                    # sequences batched together at most (also the largest graph bucket)
+    max_model_len: int | None = None           # prompt + output tokens per sequence (default: model max, cache allowing)
+    max_num_batched_tokens: int | None = None  # tokens per step (default max(2048, max_num_seqs))
+    block_size: int = 64                       # tokens per cache block
+    num_blocks: int | None = None              # cache size in blocks, instead of a memory budget
+    cache_memory_gb: float | None = None       # cache budget (default: automatic, see kv_cache.plan_cache)
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False                # no CUDA graphs
+    # Routed experts: "fused" = the Triton fused-MoE kernel, "model" = the model's grouped GEMMs.
+    # Default "fused" for bf16/fp16 models on CUDA: its logits are as close to an fp32 reference as the
+    # model's own path (bf16 rounding either way; results/engine.md), and it is faster. fp32 models keep
+    # the model's exact path (the kernel's fp32 dots run as tf32).
+    experts_impl: str | None = None
+    # Fused RMSNorm / MLA post-projection / greedy router kernels: default on CUDA (where Triton runs).
+    fused_ops: bool | None = None
+    kv_cache: str | CacheLayout = "latent"     # "latent", "mha" (the per-head baseline) or a CacheLayout
+
+    def __post_init__(self) -> None:
+        def bad(name: str, what: str) -> ValueError:
+            return ValueError(f"{name} must be {what}, got {getattr(self, name)!r}")
+
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        for name in ("max_num_seqs", "block_size"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise bad(name, "a positive integer")
+        for name in ("max_model_len", "max_num_batched_tokens"):
+            v = getattr(self, name)
+            if v is not None and (not is_int(v) or v < 1):
+                raise bad(name, "a positive integer or None")
+        if self.num_blocks is not None and (not is_int(self.num_blocks) or self.num_blocks < 2):
+            raise bad("num_blocks", "an integer >= 2 (one block is reserved) or None")
+        if self.cache_memory_gb is not None and (isinstance(self.cache_memory_gb, bool)
+                                                 or not isinstance(self.cache_memory_gb, (int, float))
+                                                 or not self.cache_memory_gb > 0):
+            raise bad("cache_memory_gb", "a positive number or None")
+        if self.num_blocks is not None and self.cache_memory_gb is not None:
+            raise ValueError("give num_blocks or cache_memory_gb, not both")
+        for name in ("enable_prefix_caching", "enforce_eager"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "True or False")
+        if self.fused_ops is not None and not isinstance(self.fused_ops, bool):
+            raise bad("fused_ops", "True, False or None (automatic)")
+        if self.experts_impl == "auto":
+            self.experts_impl = None
+        if self.experts_impl is not None and self.experts_impl not in EXPERTS_IMPLS:
+            raise bad("experts_impl", "'model', 'fused' or None (automatic)")
+        if self.device is not None:
+            try:
+                self.device = torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise bad("device", "a device such as 'cuda', 'cuda:1' or 'cpu'") from None
+        if self.dtype is not None:
+            self.dtype = _parse_dtype(self.dtype)
+        self.kv_cache = cache_layout(self.kv_cache)
+        if self.max_num_batched_tokens is None:
+            self.max_num_batched_tokens = max(2048, self.max_num_seqs)
+
+    def resolved(self, device: torch.device, dtype: torch.dtype) -> "EngineConfig":
+        """This config for a model on `device` in `dtype`: device, dtype and the automatic choices settled."""
+        cuda = device.type == "cuda"
+        experts = self.experts_impl
+        if experts is None:
+            experts = "fused" if cuda and dtype in (torch.bfloat16, torch.float16) else "model"
+        fused_ops = self.fused_ops if self.fused_ops is not None else cuda and kernels.HAS_TRITON
+        return dataclasses.replace(self, device=device, dtype=dtype, experts_impl=experts, fused_ops=fused_ops)
+
+
+def _parse_dtype(dtype) -> torch.dtype | None:
+    if dtype == "auto":
+        return None
+    if isinstance(dtype, str):
+        return resolve_dtype(dtype, torch.device("cpu"))   # raises, naming the accepted names
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    raise ValueError(f"dtype must be a floating-point torch dtype or its name, got {dtype!r}")
+
+
+__all__ = ["EngineConfig", "EXPERTS_IMPLS"]

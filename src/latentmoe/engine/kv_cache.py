@@ -1,0 +1,146 @@
+"""What the paged cache keeps per token (its layout), and how many blocks a memory budget buys.
+
+A layout knows its bytes per token (from the model config's derived sizes and the dtype), allocates
+its per-layer caches for num_blocks x block_size, and returns the attention backend that reads
+them. `LatentCache` is the engine's cache; `PerHeadCache` is what an MHA model of the same shape
+would cache, the baseline of the MLA-vs-MHA comparison. `cache_layout` is the one place a user's
+string ("latent", "mha") becomes a layout.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..config import ModelConfig
+from .attention import PagedAttention, PagedLatentAttention, PagedPerHeadAttention
+
+log = logging.getLogger("latentmoe.engine")
+
+GiB = 1024 ** 3
+
+
+class CacheLayout:
+    """A cache layout: per-layer tensor shapes of one token, its size, allocation and attention backend."""
+
+    name = ""
+
+    def token_shapes(self, cfg: ModelConfig) -> list[tuple[int, ...]]:
+        """The shapes one token occupies in each of a layer's cache tensors."""
+        raise NotImplementedError
+
+    def elements_per_token(self, cfg: ModelConfig) -> int:
+        """All layers."""
+        raise NotImplementedError
+
+    def bytes_per_token(self, cfg: ModelConfig, dtype: torch.dtype) -> int:
+        return self.elements_per_token(cfg) * dtype.itemsize
+
+    def allocate(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device) -> PagedAttention:
+        """Zeroed caches for every layer, [num_blocks, block_size, *shape] each, inside their backend."""
+        caches = [tuple(torch.zeros(num_blocks, block_size, *shape, dtype=dtype, device=device)
+                        for shape in self.token_shapes(cfg))
+                  for _ in range(cfg.num_hidden_layers)]
+        return self.backend(caches)
+
+    def backend(self, caches: list[tuple[torch.Tensor, ...]]) -> PagedAttention:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class LatentCache(CacheLayout):
+    """MLA's cache: one row [c_KV | k_R] (kv_lora_rank + rope dim) per token and layer, no per-head K or V."""
+
+    name = "latent"
+
+    def token_shapes(self, cfg):
+        return [(cfg.kv_cache_width,)]
+
+    def elements_per_token(self, cfg):
+        return cfg.kv_cache_elements_per_token()
+
+    def backend(self, caches):
+        return PagedLatentAttention([c for (c,) in caches])
+
+
+class PerHeadCache(CacheLayout):
+    """An MHA model's cache of the same shape: per head a key (nope + rope dims) and a value, per token and layer.
+
+    `decode_tuning` (block_n, num_warps, ctas_per_sm, min_tokens_per_split) is handed to
+    kernels.mha_decode, so a benchmark can give the baseline the best its own sweep found.
+    """
+
+    name = "mha"
+
+    def __init__(self, decode_tuning: dict | None = None):
+        self.decode_tuning = dict(decode_tuning or {})
+
+    def token_shapes(self, cfg):
+        return [(cfg.num_attention_heads, cfg.qk_head_dim), (cfg.num_attention_heads, cfg.v_head_dim)]
+
+    def elements_per_token(self, cfg):
+        return cfg.mha_cache_elements_per_token()
+
+    def backend(self, caches):
+        return PagedPerHeadAttention(caches, self.decode_tuning)
+
+    def __repr__(self) -> str:
+        return f"PerHeadCache(decode_tuning={self.decode_tuning})" if self.decode_tuning else "PerHeadCache()"
+
+
+LAYOUTS = {"latent": LatentCache, "mha": PerHeadCache}
+
+
+def cache_layout(spec: str | CacheLayout) -> CacheLayout:
+    """A layout from its name ('latent', 'mha') or a CacheLayout itself."""
+    if isinstance(spec, CacheLayout):
+        return spec
+    if isinstance(spec, str) and spec in LAYOUTS:
+        return LAYOUTS[spec]()
+    raise ValueError(f"kv_cache must be one of {sorted(LAYOUTS)} or a CacheLayout, got {spec!r}")
+
+
+def plan_cache(cfg: ModelConfig, layout: CacheLayout, device: torch.device, dtype: torch.dtype, block_size: int,
+               cache_memory_gb: float | None, num_blocks: int | None, max_num_seqs: int,
+               max_model_len: int | None, reserve_gb: float = 4.0) -> tuple[int, int]:
+    """(num_blocks incl. the reserved one, max_model_len) from a memory budget, and the start-up log.
+
+    Budget: `cache_memory_gb` if given; on CUDA otherwise 90% of the free memory after the
+    weights minus `reserve_gb` for activations and graphs; on CPU enough for `max_num_seqs`
+    sequences of max_model_len (at most 1 GiB).
+    """
+    per_token = layout.bytes_per_token(cfg, dtype)
+    per_block = per_token * block_size
+    want_len = max_model_len or cfg.max_position_embeddings
+    if num_blocks is None:
+        if cache_memory_gb is not None:
+            budget = cache_memory_gb * GiB
+        elif device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            budget = 0.9 * free - reserve_gb * GiB
+        else:
+            budget = min(GiB, max_num_seqs * want_len * per_token)
+        num_blocks = int(budget // per_block) + 1
+    if num_blocks < 2:
+        raise ValueError(f"cache budget too small: {per_block} bytes per block, got {num_blocks - 1} blocks")
+    capacity = (num_blocks - 1) * block_size
+    if max_model_len is None:
+        max_model_len = min(cfg.max_position_embeddings, capacity)
+    elif max_model_len > capacity:
+        raise ValueError(f"max_model_len {max_model_len} does not fit in the cache ({capacity} tokens); "
+                         f"raise cache_memory_gb or lower max_model_len")
+    mha = PerHeadCache().bytes_per_token(cfg, dtype)
+    seqs = capacity // max_model_len
+    log.info(f"{layout.name} cache: %d blocks x %d tokens = %d tokens, %.2f GiB (%d bytes/token); "
+             "max concurrent sequences at max_model_len %d: %d (a per-head MHA cache of the same bytes: %d, "
+             "%d bytes/token, %.1fx more)",
+             num_blocks - 1, block_size, capacity, num_blocks * per_block / GiB, per_token, max_model_len, seqs,
+             (capacity * per_token // mha) // max_model_len, mha, mha / per_token)
+    return num_blocks, max_model_len
+
+
+__all__ = ["CacheLayout", "LatentCache", "PerHeadCache", "LAYOUTS", "cache_layout", "plan_cache"]

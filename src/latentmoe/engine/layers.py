@@ -1,0 +1,143 @@
+"""The engine's own module tree: the caller's parameters, the kernels' forwards.
+
+The engine never changes a model it is handed. When its runner is built it makes a structural copy
+(`engine_model`): new module objects holding the same Parameter objects (no weight is copied; a
+device/dtype change converts each tensor once), with the modules that have a fused forward built as
+the subclasses below. Their forwards call `latentmoe.kernels` entries, which run Triton where it can
+run and the torch references elsewhere. Parameter names, and so state_dict keys, are the model's.
+
+Why fused forwards at all: a decode step at small batch is bound by the number of kernels, not by
+bytes (the model's RMSNorm is ~7 elementwise kernels, each RoPE ~9, the fp32 router ~6 after its
+GEMM, the expert sort ~12). Inference only: the kernels have no backward.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import kernels
+from ..config import ModelConfig
+from ..model import MLA, MoE, Experts, Router, RMSNorm
+
+
+class EngineRMSNorm(RMSNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.rms_norm(x, self.weight, self.eps)
+
+
+class EngineMLA(MLA):
+    """MLA whose projections end in one fused kernel: the c_KV norm and both RoPEs (kernels.mla_post_projection)."""
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        B, T, D = x.shape
+        x2 = x.reshape(B * T, D)
+        q = self.q_proj(x2) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x2)))
+        kv = self.kv_a_proj_with_mqa(x2)
+        half = cos.shape[-1]   # cos/sin may broadcast over the batch: one row per token for the kernel
+        cos2 = cos.expand(B, T, half).reshape(-1, half).float().contiguous()
+        sin2 = sin.expand(B, T, half).reshape(-1, half).float().contiguous()
+        norm = self.kv_a_layernorm
+        q_nope, q_pe, c_kv, k_pe = kernels.mla_post_projection(q.contiguous(), kv.contiguous(), norm.weight, norm.eps,
+                                                               cos2, sin2, self.n_heads)
+        return (q_nope.view(B, T, *q_nope.shape[1:]), q_pe.view(B, T, *q_pe.shape[1:]),
+                c_kv.view(B, T, -1), k_pe.view(B, T, -1))
+
+
+class EngineRouter(Router):
+    """Greedy routing: fp32 logits (one GEMM) + softmax/top-K/weights in one kernel. Only built for
+    routers without group or device limits (those keep the model's forward)."""
+
+    def prepare(self, cfg: ModelConfig) -> None:
+        self._weight_fp32 = None   # (key, fp32 weight)
+
+    def weight_fp32(self) -> torch.Tensor:
+        """The weight in fp32, converted once (again if the parameter is changed in place or replaced)."""
+        w = self.weight
+        key = (w.data_ptr(), None if w.is_inference() else w._version)   # inference tensors carry no version
+        if self._weight_fp32 is None or self._weight_fp32[0] != key:
+            self._weight_fp32 = (key, w.detach().float().contiguous())
+        return self._weight_fp32[1]
+
+    def forward(self, x: torch.Tensor):
+        logits = F.linear(x.float(), self.weight_fp32()).contiguous()
+        return kernels.softmax_topk(logits, self.top_k, self.norm_topk_prob, self.routed_scaling_factor)
+
+
+class EngineExperts(Experts):
+    """Routed experts through kernels.fused_moe; batch-1/2 decodes skip the expert sort (2 kernels, not ~14)."""
+
+    def prepare(self, cfg: ModelConfig) -> None:
+        # Built here, before any CUDA-graph capture; an attribute, not a buffer (state_dict unchanged).
+        self.few_token_layout = kernels.few_token_layout(kernels.FEW_TOKENS * cfg.num_experts_per_tok,
+                                                         self.gate_up_proj.device)
+
+    def forward(self, x_MD: torch.Tensor, topk_idx_MK: torch.Tensor, topk_weight_MK: torch.Tensor) -> torch.Tensor:
+        return kernels.fused_moe(x_MD, self.gate_up_proj, self.down_proj, topk_idx_MK, topk_weight_MK,
+                                 few_token_layout=self.few_token_layout)
+
+
+def _engine_class(module: nn.Module, parent: nn.Module | None, fused_ops: bool, fused_experts: bool) -> type:
+    """The class the engine builds `module` as: an engine subclass where one applies, else its own."""
+    kind = type(module)
+    if fused_ops and kind is RMSNorm:
+        return EngineRMSNorm
+    if fused_ops and kind is MLA:
+        return EngineMLA
+    if fused_ops and kind is Router and module.n_group == 1 and module.device_limit is None:
+        return EngineRouter
+    # Only an MoE layer's own experts (not e.g. the slices inside a device-sharded replacement).
+    if fused_experts and kind is Experts and type(parent) is MoE:
+        return EngineExperts
+    return kind
+
+
+def _on(t: torch.Tensor, device: torch.device | None, dtype: torch.dtype | None) -> torch.Tensor:
+    """`t` itself when it already has the device and (floating tensors) the dtype, else a converted copy."""
+    want_dtype = dtype if dtype is not None and t.is_floating_point() else t.dtype
+    same_device = device is None or (t.device.type == device.type and device.index in (None, t.device.index))
+    if same_device and t.dtype == want_dtype:
+        return t
+    moved = t.detach().to(device=device, dtype=want_dtype)
+    return nn.Parameter(moved, requires_grad=False) if isinstance(t, nn.Parameter) else moved
+
+
+def engine_model(model: nn.Module, *, fused_ops: bool = False, fused_experts: bool = False,
+                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+    """The engine's copy of `model` in eval mode: same parameters (the same objects unless `device`/`dtype`
+    ask for a conversion; tied weights stay tied), the engine subclasses above where `fused_ops`
+    (RMSNorm, MLA post-projection, greedy router) and `fused_experts` (routed experts) choose them.
+    `model` itself is not touched. For inference only (the fused kernels have no backward).
+    """
+    tensors: dict[int, torch.Tensor] = {}
+
+    def share(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        if id(t) not in tensors:
+            tensors[id(t)] = _on(t, device, dtype)
+        return tensors[id(t)]
+
+    def rebuild(module: nn.Module, parent: nn.Module | None) -> nn.Module:
+        cls = _engine_class(module, parent, fused_ops, fused_experts)
+        new = cls.__new__(cls)
+        # Attributes by reference; containers (hooks, buffer-name sets, ...) as the copy's own.
+        new.__dict__.update({k: copy.copy(v) if isinstance(v, (dict, set, list)) else v
+                             for k, v in module.__dict__.items()})
+        new._parameters = {k: share(p) for k, p in module._parameters.items()}
+        new._buffers = {k: share(b) for k, b in module._buffers.items()}
+        new._modules = {k: None if c is None else rebuild(c, module) for k, c in module._modules.items()}
+        return new
+
+    new_model = rebuild(model, None).eval()
+    cfg = model.config
+    for m in new_model.modules():
+        if isinstance(m, (EngineRouter, EngineExperts)):
+            m.prepare(cfg)
+    return new_model
+
+
+__all__ = ["engine_model", "EngineRMSNorm", "EngineMLA", "EngineRouter", "EngineExperts"]

@@ -1,0 +1,102 @@
+"""RMSNorm, and MLA's post-projection (c_KV norm + RoPE of q_pe and k_pe), one Triton kernel each.
+
+A decode step at small batch is bound by the number of kernels, not by bytes: the model's plain
+RMSNorm is ~7 elementwise kernels, each RoPE ~9. These compute the same formulas (fp32 statistics
+and rotation, the reference's rounding order) in one launch per call. Forward only.
+"""
+import torch
+
+from ._triton import jit, new_buffer, tl, triton, use_triton
+from .reference import mla_post_projection_ref, rms_norm_ref
+
+
+@jit
+def _rms_norm_row(x_ptr, w_ptr, y_ptr, offs, mask, N, eps):
+    """One row: y = w * (x * rstd).to(x's dtype), statistics in fp32 (the reference's rounding order)."""
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
+    xn = (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, (w * xn).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@jit
+def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, stride_x, stride_y, N, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    _rms_norm_row(x_ptr + row * stride_x, w_ptr, y_ptr + row * stride_y, offs, offs < N, N, eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype), x [..., N] -> same shape.
+
+    Triton on CUDA (CPU under TRITON_INTERPRET=1), `rms_norm_ref` elsewhere.
+    """
+    if not use_triton(x):
+        return rms_norm_ref(x, weight, eps)
+    shape, N = x.shape, x.shape[-1]
+    x2 = x.reshape(-1, N)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = new_buffer(x2.shape, torch.promote_types(x.dtype, weight.dtype), x.device)
+    if x2.shape[0]:
+        _rms_norm_kernel[(x2.shape[0],)](x2, weight, y, x2.stride(0), y.stride(0), N, eps,
+                                         BLOCK=triton.next_power_of_2(N), num_warps=4 if N >= 1024 else 1)
+    return y.view(shape)
+
+
+@jit
+def _rope_pairs(ptr, offs_pair, mask, cos, sin):
+    """Rotate interleaved pairs (x[2i], x[2i+1]) in fp32, in place."""
+    x0 = tl.load(ptr + 2 * offs_pair, mask=mask, other=0.0).to(tl.float32)
+    x1 = tl.load(ptr + 2 * offs_pair + 1, mask=mask, other=0.0).to(tl.float32)
+    tl.store(ptr + 2 * offs_pair, (x0 * cos - x1 * sin).to(ptr.dtype.element_ty), mask=mask)
+    tl.store(ptr + 2 * offs_pair + 1, (x0 * sin + x1 * cos).to(ptr.dtype.element_ty), mask=mask)
+
+
+@jit
+def _mla_post_kernel(q_ptr, kv_ptr, w_ptr, ckv_ptr, cos_ptr, sin_ptr,
+                     stride_q, stride_kv, stride_ckv, eps,
+                     H: tl.constexpr, DQ: tl.constexpr, N: tl.constexpr, C: tl.constexpr, R: tl.constexpr,
+                     BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """One token: c_kv = RMSNorm(kv[:C]) into ckv; RoPE on kv[C:C+R] and on every head's q[N:N+R], in place."""
+    m = tl.program_id(0)
+    offs_c = tl.arange(0, BLOCK_C)
+    _rms_norm_row(kv_ptr + m * stride_kv, w_ptr, ckv_ptr + m * stride_ckv, offs_c, offs_c < C, C, eps)
+    # RoPE: cos/sin [R/2] of this token's position, shared by k_pe and every head of q_pe
+    offs_p = tl.arange(0, BLOCK_P)
+    mp = offs_p < R // 2
+    cos = tl.load(cos_ptr + m * (R // 2) + offs_p, mask=mp, other=0.0)
+    sin = tl.load(sin_ptr + m * (R // 2) + offs_p, mask=mp, other=0.0)
+    _rope_pairs(kv_ptr + m * stride_kv + C, offs_p, mp, cos, sin)
+    offs_h = tl.arange(0, BLOCK_H)
+    q_base = q_ptr + m * stride_q + offs_h[:, None] * DQ + N
+    mhp = (offs_h[:, None] < H) & mp[None, :]
+    _rope_pairs(q_base, offs_p[None, :], mhp, cos[None, :], sin[None, :])
+
+
+def mla_post_projection(q: torch.Tensor, kv: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                        cos: torch.Tensor, sin: torch.Tensor, n_heads: int):
+    """MLA after its projections: q [M, H*(N+R)], kv [M, C+R] (dense rows), cos/sin [M, R/2] fp32 contiguous
+    -> q_nope [M,H,N], q_pe [M,H,R] (rotated), c_kv [M,C] (RMS-normed, new), k_pe [M,R] (rotated).
+
+    The Triton path (CUDA; CPU under TRITON_INTERPRET=1) rotates q and kv in place and returns views of
+    them; `mla_post_projection_ref` elsewhere. Callers hand over fresh projections they do not reuse.
+    """
+    if not use_triton(q):
+        return mla_post_projection_ref(q, kv, norm_weight, eps, cos, sin, n_heads)
+    M, R = q.shape[0], 2 * cos.shape[-1]
+    C = kv.shape[-1] - R
+    DQ = q.shape[-1] // n_heads
+    N = DQ - R
+    assert q.stride(-1) == 1 and kv.stride(-1) == 1 and cos.is_contiguous() and sin.is_contiguous()
+    q3 = q.view(M, n_heads, DQ)
+    c_kv = new_buffer((M, C), torch.promote_types(kv.dtype, norm_weight.dtype), kv.device)
+    if M:
+        _mla_post_kernel[(M,)](q, kv, norm_weight, c_kv, cos, sin, q.stride(0), kv.stride(0), c_kv.stride(0), eps,
+                               H=n_heads, DQ=DQ, N=N, C=C, R=R, BLOCK_H=triton.next_power_of_2(n_heads),
+                               BLOCK_C=triton.next_power_of_2(C), BLOCK_P=triton.next_power_of_2(R // 2), num_warps=4)
+    return q3[..., :N], q3[..., N:], c_kv, kv[:, C:]
+
+
+__all__ = ["rms_norm", "mla_post_projection"]
