@@ -333,6 +333,10 @@ def sdpa_rows():
     return rows
 
 
+def md_table(caption, columns, rows):
+    return [caption, "", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|", *rows, ""]
+
+
 def write_results(path, title, provenance, summary, body, notes):
     """A results file: its heading, the summary block for BENCHMARKS.md, the full tables, the sweep's notes."""
     text = [f"# {title}", "", *summary_block(provenance, summary), "", *body,
@@ -373,38 +377,40 @@ def main():
     if args.moe_backward:
         rows, notes, summary = moe_backward_rows(tflops, args.sweep)
         title = "Fused MoE forward + backward (training kernels)"
-        tables = ["Routed experts for training, forward + backward (gradients of x, both weights, the routing weight); "
-                  "bf16 compute, fp32 master weights. floor = 18·M·K·D·I / matmul rate. grouped_mm = the model's Experts "
-                  "with torch's backward; rel err = each gradient against grouped_mm's (x, gate_up, down, weight).", "",
-                  "| model | M tokens | path | fwd us | fwd+bwd us | TFLOP/s (% of matmul) | floor us | peak extra MiB "
-                  "| speedup vs grouped_mm | rel err of grads |", "|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
+        tables = md_table(
+            "Routed experts for training, forward + backward (gradients of x, both weights, the routing weight); "
+            "bf16 compute, fp32 master weights. floor = 18·M·K·D·I / matmul rate. grouped_mm = the model's Experts "
+            "with torch's backward; rel err = each gradient against grouped_mm's (x, gate_up, down, weight).",
+            ["model", "M tokens", "path", "fwd us", "fwd+bwd us", "TFLOP/s (% of matmul)", "floor us",
+             "peak extra MiB", "speedup vs grouped_mm", "rel err of grads"], rows)
     elif args.moe_prefill:
         rows, notes, summary = moe_prefill_rows(tflops, args.sweep)
         title = "Fused-MoE prefill tiles"
-        tables = ["Routed experts (SwiGLU, top-K), bf16, the Triton fused MoE as CUDA-graph replays: the default tile "
-                  "(kernels.moe.choose_moe_config) and, with --sweep, each candidate tile. vs default = default time / "
-                  "this tile's time.", "",
-                  "| model | M tokens | rows per expert | tile | us | TFLOP/s (% of matmul) | vs default |",
-                  "|---|---|---|---|---|---|---|", *rows, ""]
+        tables = md_table(
+            "Routed experts (SwiGLU, top-K), bf16, the Triton fused MoE as CUDA-graph replays: the default tile "
+            "(kernels.moe.choose_moe_config) and, with --sweep, each candidate tile. vs default = default time / "
+            "this tile's time.",
+            ["model", "M tokens", "rows per expert", "tile", "us", "TFLOP/s (% of matmul)", "vs default"], rows)
     else:
         rows, notes, summary = mla_rows(copy_gbs, tflops, args.sweep)
         rows2, notes2, summary2 = moe_rows(copy_gbs, tflops, args.sweep)
         notes, summary = notes + notes2, summary + summary2
         title = "Kernel benchmarks"
-        tables = [
-            "MLA decode, one layer, C=512 R=64, bf16, paged cache (block 64, shuffled). floor = max(latent bytes / copy BW, "
-            "FLOPs / matmul rate); einsum = plain-PyTorch absorbed attention over a dense cache (eager). "
-            "Triton timed as CUDA-graph replays (how the engine runs decode); eager adds the host's launch time.", "",
-            "| heads | B | L | bound | floor us | einsum us | Triton us (graph) | Triton eager us | GB/s latent | % of floor "
-            "| vs einsum | splits | best config in sweep |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|", *rows, "",
-            "Routed experts (SwiGLU, top-K), bf16. floor = max(touched expert bytes / copy BW, 6·M·K·D·I / matmul rate). "
-            "grouped_mm = the model's Experts (torch._grouped_mm). Both timed as CUDA-graph replays at every size "
-            "(Triton eager beside it: a lone eager call also waits for the host to launch the routing-table ops).", "",
-            "| model | M tokens | experts touched | bound | floor us | grouped_mm us | Triton us | Triton eager us | Triton % of floor "
-            "| Triton TFLOP/s (% of matmul) | grouped_mm TFLOP/s | speedup | best in sweep (us) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|", *rows2, "",
-            "Prefill attention, SDPA, B=1 H=16 T=4096 causal, q/k 192, v 128, bf16", "",
-            "| backend | us | TFLOP/s | CUDA kernels |", "|---|---|---|---|", *sdpa_rows(), ""]
+        tables = md_table(
+            "MLA decode, one layer, C=512 R=64, bf16, paged cache (block 64, shuffled). floor = max(latent bytes / "
+            "copy BW, FLOPs / matmul rate); einsum = plain-PyTorch absorbed attention over a dense cache (eager). "
+            "Triton timed as CUDA-graph replays (how the engine runs decode); eager adds the host's launch time.",
+            ["heads", "B", "L", "bound", "floor us", "einsum us", "Triton us (graph)", "Triton eager us", "GB/s latent",
+             "% of floor", "vs einsum", "splits", "best config in sweep"], rows)
+        tables += md_table(
+            "Routed experts (SwiGLU, top-K), bf16. floor = max(touched expert bytes / copy BW, 6·M·K·D·I / matmul "
+            "rate). grouped_mm = the model's Experts (torch._grouped_mm). Both timed as CUDA-graph replays at every "
+            "size (Triton eager beside it: a lone eager call also waits for the host to launch the routing-table ops).",
+            ["model", "M tokens", "experts touched", "bound", "floor us", "grouped_mm us", "Triton us",
+             "Triton eager us", "Triton % of floor", "Triton TFLOP/s (% of matmul)", "grouped_mm TFLOP/s", "speedup",
+             "best in sweep (us)"], rows2)
+        tables += md_table("Prefill attention, SDPA, B=1 H=16 T=4096 causal, q/k 192, v 128, bf16",
+                           ["backend", "us", "TFLOP/s", "CUDA kernels"], sdpa_rows())
     print("\n".join(tables + notes), flush=True)
     if args.out:
         write_results(args.out, title, provenance, summary, roof + tables, notes)
