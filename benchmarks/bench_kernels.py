@@ -1,8 +1,14 @@
 """Kernel benchmarks against the physical floor and the plain-PyTorch paths, measured in one run (CUDA).
 
 Prints markdown tables: the roofline inputs (copy bandwidth, bf16 matmul rate), MLA decode, the
-routed experts, and which SDPA kernel prefill attention gets at the 192/128 head dims.
-Usage: python benchmarks/bench_kernels.py [--sweep] [--out FILE]; --moe-backward: only the training table.
+routed experts, and which SDPA kernel prefill attention gets at the 192/128 head dims. One table alone:
+--moe-backward (routed experts forward + backward for training), --moe-prefill (the fused-MoE prefill
+tile at V2 and V2-Lite shapes, 4K and 8K tokens). --sweep adds candidate tile configurations to each
+table and reports the best; the defaults in kernels/ were picked this way.
+
+    python benchmarks/bench_kernels.py [--moe-backward | --moe-prefill] [--sweep] [--out FILE]
+
+--out writes the tables with a summary block (report.py) that run_all.py puts on BENCHMARKS.md.
 """
 import argparse
 import datetime
@@ -12,6 +18,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report import summary_block  # noqa: E402
 from timing import median_seconds  # noqa: E402
 
 from latentmoe.kernels import fused_moe_triton, mla_decode_einsum, mla_decode_triton
@@ -20,6 +27,18 @@ from latentmoe.kernels.moe import choose_moe_config
 
 C, R = 512, 64
 ROW_BYTES = (C + R) * 2
+
+# Prefill-sized tiles for the fused MoE (block_m, block_n1, block_n2, block_k, num_warps, num_stages): the
+# candidates --sweep times against the default at 8K and 4K tokens.
+PREFILL_TILES = [dict(block_m=bm, block_n1=n1, block_n2=n2, block_k=bk, num_warps=nw, num_stages=st)
+                 for bm, n1, n2, bk, nw, st in [
+                     (64, 128, 128, 64, 4, 3), (64, 128, 128, 64, 8, 3), (64, 64, 128, 64, 4, 4),
+                     (128, 128, 256, 64, 8, 3), (128, 64, 128, 64, 8, 4), (64, 128, 256, 64, 8, 3),
+                     (128, 128, 128, 64, 8, 4), (64, 256, 128, 64, 8, 3), (128, 128, 128, 32, 8, 5)]]
+# Rows of the main tables that also go on the summary: MLA (heads, batch, context), MoE (preset, tokens).
+MLA_SUMMARY = [(16, 64, 4096), (16, 128, 4096), (128, 64, 4096)]
+MOE_SUMMARY = [("deepseek-v2-lite", 256), ("deepseek-v2-lite", 8192), ("deepseek-v2-lite", 16384),
+               ("deepseek-v2", 8192)]
 
 
 def bench(fn, warmup=5, iters=30, graph=False):
@@ -52,7 +71,7 @@ def make_decode_inputs(B, H, L, page=64, dtype=torch.bfloat16):
 
 
 def mla_rows(copy_gbs, tflops, sweep):
-    rows, notes = [], []
+    rows, notes, summary = [], [], []
     shapes = [(16, 64, 4096), (16, 128, 4096), (16, 256, 1024), (16, 1, 4096), (128, 64, 4096), (128, 128, 4096)]
     for H, B, L in shapes:
         q_lat, q_pe, kv_cache, bt, lens = make_decode_inputs(B, H, L)
@@ -97,24 +116,34 @@ def mla_rows(copy_gbs, tflops, sweep):
         rows.append(f"| {H} | {B} | {L} | {bound} | {t_floor * 1e3:.1f} | {ms_ref * 1e3:.1f} | {ms_default * 1e3:.1f} "
                     f"| {ms_eager * 1e3:.1f} | {cache_bytes / ms_default / 1e6:.0f} | {pct:.0f}% | {ms_ref / ms_default:.1f}x "
                     f"| {splits} | {best[0] or 'default'}: {best[1] * 1e3:.1f} us ({t_floor / best[1] * 100:.0f}%) |")
+        if (H, B, L) in MLA_SUMMARY:
+            summary.append(f"| MLA decode, {H} heads, B={B}, L={L:,} | {ms_default * 1e3:.1f} us, {pct:.0f}% of the "
+                           f"floor | plain-PyTorch einsum {ms_ref * 1e3:.1f} us | {ms_ref / ms_default:.1f}x |")
         del q_lat, q_pe, kv_cache, bt, lens
         torch.cuda.empty_cache()
-    return rows, notes
+    return rows, notes, summary
+
+
+def random_experts(preset, dtype):
+    """The model's routed experts of one layer at `preset`'s shapes, random weights of unit-variance outputs."""
+    from latentmoe.config import get_config
+    from latentmoe.model import Experts
+    cfg = get_config(preset)
+    D, I = cfg.hidden_size, cfg.moe_intermediate_size
+    with torch.device("cuda"):
+        experts = Experts(cfg).to(dtype)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(std=D**-0.5)
+        experts.down_proj.normal_(std=I**-0.5)
+    experts.impl = "grouped_mm"
+    return cfg, experts
 
 
 def moe_rows(copy_gbs, tflops, sweep):
-    from latentmoe.config import get_config
-    from latentmoe.model import Experts
-    rows, notes = [], []
+    rows, notes, summary = [], [], []
     for preset, Ms in [("deepseek-v2-lite", (1, 16, 64, 256, 8192, 16384)), ("deepseek-v2", (64, 8192))]:
-        cfg = get_config(preset)
+        cfg, experts = random_experts(preset, torch.bfloat16)
         E, D, I, K = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
-        with torch.device("cuda"):
-            experts = Experts(cfg).to(torch.bfloat16)
-        with torch.no_grad():
-            experts.gate_up_proj.normal_(std=D**-0.5)
-            experts.down_proj.normal_(std=I**-0.5)
-        experts.impl = "grouped_mm"
         for M in Ms:
             x = torch.randn(M, D, device="cuda", dtype=torch.bfloat16)
             scores = torch.randn(M, E, device="cuda").softmax(-1)
@@ -136,9 +165,7 @@ def moe_rows(copy_gbs, tflops, sweep):
                         configs += [dict(base, block_n1=n, block_n2=n, block_k=k, num_stages=s)
                                     for n, k, s in [(64, 128, 3), (32, 64, 4), (32, 256, 3)]]
                     else:
-                        configs += [dict(base, block_m=bm, block_n1=n1, block_n2=n2, block_k=bk, num_warps=nw, num_stages=st)
-                                    for bm, n1, n2, bk, nw, st in [(128, 64, 128, 64, 8, 3), (128, 128, 128, 64, 8, 4),
-                                                                   (128, 128, 256, 64, 8, 3)]]
+                        configs += PREFILL_TILES
                 best = None
                 for c in configs:
                     try:
@@ -160,28 +187,25 @@ def moe_rows(copy_gbs, tflops, sweep):
                         f"| {ms_tri_eager * 1e3:.1f} "
                         f"| {t_floor / ms_tri * 100:.0f}% | {flops / ms_tri / 1e9:.0f} ({flops / ms_tri / 1e9 / tflops * 100:.0f}%) "
                         f"| {flops / ms_gmm / 1e9:.0f} | {ms_gmm / ms_tri:.2f}x | {'' if best[0] is None else best[0]} {best[1] * 1e3:.1f} |")
+            if (preset, M) in MOE_SUMMARY:
+                share = (f"{t_floor / ms_tri * 100:.0f}% of the floor" if bound == "memory" else
+                         f"{flops / ms_tri / 1e9:.0f} TFLOP/s = {flops / ms_tri / 1e9 / tflops * 100:.0f}% of matmul")
+                summary.append(f"| fused MoE, {preset}, {M:,} tokens | {ms_tri * 1e3:,.1f} us, {share} "
+                               f"| torch._grouped_mm {ms_gmm * 1e3:,.1f} us | {ms_gmm / ms_tri:.2f}x |")
             del x
         del experts
         torch.cuda.empty_cache()
-    return rows, notes
+    return rows, notes, summary
 
 
 def moe_backward_rows(tflops, sweep):
     """Training-sized routed experts, forward + backward: the model's Experts (torch._grouped_mm and
     torch's backward) against kernels.moe_autograd, fp32 master weights cast to bf16 as under autocast."""
-    from latentmoe.config import get_config
     from latentmoe.kernels.moe_autograd import fused_moe_train
-    from latentmoe.model import Experts
-    rows, notes = [], []
+    rows, notes, summary = [], [], []
     for preset in ("small", "deepseek-v2-lite"):
-        cfg = get_config(preset)
+        cfg, experts = random_experts(preset, torch.float32)
         E, D, I, K = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
-        with torch.device("cuda"):
-            experts = Experts(cfg)
-        with torch.no_grad():
-            experts.gate_up_proj.normal_(std=D**-0.5)
-            experts.down_proj.normal_(std=I**-0.5)
-        experts.impl = "grouped_mm"
         for M in (8192, 16384):
             x = torch.randn(M, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             w, idx = torch.randn(M, E, device="cuda").softmax(-1).topk(K, dim=-1)
@@ -224,10 +248,58 @@ def moe_backward_rows(tflops, sweep):
                 rows.append(f"| {preset} | {M} | {name} | {ms_f * 1e3:.0f} | {ms_fb * 1e3:.0f} | {tf:.0f} "
                             f"({tf / tflops * 100:.0f}%) | {3 * flops_fwd / tflops / 1e9 * 1e3:.0f} | {peak:.0f} "
                             f"| {speedup:.2f}x | {errs} |")
+            if "Triton" in res and "grouped_mm" in res:
+                ms_tri, ms_gmm = res["Triton"][1], res["grouped_mm"][1]
+                summary.append(f"| fused MoE forward + backward, {preset}, {M:,} tokens | {ms_tri * 1e3:,.0f} us "
+                               f"| torch._grouped_mm + torch's backward {ms_gmm * 1e3:,.0f} us | {ms_gmm / ms_tri:.2f}x |")
             del x, w, dy, grads
         del experts
         torch.cuda.empty_cache()
-    return rows, notes
+    return rows, notes, summary
+
+
+def tile_name(c):
+    return (f"{c['block_m']} rows, n {c['block_n1']}/{c['block_n2']}, k {c['block_k']}, {c['num_warps']} warps, "
+            f"{c['num_stages']} stages")
+
+
+def moe_prefill_rows(tflops, sweep):
+    """The fused MoE's prefill tile at 8K and 4K tokens, V2 (160 experts) and V2-Lite (64) shapes: the default
+    that kernels.moe.choose_moe_config picks, and with `sweep` every candidate in PREFILL_TILES beside it."""
+    rows, notes, summary = [], [], []
+    for preset in ("deepseek-v2", "deepseek-v2-lite"):
+        cfg, experts = random_experts(preset, torch.bfloat16)
+        E, D, I, K = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
+        for M in (8192, 4096):
+            x = torch.randn(M, D, device="cuda", dtype=torch.bfloat16)
+            w, idx = torch.randn(M, E, device="cuda").softmax(-1).topk(K, dim=-1)
+            flops = 6 * M * K * D * I
+            default = choose_moe_config(M * K, E)
+            configs = [default] + [c for c in PREFILL_TILES if sweep and c != default]
+            times = {}
+            with torch.no_grad():
+                for c in configs:
+                    try:
+                        times[tile_name(c)] = bench(lambda: fused_moe_triton(
+                            x, experts.gate_up_proj, experts.down_proj, idx, w, c), iters=10, graph=True)
+                    except Exception as exc:  # a tile the compiler cannot fit (shared memory) is skipped
+                        notes.append(f"moe prefill {preset} M={M} {tile_name(c)}: {type(exc).__name__}: "
+                                     f"{str(exc)[:120]}")
+            ms_default = times.get(tile_name(default))
+            if ms_default is None:
+                continue
+            pct = lambda ms: flops / ms / 1e9 / tflops * 100
+            for name, ms in times.items():
+                rows.append(f"| {preset} | {M} | {M * K / E:.0f} | {name}{' (default)' if name == tile_name(default) else ''} "
+                            f"| {ms * 1e3:,.0f} | {flops / ms / 1e9:.0f} ({pct(ms):.0f}%) | {ms_default / ms:.2f}x |")
+            best, ms_best = min(times.items(), key=lambda kv: kv[1])
+            summary.append(f"| fused-MoE prefill tile, {preset}, {M:,} tokens | default: {ms_default * 1e3:,.0f} us "
+                           f"({pct(ms_default):.0f}% of matmul) | best of {len(times)} tiles: {best}, "
+                           f"{ms_best * 1e3:,.0f} us ({pct(ms_best):.0f}%) | {ms_default / ms_best:.2f}x |")
+            del x
+        del experts
+        torch.cuda.empty_cache()
+    return rows, notes, summary
 
 
 def sdpa_rows():
@@ -261,13 +333,29 @@ def sdpa_rows():
     return rows
 
 
+def md_table(caption, columns, rows):
+    return [caption, "", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|", *rows, ""]
+
+
+def write_results(path, title, provenance, summary, body, notes):
+    """A results file: its heading, the summary block for BENCHMARKS.md, the full tables, the sweep's notes."""
+    text = [f"# {title}", "", *summary_block(provenance, summary), "", *body,
+            "<details><summary>sweep and notes</summary>", "", "```", *notes, "```", "</details>", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(text))
+
+
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--sweep", action="store_true", help="also time other tile configs and print them")
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--moe-backward", action="store_true",
-                    help="only the training table: routed experts forward + backward, Triton vs torch._grouped_mm")
-    ap.add_argument("--profile-one", type=int, default=0, metavar="HEADS", help="only run the B=64 decode 3 times (for a profiler)")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    only = ap.add_mutually_exclusive_group()
+    only.add_argument("--moe-backward", action="store_true",
+                      help="only the training table: routed experts forward + backward, Triton vs torch._grouped_mm")
+    only.add_argument("--moe-prefill", action="store_true",
+                      help="only the fused-MoE prefill tile table (V2 and V2-Lite shapes, 4K and 8K tokens)")
+    only.add_argument("--profile-one", type=int, default=0, metavar="HEADS",
+                      help="only run the B=64 decode 3 times (for a profiler)")
+    ap.add_argument("--sweep", action="store_true", help="also time candidate tile configs and report the best")
+    ap.add_argument("--out", default=None, help="write the tables here (a results file with its summary block)")
     args = ap.parse_args()
     if args.profile_one:
         inputs = make_decode_inputs(64, args.profile_one, 4096)
@@ -276,50 +364,56 @@ def main():
         torch.cuda.synchronize()
         return
     torch.manual_seed(0)
-    dev = torch.cuda.get_device_name()
-    lines = [f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; device: {dev} "
-             f"({torch.cuda.get_device_properties(0).multi_processor_count} SMs); torch {torch.__version__}; "
-             f"command: python benchmarks/bench_kernels.py{' --moe-backward' if args.moe_backward else ''}"
-             f"{' --sweep' if args.sweep else ''}", ""]
+    flags = "".join(f" --{f}" for f, on in (("moe-backward", args.moe_backward), ("moe-prefill", args.moe_prefill),
+                                            ("sweep", args.sweep)) if on)
+    provenance = (f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; device: "
+                  f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).multi_processor_count} SMs); "
+                  f"torch {torch.__version__}; command: `python benchmarks/bench_kernels.py{flags}`")
     copy_gbs, tflops = roofline()
-    lines += ["| roofline input | value |", "|---|---|",
-              f"| device-to-device copy (read + write) | {copy_gbs:.0f} GB/s |",
-              f"| 8192^3 bf16 matmul (random data) | {tflops:.0f} TFLOP/s |", ""]
-    print("\n".join(lines), flush=True)
+    roof = ["| roofline input | value |", "|---|---|",
+            f"| device-to-device copy (read + write) | {copy_gbs:.0f} GB/s |",
+            f"| 8192^3 bf16 matmul (random data) | {tflops:.0f} TFLOP/s |", ""]
+    print("\n".join([provenance, ""] + roof), flush=True)
     if args.moe_backward:
-        rows, notes = moe_backward_rows(tflops, args.sweep)
-        table = ["Routed experts for training, forward + backward (gradients of x, both weights, the routing weight); "
-                 "bf16 compute, fp32 master weights. floor = 18·M·K·D·I / matmul rate. grouped_mm = the model's Experts "
-                 "with torch's backward; rel err = each gradient against grouped_mm's (x, gate_up, down, weight).", "",
-                 "| model | M tokens | path | fwd us | fwd+bwd us | TFLOP/s (% of matmul) | floor us | peak extra MiB "
-                 "| speedup vs grouped_mm | rel err of grads |", "|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
-        print("\n".join(table + notes), flush=True)
-        if args.out:
-            open(args.out, "w").write("\n".join(lines + table + ["```", *notes, "```", ""]))
-        return
-    rows, notes = mla_rows(copy_gbs, tflops, args.sweep)
-    mla = ["MLA decode, one layer, C=512 R=64, bf16, paged cache (block 64, shuffled). floor = max(latent bytes / copy BW, "
-           "FLOPs / matmul rate); einsum = plain-PyTorch absorbed attention over a dense cache (eager). "
-           "Triton timed as CUDA-graph replays (how the engine runs decode); eager adds the host's launch time.", "",
-           "| heads | B | L | bound | floor us | einsum us | Triton us (graph) | Triton eager us | GB/s latent | % of floor "
-           "| vs einsum | splits | best config in sweep |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
-    print("\n".join(mla), flush=True)
-    rows2, notes2 = moe_rows(copy_gbs, tflops, args.sweep)
-    moe = ["Routed experts (SwiGLU, top-K), bf16. floor = max(touched expert bytes / copy BW, 6·M·K·D·I / matmul rate). "
-           "grouped_mm = the model's Experts (torch._grouped_mm). Both timed as CUDA-graph replays at every size "
-           "(Triton eager beside it: a lone eager call also waits for the host to launch the routing-table ops).", "",
-           "| model | M tokens | experts touched | bound | floor us | grouped_mm us | Triton us | Triton eager us | Triton % of floor "
-           "| Triton TFLOP/s (% of matmul) | grouped_mm TFLOP/s | speedup | best in sweep (us) |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|", *rows2, ""]
-    print("\n".join(moe), flush=True)
-    sd = ["Prefill attention, SDPA, B=1 H=16 T=4096 causal, q/k 192, v 128, bf16", "",
-          "| backend | us | TFLOP/s | CUDA kernels |", "|---|---|---|---|", *sdpa_rows(), ""]
-    print("\n".join(sd), flush=True)
-    text = "\n".join(lines + mla + moe + sd + ["<details><summary>sweep and notes</summary>", "", "```",
-                                                *notes, *notes2, "```", "</details>", ""])
-    print("\n".join(notes + notes2))
+        rows, notes, summary = moe_backward_rows(tflops, args.sweep)
+        title = "Fused MoE forward + backward (training kernels)"
+        tables = md_table(
+            "Routed experts for training, forward + backward (gradients of x, both weights, the routing weight); "
+            "bf16 compute, fp32 master weights. floor = 18·M·K·D·I / matmul rate. grouped_mm = the model's Experts "
+            "with torch's backward; rel err = each gradient against grouped_mm's (x, gate_up, down, weight).",
+            ["model", "M tokens", "path", "fwd us", "fwd+bwd us", "TFLOP/s (% of matmul)", "floor us",
+             "peak extra MiB", "speedup vs grouped_mm", "rel err of grads"], rows)
+    elif args.moe_prefill:
+        rows, notes, summary = moe_prefill_rows(tflops, args.sweep)
+        title = "Fused-MoE prefill tiles"
+        tables = md_table(
+            "Routed experts (SwiGLU, top-K), bf16, the Triton fused MoE as CUDA-graph replays: the default tile "
+            "(kernels.moe.choose_moe_config) and, with --sweep, each candidate tile. vs default = default time / "
+            "this tile's time.",
+            ["model", "M tokens", "rows per expert", "tile", "us", "TFLOP/s (% of matmul)", "vs default"], rows)
+    else:
+        rows, notes, summary = mla_rows(copy_gbs, tflops, args.sweep)
+        rows2, notes2, summary2 = moe_rows(copy_gbs, tflops, args.sweep)
+        notes, summary = notes + notes2, summary + summary2
+        title = "Kernel benchmarks"
+        tables = md_table(
+            "MLA decode, one layer, C=512 R=64, bf16, paged cache (block 64, shuffled). floor = max(latent bytes / "
+            "copy BW, FLOPs / matmul rate); einsum = plain-PyTorch absorbed attention over a dense cache (eager). "
+            "Triton timed as CUDA-graph replays (how the engine runs decode); eager adds the host's launch time.",
+            ["heads", "B", "L", "bound", "floor us", "einsum us", "Triton us (graph)", "Triton eager us", "GB/s latent",
+             "% of floor", "vs einsum", "splits", "best config in sweep"], rows)
+        tables += md_table(
+            "Routed experts (SwiGLU, top-K), bf16. floor = max(touched expert bytes / copy BW, 6·M·K·D·I / matmul "
+            "rate). grouped_mm = the model's Experts (torch._grouped_mm). Both timed as CUDA-graph replays at every "
+            "size (Triton eager beside it: a lone eager call also waits for the host to launch the routing-table ops).",
+            ["model", "M tokens", "experts touched", "bound", "floor us", "grouped_mm us", "Triton us",
+             "Triton eager us", "Triton % of floor", "Triton TFLOP/s (% of matmul)", "grouped_mm TFLOP/s", "speedup",
+             "best in sweep (us)"], rows2)
+        tables += md_table("Prefill attention, SDPA, B=1 H=16 T=4096 causal, q/k 192, v 128, bf16",
+                           ["backend", "us", "TFLOP/s", "CUDA kernels"], sdpa_rows())
+    print("\n".join(tables + notes), flush=True)
     if args.out:
-        open(args.out, "w").write(text)
+        write_results(args.out, title, provenance, summary, roof + tables, notes)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,12 @@
-"""One API call's engine requests (one per prompt) as a single stream, and the OpenAI shapes of what they produce."""
+"""One API call's engine requests (one per prompt) as a single stream, and the HTTP errors the engine can cause."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 
 from ..engine import QueueFullError
-from .protocol import APIError, bad_request
+from .protocol import APIError
 
 
 def engine_error(e: Exception) -> APIError:
@@ -107,107 +106,3 @@ class Generation:
         prompt = sum(len(p) for p in self.prompts)
         completion = sum(len(c.token_ids) for out in self.final.values() for c in out.outputs)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-class Envelope:
-    """(choices, usage) -> a response, or a stream chunk, with the id, time and model shared by all of them."""
-
-    def __init__(self, prefix: str, kind: str, model: str, req):
-        self.fields = {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
-                       "model": model}
-        self.include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
-
-    def __call__(self, choices: list, usage: dict | None = None) -> dict:
-        out = {**self.fields, "choices": choices}
-        if self.include_usage or usage is not None:   # with include_usage every chunk has the key, null until the end
-            out["usage"] = usage
-        return out
-
-
-class Detokenizer:
-    """Token id -> text for logprobs (each token decoded on its own, as the OpenAI API reports them)."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-
-    def __call__(self, token_id: int) -> str:
-        if self.tokenizer is None:
-            return f"token_id:{token_id}"
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
-
-
-def _top(lp: dict[int, float], k: int) -> list[tuple[int, float]]:
-    return sorted(lp.items(), key=lambda kv: -kv[1])[:k]
-
-
-def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, float]], k: int, detok: Detokenizer,
-                        offset: int = 0) -> dict:
-    """The legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset."""
-    tokens, token_lps, tops, offsets = [], [], [], []
-    for tid, lp in zip(token_ids, logprobs):
-        s = detok(tid)
-        tokens.append(s)
-        token_lps.append(lp[tid])
-        tops.append({detok(t): v for t, v in _top(lp, k)} if k > 0 else None)
-        offsets.append(offset)
-        offset += len(s)
-    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
-
-
-def chat_logprobs(token_ids: list[int], logprobs: list[dict[int, float]], k: int, detok: Detokenizer) -> dict:
-    def entry(tid, v):
-        s = detok(tid)
-        return {"token": s, "logprob": v, "bytes": list(s.encode("utf-8"))}
-
-    return {"content": [{**entry(tid, lp[tid]), "top_logprobs": [entry(t, v) for t, v in _top(lp, k)]}
-                        for tid, lp in zip(token_ids, logprobs)]}
-
-
-def delta_chunks(choice, make_chunk, first: dict | None = None, every_token: bool = False):
-    """A function (prompt index, cumulative output) -> chunks with what is new since the last call."""
-    sent: dict[tuple[int, int], tuple[int, int, bool]] = {}   # (prompt, choice) -> (tokens, chars, finished)
-
-    def chunks(i, out):
-        if out is None:
-            return [first] if first is not None else []
-        pieces = []
-        for c in out.outputs:
-            toks, chars, done = sent.get((i, c.index), (0, 0, False))
-            if done or c.finish_reason is None and (len(c.token_ids) == toks or
-                                                    not every_token and len(c.text) == chars):
-                continue   # nothing new to show (text held back mid-character or before a possible stop string)
-            pieces.append(choice(i, c, toks, chars))
-            sent[(i, c.index)] = (len(c.token_ids), len(c.text), c.finish_reason is not None)
-        return [make_chunk(pieces)] if pieces else []
-
-    return chunks
-
-
-def completion_prompts(prompt, tokenizer) -> tuple[list[str | None], list[list[int]]]:
-    """The prompt field (text, token ids, or a list of either) -> texts (None for ids) and token ids per prompt."""
-    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
-        prompt = [prompt]
-    if not prompt:
-        raise bad_request("the prompt is empty", "prompt")
-    texts, ids = [], []
-    for p in prompt:
-        if len(p) == 0:
-            raise bad_request("the prompt is empty", "prompt")
-        if isinstance(p, str):
-            if tokenizer is None:
-                raise bad_request("this model has no tokenizer: send token ids", "prompt")
-            texts.append(p)
-            ids.append(tokenizer.encode(p))
-        else:
-            texts.append(None)
-            ids.append(list(p))
-    return texts, ids
-
-
-def render_chat(tok, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-    import jinja2
-
-    try:
-        return tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
-    except jinja2.TemplateError as e:   # raise_exception() in the template, or a sandbox violation
-        raise bad_request(f"the chat template rejected the messages: {e}", "messages") from None

@@ -1,0 +1,54 @@
+"""`POST /v1/completions`: text or token-id prompts (several at once), `n` samples each, `echo`, legacy logprobs.
+
+Choice `i * n + j` is sample j of prompt i, as OpenAI numbers them; all prompts go to the engine together so they
+batch.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+
+from ..generation import Generation
+from ..prompts import completion_prompts
+from ..protocol import CompletionRequest, bad_request
+from ..responses import Envelope, completion_logprobs, delta_chunks
+from ..state import ServerState, body_of, server_state
+from ..streaming import sse_response, unless_disconnected
+
+router = APIRouter()
+
+
+@router.post("/completions")
+async def completions(request: Request, req: CompletionRequest = Depends(body_of(CompletionRequest)),
+                      state: ServerState = Depends(server_state)):
+    state.check_model(req.model)
+    if req.suffix:
+        raise bad_request("suffix is not supported", "suffix")
+    if req.best_of not in (None, req.n):
+        raise bad_request("best_of must equal n (no server-side ranking)", "best_of")
+    if req.echo and req.logprobs is not None:
+        raise bad_request("echo with logprobs is not supported (no prompt logprobs)", "echo")
+    texts, prompts = completion_prompts(req.prompt, state.engine.tokenizer)
+    params = req.sampling_params(req.max_tokens, req.logprobs)
+    if req.echo:
+        texts = [t if t is not None else state.tokenizer().decode(p, skip_special_tokens=False)
+                 for t, p in zip(texts, prompts)]
+    n, make_chunk = params.n, Envelope("cmpl", "text_completion", state.model_name, req)
+
+    def choice(i, c, start_tok, start_text):
+        text = c.text[start_text:]
+        if req.echo and start_tok == 0:
+            text = texts[i] + text
+        lps = None
+        if req.logprobs is not None:
+            lps = completion_logprobs(c.token_ids[start_tok:], c.logprobs[start_tok:], req.logprobs,
+                                      state.detokenizer, offset=start_text)
+        return {"index": i * n + c.index, "text": text, "logprobs": lps, "finish_reason": c.finish_reason}
+
+    gen = Generation(state.engine, state.metrics, prompts, params)
+    await unless_disconnected(request, gen, gen.start())
+    if req.stream:
+        return sse_response(gen, delta_chunks(choice, make_chunk, every_token=req.logprobs is not None), make_chunk)
+    await unless_disconnected(request, gen, gen.collect())
+    return {**make_chunk([choice(i, c, 0, 0) for i in sorted(gen.final) for c in gen.final[i].outputs]),
+            "usage": gen.usage()}

@@ -1,0 +1,37 @@
+"""`/tokenize` and `/detokenize` (vLLM's extension): the server's own tokenizer and chat template, for clients
+that count tokens or build prompts from ids. Open like /health (no API key): they run the tokenizer, never the model."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+
+from ..prompts import render_chat
+from ..protocol import DetokenizeRequest, TokenizeRequest, bad_request
+from ..state import ServerState, body_of, server_state
+
+router = APIRouter()
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest = Depends(body_of(TokenizeRequest)),
+                   state: ServerState = Depends(server_state)):
+    state.check_model(body.model)
+    tok = state.tokenizer()
+    if body.messages is not None:
+        ids = render_chat(tok, list(body.messages), body.add_generation_prompt)
+    elif body.prompt is not None:
+        ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+    else:
+        raise bad_request("send 'prompt' or 'messages'", "prompt")
+    return {"tokens": ids, "count": len(ids), "max_model_len": state.engine.max_model_len}
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest = Depends(body_of(DetokenizeRequest)),
+                     state: ServerState = Depends(server_state)):
+    state.check_model(body.model)
+    tok = state.tokenizer()
+    bad = [t for t in body.tokens if not 0 <= t < tok.vocab_size]
+    if bad:
+        raise bad_request(f"token ids out of the vocabulary [0, {tok.vocab_size}): {bad[:5]}", "tokens")
+    return {"prompt": tok.decode(body.tokens, skip_special_tokens=False)}
