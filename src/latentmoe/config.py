@@ -17,6 +17,9 @@ from typing import Any
 TOPK_METHODS = ("greedy", "group_limited_greedy")
 SCORING_FUNCS = ("softmax",)
 ROPE_TYPES = ("default", "yarn")
+# "mla" is DeepSeek-V2. The others are the baselines of the report's attention comparison:
+# standard attention with num_key_value_heads key/value heads (MHA: all, GQA: a divisor, MQA: one).
+ATTENTION_TYPES = ("mla", "mha", "gqa", "mqa")
 
 # Keys that transformers or the released remote code write but that carry nothing we use.
 _IGNORED_KEYS = {
@@ -65,10 +68,11 @@ class ModelConfig:
     rope_scaling: dict[str, Any] | None = None
     attention_bias: bool = False
     attention_dropout: float = 0.0
+    attention_type: str = "mla"
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
+            self.num_key_value_heads = 1 if self.attention_type == "mqa" else self.num_attention_heads
         self.rope_scaling = _normalize_rope_scaling(self.rope_scaling)
         self.validate()
 
@@ -93,9 +97,13 @@ class ModelConfig:
             raise bad("num_attention_heads", f"must divide hidden_size ({self.hidden_size})")
         if self.qk_rope_head_dim % 2:
             raise bad("qk_rope_head_dim", "must be even (RoPE rotates pairs)")
+        if self.attention_type not in ATTENTION_TYPES:
+            raise bad("attention_type", f"must be one of {ATTENTION_TYPES}")
+        if self.attention_type != "mla":
+            self._validate_baseline_heads(bad)
         if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
             raise bad("q_lora_rank", "must be a positive integer or null (plain q_proj)")
-        if self.num_key_value_heads != self.num_attention_heads:
+        if self.attention_type == "mla" and self.num_key_value_heads != self.num_attention_heads:
             raise bad("num_key_value_heads", f"MLA has one key/value per head: must equal "
                       f"num_attention_heads ({self.num_attention_heads})")
         if self.hidden_act != "silu":
@@ -143,7 +151,29 @@ class ModelConfig:
                 if rs["factor"] < 1:
                     raise ValueError("invalid config field `rope_scaling`: factor must be >= 1")
 
+    def _validate_baseline_heads(self, bad) -> None:
+        h, g = self.num_attention_heads, self.num_key_value_heads
+        if self.v_head_dim % 2:
+            raise bad("v_head_dim", "must be even: the baselines rotate the whole head (v_head_dim) with RoPE")
+        if self.attention_type == "mha" and g != h:
+            raise bad("num_key_value_heads", f"mha has one key/value head per head: must equal "
+                      f"num_attention_heads ({h}) or be null")
+        if self.attention_type == "mqa" and g != 1:
+            raise bad("num_key_value_heads", "mqa shares one key/value head: must be 1 or null")
+        if self.attention_type == "gqa" and (not isinstance(g, int) or g <= 0 or h % g):
+            raise bad("num_key_value_heads", f"gqa needs a positive divisor of num_attention_heads ({h})")
+
     # ---------------------------------------------------------------- derived
+    @property
+    def head_dim(self) -> int:
+        """The baselines' per-head dimension (queries, keys and values alike): v_head_dim."""
+        return self.v_head_dim
+
+    @property
+    def rope_dim(self) -> int:
+        """Dimensions RoPE rotates: MLA's decoupled key (qk_rope_head_dim), a baseline's whole head."""
+        return self.qk_rope_head_dim if self.attention_type == "mla" else self.head_dim
+
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
@@ -188,7 +218,10 @@ class ModelConfig:
         return self.kv_lora_rank + self.qk_rope_head_dim
 
     def kv_cache_elements_per_token(self) -> int:
-        """Latent cache per token over all layers: (kv_lora_rank + rope dim) x layers."""
+        """This model's cache per token over all layers: MLA (kv_lora_rank + rope dim) x layers,
+        the baselines a key and a value per key/value head: 2 x num_key_value_heads x head_dim x layers."""
+        if self.attention_type != "mla":
+            return 2 * self.num_key_value_heads * self.head_dim * self.num_hidden_layers
         return self.kv_cache_width * self.num_hidden_layers
 
     def mha_cache_elements_per_token(self) -> int:
@@ -196,9 +229,11 @@ class ModelConfig:
         dim, nope + rope) and value (v head dim)."""
         return self.num_attention_heads * (self.qk_head_dim + self.v_head_dim) * self.num_hidden_layers
 
-    def num_parameters(self, active: bool = False) -> int:
-        """Parameter count from the config alone (active: per token, with K routed experts)."""
+    def attention_parameters(self) -> int:
+        """Parameters of one attention layer (without biases)."""
         d, h = self.hidden_size, self.num_attention_heads
+        if self.attention_type != "mla":  # q, k, v, o projections
+            return d * self.head_dim * (2 * h + 2 * self.num_key_value_heads)
         if self.q_lora_rank is None:
             attn = d * h * self.qk_head_dim
         else:
@@ -206,6 +241,12 @@ class ModelConfig:
         attn += d * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
         attn += self.kv_lora_rank * h * (self.qk_nope_head_dim + self.v_head_dim)
         attn += h * self.v_head_dim * d
+        return attn
+
+    def num_parameters(self, active: bool = False) -> int:
+        """Parameter count from the config alone (active: per token, with K routed experts)."""
+        d = self.hidden_size
+        attn = self.attention_parameters()
         total = 0
         for i in range(self.num_hidden_layers):
             total += attn + 2 * d
@@ -254,6 +295,8 @@ class ModelConfig:
         out = dataclasses.asdict(self)
         if out["rope_scaling"] is not None and out["rope_scaling"]["type"] == "default":
             out["rope_scaling"] = None
+        if out["attention_type"] == "mla":  # DeepSeek-V2's own config.json, unchanged
+            del out["attention_type"]
         out["architectures"] = ["DeepseekV2ForCausalLM"]
         out["model_type"] = "deepseek_v2"
         return out
@@ -350,4 +393,4 @@ def get_config(name_or_path: str | os.PathLike, **overrides: Any) -> ModelConfig
     raise ValueError(f"unknown model {key!r}: not a preset ({', '.join(PRESETS)}) and no such path")
 
 
-__all__ = ["ModelConfig", "PRESETS", "get_config", "yarn_mscale"]
+__all__ = ["ModelConfig", "PRESETS", "ATTENTION_TYPES", "get_config", "yarn_mscale"]

@@ -33,6 +33,17 @@ def cache_rows(cfg: ModelConfig, gqa_groups: int = 8) -> list[CacheRow]:
     # and list the exact K(192)+V(128) MHA cache (what the engine's per-head baseline stores) separately.
     d_h = cfg.v_head_dim
     groups = min(gqa_groups, heads)
+    if cfg.attention_type != "mla":  # a baseline model: its own cache, then the comparisons
+        kind = cfg.attention_type.upper()
+        return [
+            CacheRow(f"{kind} (this model: {cfg.num_key_value_heads} kv heads x {cfg.head_dim})",
+                     cfg.kv_cache_elements_per_token()),
+            CacheRow(f"MHA ({heads} heads, 2*n_h*d_h)", 2 * heads * d_h * layers),
+            CacheRow(f"GQA-{groups}", 2 * groups * d_h * layers),
+            CacheRow("MQA", 2 * d_h * layers),
+            CacheRow("MLA of this shape (latent + rope key)",
+                     cfg.kv_cache_width * layers),
+        ]
     return [
         CacheRow("MLA (latent + rope key)", cfg.kv_cache_elements_per_token()),
         CacheRow(f"MHA ({heads} heads, 2*n_h*d_h)", 2 * heads * d_h * layers),
@@ -57,7 +68,7 @@ def format_report(cfg: ModelConfig, context_len: int = 4096, batch: int = 1,
     if context_len <= 0 or batch <= 0 or bytes_per_element <= 0:
         raise ValueError("context_len, batch and bytes_per_element must be positive")
     rows = cache_rows(cfg)
-    mla = rows[0].elements_per_token
+    mla = rows[0].elements_per_token  # the model's own cache: the ratio column's unit
     title = name or "model"
     lines = [
         f"KV cache of {title}: {cfg.num_hidden_layers} layers, {cfg.num_attention_heads} heads, "
@@ -65,7 +76,8 @@ def format_report(cfg: ModelConfig, context_len: int = 4096, batch: int = 1,
         f"{cfg.qk_head_dim}/{cfg.v_head_dim}; {bytes_per_element} bytes/element, "
         f"context {context_len:,}, batch {batch}",
         "",
-        f"{'cache':<40} {'elements/token':>15} {'bytes/token':>13} {'total':>12} {'vs MLA':>8}",
+        f"{'cache':<40} {'elements/token':>15} {'bytes/token':>13} {'total':>12} "
+        f"{'vs MLA' if cfg.attention_type == 'mla' else 'vs this':>8}",
     ]
     for row in rows:
         total = row.elements_per_token * bytes_per_element * context_len * batch
@@ -73,6 +85,8 @@ def format_report(cfg: ModelConfig, context_len: int = 4096, batch: int = 1,
                      f"{_human(row.bytes_per_token(bytes_per_element)):>13} {_human(total):>12} "
                      f"{row.elements_per_token / mla:>7.2f}x")
     mha = rows[1].elements_per_token
+    if cfg.attention_type != "mla":
+        return "\n".join(lines)
     lines += ["", f"MLA caches {100 * (1 - mla / mha):.1f}% less than MHA "
               f"({mla / (2 * cfg.v_head_dim * cfg.num_hidden_layers):.2f} groups of GQA-equivalent)."]
     return "\n".join(lines)

@@ -40,13 +40,13 @@ class RMSNorm(nn.Module):
 
 # ----------------------------------------------------------------------------- rope
 def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies of the decoupled RoPE (dim R) and the cos/sin factor.
+    """Inverse frequencies of the RoPE (MLA: the decoupled key, dim R; a baseline: its whole head) and the cos/sin factor.
 
     YaRN: frequencies below the beta_slow correction dim are interpolated (divided by `factor`),
     those above beta_fast are kept, with a linear ramp between; cos/sin are multiplied by
     mscale(factor, mscale) / mscale(factor, mscale_all_dim) (1.0 for the released configs).
     """
-    dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+    dim, base = cfg.rope_dim, cfg.rope_theta
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim))
     rs = cfg.rope_scaling
     if rs is None or rs["type"] != "yarn":
@@ -211,6 +211,42 @@ class MLA(nn.Module):
         else:
             o = self.attend_decompressed(q_nope, q_pe, c_kv, k_pe, mask)
         return self.o_proj(o.flatten(2))
+
+
+class Attention(nn.Module):
+    """The report's attention baselines: MHA, GQA and MQA with standard RoPE on the whole head.
+
+    H query heads share G key/value heads (G = H: MHA, 1 < G < H: GQA, G = 1: MQA), head dim V
+    for queries, keys and values alike; a cache holds 2 G V per token and layer. Experiments only:
+    the engine serves MLA.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.softmax_scale = self.head_dim ** -0.5
+        if cfg.rope_scaling is not None and cfg.rope_scaling["type"] == "yarn" and cfg.rope_scaling.get("mscale_all_dim"):
+            self.softmax_scale *= yarn_mscale(cfg.rope_scaling["factor"], cfg.rope_scaling["mscale_all_dim"]) ** 2
+        D, H, G, V = cfg.hidden_size, self.n_heads, self.n_kv_heads, self.head_dim
+        self.q_proj = nn.Linear(D, H * V, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(D, G * V, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(D, G * V, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(H * V, D, bias=cfg.attention_bias)
+
+    def forward(self, x, cos, sin, mask=None, backend: AttentionBackend | None = None):
+        if backend is not None:
+            raise NotImplementedError("the engine's cache backends serve MLA only")
+        B, T, _ = x.shape
+        q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos[:, :, None], sin[:, :, None])
+        k = apply_rope(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), cos[:, :, None], sin[:, :, None])
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        # Each key/value head serves H/G consecutive query heads.
+        k, v = (t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=2) for t in (k, v))
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=mask, is_causal=mask is None and T > 1, scale=self.softmax_scale)
+        return self.o_proj(o.transpose(1, 2).flatten(2))
 
 
 # ----------------------------------------------------------------------------- feed-forward
@@ -386,7 +422,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MLA(cfg, layer_idx)
+        self.self_attn = MLA(cfg, layer_idx) if cfg.attention_type == "mla" else Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_idx)
         self.mlp = MoE(cfg) if self.is_moe else MLP(cfg.hidden_size, cfg.intermediate_size)
@@ -428,6 +464,8 @@ class DeepseekV2ForCausalLM(nn.Module):
         """'decompressed' (rebuild K/V, the reference) or 'absorbed' (latent-only attention)."""
         if mode not in ("decompressed", "absorbed"):
             raise ValueError(f"attention mode must be 'decompressed' or 'absorbed', got {mode!r}")
+        if self.config.attention_type != "mla":
+            raise ValueError(f"attention modes are MLA's; this model's attention_type is {self.config.attention_type!r}")
         for layer in self.model.layers:
             layer.self_attn.absorb = mode == "absorbed"
 
@@ -523,5 +561,5 @@ def build_model(cfg: ModelConfig, device: torch.device | str | None = None,
     return model
 
 
-__all__ = ["DeepseekV2ForCausalLM", "RouterOutput", "AttentionBackend", "MLA", "MoE", "Router",
+__all__ = ["DeepseekV2ForCausalLM", "RouterOutput", "AttentionBackend", "MLA", "Attention", "MoE", "Router",
            "Experts", "build_model", "init_weights", "apply_rope", "rope_inv_freq", "limit_to_groups"]

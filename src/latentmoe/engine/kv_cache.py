@@ -104,6 +104,16 @@ def cache_layout(spec: str | CacheLayout) -> CacheLayout:
     raise ValueError(f"kv_cache must be one of {sorted(LAYOUTS)} or a CacheLayout, got {spec!r}")
 
 
+def check_servable(cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16) -> None:
+    """The engine's caches hold MLA latents: refuse the attention baselines (mha/gqa/mqa) with their cost."""
+    if cfg.attention_type != "mla":
+        per_token = cfg.kv_cache_elements_per_token() * dtype.itemsize
+        mla = cfg.kv_cache_width * cfg.num_hidden_layers * dtype.itemsize
+        raise ValueError(f"the engine serves MLA models; this one has attention_type {cfg.attention_type!r} "
+                         f"({per_token:,} cache bytes/token; MLA of its shape: {mla:,}): evaluate it with "
+                         f"the model directly (latentmoe eval, latentmoe ablate)")
+
+
 def plan_cache(cfg: ModelConfig, layout: CacheLayout, device: torch.device, dtype: torch.dtype, block_size: int,
                cache_memory_gb: float | None, num_blocks: int | None, max_num_seqs: int,
                max_model_len: int | None, reserve_gb: float = 4.0) -> tuple[int, int]:
@@ -113,6 +123,7 @@ def plan_cache(cfg: ModelConfig, layout: CacheLayout, device: torch.device, dtyp
     weights minus `reserve_gb` for activations and graphs; on CPU enough for `max_num_seqs`
     sequences of max_model_len (at most 1 GiB).
     """
+    check_servable(cfg, dtype)
     per_token = layout.bytes_per_token(cfg, dtype)
     per_block = per_token * block_size
     want_len = max_model_len or cfg.max_position_embeddings
@@ -143,4 +154,4 @@ def plan_cache(cfg: ModelConfig, layout: CacheLayout, device: torch.device, dtyp
     return num_blocks, max_model_len
 
 
-__all__ = ["CacheLayout", "LatentCache", "PerHeadCache", "LAYOUTS", "cache_layout", "plan_cache"]
+__all__ = ["CacheLayout", "LatentCache", "PerHeadCache", "LAYOUTS", "cache_layout", "check_servable", "plan_cache"]
