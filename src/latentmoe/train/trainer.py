@@ -177,7 +177,8 @@ def train_step(run: Run) -> dict:
     if run.device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    metrics = {"step": run.step, "tokens": run.tokens, "loss": loss, "ce": ce, "l_exp": l_exp, "l_dev": l_dev,
+    metrics = {"step": run.step, "tokens": run.tokens, "epochs": run.tokens / max(run.train_data.num_tokens, 1),
+               "loss": loss, "ce": ce, "l_exp": l_exp, "l_dev": l_dev,
                "l_comm": l_comm, "grad_norm": gn, "lr": lr, "batch_size": batch, "step_time": dt,
                "tok_s": step_tokens / dt}
     if loads is not None:
@@ -354,7 +355,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Run:
         path = save(run)
         if main:
             progress.close()
-            log(f"saved {path}")
+            log(f"saved {path} ({run.tokens:,} tokens: {run.tokens / max(run.train_data.num_tokens, 1):.2f} "
+                f"epochs of {run.train_data.num_tokens:,} training tokens)")
     finally:
         progress.close()
         if metrics_file is not None:
