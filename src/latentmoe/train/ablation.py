@@ -164,8 +164,9 @@ def write_results(out_dir: str, experiment: str, header: dict, records: list[dic
             else:
                 cells.append(format(s[k], fmt))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", f"± is the sample standard deviation over {records and max(s['seeds'] for s in summ.values())} "
-                  f"seeds (seed s: the same initialisation stream and batches for every variant)."]
+    n = max(s["seeds"] for s in summ.values())
+    lines += ["", f"± is the sample standard deviation over {n} seeds (seed s: the same initialisation stream "
+                  f"and batches for every variant)." if n > 1 else "One seed: no spread measured."]
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     return result
@@ -270,12 +271,16 @@ def _plot_cache_vs_loss(out_dir: str, summ: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- balance
+BALANCE_DEVICES = 4
+
+
 def balance_variants(scale: Scale) -> list[Variant]:
-    """The report's balance mechanisms added one at a time (D = 4 expert groups, M = 2 per token)."""
+    """The report's balance mechanisms added one at a time: D = 4 expert groups, M = K/2 groups per
+    token (the report's ratio: M = 3 for K = 6), so that the device limit binds."""
     none = {"loss.alpha1": 0.0, "loss.alpha2": 0.0, "loss.alpha3": 0.0}
     exp = {**none, "loss.alpha1": 0.003}
     three = {"loss.alpha1": 0.003, "loss.alpha2": 0.05, "loss.alpha3": 0.02}
-    common = {"routing.devices": 4, "routing.max_devices": 2}
+    common = {"routing.devices": BALANCE_DEVICES, "routing.max_devices": max(1, scale.model["num_experts_per_tok"] // 2)}
     return [Variant("none", settings={**common, **none}),
             Variant("expert loss", settings={**common, **exp}),
             Variant("all three losses", settings={**common, **three}),
@@ -311,8 +316,10 @@ def balance_experiment(out_dir: str, scale: str = "cpu", seeds: int | None = Non
     os.makedirs(out_dir, exist_ok=True)
     records = run_experiment(balance_variants(sc), sc, out_dir, seeds, steps, device, log, _balance_stats)
     r0 = records[0]
-    notes = [f"the same MLA model for every run; routing over D = 4 groups of experts (devices), "
-             f"M = 2 per token where device-limited; the report's alphas (0.003, 0.05, 0.02).",
+    m = max(1, sc.model["num_experts_per_tok"] // 2)
+    notes = [f"the same MLA model for every run ({sc.model['n_routed_experts']} routed experts, top "
+             f"{sc.model['num_experts_per_tok']}); routing over D = {BALANCE_DEVICES} groups of experts (devices), "
+             f"M = {m} per token where device-limited; the report's alphas (0.003, 0.05, 0.02).",
              f"{r0['tokens']:,} tokens per run ({r0['epochs']:.2f} epochs); load CV = std/mean of the "
              f"routed assignments per expert (per device group), over the last quarter of the steps."]
     columns = [("val_loss±", "val loss", ".4f"), ("val_ppl±", "val ppl", ".2f"),
