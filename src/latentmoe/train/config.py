@@ -26,6 +26,8 @@ class ModelSection:
     preset: str = "tiny"                                     # a preset name or a config.json path
     overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields over the preset
     init_std: float = 0.006                                  # the report's init std
+    init_from: str = ""                                      # a model directory: start from its weights and
+                                                             # config (preset ignored), e.g. a YaRN extension
 
 
 @dataclass
@@ -160,7 +162,7 @@ class TrainConfig:
             over["vocab_size"] = vocab_size
         if special:
             over.update(special)
-        cfg = get_config(self.model.preset, **over)
+        cfg = get_config(self.model.init_from or self.model.preset, **over)
         n_experts = cfg.n_routed_experts or 0
         if n_experts and n_experts % self.routing.devices:
             raise ValueError(f"routing.devices ({self.routing.devices}) must divide n_routed_experts ({n_experts})")

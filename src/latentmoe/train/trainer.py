@@ -67,6 +67,12 @@ def build_model(cfg: TrainConfig, model_cfg, device: torch.device) -> DeepseekV2
     """fp32 master weights (autocast computes in bf16), the report's init std, routing rules set."""
     model = _build_model(model_cfg, device=device, dtype=torch.float32, seed=cfg.train.seed,
                          std=cfg.model.init_std)
+    if cfg.model.init_from:  # continue from trained weights (e.g. the YaRN context extension)
+        from ..checkpoint.hf import checkpoint_entries, fill_from_checkpoint
+        ignore = {"lm_head.weight"} if model_cfg.tie_word_embeddings else set()
+        with torch.no_grad():
+            fill_from_checkpoint(cfg.model.init_from, dict(checkpoint_entries(model)), strict=True, ignore=ignore,
+                                 what="model.init_from's config")
     model.gradient_checkpointing = cfg.precision.activation_checkpointing
     if cfg.precision.fused_moe:  # off by default: faster alone, but a graph break inside compiled blocks
         model.set_experts_impl("triton")
@@ -82,6 +88,8 @@ def setup(cfg: TrainConfig, resume: bool = False, log=print) -> Run:
     os.makedirs(cfg.run_dir, exist_ok=True)
     if not resume and plan.is_main:
         _start_fresh(cfg)
+    if cfg.model.init_from and cfg.data.tokenizer == "train":  # the starting model's own tokenizer
+        cfg.data.tokenizer = cfg.model.init_from
     data_dir = cfg.data.cache_dir or os.path.join(cfg.run_dir, "data")
     if plan.is_main:  # rank 0 tokenizes; after the barrier the others find the shards ready
         prepare_data(cfg.data, data_dir, log=log)

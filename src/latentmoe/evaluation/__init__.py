@@ -1,0 +1,1 @@
+"""Measuring a model: passkey retrieval over long contexts (`passkey`)."""
