@@ -22,12 +22,16 @@ def register(subparsers) -> None:
                    help="steps per run (default: the scale's, calibrated to its time on the first run)")
     p.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (toy model and data)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads (default: torch's; 1 is faster where other work shares the cores)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     if args.seeds is not None and args.seeds < 1:
         raise ValueError("--seeds must be >= 1")
+    if args.threads < 0:
+        raise ValueError("--threads must be >= 0")
     if args.steps is not None and args.steps < 1:
         raise ValueError("--steps must be >= 1")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -37,7 +41,7 @@ def run(args) -> int:
     from ..train.ablation import EXPERIMENTS
 
     result = EXPERIMENTS[args.experiment](args.out, scale="tiny" if args.tiny else args.scale, seeds=args.seeds,
-                                          steps=args.steps, device=args.device)
+                                          steps=args.steps, device=args.device, threads=args.threads)
     with open(os.path.join(args.out, "results.md")) as f:
         print(f.read())
     print(f"results: {os.path.join(args.out, 'results.json')}  ({len(result['runs'])} runs)")

@@ -25,7 +25,7 @@ from .config import load_config
 # One recipe per scale: `model.overrides` over the `tiny` preset, plus train/optim/data settings.
 _MODEL_CPU = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, qk_nope_head_dim=32,
                   qk_rope_head_dim=16, v_head_dim=32, kv_lora_rank=64, n_routed_experts=8,
-                  num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=128,
+                  num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=96,
                   first_k_dense_replace=0, topk_method="greedy", n_group=1, topk_group=1)
 _MODEL_GPU = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, qk_nope_head_dim=64,
                   qk_rope_head_dim=32, v_head_dim=64, kv_lora_rank=128, n_routed_experts=16,
@@ -50,7 +50,7 @@ class Scale:
 
 SCALES = {
     # 8 runs (4 variants x 2 seeds) in about 12 minutes on 2 CPU cores.
-    "cpu": Scale(_MODEL_CPU, {"data.corpus": "python-packages", "data.vocab_size": 4096, "data.max_chars": 16_000_000,
+    "cpu": Scale(_MODEL_CPU, {"data.corpus": "python-packages", "data.vocab_size": 2048, "data.max_chars": 16_000_000,
                               "train.seq_len": 128, "train.micro_batch_size": 16, "train.batch_size": 16,
                               "optim.lr": 2e-3, "optim.warmup_steps": 30, "logging.eval_interval": 40,
                               "logging.eval_batches": 8, "model.init_std": 0.02},
@@ -80,7 +80,7 @@ class Variant:
 # ----------------------------------------------------------------------------- the loop
 def run_experiment(variants: list[Variant], scale: Scale, out_dir: str, seeds: int | None = None,
                    steps: int | None = None, device: str = "auto", log: Callable = print,
-                   summarize: Callable | None = None) -> list[dict]:
+                   summarize: Callable | None = None, threads: int = 0) -> list[dict]:
     """Train every (variant, seed); returns one record per run (curves, final metrics, speed)."""
     seeds = seeds or scale.seeds
     max_steps, calibrate = (steps, False) if steps else (scale.max_steps, scale.time_per_run_s > 0)
@@ -93,6 +93,7 @@ def run_experiment(variants: list[Variant], scale: Scale, out_dir: str, seeds: i
             run_dir = os.path.join(out_dir, "runs", f"{v.name}-seed{seed}")
             settings = {**scale.settings, **v.settings, "run_dir": run_dir, "data.cache_dir": data_dir,
                         "train.seed": seed, "train.max_steps": max_steps, "precision.device": device,
+                        "precision.threads": threads,
                         "logging.progress": False, "logging.log_interval": 1, "checkpoint.overwrite": True,
                         "checkpoint.save_optimizer": False, "checkpoint.keep": 1,
                         "model.overrides": {**scale.model, **v.model}}
@@ -230,11 +231,11 @@ def attention_variants(scale: Scale) -> tuple[list[Variant], str]:
 
 
 def attention_experiment(out_dir: str, scale: str = "cpu", seeds: int | None = None, steps: int | None = None,
-                         device: str = "auto", log: Callable = print) -> dict:
+                         device: str = "auto", log: Callable = print, threads: int = 0) -> dict:
     sc = copy.deepcopy(SCALES[scale])
     os.makedirs(out_dir, exist_ok=True)
     variants, how = attention_variants(sc)
-    records = run_experiment(variants, sc, out_dir, seeds, steps, device, log)
+    records = run_experiment(variants, sc, out_dir, seeds, steps, device, log, threads=threads)
     r0 = records[0]
     notes = [how + ".", f"same data, tokens and recipe for every run: {r0['tokens']:,} tokens "
              f"({r0['steps']} steps of {r0['tokens'] // max(r0['steps'], 1):,}), "
@@ -311,10 +312,10 @@ def _balance_stats(run) -> dict:
 
 
 def balance_experiment(out_dir: str, scale: str = "cpu", seeds: int | None = None, steps: int | None = None,
-                       device: str = "auto", log: Callable = print) -> dict:
+                       device: str = "auto", log: Callable = print, threads: int = 0) -> dict:
     sc = copy.deepcopy(SCALES[scale])
     os.makedirs(out_dir, exist_ok=True)
-    records = run_experiment(balance_variants(sc), sc, out_dir, seeds, steps, device, log, _balance_stats)
+    records = run_experiment(balance_variants(sc), sc, out_dir, seeds, steps, device, log, _balance_stats, threads)
     r0 = records[0]
     m = max(1, sc.model["num_experts_per_tok"] // 2)
     notes = [f"the same MLA model for every run ({sc.model['n_routed_experts']} routed experts, top "
