@@ -3,7 +3,8 @@ count and recipe, over several seeds, then one results.json / results.md / plots
 
 Seed s fixes both the initialisation and the order of the batches, and is shared by every variant,
 so variants differ only in what is compared. The step count is fixed up front, or calibrated once
-(`time_per_run_s`: the first run fits its steps to the time, every later run trains that many).
+(`time_budget_s` over all runs: the first run fits its steps to its share of the time, every later
+run trains that many).
 The model's parameter matching and the metrics of each experiment live in `attention_experiment`
 and `balance_experiment`; `run_experiment` is the loop they share.
 """
@@ -44,7 +45,7 @@ class Scale:
     model: dict
     settings: dict                       # dotted TrainConfig keys
     max_steps: int
-    time_per_run_s: float = 0.0          # > 0: calibrate max_steps on the first run (see module docstring)
+    time_budget_s: float = 0.0           # > 0: training-loop seconds for all runs; calibrates max_steps
     seeds: int = 2
 
 
@@ -54,13 +55,13 @@ SCALES = {
                               "train.seq_len": 128, "train.micro_batch_size": 16, "train.batch_size": 16,
                               "optim.lr": 2e-3, "optim.warmup_steps": 30, "logging.eval_interval": 40,
                               "logging.eval_batches": 8, "model.init_std": 0.02},
-                 max_steps=600, time_per_run_s=75.0),
+                 max_steps=600, time_budget_s=600.0),
     # 8 runs in about 7 minutes on one H200 (data preparation included).
     "gpu": Scale(_MODEL_GPU, {"data.corpus": "python-packages", "data.vocab_size": 8192, "data.max_chars": 64_000_000,
                               "train.seq_len": 512, "train.micro_batch_size": 32, "train.batch_size": 32,
                               "optim.lr": 1.5e-3, "optim.warmup_steps": 100, "logging.eval_interval": 100,
                               "logging.eval_batches": 16, "model.init_std": 0.02},
-                 max_steps=3000, time_per_run_s=40.0),
+                 max_steps=3000, time_budget_s=270.0),
     # Seconds: the command's own tests.
     "tiny": Scale(_MODEL_TINY, {"data.corpus": "python-docs", "data.vocab_size": 512, "data.max_chars": 150_000,
                                 "train.seq_len": 32, "train.micro_batch_size": 4, "train.batch_size": 4,
@@ -83,7 +84,7 @@ def run_experiment(variants: list[Variant], scale: Scale, out_dir: str, seeds: i
                    summarize: Callable | None = None, threads: int = 0) -> list[dict]:
     """Train every (variant, seed); returns one record per run (curves, final metrics, speed)."""
     seeds = seeds or scale.seeds
-    max_steps, calibrate = (steps, False) if steps else (scale.max_steps, scale.time_per_run_s > 0)
+    max_steps, calibrate = (steps, False) if steps else (scale.max_steps, scale.time_budget_s > 0)
     data_dir = os.path.join(out_dir, "data")
     records = []
     from .trainer import train
@@ -98,7 +99,7 @@ def run_experiment(variants: list[Variant], scale: Scale, out_dir: str, seeds: i
                         "checkpoint.save_optimizer": False, "checkpoint.keep": 1,
                         "model.overrides": {**scale.model, **v.model}}
             if calibrate and not records:
-                settings["train.fit_time_s"] = scale.time_per_run_s
+                settings["train.fit_time_s"] = scale.time_budget_s / (seeds * len(variants))
             cfg = load_config(None, settings)
             log(f"[{len(records) + 1}/{seeds * len(variants)}] {v.name}, seed {seed}: {cfg.train.max_steps} steps")
             t0 = time.perf_counter()
