@@ -3,8 +3,8 @@ count and recipe, over several seeds, then one results.json / results.md / plots
 
 Seed s fixes both the initialisation and the order of the batches, and is shared by every variant,
 so variants differ only in what is compared. The step count is fixed up front, or calibrated once
-(`time_budget_s` over all runs: the first run fits its steps to its share of the time, every later
-run trains that many).
+(`time_budget_s` over all runs: a few timed steps of the first variant set the step count that fits
+each run's share of the time, and every run trains exactly that many).
 The model's parameter matching and the metrics of each experiment live in `attention_experiment`
 and `balance_experiment`; `run_experiment` is the loop they share.
 """
@@ -84,32 +84,48 @@ def run_experiment(variants: list[Variant], scale: Scale, out_dir: str, seeds: i
                    summarize: Callable | None = None, threads: int = 0) -> list[dict]:
     """Train every (variant, seed); returns one record per run (curves, final metrics, speed)."""
     seeds = seeds or scale.seeds
-    max_steps, calibrate = (steps, False) if steps else (scale.max_steps, scale.time_budget_s > 0)
     data_dir = os.path.join(out_dir, "data")
-    records = []
     from .trainer import train
 
+    def config(v: Variant, seed: int, max_steps: int, eval_interval: int, run_dir: str):
+        return load_config(None, {
+            **scale.settings, **v.settings, "run_dir": run_dir, "data.cache_dir": data_dir, "train.seed": seed,
+            "train.max_steps": max_steps, "logging.eval_interval": eval_interval, "precision.device": device,
+            "precision.threads": threads, "logging.progress": False, "logging.log_interval": 1,
+            "checkpoint.overwrite": True, "checkpoint.save_optimizer": False, "checkpoint.keep": 1,
+            "model.overrides": {**scale.model, **v.model}})
+
+    eval_interval = scale.settings.get("logging.eval_interval", 50)
+    max_steps = steps or scale.max_steps
+    if not steps and scale.time_budget_s > 0:
+        max_steps, eval_interval = _calibrate(config(variants[0], 0, _PROBE_STEPS, 0, os.path.join(out_dir, "probe")),
+                                              scale, scale.time_budget_s / (seeds * len(variants)), train, log)
+    records = []
     for seed in range(seeds):
         for v in variants:
-            run_dir = os.path.join(out_dir, "runs", f"{v.name}-seed{seed}")
-            settings = {**scale.settings, **v.settings, "run_dir": run_dir, "data.cache_dir": data_dir,
-                        "train.seed": seed, "train.max_steps": max_steps, "precision.device": device,
-                        "precision.threads": threads,
-                        "logging.progress": False, "logging.log_interval": 1, "checkpoint.overwrite": True,
-                        "checkpoint.save_optimizer": False, "checkpoint.keep": 1,
-                        "model.overrides": {**scale.model, **v.model}}
-            if calibrate and not records:
-                settings["train.fit_time_s"] = scale.time_budget_s / (seeds * len(variants))
-            cfg = load_config(None, settings)
+            cfg = config(v, seed, max_steps, eval_interval, os.path.join(out_dir, "runs", f"{v.name}-seed{seed}"))
             log(f"[{len(records) + 1}/{seeds * len(variants)}] {v.name}, seed {seed}: {cfg.train.max_steps} steps")
             t0 = time.perf_counter()
             run = train(cfg, log=lambda *a: None)
-            if calibrate and not records:
-                max_steps = run.step  # every later run trains exactly as many steps (same tokens)
             records.append(_record(v.name, seed, run, time.perf_counter() - t0, summarize))
             log(f"    val loss {records[-1]['val_loss']:.4f}, {records[-1]['tok_s']:,.0f} tok/s, "
                 f"{records[-1]['epochs']:.2f} epochs")
     return records
+
+
+_PROBE_STEPS = 8
+
+
+def _calibrate(probe_cfg, scale: Scale, seconds: float, train, log) -> tuple[int, int]:
+    """(steps, eval interval) for runs of `seconds`: a few steps of the first variant, timed, with about
+    eight evaluations per run counted in (a forward pass costs about a third of a training step)."""
+    run = train(probe_cfg, log=lambda *a: None)
+    step_s = statistics.median(m["step_time"] for m in run.history[2:])
+    tc, lc = probe_cfg.train, probe_cfg.logging
+    eval_s = lc.eval_batches * tc.micro_batch_size / tc.batch_size * step_s / 3
+    steps = max(_PROBE_STEPS, int((seconds - 8 * eval_s) / step_s))
+    log(f"{step_s:.2f}s per step here: {steps} steps per run to fit {seconds:.0f}s")
+    return steps, max(1, steps // 8)
 
 
 def _record(name: str, seed: int, run, wall_s: float, summarize: Callable | None) -> dict:
