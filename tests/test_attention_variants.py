@@ -96,3 +96,13 @@ def test_engine_refuses_baselines_clearly():
         plan_cache(cfg, LatentCache(), torch.device("cpu"), torch.bfloat16, 16, None, None, 2, 64)
     num_blocks, _ = plan_cache(_cfg("mla"), LatentCache(), torch.device("cpu"), torch.bfloat16, 16, None, None, 2, 64)
     assert num_blocks > 1
+
+
+def test_serving_commands_refuse_a_baseline_before_loading(tmp_path, capsys):
+    from latentmoe.cli import main
+    model = build_model(_cfg("mqa"), seed=0)
+    save_model(model, tmp_path / "mqa")
+    (tmp_path / "mqa" / "model.safetensors").write_bytes(b"not weights")  # never read
+    assert main(["generate", str(tmp_path / "mqa"), "--token-ids", "--prompt", "1,2,3", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "engine serves MLA models" in err and "'mqa'" in err and "Traceback" not in err

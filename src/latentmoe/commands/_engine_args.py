@@ -58,6 +58,7 @@ def build_llm(args, path: str):
     from ..engine.llm_engine import load_tokenizer
 
     config = engine_config(args)
+    _check_attention(path)
     if args.ep < 1:
         raise ValueError(f"--ep must be a positive integer, got {args.ep}")
     if args.ep == 1:
@@ -67,3 +68,13 @@ def build_llm(args, path: str):
     # The model keeps its placement (experts on N devices): no device/dtype conversion in the engine.
     config = dataclasses.replace(config, device=None, dtype=None, enforce_eager=True)
     return LLM(model, tokenizer=load_tokenizer(path), config=config)
+
+
+def _check_attention(path: str) -> None:
+    """Refuse an attention baseline (mha/gqa/mqa) from its config.json, before loading any weights."""
+    import os
+
+    from ..config import ModelConfig
+    from ..engine.kv_cache import check_servable
+    if os.path.isfile(os.path.join(path, "config.json")):
+        check_servable(ModelConfig.from_json(path))
