@@ -97,11 +97,8 @@ def format_table(trials: list[Trial]) -> str:
 
 
 def write_results(out_dir: str, trials: list[Trial], meta: dict, title: str = "passkey retrieval") -> dict:
-    """passkey.json, passkey.md and passkey.png (accuracy heatmap: depth against context length)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """passkey.json, passkey.md and passkey.png (accuracy heatmap: depth against context length;
+    skipped without matplotlib)."""
     os.makedirs(out_dir, exist_ok=True)
     lengths, depths, grid = accuracy_grid(trials)
     result = {**meta, "lengths": lengths, "depths": depths, "accuracy": grid,
@@ -110,6 +107,13 @@ def write_results(out_dir: str, trials: list[Trial], meta: dict, title: str = "p
         json.dump(result, f, indent=2)
     with open(os.path.join(out_dir, "passkey.md"), "w") as f:
         f.write(f"# {title}\n\n{format_table(trials)}\n")
+    try:
+        import matplotlib
+    except ImportError:
+        return result
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.2 + 0.5 * len(depths)))
     im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(len(lengths)), [f"{L // 1024}K" if L >= 1024 else str(L) for L in lengths])
