@@ -72,8 +72,10 @@ def format_report(cfg: ModelConfig, context_len: int = 4096, batch: int = 1,
     title = name or "model"
     lines = [
         f"KV cache of {title}: {cfg.num_hidden_layers} layers, {cfg.num_attention_heads} heads, "
-        f"kv_lora_rank {cfg.kv_lora_rank}, rope dim {cfg.qk_rope_head_dim}, head dims "
-        f"{cfg.qk_head_dim}/{cfg.v_head_dim}; {bytes_per_element} bytes/element, "
+        + (f"kv_lora_rank {cfg.kv_lora_rank}, rope dim {cfg.qk_rope_head_dim}, head dims "
+           f"{cfg.qk_head_dim}/{cfg.v_head_dim}; " if cfg.attention_type == "mla" else
+           f"{cfg.attention_type} attention with {cfg.num_key_value_heads} key/value heads of {cfg.head_dim}; ")
+        + f"{bytes_per_element} bytes/element, "
         f"context {context_len:,}, batch {batch}",
         "",
         f"{'cache':<40} {'elements/token':>15} {'bytes/token':>13} {'total':>12} "
