@@ -30,11 +30,11 @@ def test_baselines_are_matched_to_mla_parameters():
 
 def test_attention_ablation_end_to_end(tmp_path, capsys):
     out = tmp_path / "att"
-    assert main(["ablate", "attention", "--tiny", "--steps", "3", "--out", str(out)]) == 0
+    assert main(["ablate", "attention", "--tiny", "--steps", "2", "--out", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
     runs = res["runs"]
     assert len(runs) == 8 and {r["seed"] for r in runs} == {0, 1}
-    assert len({r["tokens"] for r in runs}) == 1 and all(r["steps"] == 3 for r in runs)
+    assert len({r["tokens"] for r in runs}) == 1 and all(r["steps"] == 2 for r in runs)
     by = {r["variant"]: r for r in runs if r["seed"] == 0}
     assert list(by) == ["mla", "mha", "gqa-2", "mqa"]
     cfg = get_config("tiny", **SCALES["tiny"].model)

@@ -63,7 +63,7 @@ SCALES = {
                               "logging.eval_batches": 16, "model.init_std": 0.02},
                  max_steps=3000, time_budget_s=240.0),
     # Seconds: the command's own tests.
-    "tiny": Scale(_MODEL_TINY, {"data.corpus": "python-docs", "data.vocab_size": 512, "data.max_chars": 150_000,
+    "tiny": Scale(_MODEL_TINY, {"data.corpus": "python-docs", "data.vocab_size": 512, "data.max_chars": 80_000,
                                 "train.seq_len": 32, "train.micro_batch_size": 4, "train.batch_size": 4,
                                 "optim.lr": 3e-3, "optim.warmup_steps": 2, "logging.eval_interval": 3,
                                 "logging.eval_batches": 2, "model.init_std": 0.02},
