@@ -46,15 +46,15 @@ def random_prompts(lengths, seed=0, vocab=512):
 
 class EagerGraphRunner(ModelRunner):
     """Decode-only steps through the CUDA-graph path (static buffers, batch padded to a bucket, block
-    tables to a context bucket) with the captured body run eagerly instead: that path without CUDA."""
+    tables max_model_len wide) with the captured body run eagerly instead: that path without CUDA."""
 
     @staticmethod
     def supports_graphs(device):
         return True
 
-    def decode_graph(self, b, mb):
+    def _capture(self, b):
         self.graph_buckets.append(b)
-        return types.SimpleNamespace(replay=lambda: self.decode_body(b, mb))
+        return types.SimpleNamespace(replay=lambda: self.decode_body(b))
 
     def execute(self, batch):
         if batch.num_decodes == len(batch.seqs):
@@ -135,6 +135,43 @@ def test_graph_path_padding_and_buckets(model, expected):
     assert runner.graph_buckets and set(runner.graph_buckets) <= set(runner.buckets)
     assert set(runner.decode_batch_sizes) - set(runner.buckets)   # batches of 6, 5, ... padded up to 8
     assert_no_leak(llm)
+
+
+def test_startup_captures_every_bucket_and_serving_captures_none(model, expected):
+    # Start-up captures one decode graph per batch bucket (none per context length); a workload with
+    # every batch size and contexts from 2 to 40 tokens then replays them without capturing again.
+    prompts, want = expected
+    llm = EagerGraphLLM(model, block_size=4, num_blocks=200, max_num_seqs=24, max_model_len=120)
+    runner = llm.runner
+    assert runner.ready and sorted(runner.graph_buckets) == runner.buckets == [1, 2, 4, 8, 16, 24]
+    outs = llm.generate(prompts, GREEDY)
+    outs += llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    assert [o.outputs[0].token_ids for o in outs[:-1]] == want
+    stats = llm.stats()
+    assert stats["graph_captures"] == len(runner.buckets) and stats["graph_captures_after_ready"] == 0
+    assert stats["compilations_after_ready"] == 0 and stats["time_to_ready_seconds"] > 0
+    assert sorted(runner.graph_buckets) == runner.buckets          # nothing captured while serving
+    # A missing graph is captured on demand and counted.
+    del runner.graphs[2]
+    llm.generate(prompts[:2], GREEDY)
+    assert llm.stats()["graph_captures_after_ready"] == 1
+
+
+def test_prefill_warmup_sizes_cover_every_class():
+    # Token counts 1..budget fall in classes (==1, divisible by 16 or not, expert-tile config, sort path);
+    # each class a count can reach has a warm-up count in it.
+    from latentmoe.kernels.moe import ALIGN_KERNEL_MAX_ASSIGNMENTS, choose_moe_config
+    sizes = ModelRunner.prefill_warmup_sizes(None, 16384)
+    assert sizes[0] == 1 and sizes[-1] == 16384 and len(sizes) < 150
+
+    def cls(m, top_k, experts):
+        a = m * top_k
+        return (m == 1, m <= 2, a % 16 == 0, m % 16 == 0, str(choose_moe_config(a, experts)),
+                a <= ALIGN_KERNEL_MAX_ASSIGNMENTS)
+
+    for top_k, experts, budget in ((6, 64, 16384), (2, 8, 2048), (8, 160, 8192)):
+        sizes = ModelRunner.prefill_warmup_sizes(None, budget)
+        assert {cls(m, top_k, experts) for m in range(1, budget + 1)} == {cls(m, top_k, experts) for m in sizes}
 
 
 def test_requests_arriving_mid_run(model, expected):

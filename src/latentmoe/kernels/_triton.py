@@ -69,3 +69,29 @@ def dot(a, b, UPCAST: tl.constexpr):
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32))
     return tl.dot(a, b)
+
+
+_COMPILATIONS = [0]
+
+
+def _count_compilation(*args, **kwargs):
+    _COMPILATIONS[0] += 1
+    return None   # never skip the compilation
+
+
+def compilations() -> int:
+    """Triton kernels compiled (or loaded from Triton's disk cache) in this process since the first call.
+
+    Counted by Triton's own JIT hook, installed on the first call (an engine calls it before warming
+    up): the engine reports how many happen after it said it was ready, which should be none."""
+    if not HAS_TRITON or INTERPRET:
+        return _COMPILATIONS[0]
+    runtime = triton.knobs.runtime
+    previous = runtime.jit_cache_hook
+    if previous is not _count_compilation and not getattr(previous, "_latentmoe_counts", False):
+        def hook(*args, **kwargs):
+            _count_compilation()
+            return previous(*args, **kwargs) if previous else None
+        hook._latentmoe_counts = True
+        runtime.jit_cache_hook = hook if previous else _count_compilation
+    return _COMPILATIONS[0]
