@@ -368,6 +368,7 @@ def test_engine_converts_a_copy_for_another_dtype(model):
     (dict(cache_memory_gb=0), "cache_memory_gb"), (dict(experts_impl="triton"), "experts_impl"),
     (dict(fused_ops="yes"), "fused_ops"), (dict(kv_cache="gqa"), "kv_cache"), (dict(dtype="int8"), "dtype"),
     (dict(device="tpu9"), "device"), (dict(enforce_eager=1), "enforce_eager"),
+    (dict(gpu_memory_utilization=0), "gpu_memory_utilization"), (dict(gpu_memory_utilization=1.5), "gpu_memory"),
     (dict(num_blocks=10, cache_memory_gb=1.0), "num_blocks or cache_memory_gb"),
 ])
 def test_engine_config_names_the_bad_field(model, options, field):
@@ -381,6 +382,10 @@ def test_engine_config_as_object_or_keywords(model):
     cfg = EngineConfig(block_size=4, num_blocks=40, max_num_seqs=3)
     llm = LLM(model, config=cfg)
     assert llm.engine_config.max_num_batched_tokens == 2048 and llm.engine_config.block_size == 4
+    # The token budget's default depends on the device: 16,384 on CUDA (measured), 2,048 elsewhere.
+    cfg = EngineConfig()
+    assert cfg.resolved(torch.device("cuda"), torch.bfloat16).max_num_batched_tokens == 16384
+    assert EngineConfig(max_num_seqs=4096).resolved(torch.device("cpu"), torch.float32).max_num_batched_tokens == 4096
     assert llm.engine_config.experts_impl == "model" and llm.engine_config.fused_ops is False   # CPU defaults
     assert cfg.device is None   # the caller's config is not resolved in place
     with pytest.raises(ValueError, match="not both"):

@@ -36,6 +36,10 @@ def run(args) -> int:
     if not os.path.isdir(args.model):
         raise FileNotFoundError(f"no checkpoint directory {args.model!r}")
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if args.max_num_batched_tokens is None and (args.device or "cuda").startswith("cuda"):
+        import torch
+        if torch.cuda.is_available():
+            args.max_num_batched_tokens = 8192   # a server's steps stay short between tokens (vLLM's too)
     keys = args.api_key or ([os.environ["LATENTMOE_API_KEY"]] if os.environ.get("LATENTMOE_API_KEY") else [])
     engine = AsyncLLM(build_llm(args, args.model), max_queued=args.max_queued)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))

@@ -80,7 +80,8 @@ class LLM:
                                     device=asked_device, dtype=asked_dtype)
         num_blocks, self.max_model_len = plan_cache(
             self.config, config.kv_cache, self.device, self.dtype, config.block_size, config.cache_memory_gb,
-            config.num_blocks, config.max_num_seqs, config.max_model_len)
+            config.num_blocks, config.max_num_seqs, config.max_model_len,
+            gpu_memory_utilization=config.gpu_memory_utilization)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = self.runner_class(runner_model, config, num_blocks, self.max_model_len)

@@ -65,9 +65,12 @@ def jit(fn):
 
 @jit
 def dot(a, b, UPCAST: tl.constexpr):
-    """tl.dot with fp32 accumulation; UPCAST feeds it fp32 operands (the CPU interpreter's bf16 dot is wrong)."""
+    """tl.dot with fp32 accumulation; UPCAST feeds it fp32 operands (the CPU interpreter's bf16 dot is wrong).
+    fp32 operands multiply in full fp32 ("ieee"), not tf32: an fp32 engine is the exact mode."""
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")
     return tl.dot(a, b)
 
 
