@@ -104,13 +104,15 @@ class ModelRunner:
         return ids, pos, meta, sample_rows
 
     def _decode_tables(self, seqs):
-        """Block table and lengths of eager decodes. The table is padded to max_model_len's width, as in the
-        decode graphs, so the decode kernel's split count depends on the batch size only (a set warmed at
-        start-up), never on the context."""
+        """Block table and lengths of eager decodes. On CUDA the table is padded to max_model_len's width, as
+        in the decode graphs, so the decode kernel's split count depends on the batch size only (a set
+        warmed at start-up), never on the context; elsewhere (the torch reference reads every column) to
+        the longest table of the batch."""
         lens = torch.tensor([len(s.block_table) for s in seqs])
         rows = torch.repeat_interleave(torch.arange(len(seqs)), lens)
         cols = torch.arange(len(rows)) - torch.repeat_interleave(lens.cumsum(0) - lens, lens)
-        table = torch.full((len(seqs), self.max_blocks_per_seq), NULL_BLOCK, dtype=torch.int32)
+        width = self.max_blocks_per_seq if self.device.type == "cuda" else int(lens.max())
+        table = torch.full((len(seqs), width), NULL_BLOCK, dtype=torch.int32)
         table[rows, cols] = torch.tensor(list(itertools.chain.from_iterable(s.block_table for s in seqs)),
                                          dtype=torch.int32)
         if self.device.type == "cuda":
