@@ -28,9 +28,11 @@ def test_throughput_and_transformers(ckpt, capsys):
                           "--hf-batch-size", "2"])
     assert r["num_prompts"] == 5 and 5 * 4 <= r["input_tokens"] <= 5 * 12 and len(r["runs"]) == 2
     for run in r["runs"]:
-        assert run["output_tokens"] == 5 * 6
+        assert run["output_tokens"] == 5 * 6 and 5 * 4 <= run["input_tokens"] <= 5 * 12
         assert run["requests_per_s"] == pytest.approx(5 / run["seconds"])
-        assert run["total_tokens_per_s"] == pytest.approx((r["input_tokens"] + 30) / run["seconds"])
+        assert run["total_tokens_per_s"] == pytest.approx((run["input_tokens"] + 30) / run["seconds"])
+    # New prompts each run: the second finds nothing of the first in the prefix cache.
+    assert r["prefix_cache_hit_tokens"] == 0
     assert r["compilations_after_ready"] == 0 and r["graph_captures_after_ready"] == 0 and r["time_to_ready_s"] > 0
     hf = r["transformers"]
     assert hf["output_tokens"] == 30 and hf["requests_per_s"] == pytest.approx(5 / hf["seconds"])

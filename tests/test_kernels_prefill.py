@@ -22,16 +22,16 @@ def K():
         yield kernels
 
 
-def make_inputs(chunks, H, N, R, V, dtype, shared_pe=True, seed=0):
+def make_inputs(chunks, H, N, R, V, dtype, shared_pe=True, seed=0, device=DEV):
     """chunks: (prefix, q_len) per sequence -> q/k/v rows laid out as the engine lays them out."""
     g = torch.Generator().manual_seed(seed)
     T = sum(q for _, q in chunks)
     S = sum(p + q for p, q in chunks)
-    r = lambda *shape: torch.randn(*shape, generator=g).to(dtype).to(DEV)   # noqa: E731
+    r = lambda *shape: torch.randn(*shape, generator=g).to(dtype).to(device)   # noqa: E731
     q_nope, q_pe, k_nope, v = r(T, H, N), r(T, H, R), r(S, H, N), r(S, H, V)
     k_pe = r(S, R) if shared_pe else r(S, H, R)
-    cu_q = torch.tensor([0] + [q for _, q in chunks], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(DEV)
-    cu_k = torch.tensor([0] + [p + q for p, q in chunks], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(DEV)
+    cu_q = torch.tensor([0] + [q for _, q in chunks], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+    cu_k = torch.tensor([0] + [p + q for p, q in chunks], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
     return q_nope, q_pe, k_nope, k_pe, v, cu_q, cu_k, max(q for _, q in chunks)
 
 
@@ -42,7 +42,8 @@ def rel_err(out, ref):
 
 def test_reference_equals_dense_causal_attention():
     # A chunk with a cached prefix sees all of it: the same rows as the tail of full causal attention.
-    q_nope, q_pe, k_nope, k_pe, v, cu_q, cu_k, _ = make_inputs([(0, 13)], 2, 8, 4, 6, torch.float64, seed=3)
+    q_nope, q_pe, k_nope, k_pe, v, cu_q, cu_k, _ = make_inputs([(0, 13)], 2, 8, 4, 6, torch.float64, seed=3,
+                                                                 device="cpu")
     from latentmoe.kernels import prefill_attention_ref
     full = prefill_attention_ref(q_nope, q_pe, k_nope, k_pe, v, cu_q, cu_k, 0.4)
     q_tail = torch.cat([q_nope[9:], q_pe[9:]], -1)

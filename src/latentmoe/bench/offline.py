@@ -30,27 +30,30 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def throughput(llm, prompts: list[list[int]], output_len: int, runs: int = 1, progress: bool = True) -> dict:
-    """Generate all prompts `runs` times (the first run right after start-up counts as much as the later
-    ones: nothing should compile or capture in it). Requests/s and tokens/s of each run."""
+def throughput(llm, prompt_sets: list[list[list[int]]], output_len: int, progress: bool = True) -> dict:
+    """One run per prompt set, in order (the first right after start-up counts as much as the later ones:
+    nothing should compile or capture in it). Give each run its own prompts of the same lengths, or
+    the prefix cache serves the later runs' prompts. Requests/s and tokens/s of each run."""
     params = _params(output_len)
-    in_tokens = sum(len(p) for p in prompts)
     results = []
-    for r in range(runs):
+    for r, prompts in enumerate(prompt_sets):
+        in_tokens = sum(len(p) for p in prompts)
         _sync(llm.device)
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=progress)
         _sync(llm.device)
         dt = time.perf_counter() - t0
         out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-        results.append(dict(run=r + 1, seconds=dt, requests_per_s=len(prompts) / dt,
+        results.append(dict(run=r + 1, seconds=dt, requests_per_s=len(prompts) / dt, input_tokens=in_tokens,
                             total_tokens_per_s=(in_tokens + out_tokens) / dt, output_tokens_per_s=out_tokens / dt,
                             output_tokens=out_tokens))
     stats = llm.stats()
-    return dict(num_prompts=len(prompts), input_tokens=in_tokens, output_len=output_len, runs=results,
+    return dict(num_prompts=len(prompt_sets[0]), input_tokens=results[0]["input_tokens"], output_len=output_len,
+                runs=results,
                 time_to_ready_s=stats.get("time_to_ready_seconds"),
                 compilations_after_ready=stats.get("compilations_after_ready"),
-                graph_captures_after_ready=stats.get("graph_captures_after_ready"))
+                graph_captures_after_ready=stats.get("graph_captures_after_ready"),
+                prefix_cache_hit_tokens=stats.get("prefix_cache_hit_tokens"))
 
 
 def latency(llm, batch_size: int, input_len: int, output_len: int, iters: int = 3, seed: int = 0) -> dict:

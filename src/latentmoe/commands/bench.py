@@ -27,7 +27,8 @@ def register(sub) -> None:
     t.add_argument("--output-len", type=int, default=100)
     t.add_argument("--prompts-file", default=None,
                    help="prompts instead of random ones: one per line, text or JSON objects with 'prompt'")
-    t.add_argument("--runs", type=int, default=1, help="runs of the whole workload (the first right after start-up)")
+    t.add_argument("--runs", type=int, default=1,
+                   help="runs of the workload, the first right after start-up (random prompts: new ones each run)")
     t.add_argument("--compare-transformers", action="store_true",
                    help="also run transformers generate on the same prompts in this process")
     t.add_argument("--hf-batch-size", type=int, default=128, help="transformers generate batch size")
@@ -144,14 +145,15 @@ def run_throughput(args) -> int:
     from ..bench import random_prompts, throughput
     from ..bench.stats import print_table
     llm, model = _load(args)
-    if args.prompts_file:
-        prompts = _read_prompts(args.prompts_file, llm.tokenizer)
-    else:
-        prompts = random_prompts(args.num_prompts, args.input_len, llm.config.vocab_size, args.min_input_len,
-                                 args.seed)
+    if args.prompts_file:   # the same prompts every run (later runs may hit the prefix cache)
+        sets = [_read_prompts(args.prompts_file, llm.tokenizer)] * args.runs
+    else:                   # each run its own random prompts: no prefix-cache hits between runs
+        sets = [random_prompts(args.num_prompts, args.input_len, llm.config.vocab_size, args.min_input_len,
+                               args.seed + r) for r in range(args.runs)]
+    prompts = sets[0]
     result = dict(kind="throughput", model=args.model, device=str(llm.device), dtype=str(llm.dtype),
                   max_num_batched_tokens=llm.engine_config.max_num_batched_tokens,
-                  **throughput(llm, prompts, args.output_len, args.runs, progress=not args.no_progress))
+                  **throughput(llm, sets, args.output_len, progress=not args.no_progress))
     rows = [("requests", result["num_prompts"]), ("input tokens", result["input_tokens"]),
             ("time to ready (s)", result["time_to_ready_s"])]
     for r in result["runs"]:

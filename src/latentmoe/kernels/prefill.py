@@ -13,7 +13,7 @@ so warming it once at start-up covers every batch the engine can form.
 """
 import torch
 
-from ._triton import INTERPRET, dot, new_buffer, tl, triton, use_triton
+from ._triton import INTERPRET, dot, jit, new_buffer, tl, triton, use_triton
 from .reference import prefill_attention_ref
 
 LOG2E = 1.4426950408889634
@@ -27,6 +27,38 @@ def _jit_unspecialised(fn):
                                              "stride_om", "stride_oh", "H"])
 
 
+@jit
+def _attend_tile(acc, m_i, l_i, q, qpe, k_ptr, kpe_ptr, v_ptr, rows_k, mask_n, offs_m, offs_n, prefix, h,
+                 stride_km, stride_kh, stride_em, stride_eh, stride_vm, stride_vh, qk_scale,
+                 offs_dn, offs_dr, offs_dv, N: tl.constexpr, R: tl.constexpr, V: tl.constexpr,
+                 CAUSAL: tl.constexpr, UPCAST: tl.constexpr):
+    """One key tile of the online softmax. CAUSAL: the tile crosses the diagonal or the context's end
+    (masked); otherwise every query of the block sees every key of the tile (no masks at all)."""
+    if CAUSAL:
+        k = tl.load(k_ptr + rows_k[:, None] * stride_km + h * stride_kh + offs_dn[None, :],
+                    mask=mask_n[:, None] & (offs_dn[None, :] < N), other=0.0)
+        kpe = tl.load(kpe_ptr + rows_k[:, None] * stride_em + h * stride_eh + offs_dr[None, :],
+                      mask=mask_n[:, None] & (offs_dr[None, :] < R), other=0.0)
+        v = tl.load(v_ptr + rows_k[:, None] * stride_vm + h * stride_vh + offs_dv[None, :],
+                    mask=mask_n[:, None] & (offs_dv[None, :] < V), other=0.0)
+    else:
+        k = tl.load(k_ptr + rows_k[:, None] * stride_km + h * stride_kh + offs_dn[None, :],
+                    mask=offs_dn[None, :] < N, other=0.0)
+        kpe = tl.load(kpe_ptr + rows_k[:, None] * stride_em + h * stride_eh + offs_dr[None, :],
+                      mask=offs_dr[None, :] < R, other=0.0)
+        v = tl.load(v_ptr + rows_k[:, None] * stride_vm + h * stride_vh + offs_dv[None, :],
+                    mask=offs_dv[None, :] < V, other=0.0)
+    s = (dot(q, tl.trans(k), UPCAST) + dot(qpe, tl.trans(kpe), UPCAST)) * qk_scale
+    if CAUSAL:
+        s = tl.where(mask_n[None, :] & (offs_n[None, :] <= prefix + offs_m[:, None]), s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, UPCAST)
+    return acc, m_new, l_i
+
+
 @_jit_unspecialised
 def _prefill_attention_kernel(
     q_ptr, qpe_ptr, k_ptr, kpe_ptr, v_ptr, cu_q_ptr, cu_k_ptr, o_ptr,
@@ -36,6 +68,7 @@ def _prefill_attention_kernel(
     BLOCK_DN: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
 ):
+    # Blocks of the longest chunks first would balance better; the grid is (query blocks, chunks, heads).
     pid_m = tl.program_id(0)
     p = tl.program_id(1)
     h = tl.program_id(2)
@@ -59,29 +92,24 @@ def _prefill_attention_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-        # Keys past the block's last query position are never seen by it.
+        # Keys 0..prefix+m0 are visible to every query of the block (and inside the context): whole
+        # tiles of them need no mask. The rest, up to the block's last query, are masked.
+        full_end = ((prefix + m0 + 1) // BLOCK_N) * BLOCK_N
         end = tl.minimum(k_len, prefix + m0 + BLOCK_M)
-        for n0 in range(0, end, BLOCK_N):
+        for n0 in range(0, full_end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
-            mask_n = offs_n < end
             rows_k = (k_start + offs_n).to(tl.int64)
-            k = tl.load(k_ptr + rows_k[:, None] * stride_km + h * stride_kh + offs_dn[None, :],
-                        mask=mask_n[:, None] & (offs_dn[None, :] < N), other=0.0)
-            kpe = tl.load(kpe_ptr + rows_k[:, None] * stride_em + h * stride_eh + offs_dr[None, :],
-                          mask=mask_n[:, None] & (offs_dr[None, :] < R), other=0.0)
-            s = dot(q, tl.trans(k), UPCAST) + dot(qpe, tl.trans(kpe), UPCAST)
-            visible = mask_n[None, :] & (offs_n[None, :] <= prefix + offs_m[:, None])
-            s = tl.where(visible, s * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            pr = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(pr, 1)
-            v = tl.load(v_ptr + rows_k[:, None] * stride_vm + h * stride_vh + offs_dv[None, :],
-                        mask=mask_n[:, None] & (offs_dv[None, :] < V), other=0.0)
-            acc = acc * alpha[:, None] + dot(pr.to(v.dtype), v, UPCAST)
-            m_i = m_new
-        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, qpe, k_ptr, kpe_ptr, v_ptr, rows_k, offs_n < end, offs_m,
+                                         offs_n, prefix, h, stride_km, stride_kh, stride_em, stride_eh, stride_vm,
+                                         stride_vh, qk_scale, offs_dn, offs_dr, offs_dv, N, R, V, False, UPCAST)
+        for n0 in range(full_end, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            rows_k = (k_start + offs_n).to(tl.int64)
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, qpe, k_ptr, kpe_ptr, v_ptr, rows_k, offs_n < end, offs_m,
+                                         offs_n, prefix, h, stride_km, stride_kh, stride_em, stride_eh, stride_vm,
+                                         stride_vh, qk_scale, offs_dn, offs_dr, offs_dv, N, R, V, True, UPCAST)
+        # Every row of the block sees key 0, so l_i > 0 (rows past the chunk are not stored).
+        out = acc / l_i[:, None]
         tl.store(o_ptr + rows_q[:, None] * stride_om + h * stride_oh + offs_dv[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=mask_m[:, None] & (offs_dv[None, :] < V))
 

@@ -1,0 +1,88 @@
+"""Batched prefill attention (kernels.prefill_attention) at V2-Lite's heads, beside torch SDPA in the same run.
+
+Cases: one causal prompt of L tokens, and a 16K chunk over a long cached prefix (what chunked prefill of a
+128K prompt runs last). Each Triton tile configuration of the sweep is timed (median of 5); the reference
+is torch's scaled_dot_product_attention (its fastest backend for these shapes) on the same q/k/v with
+k_pe repeated per head; the floor is the causal attention FLOPs at PEAK_FLOPS.
+
+    python benchmarks/bench_prefill.py            # GPU
+    python benchmarks/bench_prefill.py --smoke    # CPU: tiny shapes, the reference only
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+
+import torch
+import torch.nn.functional as F
+
+from latentmoe import kernels
+
+PEAK_FLOPS = 790e12
+H, N, R, V = 16, 128, 64, 128
+
+
+def timed(fn, reps=5):
+    ts = []
+    for _ in range(reps):
+        torch.cuda.synchronize() if torch.cuda.is_available() else None
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize() if torch.cuda.is_available() else None
+        ts.append(time.perf_counter() - t)
+    return sorted(ts)[len(ts) // 2]
+
+
+def case(prefix, q_len, dev, dtype):
+    S = prefix + q_len
+    g = torch.Generator(device=dev).manual_seed(0)
+    r = lambda *s: torch.randn(*s, device=dev, dtype=dtype, generator=g)   # noqa: E731
+    q, qpe, k, kpe, v = r(q_len, H, N), r(q_len, H, R), r(S, H, N), r(S, R), r(S, H, V)
+    cu_q = torch.tensor([0, q_len], dtype=torch.int32, device=dev)
+    cu_k = torch.tensor([0, S], dtype=torch.int32, device=dev)
+    return q, qpe, k, kpe, v, cu_q, cu_k
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    cases = [(0, 256), (256, 128)] if args.smoke else [(0, 32768), (114688, 16384)]
+    configs = [dict()] if dev.type != "cuda" else [
+        dict(block_m=bm, block_n=bn, num_warps=w, num_stages=s)
+        for bm, bn, w, s in itertools.product((64, 128), (64, 128), (4, 8), (2, 3))
+        if not (bm == 128 and bn == 128 and s == 3)]
+    print("| case | config | ms | TFLOP/s | % of the floor |")
+    print("|---|---|---|---|---|")
+    for prefix, q_len in cases:
+        q, qpe, k, kpe, v, cu_q, cu_k = case(prefix, q_len, dev, dtype)
+        S = prefix + q_len
+        # Causal inside the chunk, full over the prefix: (prefix + i + 1) keys for query i.
+        flops = 2 * H * (N + R + V) * (q_len * prefix + q_len * (q_len + 1) / 2)
+        floor = flops / PEAK_FLOPS
+        name = f"{q_len:,} queries over {S:,} keys"
+        qq = torch.cat([q, qpe], -1).transpose(0, 1)[None]
+        kk = torch.cat([k, kpe[:, None].expand(-1, H, -1)], -1).transpose(0, 1)[None]
+        vv = v.transpose(0, 1)[None]
+        mask = None if prefix == 0 else torch.ones(q_len, S, dtype=torch.bool, device=dev).tril(prefix)
+        t = timed(lambda: F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, is_causal=mask is None))
+        print(f"| {name} | torch SDPA | {t * 1e3:.1f} | {flops / t / 1e12:.0f} | {floor / t:.0%} |", flush=True)
+        if dev.type != "cuda":
+            t = timed(lambda: kernels.prefill_attention(q, qpe, k, kpe, v, cu_q, cu_k, q_len, 0.1))
+            print(f"| {name} | dispatch (reference here) | {t * 1e3:.1f} | - | - |")
+            continue
+        for cfg in configs:
+            try:
+                t = timed(lambda: kernels.prefill_attention_triton(q, qpe, k, kpe, v, cu_q, cu_k, q_len, 0.1, **cfg))
+            except Exception as e:   # e.g. out of shared memory for the largest tiles
+                print(f"| {name} | {cfg} | failed: {type(e).__name__} | - | - |", flush=True)
+                continue
+            label = ",".join(f"{v}" for v in cfg.values()) or "default"
+            print(f"| {name} | {label} | {t * 1e3:.1f} | {flops / t / 1e12:.0f} | {floor / t:.0%} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
