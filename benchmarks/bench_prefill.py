@@ -5,19 +5,25 @@ Cases: one causal prompt of L tokens, and a 16K chunk over a long cached prefix 
 is torch's scaled_dot_product_attention (its fastest backend for these shapes) on the same q/k/v with
 k_pe repeated per head; the floor is the causal attention FLOPs at PEAK_FLOPS.
 
-    python benchmarks/bench_prefill.py            # GPU
-    python benchmarks/bench_prefill.py --smoke    # CPU: tiny shapes, the reference only
+    python benchmarks/bench_prefill.py                           # GPU: writes benchmarks/results/prefill.md
+    python benchmarks/bench_prefill.py --smoke --out /tmp/p.md   # CPU: tiny shapes, the reference only
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import itertools
+import os
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from latentmoe import kernels
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report import summary_block   # noqa: E402
+
+from latentmoe import kernels   # noqa: E402
 
 PEAK_FLOPS = 790e12
 H, N, R, V = 16, 128, 64, 128
@@ -47,7 +53,14 @@ def case(prefix, q_len, dev, dtype):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "prefill.md"))
     args = ap.parse_args()
+    lines, summary = [], []
+
+    def out(line):
+        print(line, flush=True)
+        lines.append(line)
+
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     cases = [(0, 256), (256, 128)] if args.smoke else [(0, 32768), (114688, 16384)]
@@ -55,8 +68,8 @@ def main():
         dict(block_m=bm, block_n=bn, num_warps=w, num_stages=s)
         for bm, bn, w, s in itertools.product((64, 128), (64, 128), (4, 8), (2, 3))
         if not (bm == 128 and bn == 128 and s == 3)]
-    print("| case | config | ms | TFLOP/s | % of the floor |")
-    print("|---|---|---|---|---|")
+    out("| case | config | ms | TFLOP/s | % of the floor |")
+    out("|---|---|---|---|---|")
     for prefix, q_len in cases:
         q, qpe, k, kpe, v, cu_q, cu_k = case(prefix, q_len, dev, dtype)
         S = prefix + q_len
@@ -69,19 +82,33 @@ def main():
         vv = v.transpose(0, 1)[None]
         mask = None if prefix == 0 else torch.ones(q_len, S, dtype=torch.bool, device=dev).tril(prefix)
         t = timed(lambda: F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, is_causal=mask is None))
-        print(f"| {name} | torch SDPA | {t * 1e3:.1f} | {flops / t / 1e12:.0f} | {floor / t:.0%} |", flush=True)
+        ref_t, best = t, None
+        out(f"| {name} | torch SDPA | {t * 1e3:.1f} | {flops / t / 1e12:.0f} | {floor / t:.0%} |")
         if dev.type != "cuda":
             t = timed(lambda: kernels.prefill_attention(q, qpe, k, kpe, v, cu_q, cu_k, q_len, 0.1))
-            print(f"| {name} | dispatch (reference here) | {t * 1e3:.1f} | - | - |")
+            out(f"| {name} | dispatch (reference here) | {t * 1e3:.1f} | - | - |")
             continue
         for cfg in configs:
             try:
                 t = timed(lambda: kernels.prefill_attention_triton(q, qpe, k, kpe, v, cu_q, cu_k, q_len, 0.1, **cfg))
             except Exception as e:   # e.g. out of shared memory for the largest tiles
-                print(f"| {name} | {cfg} | failed: {type(e).__name__} | - | - |", flush=True)
+                out(f"| {name} | {cfg} | failed: {type(e).__name__} | - | - |")
                 continue
             label = ",".join(f"{v}" for v in cfg.values()) or "default"
-            print(f"| {name} | {label} | {t * 1e3:.1f} | {flops / t / 1e12:.0f} | {floor / t:.0%} |", flush=True)
+            if best is None or t < best[0]:
+                best = (t, label)
+            out(f"| {name} | {label} | {t * 1e3:.1f} | {flops / t / 1e12:.0f} | {floor / t:.0%} |")
+        if best is not None:
+            summary.append(f"| {name}, best tiles ({best[1]}) | {best[0] * 1e3:.1f} ms, {flops / best[0] / 1e12:.0f} TFLOP/s "
+                           f"| torch SDPA {ref_t * 1e3:.1f} ms, {flops / ref_t / 1e12:.0f} TFLOP/s | "
+                           f"{ref_t / best[0]:.2f}x |")
+    device = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    prov = f"date: {date}; device: {device}; torch {torch.__version__}; command: `python {' '.join(sys.argv)}`"
+    text = ["# Batched prefill attention vs torch SDPA (V2-Lite heads)", "", *summary_block(prov, summary), "",
+            "Config: block_m, block_n, num_warps, num_stages. Floor: attention FLOPs at 790 TFLOP/s.", "", *lines, ""]
+    with open(args.out, "w") as f:
+        f.write("\n".join(text))
 
 
 if __name__ == "__main__":
