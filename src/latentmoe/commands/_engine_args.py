@@ -38,19 +38,28 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="split the routed experts over N GPUs of this host (expert parallelism)")
 
 
+def check_device(device: str | None) -> None:
+    """A CUDA device asked for must exist here (ValueError, one line), checked before any loading."""
+    import torch
+
+    if device is None or not str(device).startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA device; "
+                         f"use --device cpu or a CUDA build of torch")
+    try:
+        index = torch.device(device).index
+    except RuntimeError:
+        raise ValueError(f"--device {device}: not a device such as 'cuda', 'cuda:1' or 'cpu'") from None
+    if index is not None and index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+
+
 def engine_config(args):
     """The EngineConfig of parsed `add_engine_args` arguments (ValueError, naming the field, if invalid;
     also when the device asked for is not there)."""
-    import torch
-
     from ..engine import EngineConfig
-    if args.device is not None and str(args.device).startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device; "
-                             f"use --device cpu or a CUDA build of torch")
-        index = torch.device(args.device).index
-        if index is not None and index >= torch.cuda.device_count():
-            raise ValueError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    check_device(args.device)
     return EngineConfig(device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                         max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
                         block_size=args.block_size, cache_memory_gb=args.cache_memory_gb,

@@ -11,14 +11,21 @@ import torch
 
 
 @torch.no_grad()
+def sequence_logprobs(model, ids_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [B, T] (equal lengths) -> (log p(ids[:, i] | ids[:, :i]) for i >= 1 [B, T-1], all logprobs [B, T-1, V])."""
+    logprobs_BTV = model(ids_BT)[:, :-1].float().log_softmax(dim=-1)   # position i predicts token i+1
+    return logprobs_BTV.gather(2, ids_BT[:, 1:, None])[..., 0], logprobs_BTV
+
+
+@torch.no_grad()
 def token_logprobs(model, token_ids: list[int], top_k: int = 0) -> tuple[list[float], list[dict[int, float]] | None]:
     """For tokens 1..T-1 of `token_ids`: log p(token_i | tokens_<i), and (with `top_k` > 0) the `top_k` most likely
     tokens at each position with their log-probabilities (the token itself always included, as vLLM reports)."""
     device = next(model.parameters()).device
     ids_BT = torch.tensor([token_ids], dtype=torch.long, device=device)
-    logprobs_TV = model(ids_BT)[0, :-1].float().log_softmax(dim=-1)   # position i predicts token i+1
-    targets_T = ids_BT[0, 1:]
-    chosen = logprobs_TV.gather(1, targets_T[:, None])[:, 0].tolist()
+    chosen_BT, logprobs_BTV = sequence_logprobs(model, ids_BT)
+    logprobs_TV, targets_T = logprobs_BTV[0], ids_BT[0, 1:]
+    chosen = chosen_BT[0].tolist()
     if top_k <= 0:
         return chosen, None
     top_vals, top_ids = (t.tolist() for t in logprobs_TV.topk(min(top_k, logprobs_TV.shape[-1]), dim=-1))
