@@ -8,7 +8,8 @@ import sys
 from ._engine_args import add_engine_args, build_llm, prepare
 from .generate import add_sampling_args, sampling_params
 
-HELP = "commands: /reset (forget the history), /exit. Ctrl-C stops an answer; Ctrl-D leaves."
+HELP = ("commands: /reset (forget the history), /exit; start a message with // to send one that begins with /. "
+        "Ctrl-C stops an answer; Ctrl-D leaves.")
 
 
 def register(sub) -> None:
@@ -74,6 +75,11 @@ def run(args) -> int:
         if cmd == "/reset":
             messages = list(system)
             print("(history cleared)", file=sys.stderr)
+            continue
+        if cmd.startswith("//"):
+            user = user.replace("//", "/", 1)
+        elif cmd.startswith("/"):   # a mistyped command is not a message to the model
+            print(f"unknown command {cmd.split()[0]}; {HELP}", file=sys.stderr)
             continue
         messages.append({"role": "user", "content": user})
         sys.stdout.write("Assistant: ")
