@@ -112,8 +112,9 @@ def test_generate_and_llm_take_a_hub_id(offline, capsys):
 
 
 @pytest.mark.parametrize("name, revision, expected", [
-    ("acme/unknown-model", None, "is not (completely) in the hub cache and the hub cannot be reached"),
-    (REPO, "v2", "acme/tiny-v2 at revision 'v2' is not (completely) in the hub cache"),
+    ("acme/unknown-model", None, "hub model acme/unknown-model is not (completely) in the hub cache while the hub "
+                                 "cannot be reached"),
+    (REPO, "v2", "hub model acme/tiny-v2 at revision 'v2' is not (completely) in the hub cache"),
     ("./no/such/dir", None, "checkpoint directory not found: ./no/such/dir"),
     ("runs/x/model", None, "checkpoint directory not found: runs/x/model"),
 ])

@@ -85,6 +85,24 @@ def test_echo_logprobs_match_transformers(server, reference, tok, max_tokens):
                 assert lp["token_logprobs"][-1] == pytest.approx(after.max().item(), abs=1e-4)
 
 
+def test_echo_logprobs_streamed(server, tok):
+    """Streamed, the first chunk carries the echoed prompt and its logprobs; joined, the chunks are the response."""
+    body = {"model": "tiny", "prompt": "Hello! How are", "max_tokens": 3, "echo": True, "logprobs": 2,
+            "temperature": 0, "ignore_eos": True}
+    whole = _post(server, **body)["choices"][0]
+    text, lps = "", {"tokens": [], "token_logprobs": [], "top_logprobs": []}
+    with httpx.stream("POST", server + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                for c in json.loads(line[6:])["choices"]:
+                    text += c["text"]
+                    for key in lps:
+                        lps[key] += c["logprobs"][key]
+    assert text == whole["text"]
+    assert lps == {key: whole["logprobs"][key] for key in lps}
+    assert len(lps["tokens"]) == len(tok.encode("Hello! How are")) + 3
+
+
 def test_echo_rules(server):
     r = httpx.post(server + "/v1/completions", json={"prompt": "Hello", "max_tokens": 0})
     assert r.status_code == 400 and "needs echo" in r.json()["error"]["message"]

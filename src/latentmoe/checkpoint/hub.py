@@ -58,9 +58,9 @@ def _download(repo_id: str, revision: str | None, progress: bool) -> str:
         raise FileNotFoundError(f"no directory {repo_id!r} here and no model {repo_id!r} on the hub "
                                 f"(or it is private: log in or set HF_TOKEN)") from None
     except LocalEntryNotFoundError:
-        raise FileNotFoundError(f"{repo_id}{at} is not (completely) in the hub cache and the hub cannot be reached "
-                                f"(offline, HF_HUB_OFFLINE=1, or no network); download it once while online, "
-                                f"or give a checkpoint directory") from None
+        raise FileNotFoundError(f"no directory {repo_id!r} here, and hub model {repo_id}{at} is not (completely) in "
+                                f"the hub cache while the hub cannot be reached (HF_HUB_OFFLINE=1 or no network): "
+                                f"download it once online, or give a checkpoint directory") from None
     except HfHubHTTPError as e:
         raise FileNotFoundError(f"could not fetch {repo_id}{at} from the hub: {str(e).splitlines()[0]}") from None
     finally:

@@ -73,7 +73,7 @@ def score_documents(model, documents: list[list[int]], max_len: int, stride: int
         length = jobs[i][1][1] - jobs[i][1][0]
         group = [j for j in jobs[i:i + batch_size] if j[1][1] - j[1][0] == length]
         ids_BT = torch.tensor([doc[b:e] for doc, (b, e, _) in group], dtype=torch.long, device=device)
-        chosen_BT, _ = sequence_logprobs(model, ids_BT)
+        chosen_BT = sequence_logprobs(model, ids_BT)
         for row, (_, (b, e, first)) in zip(chosen_BT, group):
             scored = row[first - b - 1:]       # row[k] is the logprob of window token k+1
             nll -= scored.double().sum().item()

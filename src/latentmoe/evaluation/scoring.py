@@ -11,10 +11,13 @@ import torch
 
 
 @torch.no_grad()
-def sequence_logprobs(model, ids_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """ids [B, T] (equal lengths) -> (log p(ids[:, i] | ids[:, :i]) for i >= 1 [B, T-1], all logprobs [B, T-1, V])."""
-    logprobs_BTV = model(ids_BT)[:, :-1].float().log_softmax(dim=-1)   # position i predicts token i+1
-    return logprobs_BTV.gather(2, ids_BT[:, 1:, None])[..., 0], logprobs_BTV
+def sequence_logprobs(model, ids_BT: torch.Tensor) -> torch.Tensor:
+    """ids [B, T] (equal lengths) -> log p(ids[:, i] | ids[:, :i]) for i >= 1, [B, T-1] fp32."""
+    logits_BTV = model(ids_BT)[:, :-1]            # position i predicts token i+1
+    targets_BT = ids_BT[:, 1:]
+    # fp32 one row at a time: a [T, V] copy rather than [B, T, V] (V is 102400 for DeepSeek-V2).
+    return torch.stack([logits_BTV[b].float().log_softmax(-1).gather(1, targets_BT[b, :, None])[:, 0]
+                        for b in range(ids_BT.shape[0])])
 
 
 @torch.no_grad()
@@ -23,9 +26,9 @@ def token_logprobs(model, token_ids: list[int], top_k: int = 0) -> tuple[list[fl
     tokens at each position with their log-probabilities (the token itself always included, as vLLM reports)."""
     device = next(model.parameters()).device
     ids_BT = torch.tensor([token_ids], dtype=torch.long, device=device)
-    chosen_BT, logprobs_BTV = sequence_logprobs(model, ids_BT)
-    logprobs_TV, targets_T = logprobs_BTV[0], ids_BT[0, 1:]
-    chosen = chosen_BT[0].tolist()
+    logprobs_TV = model(ids_BT)[0, :-1].float().log_softmax(-1)   # position i predicts token i+1
+    targets_T = ids_BT[0, 1:]
+    chosen = logprobs_TV.gather(1, targets_T[:, None])[:, 0].tolist()
     if top_k <= 0:
         return chosen, None
     top_vals, top_ids = (t.tolist() for t in logprobs_TV.topk(min(top_k, logprobs_TV.shape[-1]), dim=-1))
