@@ -15,8 +15,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     # No imports here: registering a command must stay cheap (EngineConfig checks the values).
     g = p.add_argument_group("engine")
     g.add_argument("--revision", default=None,
-                   help="branch, tag or commit of a hub model id (default: main); the hub cache is HF_HOME/HF_HUB_CACHE, "
-                        "HF_HUB_OFFLINE=1 uses it without the network")
+                   help="branch, tag or commit of a hub model id (default: main); the hub cache is "
+                        "HF_HOME/HF_HUB_CACHE, HF_HUB_OFFLINE=1 uses it without the network")
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda if available)")
     g.add_argument("--dtype", default=None, help="bfloat16 / float16 / float32 (default: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")

@@ -26,7 +26,8 @@ def register(evals) -> None:
     p.add_argument("--max-documents", type=int, default=0, help="score at most this many documents (0: all)")
     p.add_argument("--max-len", type=int, default=None,
                    help="tokens per window (default: the model's max_position_embeddings, at most 2048)")
-    p.add_argument("--stride", type=int, default=None, help="new tokens scored per window, each with at least max-len - stride tokens of context "
+    p.add_argument("--stride", type=int, default=None,
+                   help="new tokens scored per window, each with at least max-len - stride tokens of context "
                         "(default: max-len - 1)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")

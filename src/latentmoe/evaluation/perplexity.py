@@ -2,9 +2,10 @@
 
 Each document is scored as `[BOS] + tokens` (how training packs documents), so with a BOS every text token is
 predicted exactly once and bits per byte = total NLL / ln 2 / UTF-8 bytes of the text, comparable across
-tokenizers. A document longer than `max_len` is scored in windows of `max_len` tokens that each score the next `stride` tokens,
-so every token is predicted once with at least `max_len - stride` tokens of context (default stride max_len - 1:
-windows overlap by one token, the cheapest; smaller strides give more context and a lower, fairer number).
+tokenizers. A document longer than `max_len` is scored in windows of `max_len` tokens that each score the next
+`stride` tokens, so every token is predicted once with at least `max_len - stride` tokens of context (default
+stride max_len - 1: windows overlap by one token, the cheapest; smaller strides give more context and a lower,
+fairer number).
 """
 
 from __future__ import annotations
