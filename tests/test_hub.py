@@ -102,6 +102,15 @@ def test_hub_id_resolves_offline_to_the_cached_revision(offline):
     torch.testing.assert_close(v1_model(ids), ref(ids), rtol=0, atol=0)
 
 
+def test_kv_report_takes_a_hub_id(offline, capsys):
+    from latentmoe.config import ModelConfig
+    from latentmoe.kv_report import format_report
+    assert main(["kv-report", REPO, "--context", "128"]) == 0
+    storage = os.path.join(offline, repo_folder_name(repo_id=REPO, repo_type="model"))
+    cfg = ModelConfig.from_json(os.path.join(storage, "snapshots", MAIN))
+    assert capsys.readouterr().out.strip() == format_report(cfg, 128, 1, 2, name=REPO).strip()
+
+
 def test_generate_and_llm_take_a_hub_id(offline, capsys):
     from latentmoe.engine import LLM
     llm = LLM(REPO, device="cpu", max_model_len=64)

@@ -23,9 +23,11 @@ def is_hub_id(name: str) -> bool:
     return bool(_HUB_ID.fullmatch(name)) and not name.startswith(".") and ".." not in name
 
 
-def resolve_checkpoint(name: str | os.PathLike, revision: str | None = None, progress: bool = True) -> str:
+def resolve_checkpoint(name: str | os.PathLike, revision: str | None = None, progress: bool = True,
+                       patterns: list[str] | None = None) -> str:
     """The local checkpoint directory for `name`: the directory itself, or the hub id's snapshot in the cache
-    (downloaded when missing, with a progress bar unless `progress` is False)."""
+    (downloaded when missing, with a progress bar unless `progress` is False; only `patterns`, by default the
+    files of a checkpoint directory; ["config.json"] for the config alone)."""
     name = os.fspath(name)
     if os.path.isdir(name):
         if revision is not None:
@@ -33,10 +35,10 @@ def resolve_checkpoint(name: str | os.PathLike, revision: str | None = None, pro
         return name
     if not is_hub_id(name):
         raise FileNotFoundError(f"checkpoint directory not found: {name}")
-    return _download(name, revision, progress)
+    return _download(name, revision, progress, patterns or HUB_PATTERNS)
 
 
-def _download(repo_id: str, revision: str | None, progress: bool) -> str:
+def _download(repo_id: str, revision: str | None, progress: bool, patterns: list[str]) -> str:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
@@ -47,7 +49,7 @@ def _download(repo_id: str, revision: str | None, progress: bool) -> str:
     if not progress:
         disable_progress_bars()
     try:
-        path = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS)
+        path = snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
     # The order matters: a gated repo is a not-found error, and both (and a bad revision) are HTTP errors.
     except GatedRepoError:
         raise FileNotFoundError(f"{repo_id} is a gated model: accept its terms on the hub, then log in "
