@@ -24,7 +24,8 @@ def run(args) -> int:
     from ..kv_report import format_report
 
     source = args.model
-    if source not in PRESETS and not os.path.exists(source) and is_hub_id(source):
+    # owner/name only: a bare word is a preset or a mistyped one, never looked up on the hub
+    if source not in PRESETS and not os.path.exists(source) and "/" in source and is_hub_id(source):
         source = resolve_checkpoint(source, patterns=["config.json"])
     cfg = get_config(source)
     name = args.model if not os.path.exists(args.model) else os.path.basename(os.path.abspath(args.model))
