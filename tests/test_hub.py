@@ -161,14 +161,86 @@ def test_hub_id_shapes():
     assert not any(map(is_hub_id, ["runs/demo/model", "./model", "../x", "/abs/path", "~/m", "a/../b"]))
 
 
-def test_offline_environment_variables_end_to_end(hub_cache, tmp_path):
-    """The real environment variables, in a fresh process: HF_HUB_CACHE finds the model, HF_HUB_OFFLINE keeps the
-    unknown id off the network with one line and no traceback."""
-    env = {**os.environ, "HF_HUB_CACHE": hub_cache, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "latentmoe", "generate", "--device", "cpu", "--max-model-len", "64",
-           "--max-tokens", "2", "--prompt", "Hi"]
-    ok = subprocess.run(cmd[:4] + [REPO] + cmd[4:], env=env, capture_output=True, text=True, timeout=120)
-    assert ok.returncode == 0, ok.stderr
-    bad = subprocess.run(cmd[:4] + ["acme/missing"] + cmd[4:], env=env, capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    assert bad.stderr.strip().count("\n") == 0 and "HF_HUB_OFFLINE" in bad.stderr
+class FakeHub:
+    """The hub's HTTP API for one repository (what snapshot_download calls: revision info, tree listing, resolve),
+    on a local port; unknown repositories answer 404 and `acme/gated` as a gated one does. Records every request."""
+
+    def __init__(self, files: dict[str, bytes]):
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        hub = self
+        self.requests: list[tuple[str, str]] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _answer(self, code, body=b"", headers=None):
+                self.send_response(code)
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command == "GET":
+                    self.wfile.write(body)
+
+            def do_GET(self):
+                path = self.path.split("?")[0]
+                hub.requests.append((self.command, path))
+                listing = [{"type": "file", "path": f, "size": len(d), "oid": hashlib.sha1(d).hexdigest()}
+                           for f, d in files.items()]
+                if path.startswith(f"/api/models/{REPO}/revision/"):
+                    body = {"id": REPO, "sha": MAIN, "siblings": [{"rfilename": f} for f in files]}
+                    return self._answer(200, json.dumps(body).encode(), {"Content-Type": "application/json"})
+                if path.startswith(f"/api/models/{REPO}/tree/"):
+                    return self._answer(200, json.dumps(listing).encode(), {"Content-Type": "application/json"})
+                if path.startswith(f"/{REPO}/resolve/{MAIN}/"):
+                    data = files[path.rsplit("/", 1)[1]]
+                    return self._answer(200, data, {"X-Repo-Commit": MAIN,
+                                                    "ETag": f'"{hashlib.sha1(data).hexdigest()}"'})
+                if "acme/gated" in path:
+                    return self._answer(403, b"{}", {"X-Error-Code": "GatedRepo", "X-Error-Message": "gated"})
+                return self._answer(404, b"{}", {"X-Error-Code": "RepoNotFound", "X-Error-Message": "not found"})
+
+            do_HEAD = do_GET
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def fetched(self) -> set[str]:
+        return {p.rsplit("/", 1)[1] for m, p in self.requests if m == "GET" and "/resolve/" in p}
+
+
+def test_download_fetches_only_the_checkpoint_then_works_offline(tmp_path):
+    """The real download path against a local stand-in for the hub (HF_ENDPOINT), in fresh processes: only the
+    checkpoint's files are fetched, with a progress bar; then HF_HUB_OFFLINE=1 runs from the cache; unknown and
+    gated ids are one line each."""
+    src = make_checkpoint(tmp_path / "src")
+    files = {n: open(os.path.join(src, n), "rb").read() for n in os.listdir(src) if os.path.isfile(
+        os.path.join(src, n))}
+    hub = FakeHub({**files, **EXTRAS})
+    try:
+        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+               "HF_HUB_DISABLE_TELEMETRY": "1"}
+        env.pop("HF_HUB_OFFLINE", None)
+        cmd = [sys.executable, "-m", "latentmoe", "generate", REPO, "--device", "cpu", "--max-model-len", "64",
+               "--max-tokens", "2", "--prompt", "Hi"]
+        online = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert online.returncode == 0, online.stderr
+        assert "Fetching" in online.stderr   # huggingface_hub's progress bar
+        assert hub.fetched() == set(files) and not hub.fetched() & set(EXTRAS)
+        hub.requests.clear()
+        offline = subprocess.run(cmd, env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+                                 timeout=120)
+        assert offline.returncode == 0, offline.stderr
+        assert offline.stdout == online.stdout and hub.requests == []
+        for repo, message in (("acme/missing", "no model 'acme/missing' on the hub"),
+                              ("acme/gated", "acme/gated is a gated model")):
+            bad = subprocess.run(cmd[:4] + [repo] + cmd[5:], env=env, capture_output=True, text=True, timeout=120)
+            assert bad.returncode == 2 and message in bad.stderr, bad.stderr
+            assert bad.stderr.strip().count("\n") == 0 and "Traceback" not in bad.stderr
+    finally:
+        hub.server.shutdown()
