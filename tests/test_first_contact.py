@@ -83,6 +83,16 @@ def test_bad_arguments_fail_in_one_line_before_loading(argv, message, capsys):
     assert "no/such/dir" not in err
 
 
+def test_busy_port_fails_before_loading(capsys):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(["serve", "no/such/dir/x", "--port", str(port)]) == 2
+    one_line_error(capsys, f"cannot listen on 127.0.0.1:{port}")
+
+
 def test_generate_logprobs_without_json(ckpt, capsys):
     common = ["generate", ckpt, "--prompt", "Hello", "--max-tokens", "4", "--ignore-eos", "--logprobs", "2",
               "--device", "cpu", "--max-model-len", "64"]

@@ -12,7 +12,7 @@ def register(sub) -> None:
     p = sub.add_parser("serve", help="serve a checkpoint over the OpenAI API (completions, chat, streaming)",
                        description="Load an HF-format checkpoint directory (with its tokenizer) and serve "
                                    "/v1/models, /v1/completions and /v1/chat/completions, plus /health, /metrics, "
-                                   "/tokenize, /detokenize and a chat page at /.")
+                                   "/tokenize, /detokenize, /tokenizer_info and a chat page at /.")
     p.add_argument("model", help="checkpoint directory (config.json, safetensors, tokenizer.json) or hub model id "
                                  "(e.g. deepseek-ai/DeepSeek-V2-Lite)")
     p.add_argument("--host", default="127.0.0.1")
@@ -36,8 +36,7 @@ def run(args) -> int:
     from ..engine import AsyncLLM
     from ..server import create_app
 
-    if not 0 <= args.port <= 65535:
-        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    _check_address(args.host, args.port)   # before loading: a busy port would otherwise show only afterwards
     path = prepare(args, args.model)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     keys = args.api_key or ([os.environ["LATENTMOE_API_KEY"]] if os.environ.get("LATENTMOE_API_KEY") else [])
@@ -46,3 +45,21 @@ def run(args) -> int:
     app = create_app(engine, name, keys)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0
+
+
+def _check_address(host: str, port: int) -> None:
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise ValueError(f"--host {host}: not an address of this machine") from None
+    family, kind, _, _, address = infos[0]
+    with socket.socket(family, kind) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn binds
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise ValueError(f"cannot listen on {host}:{port}: {e.strerror} (pick another --port)") from None
