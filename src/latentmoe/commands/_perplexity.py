@@ -1,5 +1,6 @@
 """`latentmoe eval perplexity MODEL`: perplexity and bits per byte on text files or a built-in corpus split
-(evaluation.perplexity does the computation), with a progress bar; the result as one JSON object."""
+(evaluation.perplexity does the computation), with a progress bar; the result as one JSON object. Registered by the
+`eval` command as one of its subcommands."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 import sys
 
 
-def register(evals) -> None:
+def add_parser(evals) -> None:
     p = evals.add_parser("perplexity", help="perplexity and bits per byte on text files or a corpus split",
                          description="Perplexity and bits per byte of a checkpoint on text files (each a document) "
                                      "or on a built-in corpus split (the documents training held out with the "
