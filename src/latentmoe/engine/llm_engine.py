@@ -38,7 +38,8 @@ def load_tokenizer(path):
 
 
 class LLM:
-    """The engine over `model`: a checkpoint directory (loaded here, with its tokenizer) or a built model.
+    """The engine over `model`: a checkpoint directory or hub model id (loaded here, with its tokenizer) or a
+    built model.
 
     Options are EngineConfig fields, as keyword arguments or as `config=EngineConfig(...)`. A built
     model is never changed: the engine runs its own module tree sharing the model's parameters
@@ -59,8 +60,8 @@ class LLM:
         elif not isinstance(config, EngineConfig):
             raise ValueError(f"config must be an EngineConfig, got {type(config).__name__}")
         if isinstance(model, (str, os.PathLike)):
-            from ..checkpoint import load_model
-            path = os.fspath(model)
+            from ..checkpoint import load_model, resolve_checkpoint
+            path = resolve_checkpoint(model)   # a directory, or a hub model id through the hub cache
             device = config.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
             model = load_model(path, device=device, dtype=config.dtype)
             if tokenizer is None:
