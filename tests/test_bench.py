@@ -81,3 +81,19 @@ def test_serve_against_a_live_server(ckpt, capsys):
         out = capsys.readouterr().out
         bad = json.loads(out[out.index("\n{") + 1:])
         assert (bad["completed"], bad["errors"]) == (0, 3) and "404" in bad["error_examples"][0]
+
+
+def test_serve_token_ids_against_a_server_without_tokenizer(capsys):
+    # No tokenizer: this server streams no text, only the final chunk and the usage; the request still counts,
+    # its tokens from the usage, its first output at the end.
+    from latentmoe import build_model, get_config
+    from latentmoe.engine import LLM, AsyncLLM
+    from latentmoe.server import create_app
+
+    model = build_model(get_config("tiny", num_hidden_layers=2), seed=0).eval()
+    app = create_app(AsyncLLM(LLM(model, block_size=8, num_blocks=64)), "no-tokenizer")
+    with server_thread(app) as base:
+        r = run_json(capsys, ["bench", "serve", "--base-url", base, "--num-prompts", "4", "--input-len", "6",
+                              "--output-len", "3", "--token-ids"])
+    assert (r["completed"], r["errors"], r["output_tokens"], r["prompt_tokens"]) == (4, 0, 12, 24)
+    assert 0 < r["ttft_ms"]["p50"] <= r["e2e_ms"]["p50"]

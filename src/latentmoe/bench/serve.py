@@ -49,7 +49,11 @@ async def _one(client, url: str, headers: dict, body: dict, result: dict) -> Non
                     raise RuntimeError(str(event["error"])[:200])
                 if event.get("usage"):
                     usage = event["usage"]
-                if not event.get("choices") or not event["choices"][0].get("text"):
+                choices = event.get("choices")
+                # Output arrived: new text, a chunk that does not finish (servers that stream no text), or the
+                # first output at all (a server that holds everything back until the end: TTFT = e2e then).
+                if not choices or not (choices[0].get("text") or choices[0].get("finish_reason") is None
+                                       or last is None):
                     continue
                 now = time.perf_counter()
                 if last is None:
