@@ -8,8 +8,9 @@ offsets (cu_q, cu_k) like flash-attention's varlen form, so one call serves any 
 MLA keys come in two parts: k_nope per head [S, H, N] (decompressed from the latent) and the rotated
 k_pe [S, R], shared by all heads (stride 0 over heads; a per-head cache passes its own [S, H, R]).
 The scores are q_nope.k_nope + q_pe.k_pe, so neither queries nor keys are ever concatenated.
-Integer arguments are not specialised: the compiled kernel depends only on dtypes and head sizes,
-so warming it once at start-up covers every batch the engine can form.
+Its integer arguments are the model's constants (strides, heads); what varies from step to step (the
+chunk lengths) is device data and the grid. So one compiled kernel serves every batch the engine can
+form, and Triton may still specialise the strides (16-divisible: aligned, vectorised loads).
 """
 import torch
 
@@ -17,14 +18,6 @@ from ._triton import INTERPRET, dot, jit, new_buffer, tl, triton, use_triton
 from .reference import prefill_attention_ref
 
 LOG2E = 1.4426950408889634
-
-
-def _jit_unspecialised(fn):
-    if triton is None:
-        return fn
-    return triton.jit(fn, do_not_specialize=["stride_qm", "stride_qh", "stride_pm", "stride_ph", "stride_km",
-                                             "stride_kh", "stride_em", "stride_eh", "stride_vm", "stride_vh",
-                                             "stride_om", "stride_oh", "H"])
 
 
 @jit
@@ -59,7 +52,7 @@ def _attend_tile(acc, m_i, l_i, q, qpe, k_ptr, kpe_ptr, v_ptr, rows_k, mask_n, o
     return acc, m_new, l_i
 
 
-@_jit_unspecialised
+@jit
 def _prefill_attention_kernel(
     q_ptr, qpe_ptr, k_ptr, kpe_ptr, v_ptr, cu_q_ptr, cu_k_ptr, o_ptr,
     stride_qm, stride_qh, stride_pm, stride_ph, stride_km, stride_kh, stride_em, stride_eh,
