@@ -14,7 +14,7 @@ k_pe repeated per head) and v_cache [NB, BS, H, V], written once per token, read
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
