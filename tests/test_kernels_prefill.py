@@ -81,3 +81,22 @@ def test_prefill_attention_full_size(K):
     args = make_inputs([(0, 2048), (1000, 500), (0, 1), (300, 1200)], 16, 128, 64, 128, torch.bfloat16)
     ref = K.prefill_attention_ref(*(a.float() if a.is_floating_point() else a for a in args[:7]), 0.07)
     assert rel_err(K.prefill_attention(*args, 0.07), ref) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("shared_pe", [True, False])
+@pytest.mark.parametrize("path", ["flash", "triton"])
+def test_prefill_attention_paths_against_reference(K, path, shared_pe):
+    # Both GPU paths over a mix of chunks: whole prompts, chunks after a cached prefix, one-token chunks.
+    chunks = [(0, 700), (513, 64), (0, 1), (1000, 129), (7, 1)]
+    args = make_inputs(chunks, 16, 128, 64, 128, torch.bfloat16, shared_pe, seed=5)
+    ref = K.prefill_attention_ref(*(a.float() if a.is_floating_point() else a for a in args[:7]), 0.07)
+    if path == "flash":
+        from latentmoe.kernels.prefill import flash_supported, prefill_attention_flash
+        assert flash_supported(args[0], args[1], args[4])
+        out = prefill_attention_flash(*args, max(p + q for p, q in chunks), 0.07)
+    else:
+        out = K.prefill_attention_triton(*args, 0.07)
+    assert out.shape == (args[0].shape[0], 16, 128) and out.is_contiguous()
+    assert rel_err(out, ref) < 1e-2

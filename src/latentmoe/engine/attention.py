@@ -29,6 +29,7 @@ class PrefillMetadata:
     cu_q: torch.Tensor          # [P+1] int32
     cu_k: torch.Tensor          # [P+1] int32
     max_q: int                  # the longest chunk (sizes the kernel's launch)
+    max_k: int                  # the longest context (prefix + chunk)
 
 
 @dataclass
@@ -96,7 +97,7 @@ class PagedLatentAttention(PagedAttention):
         kv = cache.view(-1, cache.shape[-1])[meta.ctx_slots]           # [S, C+R]
         k_nope, v = layer.kv_b_proj(kv[:, :C]).view(-1, H, N + layer.v_dim).split([N, layer.v_dim], dim=-1)
         return kernels.prefill_attention(q_nope, q_pe, k_nope, kv[:, C:], v, meta.cu_q, meta.cu_k, meta.max_q,
-                                         layer.softmax_scale)
+                                         layer.softmax_scale, max_k=meta.max_k)
 
 
 class PagedPerHeadAttention(PagedAttention):
@@ -127,7 +128,7 @@ class PagedPerHeadAttention(PagedAttention):
         kc = k_cache.view(-1, H, k_cache.shape[-1])[meta.ctx_slots]     # [S, H, N+R]
         vc = v_cache.view(-1, H, v_cache.shape[-1])[meta.ctx_slots]     # [S, H, V]
         return kernels.prefill_attention(q_nope.contiguous(), q_pe.contiguous(), kc[..., :N], kc[..., N:], vc,
-                                         meta.cu_q, meta.cu_k, meta.max_q, layer.softmax_scale)
+                                         meta.cu_q, meta.cu_k, meta.max_q, layer.softmax_scale, max_k=meta.max_k)
 
 
 __all__ = ["AttentionMetadata", "PrefillMetadata", "PagedAttention", "PagedLatentAttention", "PagedPerHeadAttention"]

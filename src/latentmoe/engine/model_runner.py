@@ -100,7 +100,8 @@ class ModelRunner:
         if len(cu_q) > 1:
             meta.prefill = PrefillMetadata(self._to_device(ctx_slots, torch.int64), self._to_device(cu_q, torch.int32),
                                            self._to_device(cu_k, torch.int32),
-                                           max(b - a for a, b in zip(cu_q, cu_q[1:])))
+                                           max(b - a for a, b in zip(cu_q, cu_q[1:])),
+                                           max(b - a for a, b in zip(cu_k, cu_k[1:])))
         return ids, pos, meta, sample_rows
 
     def _decode_tables(self, seqs):
@@ -345,7 +346,7 @@ class ModelRunner:
             meta.prefill = PrefillMetadata(torch.zeros(ctx, dtype=torch.int64, device=self.device),
                                            torch.tensor([0, prefill_tokens], dtype=torch.int32, device=self.device),
                                            torch.tensor([0, ctx], dtype=torch.int32, device=self.device),
-                                           prefill_tokens)
+                                           prefill_tokens, ctx)
         ids = torch.zeros(1, M, dtype=torch.int64, device=self.device)
         pos = torch.arange(M, device=self.device)[None]
         self.backend.meta = meta

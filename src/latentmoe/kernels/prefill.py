@@ -138,16 +138,53 @@ def prefill_attention_triton(q_nope, q_pe, k_nope, k_pe, v, cu_q, cu_k, max_q: i
     return out
 
 
+def flash_supported(q_nope: torch.Tensor, q_pe: torch.Tensor, v: torch.Tensor) -> bool:
+    """torch's flash-attention kernel takes these inputs: CUDA, sm80+, bf16/fp16, head size <= 256."""
+    D = q_nope.shape[-1] + q_pe.shape[-1]
+    return (q_nope.is_cuda and q_nope.dtype in (torch.float16, torch.bfloat16) and D % 8 == 0 and D <= 256
+            and v.shape[-1] <= D and torch.cuda.get_device_capability(q_nope.device)[0] >= 8
+            and torch.backends.cuda.flash_sdp_enabled())
+
+
+def prefill_attention_flash(q_nope, q_pe, k_nope, k_pe, v, cu_q, cu_k, max_q: int, max_k: int,
+                            softmax_scale: float) -> torch.Tensor:
+    """The same attention through torch's varlen flash-attention kernel (one launch for every chunk).
+
+    Its causal mask is aligned to the bottom right when a chunk has fewer queries than keys, which is
+    exactly "full over the cached prefix, causal inside the chunk". It wants one head size for q, k and
+    v: the rope parts are concatenated (the shared k_pe broadcast over heads) and v is zero-padded to
+    N + R, the padded output columns dropped. On an H200 at 32K tokens torch's flash kernel ran 3x the
+    Triton kernel's FLOP rate (benchmarks/results/prefill.md), so it is the default where it applies.
+    """
+    T, H, N = q_nope.shape
+    S, R, V = k_nope.shape[0], q_pe.shape[-1], v.shape[-1]
+    q = torch.cat([q_nope, q_pe], dim=-1)
+    k = torch.cat([k_nope, k_pe[:, None, :].expand(S, H, R) if k_pe.dim() == 2 else k_pe], dim=-1)
+    if V < N + R:
+        v = torch.nn.functional.pad(v, (0, N + R - V))
+    out = torch.ops.aten._flash_attention_forward(q, k, v.contiguous(), cu_q, cu_k, max_q, max_k, 0.0, True,
+                                                  False, scale=softmax_scale)[0]
+    return out[..., :V].contiguous()
+
+
 def prefill_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor,
                       v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int,
-                      softmax_scale: float, **tuning) -> torch.Tensor:
+                      softmax_scale: float, max_k: int | None = None, **tuning) -> torch.Tensor:
     """All prefill chunks of a step: q_nope [T, H, N], q_pe [T, H, R], k_nope [S, H, N], k_pe [S, R]
     (shared by the heads) or [S, H, R], v [S, H, V]; chunk p's queries are rows cu_q[p]:cu_q[p+1],
     its keys (cached prefix, then the chunk itself) rows cu_k[p]:cu_k[p+1] -> [T, H, V].
 
-    `max_q` (the longest chunk, a host int) sizes the launch. Triton on CUDA (CPU under
-    TRITON_INTERPRET=1), the torch reference elsewhere; fp32 accumulation either way.
+    `max_q` / `max_k` (the longest chunk and context, host ints) size the launch. On CUDA in bf16/fp16
+    torch's varlen flash attention; otherwise the Triton kernel on CUDA (CPU under TRITON_INTERPRET=1)
+    and the torch reference elsewhere; fp32 accumulation everywhere. Tuning arguments select the Triton
+    kernel.
     """
+    if q_nope.shape[0] == 0:
+        return q_nope.new_empty(0, q_nope.shape[1], v.shape[-1])
+    if not tuning and flash_supported(q_nope, q_pe, v):
+        if max_k is None:
+            max_k = int((cu_k[1:] - cu_k[:-1]).max())
+        return prefill_attention_flash(q_nope, q_pe, k_nope, k_pe, v, cu_q, cu_k, max_q, max_k, softmax_scale)
     if use_triton(q_nope) and min(q_nope.shape[-1], q_pe.shape[-1], v.shape[-1]) >= 16:
         return prefill_attention_triton(q_nope, q_pe, k_nope, k_pe, v, cu_q, cu_k, max_q, softmax_scale, **tuning)
     return prefill_attention_ref(q_nope, q_pe, k_nope, k_pe, v, cu_q, cu_k, softmax_scale)
