@@ -1,13 +1,16 @@
-"""`latentmoe eval SUBCOMMAND`: measure a model. Subcommands: `passkey` (commands._passkey)."""
+"""`latentmoe eval KIND MODEL ...`: measure a checkpoint. Each kind is a module beside this one with
+`add_parser(evals)`: `perplexity` (commands._perplexity), `passkey` (commands._passkey)."""
 
 from __future__ import annotations
 
-from . import _passkey
+from . import _passkey, _perplexity
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="measure a model (passkey retrieval)",
-                              description="Measure a model: `latentmoe eval passkey MODEL`.")
-    sub = p.add_subparsers(dest="eval_command", metavar="SUBCOMMAND")
-    _passkey.add_parser(sub)
-    p.set_defaults(func=lambda args: p.print_help() or 2)
+    p = subparsers.add_parser("eval", help="measure a checkpoint (perplexity and bits per byte, passkey retrieval)",
+                              description="Measure a checkpoint (a directory or a hub model id): "
+                                          "`latentmoe eval perplexity MODEL` (results print as JSON), "
+                                          "`latentmoe eval passkey MODEL` (accuracy table and heatmap).")
+    evals = p.add_subparsers(dest="eval_command", metavar="KIND", required=True)
+    _perplexity.add_parser(evals)
+    _passkey.add_parser(evals)

@@ -1,1 +1,2 @@
-"""Measuring a model: passkey retrieval over long contexts (`passkey`)."""
+"""Measuring a model: the log-probability of given text (`scoring`), perplexity and bits per byte (`perplexity`),
+passkey retrieval over long contexts (`passkey`)."""
