@@ -39,6 +39,11 @@ class EngineConfig:
     # Fused RMSNorm / MLA post-projection / greedy router kernels: default on CUDA (where Triton runs).
     fused_ops: bool | None = None
     kv_cache: str | CacheLayout = "latent"     # "latent", "mha" (the per-head baseline) or a CacheLayout
+    # One process per device (engine/distributed.py): attention split by heads, dense MLPs and shared
+    # experts column/row-parallel; routed experts split along their width, or with
+    # enable_expert_parallel whole experts spread over the ranks.
+    tensor_parallel_size: int = 1
+    enable_expert_parallel: bool = False
 
     def __post_init__(self) -> None:
         def bad(name: str, what: str) -> ValueError:
@@ -62,7 +67,9 @@ class EngineConfig:
             raise bad("cache_memory_gb", "a positive number or None")
         if self.num_blocks is not None and self.cache_memory_gb is not None:
             raise ValueError("give num_blocks or cache_memory_gb, not both")
-        for name in ("enable_prefix_caching", "enforce_eager"):
+        if not is_int(self.tensor_parallel_size) or self.tensor_parallel_size < 1:
+            raise bad("tensor_parallel_size", "a positive integer")
+        for name in ("enable_prefix_caching", "enforce_eager", "enable_expert_parallel"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "True or False")
         if self.fused_ops is not None and not isinstance(self.fused_ops, bool):

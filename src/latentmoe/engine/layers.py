@@ -89,8 +89,8 @@ def _engine_class(module: nn.Module, parent: nn.Module | None, fused_ops: bool, 
         return EngineMLA
     if fused_ops and kind is Router and module.n_group == 1 and module.device_limit is None:
         return EngineRouter
-    # Only an MoE layer's own experts (not e.g. the slices inside a device-sharded replacement).
-    if fused_experts and kind is Experts and type(parent) is MoE:
+    # An MoE layer's experts (also a rank's share of them inside tensor_parallel.ParallelMoE).
+    if fused_experts and kind is Experts and isinstance(parent, MoE):
         return EngineExperts
     return kind
 

@@ -1,0 +1,355 @@
+"""The multi-process engine: one process per device, each running the same step on its share of the model.
+
+Rank 0 is the caller's process: it owns the scheduler, the block manager and sampling, and runs its
+own share like every rank. Ranks 1..P-1 are new processes (torch.multiprocessing, "forkserver"), each
+loading only its slices (tensor_parallel.load_shard) onto its device. Per step rank 0 sends the
+scheduled batch (each sequence's new tokens, positions and block table: a few hundred bytes) down a
+pipe to every worker; every rank then runs the step and the ranks meet in the collectives inside
+the layers (torch.distributed: NCCL on CUDA, gloo on CPU). Each rank keeps its own latent cache; the
+block tables are rank 0's, so all caches hold the same rows. Only rank 0's logits are sampled.
+
+Why pipes for the batch and not a broadcast: idle workers wait on their pipe with no timeout (a
+server may idle for hours), while every collective has one; a dead rank 0 closes the pipes, so its
+workers exit.
+
+Failure: a worker that raises sends its traceback to rank 0 and exits; rank 0's collective then fails
+(gloo sees the closed connection; NCCL times out) and the caller gets `ParallelError` naming the rank
+and its error, after every worker has been stopped. A worker that dies without a word is seen through
+its process sentinel; if rank 0 is still stuck in a collective `HANG_GRACE_S` later, the process
+exits (code 70) rather than hang.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import traceback
+from datetime import timedelta
+from multiprocessing.connection import wait as wait_any
+
+import torch
+import torch.distributed as dist
+
+from ..checkpoint import resolve_dtype
+from ..config import ModelConfig
+from .config import EngineConfig
+from .kv_cache import plan_cache
+from .layers import engine_model
+from .sampling import SamplingParams
+from .scheduler import ScheduledBatch
+from .tensor_parallel import ShardPlan, check_divisible, load_shard
+
+log = logging.getLogger("latentmoe.engine")
+
+COLLECTIVE_TIMEOUT_S = 300   # a step (or start-up rendezvous) that waits this long on a peer fails
+STARTUP_TIMEOUT_S = 1800     # loading a rank's share of a large checkpoint
+HANG_GRACE_S = 30            # after a worker died, how long rank 0 may stay inside a step
+
+
+class ParallelError(RuntimeError):
+    """A rank of the multi-process engine failed; the engine has stopped all of its processes."""
+
+
+# ----------------------------------------------------------------------------- the step on the wire
+_GREEDY = SamplingParams(temperature=0.0)
+
+
+class _Window:
+    """The token ids a step reads (positions start .. start+n), indexed by absolute position."""
+
+    def __init__(self, start: int, ids: list[int]):
+        self.start, self.ids = start, ids
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return self.ids[k.start - self.start:k.stop - self.start]
+        return self.ids[k - self.start]
+
+
+class _SeqView:
+    """What a worker's runner reads of a sequence: the step's tokens, its block table and length."""
+    params = _GREEDY   # workers' logits are discarded: the cheapest "sampling"
+    generator = None
+
+    def __init__(self, token_ids: _Window, num_computed_tokens: int, block_table: list[int], length: int):
+        self.token_ids, self.num_computed_tokens, self.block_table, self.length = (
+            token_ids, num_computed_tokens, block_table, length)
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def step_message(batch: ScheduledBatch) -> tuple:
+    seqs = [(s.num_computed_tokens, s.token_ids[s.num_computed_tokens:s.num_computed_tokens + n], s.block_table,
+             len(s)) for s, n in zip(batch.seqs, batch.num_new_tokens)]
+    return batch.num_decodes, list(batch.num_new_tokens), seqs
+
+
+def batch_from_message(msg: tuple) -> ScheduledBatch:
+    num_decodes, num_new, seqs = msg
+    views = [_SeqView(_Window(start, ids), start, table, length) for start, ids, table, length in seqs]
+    return ScheduledBatch(views, num_new, num_decodes, [])
+
+
+# ----------------------------------------------------------------------------- processes
+def rank_device(base: torch.device, rank: int) -> torch.device:
+    return torch.device("cuda", (base.index or 0) + rank) if base.type == "cuda" else base
+
+
+def _init_group(base: torch.device, rank: int, world: int, init_method: str) -> None:
+    if base.type == "cuda":
+        torch.cuda.set_device(rank_device(base, rank))
+    dist.init_process_group("nccl" if base.type == "cuda" else "gloo", init_method=init_method, rank=rank,
+                            world_size=world, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+
+
+def _build_rank(path: str, config: EngineConfig, rank: int, base: torch.device):
+    """This rank's engine module tree and resolved config (after its slices are loaded)."""
+    device = rank_device(base, rank)
+    dtype = resolve_dtype(config.dtype, device)
+    resolved = config.resolved(device, dtype)
+    shard = load_shard(path, ShardPlan(rank, config.tensor_parallel_size, config.enable_expert_parallel), device, dtype)
+    model = engine_model(shard, fused_ops=resolved.fused_ops, fused_experts=resolved.experts_impl == "fused")
+    return model, resolved
+
+
+def _peak_host_gib() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2   # KiB on Linux
+
+
+def _worker(rank: int, path: str, config: EngineConfig, base: torch.device, init_method: str, runner_class,
+            conn) -> None:
+    """A rank > 0: join the group, load its share, then run every step rank 0 sends until told to stop."""
+    world = config.tensor_parallel_size
+    if base.type == "cpu":
+        torch.set_num_threads(max(1, torch.get_num_threads() // world))
+    try:
+        _init_group(base, rank, world, init_method)
+        model, resolved = _build_rank(path, config, rank, base)
+        _, num_blocks, max_model_len = conn.recv()
+        runner = runner_class(model, resolved, num_blocks, max_model_len)
+        conn.send(("ready", rank, _peak_host_gib()))
+        with torch.inference_mode():
+            while True:
+                msg = conn.recv()
+                if msg[0] == "stop":
+                    break
+                runner.execute(batch_from_message(msg[1]))
+        conn.send(("stopped", rank))
+        dist.destroy_process_group()
+    except (EOFError, BrokenPipeError):   # rank 0 went away: nothing to report to
+        os._exit(1)
+    except BaseException as e:   # noqa: BLE001 - everything is reported, then the process ends
+        try:
+            conn.send(("error", rank, f"{type(e).__name__}: {e}", traceback.format_exc()))
+        finally:
+            os._exit(1)
+
+
+class ParallelRunner:
+    """Rank 0's runner: starts the other ranks, then runs each step on all of them.
+
+    Built by `LLM` for tensor_parallel_size > 1 from a checkpoint directory. Attributes not defined
+    here are the local runner's (`runner_class`, built on rank 0's share)."""
+
+    def __init__(self, path: str, config: EngineConfig, runner_class):
+        cfg = ModelConfig.from_json(path)
+        world = config.tensor_parallel_size
+        check_divisible(cfg, world, config.enable_expert_parallel)   # before any process starts
+        if dist.is_initialized():
+            raise ValueError("tensor_parallel_size > 1 starts its own torch.distributed group; this process "
+                             "already has one")
+        base = config.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if base.type == "cuda" and (base.index or 0) + world > torch.cuda.device_count():
+            raise ValueError(f"tensor_parallel_size {world} from {base} needs {(base.index or 0) + world} GPUs; "
+                             f"{torch.cuda.device_count()} visible")
+        if base.type not in ("cuda", "cpu"):
+            raise ValueError(f"tensor_parallel_size > 1 runs on cuda or cpu devices, got {base}")
+        self.model_config = cfg
+        self.world = world
+        self._closed = False
+        self._in_step = 0          # number of the step rank 0 is inside (0: none)
+        self._step_count = 0
+        self._errors: dict[int, str] = {}
+        self._lock = threading.Lock()
+        from ..parallel.launch import free_port
+        init_method = f"tcp://127.0.0.1:{free_port()}"
+        # Workers fork from a server process that imported torch and the engine once (not from this
+        # process, whose threads must not be forked): each costs no fresh import.
+        ctx = torch.multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["torch", "torch.distributed", "latentmoe.engine.distributed"])
+        self.conns, self.procs = [], []
+        try:
+            for rank in range(1, world):
+                parent, child = ctx.Pipe()
+                p = ctx.Process(target=_worker, args=(rank, path, config, base, init_method, runner_class, child),
+                                name=f"latentmoe-rank{rank}", daemon=True)
+                p.start()
+                child.close()
+                self.conns.append(parent)
+                self.procs.append(p)
+            _init_group(base, 0, world, init_method)
+            model, self.config = _build_rank(path, config, 0, base)
+            self.model = model
+            num_blocks, self.max_model_len = plan_cache(
+                model.config, self.config.kv_cache, self.config.device, self.config.dtype, self.config.block_size,
+                self.config.cache_memory_gb, self.config.num_blocks, self.config.max_num_seqs,
+                self.config.max_model_len)
+            self.num_blocks = num_blocks
+            self._send_all(("start", num_blocks, self.max_model_len))
+            self.local = runner_class(model, self.config, num_blocks, self.max_model_len)
+            peaks = {0: _peak_host_gib()}
+            for rank, msg in self._collect("ready", STARTUP_TIMEOUT_S).items():
+                peaks[rank] = msg[2]
+            log.info("%d ranks ready (%s); peak host memory per rank: %s GiB", world,
+                     "expert-parallel" if config.enable_expert_parallel else "tensor-parallel",
+                     ", ".join(f"{peaks[r]:.2f}" for r in sorted(peaks)))
+        except BaseException as e:
+            err = self._failure(e)
+            raise err from e
+        self._monitor = threading.Thread(target=self._watch, name="latentmoe-rank-monitor", daemon=True)
+        self._monitor.start()
+
+    def __getattr__(self, name):
+        if name == "local":   # not built (yet): no recursion
+            raise AttributeError(name)
+        return getattr(self.local, name)
+
+    # ------------------------------------------------------------------ messages
+    def _send_all(self, msg) -> None:
+        for rank, conn in enumerate(self.conns, start=1):
+            try:
+                conn.send(msg)
+            except (BrokenPipeError, OSError):
+                raise ParallelError(f"rank {rank} is gone") from None
+
+    def _drain(self, timeout: float = 0.0) -> None:
+        """Read any error reports the workers sent (waiting up to `timeout` for the first)."""
+        ready = wait_any(self.conns, timeout)
+        for conn in ready:
+            try:
+                while conn.poll():
+                    msg = conn.recv()
+                    if msg[0] == "error":
+                        self._errors[msg[1]] = f"{msg[2]}\n{msg[3]}"
+            except (EOFError, OSError):
+                pass
+
+    def _collect(self, kind: str, timeout: float) -> dict[int, tuple]:
+        """Wait for `kind` from every worker; a worker's error or exit raises ParallelError."""
+        got: dict[int, tuple] = {}
+        deadline = time.monotonic() + timeout
+        while len(got) < len(self.conns):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ParallelError(f"ranks {sorted(set(range(1, self.world)) - set(got))} did not answer in "
+                                    f"{timeout:.0f} s")
+            waiting = [c for r, c in enumerate(self.conns, 1) if r not in got]
+            sentinels = [p.sentinel for r, p in enumerate(self.procs, 1) if r not in got]
+            for obj in wait_any(waiting + sentinels, left):
+                if obj in self.conns:
+                    rank = self.conns.index(obj) + 1
+                    try:
+                        msg = obj.recv()
+                    except (EOFError, OSError):
+                        continue   # its sentinel tells
+                    if msg[0] == "error":
+                        self._errors[rank] = f"{msg[2]}\n{msg[3]}"
+                        raise ParallelError(f"rank {rank} failed: {msg[2]}")
+                    if msg[0] == kind:
+                        got[rank] = msg
+                else:
+                    rank = [p.sentinel for p in self.procs].index(obj) + 1
+                    self._drain(0.5)
+                    if rank in self._errors:
+                        raise ParallelError(f"rank {rank} failed: {self._errors[rank].splitlines()[0]}")
+                    raise ParallelError(f"rank {rank} exited with code {self.procs[rank - 1].exitcode}")
+        return got
+
+    # ------------------------------------------------------------------ steps
+    def execute(self, batch: ScheduledBatch):
+        if self._closed:
+            raise ParallelError("the parallel engine has stopped (a rank failed or it was closed)")
+        try:
+            self._drain()
+            if self._errors:
+                raise ParallelError("a rank failed")
+            self._send_all(("step", step_message(batch)))
+            self._step_count += 1
+            self._in_step = self._step_count
+            try:
+                return self.local.execute(batch)
+            finally:
+                self._in_step = 0
+        except BaseException as e:
+            raise self._failure(e) from e
+
+    def _failure(self, cause: BaseException) -> ParallelError:
+        """Stop everything and say which rank failed first, with its error (or rank 0's own)."""
+        deadline = time.monotonic() + 5
+        while not self._errors and time.monotonic() < deadline and any(p.is_alive() for p in self.procs):
+            self._drain(0.2)
+            if all(p.is_alive() for p in self.procs) and not isinstance(cause, (ParallelError, RuntimeError)):
+                break   # rank 0's own error (e.g. a bad input): no need to wait for the others
+        self._drain()
+        self.close(force=True)
+        if self._errors:
+            rank = min(self._errors)
+            first, _, tb = self._errors[rank].partition("\n")
+            return ParallelError(f"rank {rank} failed: {first}\n{tb}".rstrip())
+        dead = [(r, p.exitcode) for r, p in enumerate(self.procs, 1) if p.exitcode not in (None, 0)]
+        if dead and not isinstance(cause, ParallelError):
+            return ParallelError(f"rank {dead[0][0]} exited with code {dead[0][1]}; rank 0 saw: "
+                                 f"{type(cause).__name__}: {cause}")
+        if isinstance(cause, ParallelError):
+            return cause
+        return ParallelError(f"rank 0 failed: {type(cause).__name__}: {cause}")
+
+    def _watch(self) -> None:
+        """A worker that dies while rank 0 waits in a collective that never fails (NCCL without a
+        timeout firing) would hang the caller: end the process instead."""
+        sentinels = [p.sentinel for p in self.procs]
+        while not self._closed:
+            if not wait_any(sentinels, 1.0) or self._closed:
+                continue
+            step = self._in_step
+            if step:
+                time.sleep(HANG_GRACE_S)
+                if self._in_step == step and not self._closed:
+                    log.critical("a rank died and rank 0 is still waiting on it after %d s: exiting", HANG_GRACE_S)
+                    os._exit(70)
+            return
+
+    # ------------------------------------------------------------------ shutdown
+    def close(self, force: bool = False) -> None:
+        """Stop every worker (politely unless `force`) and leave the process group. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if not force:
+            try:
+                self._send_all(("stop",))
+            except ParallelError:
+                pass
+        for p in self.procs:
+            p.join(timeout=0 if force else 10)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        for c in self.conns:
+            c.close()
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:   # noqa: BLE001 - a broken group may not tear down cleanly
+                pass
+
+
+__all__ = ["ParallelRunner", "ParallelError", "step_message", "batch_from_message"]
