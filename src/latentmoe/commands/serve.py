@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
+import threading
+import time
 
 from ._engine_args import add_engine_args, build_llm
 
@@ -40,5 +43,25 @@ def run(args) -> int:
     engine = AsyncLLM(build_llm(args, args.model), max_queued=args.max_queued)
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     app = create_app(engine, name, keys)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=5))
+    threading.Thread(target=_stop_when_engine_fails, args=(engine, server), daemon=True).start()
+    try:
+        server.run()
+    finally:
+        engine.llm.close()
+    if engine.failed:
+        print(f"latentmoe serve: error: the engine failed: {str(engine.error).splitlines()[0]}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _stop_when_engine_fails(engine, server, grace_s: float = 2.0) -> None:
+    """A dead engine (e.g. a rank of a multi-process engine failed) does not come back: requests are
+    answered 503 for `grace_s`, then the server stops and the command exits non-zero."""
+    while not server.should_exit:
+        if engine.failed:
+            time.sleep(grace_s)
+            server.should_exit = True
+            return
+        time.sleep(0.5)

@@ -56,6 +56,15 @@ class AsyncLLM:
     def healthy(self) -> bool:
         return self._task is not None and not self._task.done() and self._error is None
 
+    @property
+    def failed(self) -> bool:
+        """The engine loop died (for good): every request is answered with an error from now on."""
+        return self._error is not None
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._error
+
     def stats(self) -> dict:
         return self.llm.stats()
 

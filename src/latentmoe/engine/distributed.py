@@ -295,13 +295,14 @@ class ParallelRunner:
             if all(p.is_alive() for p in self.procs) and not isinstance(cause, (ParallelError, RuntimeError)):
                 break   # rank 0's own error (e.g. a bad input): no need to wait for the others
         self._drain()
+        self._exit_codes = {r: p.exitcode for r, p in enumerate(self.procs, 1)}   # before close() ends them
         self.close(force=True)
         if self._errors:
             rank = min(self._errors)
             first, _, tb = self._errors[rank].partition("\n")
             return ParallelError(f"rank {rank} failed: {first}\n{tb}".rstrip())
-        dead = [(r, p.exitcode) for r, p in enumerate(self.procs, 1) if p.exitcode not in (None, 0)]
-        if dead and not isinstance(cause, ParallelError):
+        dead = [(r, code) for r, code in self._exit_codes.items() if code not in (None, 0)]
+        if dead:
             return ParallelError(f"rank {dead[0][0]} exited with code {dead[0][1]}; rank 0 saw: "
                                  f"{type(cause).__name__}: {cause}")
         if isinstance(cause, ParallelError):
