@@ -170,6 +170,11 @@ class ParallelRunner:
             raise ValueError(f"tensor_parallel_size > 1 runs on cuda or cpu devices, got {base}")
         self.model_config = cfg
         self.world = world
+        self._threads = torch.get_num_threads()
+        if base.type == "cpu":
+            # The ranks share this host's cores; more threads than cores makes every collective wait on
+            # spinning OpenMP threads (10x slower steps). Restored by close().
+            torch.set_num_threads(max(1, self._threads // world))
         self._closed = False
         self._in_step = 0          # number of the step rank 0 is inside (0: none)
         self._step_count = 0
@@ -346,6 +351,7 @@ class ParallelRunner:
                 p.join()
         for c in self.conns:
             c.close()
+        torch.set_num_threads(self._threads)
         if dist.is_initialized():
             try:
                 dist.destroy_process_group()
