@@ -43,6 +43,8 @@ BENCHMARKS = [
      ["benchmarks/bench_kernels.py", "--moe-backward", "--sweep"]),
     ("train", "Training throughput vs transformers (`small` preset)",
      ["benchmarks/bench_train.py"]),
+    ("v2_projection", "DeepSeek-V2 at N=8: one rank's share on one GPU, projected node decode",
+     ["benchmarks/bench_v2_projection.py"]),
     ("parallel", "Multi-GPU: expert-parallel training and serving",
      ["benchmarks/bench_parallel.py", "--gpus", "2"]),
     ("parallel_lite", "Multi-GPU: expert-parallel training, V2-Lite shape (4 layers)",
