@@ -2,7 +2,8 @@
 
 One concept per file: sequence, block_manager, scheduler, model_runner, llm_engine, async_engine;
 config (EngineConfig), kv_cache (cache layouts and the planner), attention (the layouts' backends),
-layers (the engine's own module tree with fused forwards), sampling.
+layers (the engine's own module tree with fused forwards), sampling; for tensor_parallel_size > 1,
+tensor_parallel (one rank's share of the model) and distributed (the processes and their steps).
 """
 
 from .config import EngineConfig
