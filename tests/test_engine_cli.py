@@ -96,7 +96,8 @@ def test_engine_options_are_checked_in_one_place(ckpt, capsys):
     path, _ = ckpt
     for argv, field in ((["--block-size", "0"], "block_size"), (["--kv-cache", "gqa"], "kv_cache"),
                         (["--dtype", "int8"], "dtype"), (["-tp", "0"], "tensor_parallel_size"),
-                        (["-tp", "3"], "must divide num_attention_heads")):
+                        (["-tp", "3"], "must divide num_attention_heads"),
+                        (["--enable-expert-parallel"], "tensor_parallel_size > 1")):
         assert main(["generate", str(path), "--prompt", "hi", "--device", "cpu", *argv]) == 2
         err = capsys.readouterr().err
         assert field in err and "Traceback" not in err

@@ -13,6 +13,7 @@ import time
 
 import httpx
 import pytest
+import torch
 import torch.distributed as dist
 
 from _server_helpers import free_port, make_checkpoint, wait_healthy
@@ -89,6 +90,41 @@ def test_sizes_that_do_not_divide(lite_style):
     with pytest.raises(ValueError, match="checkpoint directory"):
         LLM(build_model(get_config("tiny")), tensor_parallel_size=2)
     assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize("expert_parallel", [False, True])
+def test_each_rank_loads_its_slices(v2_style, expert_parallel):
+    from latentmoe.checkpoint import load_model
+    from latentmoe.engine.tensor_parallel import ShardPlan, load_shard
+    path, _ = v2_style
+    full = load_model(path).state_dict()
+    H, D, I = 4, 64, 64   # heads, hidden, expert width of the tiny config
+    for rank in range(2):
+        shard = load_shard(path, ShardPlan(rank, 2, expert_parallel), "cpu", None).state_dict()
+        a = "model.layers.1.self_attn."
+        qk, nv = 32 + 16, 32 + 32
+        assert shard[a + "q_b_proj.weight"].equal(full[a + "q_b_proj.weight"].view(H, qk, -1)[2 * rank:2 * rank + 2]
+                                                  .reshape(2 * qk, -1))
+        assert shard[a + "kv_b_proj.weight"].equal(full[a + "kv_b_proj.weight"].view(H, nv, -1)[2 * rank:2 * rank + 2]
+                                                   .reshape(2 * nv, -1))
+        assert shard[a + "o_proj.weight"].equal(full[a + "o_proj.weight"][:, 64 * rank:64 * (rank + 1)])
+        assert shard[a + "kv_a_proj_with_mqa.weight"].equal(full[a + "kv_a_proj_with_mqa.weight"])   # replicated
+        m = "model.layers.1.mlp."
+        gu, down = full[m + "experts.gate_up_proj"], full[m + "experts.down_proj"]
+        if expert_parallel:
+            assert shard[m + "experts.gate_up_proj"].equal(gu[4 * rank:4 * (rank + 1)])
+            assert shard[m + "experts.down_proj"].equal(down[4 * rank:4 * (rank + 1)])
+        else:
+            half = slice(32 * rank, 32 * (rank + 1))
+            assert shard[m + "experts.gate_up_proj"].equal(torch.cat([gu[:, :I][:, half], gu[:, I:][:, half]], 1))
+            assert shard[m + "experts.down_proj"].equal(down[:, :, half])
+        width = 2 * I // 2   # two shared experts, half each
+        assert shard[m + "shared_experts.down_proj.weight"].equal(
+            full[m + "shared_experts.down_proj.weight"][:, width * rank:width * (rank + 1)])
+        assert shard["model.layers.0.mlp.up_proj.weight"].equal(
+            full["model.layers.0.mlp.up_proj.weight"][192 * rank:192 * (rank + 1)])
+        assert shard["lm_head.weight"].equal(full["lm_head.weight"])
+        assert D == shard["model.norm.weight"].numel()
 
 
 class FailOnRank1(ModelRunner):

@@ -72,6 +72,9 @@ class EngineConfig:
         for name in ("enable_prefix_caching", "enforce_eager", "enable_expert_parallel"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "True or False")
+        if self.enable_expert_parallel and self.tensor_parallel_size == 1:
+            raise ValueError("enable_expert_parallel spreads the routed experts over the tensor_parallel_size "
+                             "processes: set tensor_parallel_size > 1 too")
         if self.fused_ops is not None and not isinstance(self.fused_ops, bool):
             raise bad("fused_ops", "True, False or None (automatic)")
         if self.experts_impl == "auto":
