@@ -81,6 +81,18 @@ def test_per_head_cache_layout_holds_local_heads(lite_style):
         assert greedy(llm) == want
 
 
+def test_preemption_and_prefix_hits_reach_every_rank(lite_style):
+    # A cache too small for all three: sequences are preempted and recomputed (their block tables
+    # start again), and a repeated prompt reuses cached blocks; the workers follow rank 0's tables.
+    path, want = lite_style
+    small = dict(ENGINE, num_blocks=12)
+    with LLM(path, tensor_parallel_size=2, **small) as llm:
+        assert greedy(llm) == want
+        assert llm.stats()["num_preemptions"] > 0
+        assert greedy(llm, max_tokens=4) == [t[:4] for t in want]
+        assert llm.stats()["prefix_cache_hit_tokens"] > 0
+
+
 def test_sizes_that_do_not_divide(lite_style):
     path, _ = lite_style
     with pytest.raises(ValueError, match=r"tensor_parallel_size 3 must divide num_attention_heads \(4\)"):

@@ -81,16 +81,44 @@ class _SeqView:
         return self.length
 
 
-def step_message(batch: ScheduledBatch) -> tuple:
-    seqs = [(s.num_computed_tokens, s.token_ids[s.num_computed_tokens:s.num_computed_tokens + n], s.block_table,
-             len(s)) for s, n in zip(batch.seqs, batch.num_new_tokens)]
-    return batch.num_decodes, list(batch.num_new_tokens), seqs
+class StepSender:
+    """Rank 0's side of the wire: each sequence's new tokens, and only the part of its block table that
+    the workers have not seen (a decode at 4K context would otherwise resend 64 block ids per sequence
+    per step). Workers keep the tables (`StepReceiver`); finished sequences are dropped on both sides."""
+
+    def __init__(self):
+        self.sent: dict[int, tuple[object, list[int]]] = {}   # seq_id -> (sequence, its table as sent)
+
+    def message(self, batch: ScheduledBatch) -> tuple:
+        drop = [sid for sid, (seq, _) in self.sent.items() if seq.is_finished]
+        for sid in drop:
+            del self.sent[sid]
+        seqs = []
+        for s, n in zip(batch.seqs, batch.num_new_tokens):
+            start, table = s.num_computed_tokens, s.block_table
+            last = self.sent.get(s.seq_id, (None, []))[1]
+            keep = len(last) if len(table) >= len(last) and table[:len(last)] == last else 0
+            self.sent[s.seq_id] = (s, list(table))
+            seqs.append((s.seq_id, start, s.token_ids[start:start + n], keep, table[keep:], len(s)))
+        return batch.num_decodes, list(batch.num_new_tokens), seqs, drop
 
 
-def batch_from_message(msg: tuple) -> ScheduledBatch:
-    num_decodes, num_new, seqs = msg
-    views = [_SeqView(_Window(start, ids), start, table, length) for start, ids, table, length in seqs]
-    return ScheduledBatch(views, num_new, num_decodes, [])
+class StepReceiver:
+    """A worker's side: rebuilds the step's batch (stand-in sequences over the sent tokens and tables)."""
+
+    def __init__(self):
+        self.tables: dict[int, list[int]] = {}
+
+    def batch(self, msg: tuple) -> ScheduledBatch:
+        num_decodes, num_new, seqs, drop = msg
+        for sid in drop:
+            self.tables.pop(sid, None)
+        views = []
+        for sid, start, ids, keep, tail, length in seqs:
+            table = self.tables.get(sid, [])[:keep] + tail
+            self.tables[sid] = table
+            views.append(_SeqView(_Window(start, ids), start, table, length))
+        return ScheduledBatch(views, num_new, num_decodes, [])
 
 
 # ----------------------------------------------------------------------------- processes
@@ -132,12 +160,13 @@ def _worker(rank: int, path: str, config: EngineConfig, base: torch.device, init
         _, num_blocks, max_model_len = conn.recv()
         runner = runner_class(model, resolved, num_blocks, max_model_len)
         conn.send(("ready", rank, _peak_host_gib()))
+        receiver = StepReceiver()
         with torch.inference_mode():
             while True:
                 msg = conn.recv()
                 if msg[0] == "stop":
                     break
-                runner.execute(batch_from_message(msg[1]))
+                runner.execute(receiver.batch(msg[1]))
         conn.send(("stopped", rank))
         dist.destroy_process_group()
     except (EOFError, BrokenPipeError):   # rank 0 went away: nothing to report to
@@ -180,6 +209,7 @@ class ParallelRunner:
         self._step_count = 0
         self._errors: dict[int, str] = {}
         self._lock = threading.Lock()
+        self._sender = StepSender()
         from ..parallel.launch import free_port
         init_method = f"tcp://127.0.0.1:{free_port()}"
         # Workers fork from a server process that imported torch and the engine once (not from this
@@ -282,7 +312,7 @@ class ParallelRunner:
             self._drain()
             if self._errors:
                 raise ParallelError("a rank failed")
-            self._send_all(("step", step_message(batch)))
+            self._send_all(("step", self._sender.message(batch)))
             self._step_count += 1
             self._in_step = self._step_count
             try:
@@ -359,4 +389,4 @@ class ParallelRunner:
                 pass
 
 
-__all__ = ["ParallelRunner", "ParallelError", "step_message", "batch_from_message"]
+__all__ = ["ParallelRunner", "ParallelError", "StepSender", "StepReceiver"]
