@@ -1,7 +1,7 @@
 """The multi-process engine: one process per device, each running the same step on its share of the model.
 
 Rank 0 is the caller's process: it owns the scheduler, the block manager and sampling, and runs its
-own share like every rank. Ranks 1..P-1 are new processes (torch.multiprocessing, "forkserver"), each
+own share like every rank. Ranks 1..P-1 are new processes (torch.multiprocessing), each
 loading only its slices (tensor_parallel.load_shard) onto its device. Per step rank 0 sends the
 scheduled batch (each sequence's new tokens, positions and block table: a few hundred bytes) down a
 pipe to every worker; every rank then runs the step and the ranks meet in the collectives inside
@@ -212,10 +212,14 @@ class ParallelRunner:
         self._sender = StepSender()
         from ..parallel.launch import free_port
         init_method = f"tcp://127.0.0.1:{free_port()}"
-        # Workers fork from a server process that imported torch and the engine once (not from this
-        # process, whose threads must not be forked): each costs no fresh import.
-        ctx = torch.multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["torch", "torch.distributed", "latentmoe.engine.distributed"])
+        if base.type == "cuda":
+            # CUDA must be initialised in each worker afresh: new interpreters.
+            ctx = torch.multiprocessing.get_context("spawn")
+        else:
+            # Workers fork from a server process that imported torch and the engine once (not from
+            # this process, whose threads must not be forked): each costs no fresh import.
+            ctx = torch.multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(["torch", "torch.distributed", "latentmoe.engine.distributed"])
         self.conns, self.procs = [], []
         try:
             for rank in range(1, world):
