@@ -129,8 +129,6 @@ def run_mode(cfg, mode, args, device, dtype, bw, lines, summary):
     per_token = cfg.num_hidden_layers * cfg.kv_cache_width * torch.tensor([], dtype=dtype).element_size()
     blocks = max(args.batches) * (-(-L_max // 64)) + 2
     cache_gb = blocks * 64 * per_token / GiB
-    llm = LLM(model, max_num_seqs=max(args.batches), max_model_len=L_max, cache_memory_gb=cache_gb,
-              enforce_eager=args.eager)
     what = ("1/%d of each routed expert's width" % args.ranks if mode == "tp"
             else "%d of %d routed experts whole" % (cfg.n_routed_experts // args.ranks, cfg.n_routed_experts))
     lines += ["", f"### {mode}: {cfg.num_attention_heads // args.ranks} heads, {what}, {cfg.num_hidden_layers} layers",
@@ -138,6 +136,16 @@ def run_mode(cfg, mode, args, device, dtype, bw, lines, summary):
               f"{cache_gb:.1f} GiB for {max(args.batches)} x {L_max} tokens (every rank holds the whole latent cache).",
               "", "| B | context | rank step ms | floor ms | all-reduce launch us (1 rank) | projected comm ms "
               "| projected node tok/s | report (8 x H800) |", "|---|---|---|---|---|---|---|---|"]
+    try:
+        llm = LLM(model, max_num_seqs=max(args.batches), max_model_len=L_max, cache_memory_gb=cache_gb,
+                  enforce_eager=args.eager)
+    except torch.OutOfMemoryError:
+        lines.append(f"The rank's weights and a cache of {cache_gb:.1f} GiB do not fit on this device.")
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return
     n_ar = 2 * cfg.num_hidden_layers
     for L in args.contexts:
         for B in args.batches:
