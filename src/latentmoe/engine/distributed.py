@@ -320,6 +320,10 @@ class ParallelRunner:
             self._step_count += 1
             self._in_step = self._step_count
             try:
+                if self.config.device.type == "cuda":
+                    # The current device is per thread (a server steps in a worker thread).
+                    with torch.cuda.device(self.config.device):
+                        return self.local.execute(batch)
                 return self.local.execute(batch)
             finally:
                 self._in_step = 0
