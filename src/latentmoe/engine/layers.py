@@ -68,7 +68,10 @@ class EngineRouter(Router):
 
 
 class EngineExperts(Experts):
-    """Routed experts through kernels.fused_moe; batch-1/2 decodes skip the expert sort (2 kernels, not ~14)."""
+    """Routed experts through kernels.fused_moe; batch-1/2 decodes skip the expert sort (2 kernels, not ~14).
+    Negative expert ids are skipped (an expert-parallel rank's assignments to other ranks' experts)."""
+
+    skip_negative = False   # set on the experts of an expert-parallel rank (engine/tensor_parallel.py)
 
     def prepare(self, cfg: ModelConfig) -> None:
         # Built here, before any CUDA-graph capture; an attribute, not a buffer (state_dict unchanged).
@@ -77,7 +80,7 @@ class EngineExperts(Experts):
 
     def forward(self, x_MD: torch.Tensor, topk_idx_MK: torch.Tensor, topk_weight_MK: torch.Tensor) -> torch.Tensor:
         return kernels.fused_moe(x_MD, self.gate_up_proj, self.down_proj, topk_idx_MK, topk_weight_MK,
-                                 few_token_layout=self.few_token_layout)
+                                 few_token_layout=self.few_token_layout, skip_negative=self.skip_negative)
 
 
 def _engine_class(module: nn.Module, parent: nn.Module | None, fused_ops: bool, fused_experts: bool) -> type:

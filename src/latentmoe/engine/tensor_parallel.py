@@ -38,6 +38,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..model import MLP, DeepseekV2ForCausalLM, Experts, MoE, RouterOutput
+from .layers import EngineExperts
 
 
 @dataclass(frozen=True)
@@ -88,8 +89,9 @@ class ParallelMoE(MoE):
     """MoE whose experts (and shared experts) hold this rank's share; one all_reduce sums the partial outputs.
 
     `expert_range` (expert parallelism): the global ids lo .. lo+L of the local experts. Assignments to
-    other ranks' experts get weight 0 and local expert 0 (computed, multiplied by zero, so the decode
-    graph never depends on the routing; a kernel that skips them would save that work)."""
+    other ranks' experts are skipped by the fused kernel (id -1, no GEMM rows: shapes never depend on
+    the routing, so the decode graph holds); the model's own experts path gets them as local expert 0
+    at weight 0 (computed, multiplied by zero)."""
 
     expert_range: tuple[int, int] | None = None
 
@@ -101,7 +103,10 @@ class ParallelMoE(MoE):
         if self.expert_range is not None:
             lo, n = self.expert_range
             mine = (idx >= lo) & (idx < lo + n)
-            idx, w = torch.where(mine, idx - lo, 0), torch.where(mine, w, 0.0)
+            if isinstance(self.experts, EngineExperts):
+                idx = torch.where(mine, idx - lo, -1)
+            else:
+                idx, w = torch.where(mine, idx - lo, 0), torch.where(mine, w, 0.0)
         y = self.experts(x_MD, idx, w)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x_MD)
@@ -151,6 +156,7 @@ def build_shard(cfg: ModelConfig, plan: ShardPlan, device: torch.device, dtype: 
         if plan.expert_parallel:
             L = E // P
             moe.expert_range = (plan.rank * L, L)
+            ex.skip_negative = True   # read by the engine's fused experts (layers.EngineExperts)
             ex.n_experts = L
             ex.gate_up_proj = nn.Parameter(torch.empty(L, 2 * I, D, device="meta"))
             ex.down_proj = nn.Parameter(torch.empty(L, D, I, device="meta"))

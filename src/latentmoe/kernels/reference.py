@@ -81,7 +81,7 @@ def write_latent_cache_ref(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, c
 
 def fused_moe_ref(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
                   topk_idx_MK: torch.Tensor, topk_weight_MK: torch.Tensor) -> torch.Tensor:
-    """Routed experts, one expert at a time in fp32: y[m] = sum_k w[m,k] FFN_{idx[m,k]}(x[m]).
+    """Routed experts, one expert at a time in fp32: y[m] = sum_k w[m,k] FFN_{idx[m,k]}(x[m]) (negative ids skipped).
 
     gate_up_proj [E, 2I, D] rows [gate | up], down_proj [E, D, I]; SwiGLU FFN(x) = down(silu(gate x) * up x).
     """
@@ -89,6 +89,8 @@ def fused_moe_ref(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: tor
     acc = _acc(x_MD)
     y_MD = torch.zeros(x_MD.shape, dtype=acc, device=x_MD.device)
     for e in topk_idx_MK.unique().tolist():
+        if e < 0:   # a skipped assignment (fused_moe's skip_negative)
+            continue
         tok, slot = (topk_idx_MK == e).nonzero(as_tuple=True)
         h_T2I = x_MD[tok].to(acc) @ gate_up_proj[e].to(acc).T
         a_TI = F.silu(h_T2I[:, :I]) * h_T2I[:, I:]
