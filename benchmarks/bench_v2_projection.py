@@ -100,23 +100,14 @@ def shard_bytes(model) -> tuple[int, int]:
     return total, experts
 
 
-def floor_ms(cfg, model, mode: str, B: int, L: int, bw: float, dtype_bytes: int) -> float:
+def floor_ms(cfg, model, B: int, L: int, bw: float, dtype_bytes: int) -> float:
     """Bytes one rank must read per decode step / copy bandwidth: its weights (routed experts by the
     expected share a batch of B touches under uniform routing) and its latent cache of B x L tokens."""
     total, experts = shard_bytes(model)
     E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
-    touched = 1 - (1 - K / E) ** B             # chance that a given expert serves at least one token
-    if mode == "ep":   # foreign assignments run through local expert 0 at weight 0: it is always read
-        local = E // args_ranks(cfg, model)
-        frac = (1 + (local - 1) * touched) / local
-    else:
-        frac = touched
+    frac = 1 - (1 - K / E) ** B             # chance that a given expert serves at least one token
     cache = B * L * cfg.num_hidden_layers * cfg.kv_cache_width * dtype_bytes
     return ((total - experts) + experts * frac + cache) / bw * 1e3
-
-
-def args_ranks(cfg, model) -> int:
-    return cfg.num_attention_heads // model.config.num_attention_heads
 
 
 def run_mode(cfg, mode, args, device, dtype, bw, lines, summary):
@@ -158,7 +149,7 @@ def run_mode(cfg, mode, args, device, dtype, bw, lines, summary):
             launch = allreduce_launch_us(device, B * cfg.hidden_size, dtype)
             comm = n_ar * (args.latency_us * 1e-6 + 2 * (args.ranks - 1) / args.ranks * msg / (args.busbw_gbs * 1e9))
             node = B / (step + comm)
-            fl = floor_ms(cfg, model, mode, B, L, bw, torch.tensor([], dtype=dtype).element_size())
+            fl = floor_ms(cfg, model, B, L, bw, torch.tensor([], dtype=dtype).element_size())
             lines.append(f"| {B} | {L:,} | {step * 1e3:.2f} (host {host * 1e3:.2f}) | {fl:.2f} | {launch:.1f} | "
                          f"{comm * 1e3:.2f} ({n_ar} x {msg / 1024:.0f} KiB) | {node:,.0f} | {REPORT_TOK_S:,} |")
             print(lines[-1], flush=True)
