@@ -193,7 +193,7 @@ def main() -> None:
         cfg = get_config("deepseek-v2", num_hidden_layers=args.layers)
         args.batches = [int(b) for b in args.batches.split(",")]
         args.contexts = [int(c) for c in args.contexts.split(",")]
-        device, dtype = torch.device("cuda"), torch.bfloat16
+        device, dtype = torch.device("cuda", torch.cuda.current_device()), torch.bfloat16
         torch.cuda.set_device(device)
     from latentmoe.parallel.launch import free_port
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{free_port()}",
