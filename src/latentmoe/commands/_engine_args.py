@@ -10,6 +10,9 @@ import argparse
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     # No imports here: registering a command must stay cheap (EngineConfig checks the values).
     g = p.add_argument_group("engine")
+    g.add_argument("--revision", default=None,
+                   help="branch, tag or commit of a hub model id (default: main); the hub cache is "
+                        "HF_HOME/HF_HUB_CACHE, HF_HUB_OFFLINE=1 uses it without the network")
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda if available)")
     g.add_argument("--dtype", default=None, help="bfloat16 / float16 / float32 (default: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
@@ -34,9 +37,28 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="with -tp N: whole routed experts spread over the N ranks instead of a slice of each")
 
 
+def check_device(device: str | None) -> None:
+    """A CUDA device asked for must exist here (ValueError, one line), checked before any loading."""
+    import torch
+
+    if device is None or not str(device).startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA device; "
+                         f"use --device cpu or a CUDA build of torch")
+    try:
+        index = torch.device(device).index
+    except RuntimeError:
+        raise ValueError(f"--device {device}: not a device such as 'cuda', 'cuda:1' or 'cpu'") from None
+    if index is not None and index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+
+
 def engine_config(args):
-    """The EngineConfig of parsed `add_engine_args` arguments (ValueError, naming the field, if invalid)."""
+    """The EngineConfig of parsed `add_engine_args` arguments (ValueError, naming the field, if invalid;
+    also when the device asked for is not there)."""
     from ..engine import EngineConfig
+    check_device(args.device)
     return EngineConfig(device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                         max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
                         block_size=args.block_size, cache_memory_gb=args.cache_memory_gb,
@@ -47,8 +69,21 @@ def engine_config(args):
                         enable_expert_parallel=args.enable_expert_parallel)
 
 
+def prepare(args, name: str) -> str:
+    """Check the engine arguments and find the checkpoint before anything is loaded: its local directory."""
+    engine_config(args)
+    return checkpoint_dir(args, name)
+
+
+def checkpoint_dir(args, name: str) -> str:
+    """The local directory of the checkpoint `name` (a directory, or a hub model id fetched into the hub cache)."""
+    from ..checkpoint import resolve_checkpoint
+    return resolve_checkpoint(name, getattr(args, "revision", None))
+
+
 def build_llm(args, path: str):
-    """The engine for the checkpoint directory `path`, from parsed `add_engine_args` arguments."""
+    """The engine for the checkpoint `path` (a directory; a hub model id also works, but `checkpoint_dir` first
+    applies --revision and fails before anything is loaded), from parsed `add_engine_args` arguments."""
     import logging
 
     # The engine reports its cache (blocks, tokens, concurrency vs an MHA cache) at INFO on start.

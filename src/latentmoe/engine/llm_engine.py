@@ -36,7 +36,8 @@ def load_tokenizer(path):
 
 
 class LLM:
-    """The engine over `model`: a checkpoint directory (loaded here, with its tokenizer) or a built model.
+    """The engine over `model`: a checkpoint directory or hub model id (loaded here, with its tokenizer) or a
+    built model.
 
     Options are EngineConfig fields, as keyword arguments or as `config=EngineConfig(...)`. A built
     model is never changed: the engine runs its own module tree sharing the model's parameters
@@ -63,11 +64,10 @@ class LLM:
             # One process per device, each loading its own share (engine/distributed.py).
             if not isinstance(model, (str, os.PathLike)):
                 raise ValueError("tensor_parallel_size > 1 loads each rank's share from a checkpoint directory: "
-                                 "pass its path, not a built model")
+                                 "pass its path (or hub id), not a built model")
+            from ..checkpoint import resolve_checkpoint
             from .distributed import ParallelRunner
-            path = os.fspath(model)
-            if not os.path.isdir(path):
-                raise FileNotFoundError(f"checkpoint directory not found: {path}")
+            path = resolve_checkpoint(model)   # a directory, or a hub model id through the hub cache
             self.runner = ParallelRunner(path, config, self.runner_class)
             self.model = self.runner.model            # rank 0's share, as the engine runs it
             self.config = self.runner.model_config    # the whole model's config
@@ -90,8 +90,8 @@ class LLM:
     def _start_local(self, model, tokenizer, config: EngineConfig) -> int:
         """The one-process engine: load or take the model, build the runner; returns the cache's blocks."""
         if isinstance(model, (str, os.PathLike)):
-            from ..checkpoint import load_model
-            path = os.fspath(model)
+            from ..checkpoint import load_model, resolve_checkpoint
+            path = resolve_checkpoint(model)   # a directory, or a hub model id through the hub cache
             device = config.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
             model = load_model(path, device=device, dtype=config.dtype)
             if tokenizer is None:
