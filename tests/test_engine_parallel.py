@@ -11,12 +11,10 @@ import subprocess
 import sys
 import time
 
-import httpx
 import pytest
 import torch
 import torch.distributed as dist
 
-from _server_helpers import free_port, make_checkpoint, wait_healthy
 from latentmoe.checkpoint import save_model
 from latentmoe.config import get_config
 from latentmoe.engine import LLM, SamplingParams
@@ -166,6 +164,9 @@ def _children(pid: int) -> list[int]:
 
 
 def test_server_with_two_ranks_answers_then_exits_when_a_rank_dies(tmp_path):
+    import httpx
+    from _server_helpers import free_port, make_checkpoint, wait_healthy
+
     model_dir = make_checkpoint(tmp_path)
     prompt = "Hello! How are you"
     want = LLM(model_dir, device="cpu").generate(prompt, SamplingParams(temperature=0, max_tokens=6))[0].outputs[0].text
