@@ -158,6 +158,25 @@ def test_a_failing_rank_ends_all_with_its_error(lite_style):
         greedy(llm)
 
 
+def test_a_checkpoint_that_does_not_match_fails_plainly(tmp_path, lite_style):
+    from safetensors.torch import load_file, save_file
+
+    from latentmoe.checkpoint import CheckpointError
+    path, _ = lite_style
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in os.listdir(path):
+        data = open(os.path.join(path, f), "rb").read()
+        (broken / f).write_bytes(data)
+    shard = next(f for f in sorted(os.listdir(broken)) if f.endswith(".safetensors"))
+    tensors = load_file(broken / shard)
+    tensors.pop(sorted(tensors)[0])
+    save_file(tensors, broken / shard, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="missing"):
+        LLM(str(broken), tensor_parallel_size=2, **ENGINE)
+    assert not dist.is_initialized()
+
+
 def _children(pid: int) -> list[int]:
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]

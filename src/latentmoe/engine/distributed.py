@@ -14,7 +14,8 @@ workers exit.
 
 Failure: a worker that raises sends its traceback to rank 0 and exits; rank 0's collective then fails
 (gloo sees the closed connection; NCCL times out) and the caller gets `ParallelError` naming the rank
-and its error, after every worker has been stopped. A worker that dies without a word is seen through
+and its error, after every worker has been stopped. An error of rank 0's own (a checkpoint that does
+not match, a bad input) stops the workers and is raised as it is. A worker that dies without a word is seen through
 its process sentinel; if rank 0 is still stuck in a collective `HANG_GRACE_S` later, the process
 exits (code 70) rather than hang.
 """
@@ -248,6 +249,8 @@ class ParallelRunner:
                      ", ".join(f"{peaks[r]:.2f}" for r in sorted(peaks)))
         except BaseException as e:
             err = self._failure(e)
+            if err is e:
+                raise
             raise err from e
         self._monitor = threading.Thread(target=self._watch, name="latentmoe-rank-monitor", daemon=True)
         self._monitor.start()
@@ -328,29 +331,31 @@ class ParallelRunner:
             finally:
                 self._in_step = 0
         except BaseException as e:
-            raise self._failure(e) from e
+            err = self._failure(e)
+            if err is e:
+                raise
+            raise err from e
 
-    def _failure(self, cause: BaseException) -> ParallelError:
-        """Stop everything and say which rank failed first, with its error (or rank 0's own)."""
-        deadline = time.monotonic() + 5
+    def _failure(self, cause: BaseException) -> BaseException:
+        """Stop every rank; the error to raise: the first failed worker's (ParallelError, naming it), or
+        rank 0's own when it failed by itself (e.g. a checkpoint that does not match: its own type)."""
+        # A collective that failed (RuntimeError) usually means a peer failed first: give its report a moment.
+        peer_suspect = isinstance(cause, (ParallelError, RuntimeError))
+        deadline = time.monotonic() + (5 if peer_suspect else 0.5)
         while not self._errors and time.monotonic() < deadline and any(p.is_alive() for p in self.procs):
             self._drain(0.2)
-            if all(p.is_alive() for p in self.procs) and not isinstance(cause, (ParallelError, RuntimeError)):
-                break   # rank 0's own error (e.g. a bad input): no need to wait for the others
         self._drain()
         self._exit_codes = {r: p.exitcode for r, p in enumerate(self.procs, 1)}   # before close() ends them
         self.close(force=True)
-        if self._errors:
+        if self._errors and peer_suspect:
             rank = min(self._errors)
             first, _, tb = self._errors[rank].partition("\n")
             return ParallelError(f"rank {rank} failed: {first}\n{tb}".rstrip())
         dead = [(r, code) for r, code in self._exit_codes.items() if code not in (None, 0)]
-        if dead:
+        if dead and peer_suspect and not self._errors:
             return ParallelError(f"rank {dead[0][0]} exited with code {dead[0][1]}; rank 0 saw: "
                                  f"{type(cause).__name__}: {cause}")
-        if isinstance(cause, ParallelError):
-            return cause
-        return ParallelError(f"rank 0 failed: {type(cause).__name__}: {cause}")
+        return cause
 
     def _watch(self) -> None:
         """A worker that dies while rank 0 waits in a collective that never fails (NCCL without a
