@@ -18,11 +18,17 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     g.add_argument("--max-num-seqs", type=int, default=256, help="sequences batched together at most")
     g.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="tokens per step (default: max(2048, max-num-seqs))")
+                   help="tokens per step (default on CUDA: 16384, serve 8192; CPU: 2048)")
     g.add_argument("--block-size", type=int, default=64, help="tokens per cache block")
     g.add_argument("--cache-memory-gb", type=float, default=None, help="cache budget (default: automatic)")
-    g.add_argument("--no-prefix-caching", action="store_true")
-    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="share of the GPU's memory the engine may use; the cache gets what the rest leaves")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse cached blocks of shared prompt prefixes (default: on)")
+    g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   help=argparse.SUPPRESS)
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="no CUDA graphs (start-up still compiles the kernels)")
     g.add_argument("--experts", choices=["auto", "model", "fused"], default="auto",
                    help="routed-expert path: the Triton fused-MoE kernel ('fused', default on CUDA in bf16/fp16) "
                         "or the model's grouped GEMMs ('model')")
@@ -62,7 +68,8 @@ def engine_config(args):
     return EngineConfig(device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                         max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
                         block_size=args.block_size, cache_memory_gb=args.cache_memory_gb,
-                        enable_prefix_caching=not args.no_prefix_caching, enforce_eager=args.enforce_eager,
+                        gpu_memory_utilization=args.gpu_memory_utilization,
+                        enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
                         experts_impl=None if args.experts == "auto" else args.experts,
                         fused_ops=None if args.fused_ops == "auto" else args.fused_ops == "on",
                         kv_cache=args.kv_cache, tensor_parallel_size=args.tensor_parallel_size,

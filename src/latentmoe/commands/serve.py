@@ -42,6 +42,10 @@ def run(args) -> int:
     _check_address(args.host, args.port)   # before loading: a busy port would otherwise show only afterwards
     path = prepare(args, args.model)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if args.max_num_batched_tokens is None and (args.device or "cuda").startswith("cuda"):
+        import torch
+        if torch.cuda.is_available():
+            args.max_num_batched_tokens = 8192   # a server's steps stay short between tokens (vLLM's too)
     keys = args.api_key or ([os.environ["LATENTMOE_API_KEY"]] if os.environ.get("LATENTMOE_API_KEY") else [])
     engine = AsyncLLM(build_llm(args, path), max_queued=args.max_queued)
     name = args.served_model_name or (args.model if path != args.model else os.path.basename(os.path.normpath(path)))

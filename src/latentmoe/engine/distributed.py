@@ -22,6 +22,7 @@ exits (code 70) rather than hang.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -160,7 +161,10 @@ def _worker(rank: int, path: str, config: EngineConfig, base: torch.device, init
         model, resolved = _build_rank(path, config, rank, base)
         _, num_blocks, max_model_len = conn.recv()
         runner = runner_class(model, resolved, num_blocks, max_model_len)
-        conn.send(("ready", rank, _peak_host_gib()))
+        conn.send(("loaded", rank, _peak_host_gib()))
+        # The same warm-up plan as rank 0's (it depends on the config only): collectives in step.
+        runner.warm_up(resolved.max_num_batched_tokens, progress=False)
+        conn.send(("ready", rank))
         receiver = StepReceiver()
         with torch.inference_mode():
             while True:
@@ -242,9 +246,9 @@ class ParallelRunner:
             self._send_all(("start", num_blocks, self.max_model_len))
             self.local = runner_class(model, self.config, num_blocks, self.max_model_len)
             peaks = {0: _peak_host_gib()}
-            for rank, msg in self._collect("ready", STARTUP_TIMEOUT_S).items():
+            for rank, msg in self._collect("loaded", STARTUP_TIMEOUT_S).items():
                 peaks[rank] = msg[2]
-            log.info("%d ranks ready (%s); peak host memory per rank: %s GiB", world,
+            log.info("%d ranks loaded (%s); peak host memory per rank: %s GiB", world,
                      "expert-parallel" if config.enable_expert_parallel else "tensor-parallel",
                      ", ".join(f"{peaks[r]:.2f}" for r in sorted(peaks)))
         except BaseException as e:
@@ -312,6 +316,22 @@ class ParallelRunner:
         return got
 
     # ------------------------------------------------------------------ steps
+    def warm_up(self, max_num_batched_tokens: int, progress: bool = True) -> None:
+        """Rank 0's warm-up (compilations, graph captures) while every worker runs the same plan."""
+        try:
+            with self._on_device():
+                self.local.warm_up(max_num_batched_tokens, progress=progress)
+            self._collect("ready", STARTUP_TIMEOUT_S)
+        except BaseException as e:
+            err = self._failure(e)
+            if err is e:
+                raise
+            raise err from e
+
+    def _on_device(self):
+        """The current device is per thread (a server steps in a worker thread): rank 0's for its work."""
+        return torch.cuda.device(self.config.device) if self.config.device.type == "cuda" else contextlib.nullcontext()
+
     def execute(self, batch: ScheduledBatch):
         if self._closed:
             raise ParallelError("the parallel engine has stopped (a rank failed or it was closed)")
@@ -323,11 +343,8 @@ class ParallelRunner:
             self._step_count += 1
             self._in_step = self._step_count
             try:
-                if self.config.device.type == "cuda":
-                    # The current device is per thread (a server steps in a worker thread).
-                    with torch.cuda.device(self.config.device):
-                        return self.local.execute(batch)
-                return self.local.execute(batch)
+                with self._on_device():
+                    return self.local.execute(batch)
             finally:
                 self._in_step = 0
         except BaseException as e:

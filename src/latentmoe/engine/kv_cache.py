@@ -106,12 +106,13 @@ def cache_layout(spec: str | CacheLayout) -> CacheLayout:
 
 def plan_cache(cfg: ModelConfig, layout: CacheLayout, device: torch.device, dtype: torch.dtype, block_size: int,
                cache_memory_gb: float | None, num_blocks: int | None, max_num_seqs: int,
-               max_model_len: int | None, reserve_gb: float = 4.0) -> tuple[int, int]:
+               max_model_len: int | None, reserve_gb: float = 4.0,
+               gpu_memory_utilization: float = 0.9) -> tuple[int, int]:
     """(num_blocks incl. the reserved one, max_model_len) from a memory budget, and the start-up log.
 
-    Budget: `cache_memory_gb` if given; on CUDA otherwise 90% of the free memory after the
-    weights minus `reserve_gb` for activations and graphs; on CPU enough for `max_num_seqs`
-    sequences of max_model_len (at most 1 GiB).
+    Budget: `cache_memory_gb` if given; on CUDA otherwise `gpu_memory_utilization` of the device's
+    memory, less what is already in use (the weights, other processes) and `reserve_gb` for
+    activations and graphs; on CPU enough for `max_num_seqs` sequences of max_model_len (at most 1 GiB).
     """
     per_token = layout.bytes_per_token(cfg, dtype)
     per_block = per_token * block_size
@@ -120,8 +121,8 @@ def plan_cache(cfg: ModelConfig, layout: CacheLayout, device: torch.device, dtyp
         if cache_memory_gb is not None:
             budget = cache_memory_gb * GiB
         elif device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            budget = 0.9 * free - reserve_gb * GiB
+            free, total = torch.cuda.mem_get_info(device)
+            budget = gpu_memory_utilization * total - (total - free) - reserve_gb * GiB
         else:
             budget = min(GiB, max_num_seqs * want_len * per_token)
         num_blocks = int(budget // per_block) + 1

@@ -8,6 +8,7 @@ strings/tokens applied). The async engine drives the same `step()` from a backgr
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from .scheduler import Scheduler
 from .sequence import Request, RequestOutput, Sequence
 
 _request_counter = itertools.count()
+log = logging.getLogger("latentmoe.engine")
 
 
 def load_tokenizer(path):
@@ -53,6 +55,7 @@ class LLM:
     runner_class = ModelRunner   # a subclass may run steps differently (tests run the graph path eagerly)
 
     def __init__(self, model, *, tokenizer=None, config: EngineConfig | None = None, **options):
+        t_start = time.perf_counter()
         if config is None:
             config = EngineConfig(**options)
         elif options:
@@ -86,6 +89,13 @@ class LLM:
         self.eos_token_ids = set(self.config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        # Everything compiles and captures now, not on the first requests (counted afterwards: stats()).
+        # (With tensor_parallel_size > 1 every rank warms up alike, its collectives in step with rank 0's.)
+        self.runner.warm_up(config.max_num_batched_tokens, progress=self.device.type == "cuda")
+        self.time_to_ready = time.perf_counter() - t_start
+        log.info("engine ready in %.1f s (warm-up %.1f s: %d kernel compilations, %d decode graphs)",
+                 self.time_to_ready, self.runner.warmup_seconds, self.runner.compilations_at_ready,
+                 self.runner.num_captures)
 
     def _start_local(self, model, tokenizer, config: EngineConfig) -> int:
         """The one-process engine: load or take the model, build the runner; returns the cache's blocks."""
@@ -109,7 +119,8 @@ class LLM:
                                     device=asked_device, dtype=asked_dtype)
         num_blocks, self.max_model_len = plan_cache(
             self.config, config.kv_cache, config.device, config.dtype, config.block_size, config.cache_memory_gb,
-            config.num_blocks, config.max_num_seqs, config.max_model_len)
+            config.num_blocks, config.max_num_seqs, config.max_model_len,
+            gpu_memory_utilization=config.gpu_memory_utilization)
         self.runner = self.runner_class(runner_model, config, num_blocks, self.max_model_len)
         return num_blocks
 
@@ -326,7 +337,8 @@ class LLM:
         bm = self.block_manager
         return dict(num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
                     num_blocks_total=bm.num_usable_blocks, num_blocks_used=bm.num_used_blocks,
-                    num_preemptions=self.scheduler.num_preemptions, prefix_cache_hit_tokens=bm.num_prefix_hits)
+                    num_preemptions=self.scheduler.num_preemptions, prefix_cache_hit_tokens=bm.num_prefix_hits,
+                    time_to_ready_seconds=self.time_to_ready, **self.runner.stats())
 
 
 __all__ = ["LLM", "load_tokenizer"]
