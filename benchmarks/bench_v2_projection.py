@@ -128,8 +128,9 @@ def run_mode(cfg, mode, args, device, dtype, bw, lines, summary):
               "", "| B | context | rank step ms | floor ms | all-reduce launch us (1 rank) | projected comm ms "
               "| projected node tok/s | report (8 x H800) |", "|---|---|---|---|---|---|---|---|"]
     try:
-        llm = LLM(model, max_num_seqs=max(args.batches), max_model_len=L_max, cache_memory_gb=cache_gb,
-                  enforce_eager=args.eager)
+        # Only decodes are timed: a prefill budget of one batch keeps the start-up warm-up short.
+        llm = LLM(model, max_num_seqs=max(args.batches), max_num_batched_tokens=max(args.batches), max_model_len=L_max,
+                  cache_memory_gb=cache_gb, enforce_eager=args.eager)
     except torch.OutOfMemoryError:
         lines.append(f"The rank's weights and a cache of {cache_gb:.1f} GiB do not fit on this device.")
         del model
