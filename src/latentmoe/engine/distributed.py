@@ -319,8 +319,13 @@ class ParallelRunner:
     def warm_up(self, max_num_batched_tokens: int, progress: bool = True) -> None:
         """Rank 0's warm-up (compilations, graph captures) while every worker runs the same plan."""
         try:
-            with self._on_device():
-                self.local.warm_up(max_num_batched_tokens, progress=progress)
+            self._step_count += 1
+            self._in_step = self._step_count   # watched like a step: a rank that dies here ends the wait
+            try:
+                with self._on_device():
+                    self.local.warm_up(max_num_batched_tokens, progress=progress)
+            finally:
+                self._in_step = 0
             self._collect("ready", STARTUP_TIMEOUT_S)
         except BaseException as e:
             err = self._failure(e)
