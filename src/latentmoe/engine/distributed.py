@@ -241,7 +241,7 @@ class ParallelRunner:
             num_blocks, self.max_model_len = plan_cache(
                 model.config, self.config.kv_cache, self.config.device, self.config.dtype, self.config.block_size,
                 self.config.cache_memory_gb, self.config.num_blocks, self.config.max_num_seqs,
-                self.config.max_model_len)
+                self.config.max_model_len, gpu_memory_utilization=self.config.gpu_memory_utilization)
             self.num_blocks = num_blocks
             self._send_all(("start", num_blocks, self.max_model_len))
             self.local = runner_class(model, self.config, num_blocks, self.max_model_len)
