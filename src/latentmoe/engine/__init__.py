@@ -13,7 +13,7 @@ from .sampling import SamplingParams
 from .sequence import CompletionOutput, RequestOutput
 
 __all__ = ["LLM", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput", "CacheLayout",
-           "LatentCache", "PerHeadCache", "AsyncLLM", "QueueFullError"]
+           "LatentCache", "PerHeadCache", "AsyncLLM", "QueueFullError", "ParallelError"]
 
 
 def __getattr__(name):
@@ -21,4 +21,7 @@ def __getattr__(name):
     if name in ("AsyncLLM", "QueueFullError"):
         from . import async_engine
         return getattr(async_engine, name)
+    if name == "ParallelError":   # torch.distributed only for those who run several processes
+        from .distributed import ParallelError
+        return ParallelError
     raise AttributeError(f"module 'latentmoe.engine' has no attribute {name!r}")
