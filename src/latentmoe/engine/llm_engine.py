@@ -55,11 +55,15 @@ class LLM:
                              f"(got config= and {sorted(options)})")
         elif not isinstance(config, EngineConfig):
             raise ValueError(f"config must be an EngineConfig, got {type(config).__name__}")
+        fp8_weights = None
         if isinstance(model, (str, os.PathLike)):
             from ..checkpoint import load_model
             path = os.fspath(model)
             device = config.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
             model = load_model(path, device=device, dtype=config.dtype)
+            if config.quantization == "fp8":
+                from ..checkpoint import read_fp8_weights
+                fp8_weights = read_fp8_weights(path, model.config)   # a block-FP8 checkpoint's own pairs
             if tokenizer is None:
                 tokenizer = load_tokenizer(path)
         asked_device, asked_dtype = config.device, config.dtype
@@ -74,7 +78,8 @@ class LLM:
         # spread over devices, e.g. experts split over GPUs, keeps its placement). Before the cache
         # plan: on CUDA the budget is the memory left once the weights are in place.
         runner_model = engine_model(model, fused_ops=config.fused_ops, fused_experts=config.experts_impl == "fused",
-                                    device=asked_device, dtype=asked_dtype)
+                                    device=asked_device, dtype=asked_dtype, quantization=config.quantization,
+                                    fp8_weights=fp8_weights)
         num_blocks, self.max_model_len = plan_cache(
             self.config, config.kv_cache, self.device, self.dtype, config.block_size, config.cache_memory_gb,
             config.num_blocks, config.max_num_seqs, config.max_model_len)
