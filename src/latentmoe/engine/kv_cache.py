@@ -15,6 +15,7 @@ import logging
 import torch
 
 from ..config import ModelConfig
+from ..kv_report import fp8_latent_bytes_per_token
 from .. import kernels
 from .attention import PagedAttention, PagedLatentAttention, PagedPerHeadAttention, chunk_causal_mask
 
@@ -132,7 +133,7 @@ class LatentFp8Cache(CacheLayout):
         return cfg.kv_cache_elements_per_token()
 
     def bytes_per_token(self, cfg: ModelConfig, dtype: torch.dtype | None = None) -> int:
-        return cfg.kv_cache_elements_per_token() + cfg.num_hidden_layers * self.SCALES * 4
+        return fp8_latent_bytes_per_token(cfg)
 
     def allocate(self, cfg, num_blocks, block_size, dtype, device):
         caches = [(torch.zeros(num_blocks, block_size, cfg.kv_cache_width, dtype=kernels.FP8, device=device),

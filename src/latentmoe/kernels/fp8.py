@@ -74,15 +74,30 @@ def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tenso
 
 
 @jit
+def to_fp8(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
+    """x (fp32, already within +-448) cast to the e4m3 `dtype`, rounding to nearest even.
+
+    The GPU's cast is used as is. Triton's CPU interpreter rounds wrongly where rounding carries into the
+    exponent (124.7 -> 64, not 128), so there x is first rounded onto the e4m3 grid in fp32 (3 mantissa
+    bits; steps of 2^-9 below 2^-6, the subnormals), which the cast then keeps exactly."""
+    if INTERPRETED:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576          # keep sign, exponent, 3 mantissa bits
+        normal = bits.to(tl.float32, bitcast=True)
+        x = tl.where(tl.abs(x) < 0.015625, (x + 24576.0) - 24576.0, normal)
+    return x.to(dtype)
+
+
+@jit
 def _quantize_groups_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm,
-                            GROUP: tl.constexpr, FP8_MAX_C: tl.constexpr):
+                            GROUP: tl.constexpr, FP8_MAX_C: tl.constexpr, INTERPRETED: tl.constexpr):
     m = tl.program_id(0)
     g = tl.program_id(1)
     offs = g * GROUP + tl.arange(0, GROUP)
     x = tl.load(x_ptr + m * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
     scale = tl.maximum(tl.max(tl.abs(x), 0) / FP8_MAX_C, 1e-12)
     q = tl.minimum(tl.maximum(x / scale, -FP8_MAX_C), FP8_MAX_C)
-    tl.store(q_ptr + m * stride_qm + offs, q.to(q_ptr.dtype.element_ty), mask=offs < K)
+    tl.store(q_ptr + m * stride_qm + offs, to_fp8(q, q_ptr.dtype.element_ty, INTERPRETED), mask=offs < K)
     tl.store(s_ptr + m * stride_sm + g, scale)
 
 
@@ -97,7 +112,7 @@ def quantize_fp8_groups(x: torch.Tensor, group: int = BLOCK) -> tuple[torch.Tens
     s = new_buffer((M, g), torch.float32, x.device)
     if M:
         _quantize_groups_kernel[(M, g)](x, q, s, K, x.stride(0), q.stride(0), s.stride(0),
-                                        GROUP=group, FP8_MAX_C=FP8_MAX, num_warps=1)
+                                        GROUP=group, FP8_MAX_C=FP8_MAX, INTERPRETED=INTERPRET, num_warps=1)
     return q, s
 
 
@@ -184,4 +199,4 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor,
 
 __all__ = ["FP8", "FP8_MAX", "BLOCK", "quantize_fp8_blocks", "dequantize_fp8_blocks", "quantize_fp8_rows",
            "quantize_fp8_groups", "quantize_fp8_groups_ref", "fp8_linear", "fp8_linear_ref", "fp8_linear_triton",
-           "FP8_ACTIVATION_MIN_ROWS"]
+           "FP8_ACTIVATION_MIN_ROWS", "to_fp8"]

@@ -8,8 +8,8 @@ it gathers (`dequantize_latent_rows`).
 """
 import torch
 
-from ._triton import jit, tl, triton, use_triton
-from .fp8 import FP8, FP8_MAX
+from ._triton import INTERPRET, jit, tl, triton, use_triton
+from .fp8 import FP8, FP8_MAX, to_fp8
 
 _TINY = 1e-12
 
@@ -41,7 +41,8 @@ def write_latent_cache_fp8_ref(kv_cache: torch.Tensor, kv_scale: torch.Tensor, s
 def _write_latent_cache_fp8_kernel(kv_ptr, s_ptr, slot_ptr, c_kv_ptr, k_pe_ptr,
                                    stride_kv_blk, stride_kv_tok, stride_s_blk, stride_s_tok, stride_c, stride_r,
                                    C: tl.constexpr, R: tl.constexpr, PAGE: tl.constexpr,
-                                   BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, FP8_MAX_C: tl.constexpr):
+                                   BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, FP8_MAX_C: tl.constexpr,
+                                   INTERPRETED: tl.constexpr):
     m = tl.program_id(0)
     slot = tl.load(slot_ptr + m)
     if slot >= 0:  # negative slots are padding tokens
@@ -55,8 +56,8 @@ def _write_latent_cache_fp8_kernel(kv_ptr, s_ptr, slot_ptr, c_kv_ptr, k_pe_ptr,
         sr = tl.maximum(tl.max(tl.abs(r), 0) / FP8_MAX_C, 1e-12)
         qc = tl.minimum(tl.maximum(c / sc, -FP8_MAX_C), FP8_MAX_C)
         qr = tl.minimum(tl.maximum(r / sr, -FP8_MAX_C), FP8_MAX_C)
-        tl.store(kv_ptr + row + offs_c, qc.to(kv_ptr.dtype.element_ty), mask=offs_c < C)
-        tl.store(kv_ptr + row + C + offs_r, qr.to(kv_ptr.dtype.element_ty), mask=offs_r < R)
+        tl.store(kv_ptr + row + offs_c, to_fp8(qc, kv_ptr.dtype.element_ty, INTERPRETED), mask=offs_c < C)
+        tl.store(kv_ptr + row + C + offs_r, to_fp8(qr, kv_ptr.dtype.element_ty, INTERPRETED), mask=offs_r < R)
         tl.store(s_ptr + srow, sc)
         tl.store(s_ptr + srow + 1, sr)
 
@@ -80,7 +81,7 @@ def write_latent_cache_fp8(kv_cache: torch.Tensor, kv_scale: torch.Tensor, slot_
         kv_cache, kv_scale, slot_mapping.contiguous(), c_kv, k_pe, kv_cache.stride(0), kv_cache.stride(1),
         kv_scale.stride(0), kv_scale.stride(1), c_kv.stride(0), k_pe.stride(0),
         C=C, R=R, PAGE=kv_cache.shape[1], BLOCK_C=triton.next_power_of_2(C), BLOCK_R=triton.next_power_of_2(R),
-        FP8_MAX_C=FP8_MAX, num_warps=1)
+        FP8_MAX_C=FP8_MAX, INTERPRETED=INTERPRET, num_warps=1)
 
 
 __all__ = ["quantize_latent_rows", "dequantize_latent_rows", "write_latent_cache_fp8", "write_latent_cache_fp8_ref"]
