@@ -41,6 +41,8 @@ BENCHMARKS = [
      ["benchmarks/bench_kernels.py", "--moe-prefill", "--sweep"]),
     ("moe_backward", "Kernels: fused MoE forward + backward for training",
      ["benchmarks/bench_kernels.py", "--moe-backward", "--sweep"]),
+    ("fp8", "FP8 weights and FP8 latent cache vs bf16 (V2-Lite shape)",
+     ["benchmarks/bench_fp8.py"]),
     ("train", "Training throughput vs transformers (`small` preset)",
      ["benchmarks/bench_train.py"]),
     ("parallel", "Multi-GPU: expert-parallel training and serving",

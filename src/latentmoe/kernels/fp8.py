@@ -141,8 +141,8 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, c_ptr, bias_ptr, M, N, K,
         if A_FP8:
             sa = tl.load(as_ptr + offs_m * stride_asm + k0 // SCALE_BLOCK, mask=mask_m, other=0.0)
             acc += dot(a, w, UPCAST) * sa[:, None] * ws[None, :]
-        else:
-            acc += dot(a, w.to(a.dtype), UPCAST) * ws[None, :]
+        else:   # dequantise the tile (scale folded in) and accumulate in place: no second accumulator
+            acc += dot(a, (w.to(tl.float32) * ws[None, :]).to(a.dtype), UPCAST)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     if HAS_BIAS:

@@ -54,8 +54,10 @@ def _moe_fp8_gate_up_kernel(x_ptr, w_ptr, s_ptr, h_ptr, sorted_ids_ptr, block_ex
             wu = tl.load(wu_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
             sg = tl.load(sg_ptrs + k0 // SCALE_BLOCK, mask=mask_n, other=0.0)
             su = tl.load(su_ptrs + k0 // SCALE_BLOCK, mask=mask_n, other=0.0)
-            acc_g += dot(xa, wg.to(xa.dtype), UPCAST) * sg[None, :]
-            acc_u += dot(xa, wu.to(xa.dtype), UPCAST) * su[None, :]
+            # Scale folded into the dequantised tile, so the dots accumulate in place (scaling each dot's
+            # result instead needs a second pair of 128x128 accumulators: register spills at prefill tiles).
+            acc_g += dot(xa, (wg.to(tl.float32) * sg[None, :]).to(xa.dtype), UPCAST)
+            acc_u += dot(xa, (wu.to(tl.float32) * su[None, :]).to(xa.dtype), UPCAST)
             x_ptrs += BLOCK_K
             wg_ptrs += BLOCK_K
             wu_ptrs += BLOCK_K
@@ -89,7 +91,7 @@ def _moe_fp8_down_kernel(h_ptr, w_ptr, s_ptr, y_ptr, sorted_ids_ptr, block_exper
             ha = tl.load(h_ptrs, mask=mask_k[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
             s = tl.load(s_ptrs + k0 // SCALE_BLOCK, mask=mask_n, other=0.0)
-            acc += dot(ha, w.to(ha.dtype), UPCAST) * s[None, :]
+            acc += dot(ha, (w.to(tl.float32) * s[None, :]).to(ha.dtype), UPCAST)
             h_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
         wt = tl.load(topk_weight_ptr + ids, mask=valid, other=0.0).to(tl.float32)
