@@ -60,13 +60,19 @@ class LLM:
             from ..checkpoint import load_model
             path = os.fspath(model)
             device = config.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            model = load_model(path, device=device, dtype=config.dtype)
+            asked_device, asked_dtype = config.device, config.dtype
             if config.quantization == "fp8":
-                from ..checkpoint import read_fp8_weights
+                # Unquantised weights stay in host memory; the device receives only the engine's FP8 tree.
+                from ..checkpoint import read_fp8_weights, resolve_dtype
+                asked_device, asked_dtype = device, resolve_dtype(config.dtype, device)
+                model = load_model(path, device="cpu", dtype=asked_dtype)
                 fp8_weights = read_fp8_weights(path, model.config)   # a block-FP8 checkpoint's own pairs
+            else:
+                model = load_model(path, device=device, dtype=config.dtype)
             if tokenizer is None:
                 tokenizer = load_tokenizer(path)
-        asked_device, asked_dtype = config.device, config.dtype
+        else:
+            asked_device, asked_dtype = config.device, config.dtype
         p = next(model.parameters())
         config = config.resolved(asked_device or p.device, asked_dtype or p.dtype)
         self.model = model
