@@ -31,7 +31,7 @@ from latentmoe import build_model, get_config, kernels
 from latentmoe.engine import LLM, SamplingParams
 from latentmoe.engine.attention import AttentionMetadata, PrefillChunk
 
-from bench_engine import engine_decode, engine_prefill, release_memory, sync
+from bench_engine import engine_decode, engine_prefill, release_memory
 from report import summary_block
 
 VARIANTS = [("bf16", None, "auto"), ("fp8 weights", "fp8", "auto"), ("fp8 cache", None, "fp8"),
@@ -137,7 +137,8 @@ def kernel_rows(device, log) -> list[str]:
         tb = median_seconds(lambda: kernels.fused_moe(x, gu, dn, idx, w, few_token_layout=layout), graph=True) * 1e6
         tf = median_seconds(lambda: kernels.fused_moe_fp8(x, gq, gs, dq, ds, idx, w, few_token_layout=layout),
                             graph=True) * 1e6
-        out.append(f"| fused MoE | M={M} E={E} top-{TOPK} D={D} I={I} | {tb:.1f} | {tf:.1f} | {tb / tf:.2f}x | {err:.1e} |")
+        out.append(f"| fused MoE | M={M} E={E} top-{TOPK} D={D} I={I} | {tb:.1f} | {tf:.1f} | {tb / tf:.2f}x | "
+                   f"{err:.1e} |")
         log(out[-1])
     return out
 

@@ -52,8 +52,9 @@ def test_block_quantisation_round_trip_bounds():
     scale = s.repeat_interleave(128, 1)[:, :300].repeat_interleave(128, 2)[..., :260]
     assert ((back - w).abs() <= w.abs() / 16 + scale * 2 ** -10 + 1e-12).all()
     # each tile's largest element lands on 448 exactly: the full range is used
-    assert torch.allclose(s * 448, torch.stack([w[:, i:i + 128, j:j + 128].abs().amax((1, 2))
-                                                for i in range(0, 300, 128) for j in range(0, 260, 128)], -1).view(3, 3, 3))
+    amax = torch.stack([w[:, i:i + 128, j:j + 128].abs().amax((1, 2))
+                        for i in range(0, 300, 128) for j in range(0, 260, 128)], -1).view(3, 3, 3)
+    assert torch.allclose(s * 448, amax)
     # quantising a dequantised block-FP8 weight again gives it back exactly
     q2, s2 = kernels.quantize_fp8_blocks(back)
     assert torch.equal(q2.float(), q.float()) and torch.allclose(s2, s, rtol=1e-6)
@@ -117,7 +118,8 @@ def test_block_fp8_checkpoint_loads(model, tmp_path):
     loaded = load_model(tmp_path / "fp8")
     ref = dequantized_copy(m)
     with torch.no_grad():
-        kv_b_ref = kernels.dequantize_fp8_blocks(*kernels.quantize_fp8_blocks(m.model.layers[1].self_attn.kv_b_proj.weight))
+        kv_b = m.model.layers[1].self_attn.kv_b_proj.weight
+        kv_b_ref = kernels.dequantize_fp8_blocks(*kernels.quantize_fp8_blocks(kv_b))
         ref.model.layers[1].self_attn.kv_b_proj.weight.copy_(kv_b_ref)
     assert torch.equal(loaded.model.layers[1].mlp.experts.down_proj, ref.model.layers[1].mlp.experts.down_proj)
     assert torch.equal(loaded.model.layers[1].self_attn.kv_b_proj.weight, kv_b_ref)   # dequantised on load

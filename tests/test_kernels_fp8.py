@@ -10,6 +10,8 @@ from interpreter_child import IN_CHILD, run_module_under_interpreter
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 
 
 @pytest.mark.skipif(CUDA or IN_CHILD, reason="the interpreter child runs only on machines without CUDA")
@@ -151,3 +153,32 @@ def test_mla_decode_fp8_cache(K, num_splits):
     # the reference reads the cache as its dequantised rows
     dense = K.dequantize_latent_rows(cache, scale, C, torch.float64)
     assert torch.allclose(ref, K.mla_decode_ref(q_lat.double(), q_pe.double(), dense, table, lens, 0.1))
+
+
+# ----------------------------------------------------------------------------- full size (GPU)
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("M", [1, 64, 65, 2048])
+def test_fp8_gemm_full_size(K, M):
+    """V2-Lite's q_proj shape in bf16, both branches (weight-only up to 64 rows, fp8 activations above)."""
+    g = torch.Generator(device=DEV).manual_seed(M)
+    w, s = K.quantize_fp8_blocks(torch.randn(3072, 2048, device=DEV, generator=g) * 0.02)
+    x = torch.randn(M, 2048, device=DEV, generator=g).to(torch.bfloat16)
+    ref = K.fp8_linear_ref(x.float(), w, s, quantize_input=M > 64)
+    assert rel_err(K.fp8_linear(x, w, s), ref) < 1e-2
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("M", [1, 2, 300, 5000])
+def test_fused_moe_fp8_full_size(K, M):
+    g = torch.Generator(device=DEV).manual_seed(M)
+    E, D, I, TOPK = 64, 2048, 1408, 6
+    gu, gu_s = K.quantize_fp8_blocks(torch.randn(E, 2 * I, D, device=DEV, generator=g) * 0.02)
+    dn, dn_s = K.quantize_fp8_blocks(torch.randn(E, D, I, device=DEV, generator=g) * 0.02)
+    x = torch.randn(M, D, device=DEV, generator=g).to(torch.bfloat16)
+    w, idx = torch.randn(M, E, device=DEV, generator=g).softmax(-1).topk(TOPK, -1)
+    out = K.fused_moe_fp8(x, gu, gu_s, dn, dn_s, idx, w, few_token_layout=K.few_token_layout(2 * TOPK, DEV))
+    n = min(M, 64)   # the reference loops over experts in fp32: check a slice of the rows
+    ref = K.fused_moe_fp8_ref(x[:n].float(), gu, gu_s, dn, dn_s, idx[:n], w[:n])
+    assert rel_err(out[:n], ref) < 1.5e-2

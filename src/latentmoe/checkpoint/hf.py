@@ -153,7 +153,7 @@ def fill_from_checkpoint(path: str | os.PathLike, targets: dict[str, torch.Tenso
             for name in f.keys():
                 target = targets.get(name)
                 if target is None:
-                    if strict and name not in ignore and not _is_scale_of_stored_weight(name, scales):
+                    if strict and name not in ignore and name not in scales:   # scales travel with their weight
                         unexpected.append(name)
                     continue
                 tensor = f.get_tensor(name)
@@ -192,10 +192,6 @@ def _fp8_scale_files(files: list[str]) -> dict[str, str]:
         with safe_open(file, framework="pt", device="cpu") as f:
             found.update({n: file for n in f.keys() if n.endswith(SCALE_SUFFIX)})
     return found
-
-
-def _is_scale_of_stored_weight(name: str, scales: dict[str, str]) -> bool:
-    return name in scales
 
 
 def _load_scale(name: str, scales: dict[str, str]) -> torch.Tensor:
@@ -344,5 +340,6 @@ def write_config_and_tokenizer(path: str, config: ModelConfig, dtype: torch.dtyp
             shutil.copyfile(src, os.path.join(path, name))
 
 
-__all__ = ["load_model", "save_model", "save_fp8_model", "read_fp8_weights", "is_fp8_checkpoint", "fill_from_checkpoint", "CheckpointError", "checkpoint_entries", "resolve_dtype",
+__all__ = ["load_model", "save_model", "save_fp8_model", "read_fp8_weights", "is_fp8_checkpoint",
+           "fill_from_checkpoint", "CheckpointError", "checkpoint_entries", "resolve_dtype",
            "default_dtype", "write_index", "write_config_and_tokenizer", "INDEX_FILE", "TOKENIZER_FILES"]

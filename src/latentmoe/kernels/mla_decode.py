@@ -169,7 +169,8 @@ def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.T
     assert kv_cache.stride(-1) == 1 and block_table.stride(-1) == 1, "cache rows and block-table rows must be dense"
     assert block_table.dtype == torch.int32 and seq_lens.dtype == torch.int32
     fp8 = kv_scale is not None
-    assert q_lat.dtype == q_pe.dtype and (fp8 or kv_cache.dtype == q_lat.dtype), "queries and cache must share one dtype"
+    assert q_lat.dtype == q_pe.dtype and (fp8 or kv_cache.dtype == q_lat.dtype), \
+        "queries and cache must share one dtype"
     assert not fp8 or (kv_scale.shape == (NB, PAGE, 2) and kv_scale.stride(-1) == 1)
     q_lat = q_lat if q_lat.stride(-1) == 1 else q_lat.contiguous()
     q_pe = q_pe if q_pe.stride(-1) == 1 else q_pe.contiguous()
