@@ -166,12 +166,13 @@ def cached_logits(llm, ids, chunk):
     chunks' rows back from the cache (as stored: FP8 rows for an FP8 cache)."""
     r = llm.runner
     T = len(ids)
-    slots = torch.arange(r.block_size, r.block_size + T)   # block 0 is the engine's reserved one
+    slots = torch.arange(r.block_size, r.block_size + T, device=r.device)   # block 0 is the engine's reserved one
     out = []
     for s in range(0, T, chunk):
         e = min(T, s + chunk)
         r.backend.meta = AttentionMetadata(slot_mapping=slots[s:e], prefills=[PrefillChunk(0, e - s, slots[:e])])
-        h, _ = r.model.forward_hidden(torch.tensor([ids[s:e]]), positions=torch.arange(s, e)[None], backend=r.backend)
+        h, _ = r.model.forward_hidden(torch.tensor([ids[s:e]], device=r.device),
+                                      positions=torch.arange(s, e, device=r.device)[None], backend=r.backend)
         out.append(r.model.compute_logits(h[0]).float())
     r.backend.meta = None
     return torch.cat(out)
@@ -181,7 +182,8 @@ def quality(args, log) -> list[str]:
     from latentmoe.checkpoint import load_model
     from latentmoe.engine.layers import FP8_SKIP
     torch.manual_seed(0)
-    model = load_model(args.quality, device="cpu", dtype=torch.float32)
+    device = torch.device(args.device)
+    model = load_model(args.quality, device=device, dtype=torch.float32)
     cfg = model.config
     T = min(args.seq_len, cfg.max_position_embeddings)
     seqs = val_sequences(args.quality, args.text_corpus, args.sequences, T)
@@ -224,14 +226,14 @@ def quality(args, log) -> list[str]:
     sp = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     base_gen = None
     for name, quant, kv, m in settings:
-        llm = LLM(m, quantization=quant, kv_cache_dtype=kv, device="cpu", num_blocks=2 + (T * 2) // 16,
+        llm = LLM(m, quantization=quant, kv_cache_dtype=kv, num_blocks=2 + (T * 2) // 16,
                   block_size=16, max_num_seqs=16)
         nll, n, logits = 0.0, 0, []
         for s in seqs:
             lg = cached_logits(llm, s.tolist(), chunk=max(1, T // 2))
-            nll += torch.nn.functional.cross_entropy(lg[:-1], s[1:], reduction="sum").item()
+            nll += torch.nn.functional.cross_entropy(lg[:-1].cpu(), s[1:], reduction="sum").item()
             n += T - 1
-            logits.append(lg.argmax(-1))
+            logits.append(lg.argmax(-1).cpu())
         ppl = math.exp(nll / n)
         top1 = torch.stack(logits)
         gen = [o.outputs[0].token_ids for o in llm.generate(prompts, sp)]
@@ -263,6 +265,7 @@ def main():
     ap.add_argument("--no-kernels", action="store_true")
     ap.add_argument("--quality", default=None, metavar="CHECKPOINT", help="measure quality of this trained checkpoint")
     ap.add_argument("--text-corpus", default="python-docs")
+    ap.add_argument("--device", default="cpu", help="where the quality run computes (fp32 throughout)")
     ap.add_argument("--sequences", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--out", default=None, help="results file (default benchmarks/results/fp8.md; fp8_quality.md)")
@@ -277,7 +280,9 @@ def main():
         print(s, flush=True)
 
     if args.quality:
-        device_name = "CPU"
+        device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"
+        if device_name != "CPU":
+            torch.backends.cuda.matmul.allow_tf32 = False   # an fp32 reference, not tf32
         table = quality(args, log)
         out = args.out or os.path.join(here, "results", "fp8_quality.md")
         text = [f"# FP8 quality\n", f"{stamp}; {device_name}; `{command}`\n", *table]
