@@ -65,6 +65,17 @@ def test_fp8_gemm_bf16_default_path(K):
     assert rel_err(out.cpu(), K.fp8_linear_ref(x, w, s)) < 1e-2
 
 
+def test_dequantize_kernel_and_large_m_route(K):
+    from latentmoe.kernels.fp8 import dequantize_fp8_blocks_triton
+    g = torch.Generator().manual_seed(9)
+    q, s = K.quantize_fp8_blocks(torch.randn(200, 300, generator=g))
+    w = dequantize_fp8_blocks_triton(q.to(DEV), s.to(DEV), torch.float32)
+    assert torch.equal(w.cpu(), K.dequantize_fp8_blocks(q, s))
+    x = torch.randn(70, 300, generator=g)             # above FP8_ACTIVATION_MIN_ROWS: dequantise + GEMM
+    out = K.fp8_linear(x.to(DEV), q.to(DEV), s.to(DEV))
+    assert rel_err(out.cpu(), K.fp8_linear_ref(x, q, s)) < (3e-3 if CUDA else 1e-5)
+
+
 def test_quantize_groups_matches_reference(K):
     from latentmoe.kernels.fp8 import quantize_fp8_groups_ref
     g = torch.Generator().manual_seed(6)
@@ -160,12 +171,16 @@ def test_mla_decode_fp8_cache(K, num_splits):
 @needs_cuda
 @pytest.mark.parametrize("M", [1, 64, 65, 2048])
 def test_fp8_gemm_full_size(K, M):
-    """V2-Lite's q_proj shape in bf16, both branches (weight-only up to 64 rows, fp8 activations above)."""
+    """V2-Lite's q_proj shape in bf16, both routes (the FP8 GEMM up to 64 rows, dequantise + GEMM above)."""
     g = torch.Generator(device=DEV).manual_seed(M)
     w, s = K.quantize_fp8_blocks(torch.randn(3072, 2048, device=DEV, generator=g) * 0.02)
     x = torch.randn(M, 2048, device=DEV, generator=g).to(torch.bfloat16)
-    ref = K.fp8_linear_ref(x.float(), w, s, quantize_input=M > 64)
+    ref = K.fp8_linear_ref(x.float(), w, s)
     assert rel_err(K.fp8_linear(x, w, s), ref) < 1e-2
+    # the fp8-activation branch, opt-in
+    from latentmoe.kernels.fp8 import fp8_linear_triton
+    ref8 = K.fp8_linear_ref(x.float(), w, s, quantize_input=True)
+    assert rel_err(fp8_linear_triton(x, w, s, quantize_input=True), ref8) < 1e-2
 
 
 @gpu

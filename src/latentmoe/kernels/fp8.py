@@ -9,9 +9,10 @@ measures both on a trained model).
 
 `fp8_linear` computes x @ w^T with these weights. Triton path: few rows (decode, bandwidth-bound)
 read the fp8 tiles and multiply in x's dtype (weights dequantised in registers); many rows (prefill,
-compute-bound) first quantise x per token and per 128 columns (`quantize_fp8_groups`) and run the
-dot on fp8 tensor cores, scaling each 128-deep partial product by both scales. Elsewhere the
-reference dequantises the weight and calls F.linear.
+compute-bound) dequantise the weight in one pass and run an ordinary GEMM. The kernel's other branch
+quantises x per token and per 128 columns (`quantize_fp8_groups`) and runs the dot on fp8 tensor
+cores, scaling each 128-deep partial product by both scales (opt-in: slower than cuBLAS bf16 as
+measured). Elsewhere the reference dequantises the weight and calls F.linear.
 """
 import torch
 import torch.nn.functional as F
@@ -151,9 +152,35 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, c_ptr, bias_ptr, M, N, K,
              mask=mask_m[:, None] & mask_n[None, :])
 
 
-# Up to this many rows the weights dominate (decode): read fp8, multiply in x's dtype. Above it,
-# fp8 tensor cores on per-token-quantised activations (H200: 2x the bf16 rate).
+# Up to this many rows the weights dominate (decode): read fp8, multiply in x's dtype. Above it the
+# product is compute-bound: the weight is dequantised once (one bandwidth-bound pass over N x K) and
+# the GEMM is cuBLAS's in x's dtype. The fp8-activation branch of the kernel (per-token fp8 groups on
+# fp8 tensor cores, quantize_input=True) measured 0.49-0.55x of cuBLAS bf16 on an H200 at 256 and
+# 8192 rows (benchmarks/results/fp8.md), so it is not the default.
 FP8_ACTIVATION_MIN_ROWS = 64
+
+
+@jit
+def _dequantize_blocks_kernel(q_ptr, s_ptr, w_ptr, N, K, stride_qn, stride_sn, stride_wn, BLOCK_C: tl.constexpr):
+    pn = tl.program_id(0)
+    pk = tl.program_id(1)
+    offs_n = pn * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_k = pk * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    q = tl.load(q_ptr + offs_n[:, None].to(tl.int64) * stride_qn + offs_k[None, :], mask=mask, other=0.0)
+    s = tl.load(s_ptr + pn * stride_sn + pk)
+    tl.store(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
+             (q.to(tl.float32) * s).to(w_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize_fp8_blocks_triton(q: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """dequantize_fp8_blocks for a 2-D weight in one kernel (one program per 128 x 128 tile)."""
+    N, K = q.shape
+    assert q.stride(-1) == 1 and scale_inv.shape == (triton.cdiv(N, BLOCK), triton.cdiv(K, BLOCK))
+    w = new_buffer((N, K), dtype, q.device)
+    _dequantize_blocks_kernel[(triton.cdiv(N, BLOCK), triton.cdiv(K, BLOCK))](
+        q, scale_inv, w, N, K, q.stride(0), scale_inv.stride(0), w.stride(0), BLOCK_C=BLOCK, num_warps=4)
+    return w
 
 
 def choose_gemm_config(M: int, N: int) -> dict:
@@ -165,7 +192,7 @@ def choose_gemm_config(M: int, N: int) -> dict:
 
 def fp8_linear_triton(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor,
                       bias: torch.Tensor | None = None, config: dict | None = None,
-                      quantize_input: bool | None = None) -> torch.Tensor:
+                      quantize_input: bool = False) -> torch.Tensor:
     shape = x.shape
     N, K = weight.shape
     x2 = x.reshape(-1, K)
@@ -173,7 +200,7 @@ def fp8_linear_triton(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Te
     M = x2.shape[0]
     cfg = config or choose_gemm_config(M, N)
     assert BLOCK % cfg["block_k"] == 0 and scale_inv.shape == (triton.cdiv(N, BLOCK), triton.cdiv(K, BLOCK))
-    a_fp8 = M > FP8_ACTIVATION_MIN_ROWS if quantize_input is None else quantize_input
+    a_fp8 = bool(quantize_input)
     a, a_scale = quantize_fp8_groups(x2) if a_fp8 else (x2, x2)
     out = new_buffer((M, N), x.dtype, x.device)
     if M:
@@ -191,12 +218,16 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor,
                bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ W^T (+ bias) for a block-FP8 W (weight [N, K] e4m3, scale_inv [N/128, K/128]) -> x's dtype.
 
-    Triton on CUDA (CPU under TRITON_INTERPRET=1), the dequantising reference elsewhere."""
-    if use_triton(x):
-        return fp8_linear_triton(x, weight, scale_inv, bias)
-    return fp8_linear_ref(x, weight, scale_inv, bias)
+    Triton on CUDA (CPU under TRITON_INTERPRET=1): the FP8 GEMM for up to FP8_ACTIVATION_MIN_ROWS rows,
+    above them the weight dequantised by one kernel and an ordinary GEMM. The dequantising reference
+    elsewhere."""
+    if not use_triton(x):
+        return fp8_linear_ref(x, weight, scale_inv, bias)
+    if x.numel() // x.shape[-1] <= FP8_ACTIVATION_MIN_ROWS:
+        return fp8_linear_triton(x, weight, scale_inv, bias, quantize_input=False)
+    return F.linear(x, dequantize_fp8_blocks_triton(weight, scale_inv, x.dtype), bias)
 
 
 __all__ = ["FP8", "FP8_MAX", "BLOCK", "quantize_fp8_blocks", "dequantize_fp8_blocks", "quantize_fp8_rows",
            "quantize_fp8_groups", "quantize_fp8_groups_ref", "fp8_linear", "fp8_linear_ref", "fp8_linear_triton",
-           "FP8_ACTIVATION_MIN_ROWS", "to_fp8"]
+           "FP8_ACTIVATION_MIN_ROWS", "to_fp8", "dequantize_fp8_blocks_triton"]
