@@ -102,6 +102,24 @@ def test_fused_moe_fp8_matches_reference(K, M, few):
     assert rel_err(out.cpu(), ref) < (5e-3 if CUDA else 1e-5)
 
 
+def test_fused_moe_fp8_many_tokens_dequantise(K, monkeypatch):
+    """Past DEQUANTIZE_MIN_PER_EXPERT assignments per expert: the dequantised weights through the bf16 kernels."""
+    import latentmoe.kernels.fp8_moe as fm
+    monkeypatch.setattr(fm, "DEQUANTIZE_MIN_PER_EXPERT", 2)
+    g = torch.Generator().manual_seed(12)
+    E, D, I, TOPK, M = 4, 128, 64, 2, 9            # 2I = 128: whole tiles, so the stacked dequantisation applies
+    gu, gu_s = K.quantize_fp8_blocks(torch.randn(E, 2 * I, D, generator=g) * 0.1)
+    dn, dn_s = K.quantize_fp8_blocks(torch.randn(E, D, I, generator=g) * 0.1)
+    x = torch.randn(M, D, generator=g)
+    w, idx = torch.randn(M, E, generator=g).softmax(-1).topk(TOPK, -1)
+    args = [t.to(DEV) for t in (x, gu, gu_s, dn, dn_s, idx, w)]
+    def fp8_kernels(*a, **k):
+        raise AssertionError("the FP8 kernels ran")
+    monkeypatch.setattr(fm, "fused_moe_fp8_triton", fp8_kernels)
+    out = K.fused_moe_fp8(*args)
+    assert rel_err(out.cpu(), K.fused_moe_fp8_ref(*[t.cpu() for t in args])) < (5e-3 if CUDA else 1e-5)
+
+
 def test_fused_moe_fp8_odd_expert_width(K):
     """I not a multiple of 128: the stacked [gate | up] rows share a scale tile, read the same by both."""
     g = torch.Generator().manual_seed(3)

@@ -12,8 +12,8 @@ released model). Legend as in moe.py.
 import torch
 
 from ._triton import INTERPRET, dot, jit, new_buffer, tl, triton, use_triton
-from .fp8 import BLOCK, dequantize_fp8_blocks
-from .moe import DECODE_CONFIG, FEW_TOKENS, choose_moe_config, moe_align
+from .fp8 import BLOCK, dequantize_fp8_blocks, dequantize_fp8_blocks_triton
+from .moe import DECODE_CONFIG, FEW_TOKENS, choose_moe_config, fused_moe_triton, moe_align
 from .reference import fused_moe_ref
 
 
@@ -136,18 +136,39 @@ def fused_moe_fp8_triton(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scal
     return y_AD.view(M, K, D).sum(dim=1, dtype=torch.float32).to(x_MD.dtype)
 
 
+# From this many assignments per expert (prefill) the expert GEMMs are compute-bound: the weights are
+# dequantised once (one bandwidth-bound pass) and the bf16 fused-MoE kernels run. On an H200 the FP8
+# kernels measured 1.19x the bf16 ones at 1 token, 0.99x at 256, 0.36x at 8192 (benchmarks/results/fp8.md).
+DEQUANTIZE_MIN_PER_EXPERT = 256
+
+
+def _dequantize_experts(w: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """[E, N, K] e4m3 + [E, N/128, K/128] scales -> [E, N, K] in `dtype` in one kernel (None unless N % 128 == 0,
+    where the stacked experts are one [E*N, K] matrix of whole tiles)."""
+    E, N, K = w.shape
+    if N % BLOCK or not w.is_contiguous():
+        return None
+    return dequantize_fp8_blocks_triton(w.view(E * N, K), s.reshape(-1, s.shape[-1]), dtype).view(E, N, K)
+
+
 def fused_moe_fp8(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, gate_up_scale: torch.Tensor,
                   down_proj: torch.Tensor, down_scale: torch.Tensor, topk_idx_MK: torch.Tensor,
                   topk_weight_MK: torch.Tensor, few_token_layout: torch.Tensor | None = None) -> torch.Tensor:
     """`fused_moe` over block-FP8 expert weights -> [M, D] in x's dtype. Triton on CUDA (CPU under
-    TRITON_INTERPRET=1), the dequantising reference elsewhere."""
+    TRITON_INTERPRET=1): the FP8 kernels, or from DEQUANTIZE_MIN_PER_EXPERT assignments per expert the
+    dequantised weights through the bf16 kernels; the dequantising reference elsewhere."""
     if x_MD.shape[0] == 0:
         return x_MD.clone()
     if not use_triton(x_MD):
         return fused_moe_fp8_ref(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scale, topk_idx_MK,
                                  topk_weight_MK)
+    if topk_idx_MK.numel() >= DEQUANTIZE_MIN_PER_EXPERT * gate_up_proj.shape[0]:
+        gu = _dequantize_experts(gate_up_proj, gate_up_scale, x_MD.dtype)
+        dn = _dequantize_experts(down_proj, down_scale, x_MD.dtype) if gu is not None else None
+        if dn is not None:
+            return fused_moe_triton(x_MD, gu, dn, topk_idx_MK, topk_weight_MK)
     return fused_moe_fp8_triton(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scale, topk_idx_MK,
                                 topk_weight_MK, few_token_layout)
 
 
-__all__ = ["fused_moe_fp8", "fused_moe_fp8_ref", "fused_moe_fp8_triton"]
+__all__ = ["fused_moe_fp8", "fused_moe_fp8_ref", "fused_moe_fp8_triton", "DEQUANTIZE_MIN_PER_EXPERT"]
