@@ -4,8 +4,9 @@ Weights are stored as DeepSeek's FP8 releases store them: `weight` in float8_e4m
 `weight_scale_inv` [ceil(N/128), ceil(K/128)] fp32, one scale per 128 x 128 tile, so that
 w ~= weight.float() * weight_scale_inv (per tile). The scale is the tile's amax / 448 (e4m3's
 largest finite value): every tile uses the format's full range, and one outlier costs only its own
-tile's precision (per-output-channel scales let it cost a whole row; benchmarks/bench_fp8.py
-measures both on a trained model).
+tile's precision (per-output-channel scales let it cost a whole row). On the trained demo model the two
+tie (perplexity +0.09% vs +0.05% of fp32, benchmarks/results/fp8_quality.md); blocks win on format:
+DeepSeek's FP8 checkpoints load as stored.
 
 `fp8_linear` computes x @ w^T with these weights. Triton path: few rows (decode, bandwidth-bound)
 read the fp8 tiles and multiply in x's dtype (weights dequantised in registers); many rows (prefill,
