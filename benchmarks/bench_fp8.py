@@ -29,7 +29,7 @@ import torch
 
 from latentmoe import build_model, get_config, kernels
 from latentmoe.engine import LLM, SamplingParams
-from latentmoe.engine.attention import AttentionMetadata, PrefillChunk
+from latentmoe.engine.attention import AttentionMetadata, PrefillMetadata
 
 from bench_engine import engine_decode, engine_prefill, release_memory
 from report import summary_block
@@ -169,7 +169,10 @@ def cached_logits(llm, ids, chunk):
     out = []
     for s in range(0, T, chunk):
         e = min(T, s + chunk)
-        r.backend.meta = AttentionMetadata(slot_mapping=slots[s:e], prefills=[PrefillChunk(0, e - s, slots[:e])])
+        cu_q = torch.tensor([0, e - s], dtype=torch.int32, device=r.device)
+        cu_k = torch.tensor([0, e], dtype=torch.int32, device=r.device)
+        r.backend.meta = AttentionMetadata(slot_mapping=slots[s:e],
+                                           prefill=PrefillMetadata(slots[:e], cu_q, cu_k, e - s, e))
         h, _ = r.model.forward_hidden(torch.tensor([ids[s:e]], device=r.device),
                                       positions=torch.arange(s, e, device=r.device)[None], backend=r.backend)
         out.append(r.model.compute_logits(h[0]).float())

@@ -14,7 +14,7 @@ from latentmoe import kernels
 from latentmoe.checkpoint import CheckpointError, load_model, save_fp8_model
 from latentmoe.config import get_config
 from latentmoe.engine import LLM, EngineConfig, SamplingParams
-from latentmoe.engine.attention import AttentionMetadata, PrefillChunk
+from latentmoe.engine.attention import AttentionMetadata, PrefillMetadata
 from latentmoe.engine.kv_cache import LatentCache, LatentFp8Cache, cache_layout, plan_cache
 from latentmoe.engine.layers import Fp8Experts, Fp8Linear, engine_model
 from latentmoe.model import Experts
@@ -165,7 +165,8 @@ def test_fp8_cache_attention_reads_dequantised_rows(model):
     q_nope, q_pe = torch.randn(1, T, H, N, generator=g), torch.randn(1, T, H, R, generator=g)
     c_kv, k_pe = torch.randn(1, T, C, generator=g), torch.randn(1, T, R, generator=g) * 0.2
     slots = torch.arange(BS, BS + T)
-    pre = AttentionMetadata(slot_mapping=slots, prefills=[PrefillChunk(0, T, slots)])
+    cu = torch.tensor([0, T], dtype=torch.int32)
+    pre = AttentionMetadata(slot_mapping=slots, prefill=PrefillMetadata(slots, cu, cu, T, T))
     out8 = step(fp8, pre, q_nope, q_pe, c_kv, k_pe)
     rows, scales = fp8.kv_caches[0]
     assert rows.dtype == torch.float8_e4m3fn

@@ -105,12 +105,12 @@ def _shard_files(path: str) -> list[str]:
 
 @torch.no_grad()
 def load_model(path: str | os.PathLike, device: torch.device | str | None = None,
-               dtype: torch.dtype | str | None = None, progress: bool = False) -> DeepseekV2ForCausalLM:
-    """Load an HF-format DeepSeek-V2 directory onto `device` (default CPU) in `dtype`
-    (default: bf16 on CUDA, fp32 on CPU)."""
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint directory not found: {path}")
+               dtype: torch.dtype | str | None = None, progress: bool = False,
+               revision: str | None = None) -> DeepseekV2ForCausalLM:
+    """Load an HF-format DeepSeek-V2 directory, or a hub model id (at `revision`, through the hub cache), onto
+    `device` (default CPU) in `dtype` (default: bf16 on CUDA, fp32 on CPU)."""
+    from .hub import resolve_checkpoint
+    path = resolve_checkpoint(path, revision)
     cfg = ModelConfig.from_json(path)
     device = torch.device(device) if device is not None else torch.device("cpu")
     dtype = resolve_dtype(dtype, device)

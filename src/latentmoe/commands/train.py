@@ -15,6 +15,9 @@ def register(subparsers) -> None:
     p.add_argument("--config", default=None, help="TOML file or built-in config name (default: demo)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in run_dir from its latest checkpoint (exactly)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a run_dir that already holds a run (its checkpoints, metrics and model are "
+                        "deleted); without it, train refuses (same as --checkpoint.overwrite true)")
     accept_overrides(p)
     p.set_defaults(func=run)
 
@@ -29,6 +32,10 @@ def run(args) -> int:
         run_dir = _override_value(overrides, "run_dir")
         saved = os.path.join(run_dir, "config.toml") if run_dir else None
         config = saved if args.resume and saved and os.path.exists(saved) else "demo"
+    if args.overwrite:
+        if args.resume:
+            raise ValueError("--overwrite starts the run over; --resume continues it: give one of them")
+        overrides += ["--checkpoint.overwrite", "true"]
     cfg = load_config(config, overrides)
     try:
         run = train(cfg, resume=args.resume)

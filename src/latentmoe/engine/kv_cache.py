@@ -17,7 +17,7 @@ import torch
 from ..config import ModelConfig
 from ..kv_report import fp8_latent_bytes_per_token
 from .. import kernels
-from .attention import PagedAttention, PagedLatentAttention, PagedPerHeadAttention, chunk_causal_mask
+from .attention import PagedAttention, PagedLatentAttention, PagedPerHeadAttention
 
 log = logging.getLogger("latentmoe.engine")
 
@@ -107,15 +107,15 @@ class PagedLatentFp8Attention(PagedLatentAttention):
         o_lat = kernels.mla_decode(q_lat, q_pe, rows, block_table, seq_lens, layer.softmax_scale, kv_scale=scales)
         return torch.einsum("bhc,hvc->bhv", o_lat, layer.w_uv)
 
-    def prefill(self, layer, cache, q_nope, q_pe, ctx_slots):
+    def prefill(self, layer, cache, q_nope, q_pe, meta):
+        # As the latent backend, over the gathered rows dequantised (to the queries' dtype) first.
         rows, scales = cache
-        C = layer.kv_lora_rank
-        kv = kernels.dequantize_latent_rows(rows.view(-1, rows.shape[-1])[ctx_slots], scales.view(-1, 2)[ctx_slots],
-                                            C, q_nope.dtype)[None]                 # [1, S, C+R]
-        mask = chunk_causal_mask(q_nope.shape[0], kv.shape[1], kv.device)
-        o = layer.attend_decompressed(q_nope[None], q_pe[None], kv[..., :C], kv[..., C:],
-                                      None if mask is None else mask[None, None])
-        return o[0]
+        C, H, N = layer.kv_lora_rank, layer.n_heads, layer.nope_dim
+        kv = kernels.dequantize_latent_rows(rows.view(-1, rows.shape[-1])[meta.ctx_slots],
+                                            scales.view(-1, 2)[meta.ctx_slots], C, q_nope.dtype)   # [S, C+R]
+        k_nope, v = layer.kv_b_proj(kv[:, :C]).view(-1, H, N + layer.v_dim).split([N, layer.v_dim], dim=-1)
+        return kernels.prefill_attention(q_nope, q_pe, k_nope, kv[:, C:], v, meta.cu_q, meta.cu_k, meta.max_q,
+                                         layer.softmax_scale, max_k=meta.max_k)
 
 
 class LatentFp8Cache(CacheLayout):
@@ -168,12 +168,13 @@ def cache_layout(spec: str | CacheLayout, kv_cache_dtype: str = "auto") -> Cache
 
 def plan_cache(cfg: ModelConfig, layout: CacheLayout, device: torch.device, dtype: torch.dtype, block_size: int,
                cache_memory_gb: float | None, num_blocks: int | None, max_num_seqs: int,
-               max_model_len: int | None, reserve_gb: float = 4.0) -> tuple[int, int]:
+               max_model_len: int | None, reserve_gb: float = 4.0,
+               gpu_memory_utilization: float = 0.9) -> tuple[int, int]:
     """(num_blocks incl. the reserved one, max_model_len) from a memory budget, and the start-up log.
 
-    Budget: `cache_memory_gb` if given; on CUDA otherwise 90% of the free memory after the
-    weights minus `reserve_gb` for activations and graphs; on CPU enough for `max_num_seqs`
-    sequences of max_model_len (at most 1 GiB).
+    Budget: `cache_memory_gb` if given; on CUDA otherwise `gpu_memory_utilization` of the device's
+    memory, less what is already in use (the weights, other processes) and `reserve_gb` for
+    activations and graphs; on CPU enough for `max_num_seqs` sequences of max_model_len (at most 1 GiB).
     """
     per_token = layout.bytes_per_token(cfg, dtype)
     per_block = per_token * block_size
@@ -182,8 +183,8 @@ def plan_cache(cfg: ModelConfig, layout: CacheLayout, device: torch.device, dtyp
         if cache_memory_gb is not None:
             budget = cache_memory_gb * GiB
         elif device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            budget = 0.9 * free - reserve_gb * GiB
+            free, total = torch.cuda.mem_get_info(device)
+            budget = gpu_memory_utilization * total - (total - free) - reserve_gb * GiB
         else:
             budget = min(GiB, max_num_seqs * want_len * per_token)
         num_blocks = int(budget // per_block) + 1

@@ -154,7 +154,10 @@ def choose_num_splits(batch: int, head_groups: int, max_seq_len: int, device: to
     def cost(s: int) -> float:
         return -(-programs * s // slots) * (max_seq_len / s + piece_overhead)
 
-    return min(range(1, cap + 1), key=lambda s: (cost(s), s))
+    # Powers of two only: each count is a compiled variant, and seven of them can all be compiled at
+    # start-up (engine warm-up), so no batch the engine forms later compiles anything.
+    candidates = [1 << i for i in range(cap.bit_length()) if 1 << i <= cap]
+    return min(candidates, key=lambda s: (cost(s), s))
 
 
 def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,

@@ -138,3 +138,25 @@ def softmax_topk_ref(logits_ME: torch.Tensor, top_k: int, norm_topk_prob: bool, 
     else:   # the released rule: normalise OR scale, never both
         topk_weight_MK = topk_weight_MK * routed_scaling_factor
     return scores_ME, topk_weight_MK, topk_idx_MK
+
+
+def prefill_attention_ref(q_nope, q_pe, k_nope, k_pe, v, cu_q, cu_k, softmax_scale: float) -> torch.Tensor:
+    """kernels.prefill_attention, one chunk at a time: chunk p's queries (rows cu_q[p]:cu_q[p+1]) are the
+    last of its keys (rows cu_k[p]:cu_k[p+1]), so query i sees keys 0..k_len - q_len + i."""
+    T, H, _ = q_nope.shape
+    acc = _acc(q_nope)
+    out = q_nope.new_empty(T, H, v.shape[-1])
+    shared_pe = k_pe.dim() == 2
+    bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
+    for p in range(len(bounds_q) - 1):
+        qs, qe, ks, ke = bounds_q[p], bounds_q[p + 1], bounds_k[p], bounds_k[p + 1]
+        if qe == qs:
+            continue
+        kpe = k_pe[ks:ke, None, :].expand(-1, H, -1) if shared_pe else k_pe[ks:ke]
+        q = torch.cat([q_nope[qs:qe], q_pe[qs:qe]], dim=-1).to(acc).transpose(0, 1)     # [H, Tq, N+R]
+        k = torch.cat([k_nope[ks:ke], kpe], dim=-1).to(acc).transpose(0, 1)             # [H, S, N+R]
+        mask = torch.ones(qe - qs, ke - ks, dtype=torch.bool, device=q.device).tril((ke - ks) - (qe - qs))
+        o = F.scaled_dot_product_attention(q, k, v[ks:ke].to(acc).transpose(0, 1), attn_mask=mask,
+                                           scale=softmax_scale)
+        out[qs:qe] = o.transpose(0, 1).to(out.dtype)
+    return out
