@@ -287,7 +287,8 @@ def main():
             torch.backends.cuda.matmul.allow_tf32 = False   # an fp32 reference, not tf32
         table = quality(args, log)
         out = args.out or os.path.join(here, "results", "fp8_quality.md")
-        text = [f"# FP8 quality\n", f"{stamp}; {device_name}; `{command}`\n", *table]
+        text = ["# FP8 quality\n", f"date: {stamp}; device: {device_name}; torch {torch.__version__}; command: `{command}`\n",
+                *table]
     else:
         device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
         if device.type == "cuda":
@@ -297,7 +298,7 @@ def main():
         cfg, rows, p = speed(args, device, log)
         table = speed_table(rows, p)
         base, both = rows["bf16"], rows["fp8 weights + cache"]
-        summary = summary_block(f"{stamp}; {device_name}; `{command}`", [
+        summary = summary_block(f"date: {stamp}; device: {device_name}; torch {torch.__version__}; command: `{command}`", [
             f"| decode B=1, fp8 weights + cache | {1 / both['dec1']:,.1f} tok/s | {1 / base['dec1']:,.1f} tok/s (bf16) "
             f"| {base['dec1'] / both['dec1']:.2f}x |",
             f"| decode B={p['B']} | {p['B'] / both['decB']:,.0f} tok/s | {p['B'] / base['decB']:,.0f} tok/s | "
