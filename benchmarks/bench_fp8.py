@@ -276,6 +276,7 @@ def main():
     here = os.path.dirname(os.path.abspath(__file__))
     stamp = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
     command = "python " + " ".join(sys.argv)
+    provenance = f"date: {stamp}; device: {{}}; torch {torch.__version__}; command: `{command}`"
     lines: list[str] = []
 
     def log(s):
@@ -287,8 +288,7 @@ def main():
             torch.backends.cuda.matmul.allow_tf32 = False   # an fp32 reference, not tf32
         table = quality(args, log)
         out = args.out or os.path.join(here, "results", "fp8_quality.md")
-        text = ["# FP8 quality\n", f"date: {stamp}; device: {device_name}; torch {torch.__version__}; command: `{command}`\n",
-                *table]
+        text = ["# FP8 quality\n", provenance.format(device_name) + "\n", *table]
     else:
         device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
         if device.type == "cuda":
@@ -298,7 +298,7 @@ def main():
         cfg, rows, p = speed(args, device, log)
         table = speed_table(rows, p)
         base, both = rows["bf16"], rows["fp8 weights + cache"]
-        summary = summary_block(f"date: {stamp}; device: {device_name}; torch {torch.__version__}; command: `{command}`", [
+        summary = summary_block(provenance.format(device_name), [
             f"| decode B=1, fp8 weights + cache | {1 / both['dec1']:,.1f} tok/s | {1 / base['dec1']:,.1f} tok/s (bf16) "
             f"| {base['dec1'] / both['dec1']:.2f}x |",
             f"| decode B={p['B']} | {p['B'] / both['decB']:,.0f} tok/s | {p['B'] / base['decB']:,.0f} tok/s | "
