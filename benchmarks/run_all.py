@@ -45,6 +45,8 @@ BENCHMARKS = [
      ["benchmarks/bench_kernels.py", "--moe-prefill", "--sweep"]),
     ("moe_backward", "Kernels: fused MoE forward + backward for training",
      ["benchmarks/bench_kernels.py", "--moe-backward", "--sweep"]),
+    ("fp8", "FP8 weights and FP8 latent cache vs bf16 (V2-Lite shape)",
+     ["benchmarks/bench_fp8.py"]),
     ("train", "Training throughput vs transformers (`small` preset)",
      ["benchmarks/bench_train.py"]),
     ("v2_projection", "DeepSeek-V2 at N=8: one rank's share on one GPU, projected node decode",

@@ -36,6 +36,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="fused RMSNorm / MLA post-projection / router kernels (default: on with CUDA)")
     g.add_argument("--kv-cache", default="latent",
                    help="cache layout: 'latent' (MLA's, default) or 'mha' (the per-head baseline)")
+    g.add_argument("--quantization", default=None,
+                   help="'fp8': Linears and routed experts in block FP8 (e4m3, 128x128 scales), quantised on load "
+                        "or read from a block-FP8 checkpoint (default: the model's dtype)")
+    g.add_argument("--kv-cache-dtype", default="auto",
+                   help="'auto' (the model's dtype, default) or 'fp8' (e4m3 latent cache with per-token scales)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
                    help="run on N devices, one process each (cuda:0..N-1, or N CPU processes with --device cpu): "
                         "attention split by heads, MLPs and experts by width")
@@ -72,7 +77,8 @@ def engine_config(args):
                         enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
                         experts_impl=None if args.experts == "auto" else args.experts,
                         fused_ops=None if args.fused_ops == "auto" else args.fused_ops == "on",
-                        kv_cache=args.kv_cache, tensor_parallel_size=args.tensor_parallel_size,
+                        kv_cache=args.kv_cache, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+                        tensor_parallel_size=args.tensor_parallel_size,
                         enable_expert_parallel=args.enable_expert_parallel)
 
 

@@ -193,6 +193,10 @@ class ParallelRunner:
         cfg = ModelConfig.from_json(path)
         world = config.tensor_parallel_size
         check_divisible(cfg, world, config.enable_expert_parallel)   # before any process starts
+        if config.quantization is not None:
+            # Its Fp8Linear / Fp8Experts would replace the row-parallel layers (and their all-reduce).
+            raise ValueError(f"quantization={config.quantization!r} is not supported with tensor_parallel_size > 1 "
+                             "yet (kv_cache_dtype='fp8' is)")
         if dist.is_initialized():
             raise ValueError("tensor_parallel_size > 1 starts its own torch.distributed group; this process "
                              "already has one")

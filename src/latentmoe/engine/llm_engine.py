@@ -99,14 +99,24 @@ class LLM:
 
     def _start_local(self, model, tokenizer, config: EngineConfig) -> int:
         """The one-process engine: load or take the model, build the runner; returns the cache's blocks."""
+        fp8_weights = None
         if isinstance(model, (str, os.PathLike)):
             from ..checkpoint import load_model, resolve_checkpoint
             path = resolve_checkpoint(model)   # a directory, or a hub model id through the hub cache
             device = config.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            model = load_model(path, device=device, dtype=config.dtype)
+            asked_device, asked_dtype = config.device, config.dtype
+            if config.quantization == "fp8":
+                # Unquantised weights stay in host memory; the device receives only the engine's FP8 tree.
+                from ..checkpoint import read_fp8_weights, resolve_dtype
+                asked_device, asked_dtype = device, resolve_dtype(config.dtype, device)
+                model = load_model(path, device="cpu", dtype=asked_dtype)
+                fp8_weights = read_fp8_weights(path, model.config)   # a block-FP8 checkpoint's own pairs
+            else:
+                model = load_model(path, device=device, dtype=config.dtype)
             if tokenizer is None:
                 tokenizer = load_tokenizer(path)
-        asked_device, asked_dtype = config.device, config.dtype
+        else:
+            asked_device, asked_dtype = config.device, config.dtype
         p = next(model.parameters())
         config = config.resolved(asked_device or p.device, asked_dtype or p.dtype)
         self.model = model
@@ -116,7 +126,8 @@ class LLM:
         # Only a device/dtype asked for converts; otherwise every tensor stays where it is. Before the
         # cache plan: on CUDA the budget is the memory left once the weights are in place.
         runner_model = engine_model(model, fused_ops=config.fused_ops, fused_experts=config.experts_impl == "fused",
-                                    device=asked_device, dtype=asked_dtype)
+                                    device=asked_device, dtype=asked_dtype, quantization=config.quantization,
+                                    fp8_weights=fp8_weights)
         num_blocks, self.max_model_len = plan_cache(
             self.config, config.kv_cache, config.device, config.dtype, config.block_size, config.cache_memory_gb,
             config.num_blocks, config.max_num_seqs, config.max_model_len,
