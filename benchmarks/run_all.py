@@ -33,6 +33,8 @@ HISTORY = os.path.join(RESULTS, "history")
 BENCHMARKS = [
     ("e2e", "End to end: LLM(model) then generate (V2-Lite shape)",
      ["benchmarks/bench_e2e.py", "--cold"]),
+    ("serve", "The OpenAI server under load vs the offline engine (V2-Lite shape)",
+     ["benchmarks/bench_serve.py"]),
     ("prefill", "Kernels: batched prefill attention vs torch SDPA",
      ["benchmarks/bench_prefill.py"]),
     ("engine", "Inference engine vs transformers (V2-Lite shape)",
