@@ -28,10 +28,11 @@ async def chat_completions(request: Request, req: ChatCompletionRequest = Depend
     tok = state.tokenizer()
     if tok.chat_template is None:
         raise bad_request("this model has no chat template: use /v1/completions", "messages")
-    ids = render_chat(tok, [m.for_template() for m in req.messages], req.add_generation_prompt)
     k = (req.top_logprobs or 0) if req.logprobs else None
     params = req.sampling_params(req.max_completion_tokens if req.max_completion_tokens is not None
-                                 else req.max_tokens, k)
+                                 else req.max_tokens, k, state.cache_salt(request, req.cache_salt), state.max_n)
+    ids = await render_chat(tok, [m.for_template() for m in req.messages], req.add_generation_prompt,
+                            state.max_prompt_chars)
     make_chunk = Envelope("chatcmpl", "chat.completion.chunk" if req.stream else "chat.completion",
                           state.model_name, req)
 

@@ -7,6 +7,7 @@ batch.
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
+from starlette.concurrency import run_in_threadpool
 
 from ..generation import Generation
 from ..prompts import completion_prompts
@@ -28,11 +29,12 @@ async def completions(request: Request, req: CompletionRequest = Depends(body_of
         raise bad_request("best_of must equal n (no server-side ranking)", "best_of")
     if req.echo and req.logprobs is not None:
         raise bad_request("echo with logprobs is not supported (no prompt logprobs)", "echo")
-    texts, prompts = completion_prompts(req.prompt, state.engine.tokenizer)
-    params = req.sampling_params(req.max_tokens, req.logprobs)
-    if req.echo:
-        texts = [t if t is not None else state.tokenizer().decode(p, skip_special_tokens=False)
-                 for t, p in zip(texts, prompts)]
+    params = req.sampling_params(req.max_tokens, req.logprobs, state.cache_salt(request, req.cache_salt), state.max_n)
+    texts, prompts = await completion_prompts(req.prompt, state.engine.tokenizer, state.max_prompt_chars)
+    if req.echo and any(t is None for t in texts):
+        tok = state.tokenizer()
+        texts = await run_in_threadpool(lambda: [t if t is not None else tok.decode(p, skip_special_tokens=False)
+                                                 for t, p in zip(texts, prompts)])
     n, make_chunk = params.n, Envelope("cmpl", "text_completion", state.model_name, req)
 
     def choice(i, c, start_tok, start_text):
