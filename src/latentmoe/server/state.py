@@ -42,11 +42,11 @@ class ServerState:
     @classmethod
     def build(cls, engine, model_name: str, api_keys: list[str], limits: ServerLimits | None = None) -> ServerState:
         # Keys are kept and compared as digests, in constant time, so neither their content nor their length leaks.
-        llm_config = getattr(getattr(engine, "llm", None), "config", None)
+        scheduler = getattr(getattr(engine, "llm", None), "scheduler", None)
         return cls(engine, model_name, Metrics(engine, model_name), Detokenizer(engine.tokenizer),
                    [hashlib.sha256(k.encode()).digest() for k in api_keys], limits or ServerLimits(),
                    engine.max_model_len * _longest_token_chars(engine.tokenizer),
-                   getattr(llm_config, "max_num_seqs", None) or 256)
+                   getattr(scheduler, "max_num_seqs", None) or 256)
 
     def cache_salt(self, request: Request, salt: str | None) -> str | None:
         """The engine's cache salt for a request: its API key (so keys never share cached prefixes, whose timing
