@@ -70,7 +70,7 @@ class Tokenizer:
         self._template_in_file = template_in_file
         self._tok = _Backend.from_str(backend.to_str())
         self._plain: _Backend | None = None
-        self._special_id_set: frozenset[int] | None = None
+        self._special_id_set: dict[int, str] | None = None
         self.special_tokens: dict[str, str] = {}
         for key in SPECIAL_TOKEN_KEYS:
             content = _token_content(self.config.get(key))
@@ -133,21 +133,27 @@ class Tokenizer:
         config: dict = {}
         cfg_file = os.path.join(path, "tokenizer_config.json")
         if os.path.isfile(cfg_file):
-            with open(cfg_file, encoding="utf-8") as f:
-                config = json.load(f)
+            config = _json_object(cfg_file)
         # Legacy special_tokens_map.json fills in what tokenizer_config.json leaves unset.
         map_file = os.path.join(path, "special_tokens_map.json")
         if os.path.isfile(map_file):
-            with open(map_file, encoding="utf-8") as f:
-                for key, value in json.load(f).items():
-                    if not config.get(key):
-                        config[key] = value
+            for key, value in _json_object(map_file).items():
+                if not config.get(key):
+                    config[key] = value
         template, in_file = config.get("chat_template"), False
         tpl_file = os.path.join(path, TEMPLATE_FILE)
         if os.path.isfile(tpl_file):  # the newer separate file wins over the config key
             with open(tpl_file, encoding="utf-8") as f:
                 template, in_file = f.read(), True
-        return cls(_Backend.from_file(tok_file), config, template, template_in_file=in_file)
+        try:
+            backend = _Backend.from_file(tok_file)
+        except Exception as e:   # the tokenizers library's own error: no file name, a Rust message
+            raise ValueError(f"{tok_file}: corrupt tokenizer file ({str(e).splitlines()[0] if str(e) else e!r})") \
+                from None
+        try:
+            return cls(backend, config, template, template_in_file=in_file)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{cfg_file}: invalid tokenizer settings ({e!r})") from None
 
     def save(self, path: str | os.PathLike) -> None:
         path = os.fspath(path)
@@ -217,8 +223,9 @@ class Tokenizer:
         usual ids wherever no content holds special-token text.
         """
         enc = self._tok.encode(text, add_special_tokens=False)
-        special_ids = self._special_ids()
-        found = [(i, enc.offsets[i]) for i, t in enumerate(enc.ids) if t in special_ids]
+        special = self._special_ids()   # id -> text; a token counts only where that text was written (not unk)
+        found = [(i, enc.offsets[i]) for i, t in enumerate(enc.ids)
+                 if t in special and text[enc.offsets[i][0]:enc.offsets[i][1]] == special[t]]
         forged = [o for _, o in found if spans is None or any(a < o[1] and o[0] < b for a, b in spans)]
         if not forged:
             return enc.ids
@@ -237,9 +244,9 @@ class Tokenizer:
             ids += plain.encode(text[pos:], add_special_tokens=False).ids
         return ids
 
-    def _special_ids(self) -> frozenset[int]:
+    def _special_ids(self) -> dict[int, str]:
         if self._special_id_set is None:
-            self._special_id_set = frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
+            self._special_id_set = {i: t.content for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
         return self._special_id_set
 
     def _plain_backend(self) -> _Backend:
@@ -252,6 +259,18 @@ class Tokenizer:
 
     def incremental_decoder(self, skip_special_tokens: bool = True) -> "IncrementalDecoder":
         return IncrementalDecoder(self, skip_special_tokens)
+
+
+def _json_object(path: str) -> dict:
+    """A JSON file that must hold an object; ValueError naming the file otherwise."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: must hold a JSON object, not a {type(data).__name__}")
+    return data
 
 
 def _fill(skeleton: str, marks: list[str], contents: list) -> tuple[str | None, list[tuple[int, int]] | None]:
