@@ -6,6 +6,8 @@ A stream opens with one chunk per sample carrying the assistant role, as OpenAI'
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from ..generation import Generation
 from ..prompts import render_chat
@@ -53,4 +55,6 @@ async def chat_completions(request: Request, req: ChatCompletionRequest = Depend
                  "finish_reason": None} for j in range(params.n)]
         return sse_response(gen, delta_chunks(choice, make_chunk, make_chunk(role), k is not None), make_chunk)
     await unless_disconnected(request, gen, gen.collect())
-    return {**make_chunk([choice(0, c, 0, 0) for c in gen.final[0].outputs]), "usage": gen.usage()}
+    # Built and serialized in a worker thread: n samples with logprobs can be megabytes of JSON.
+    return await run_in_threadpool(lambda: JSONResponse(
+        {**make_chunk([choice(0, c, 0, 0) for c in gen.final[0].outputs]), "usage": gen.usage()}))

@@ -7,6 +7,7 @@ batch.
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..generation import Generation
@@ -52,5 +53,7 @@ async def completions(request: Request, req: CompletionRequest = Depends(body_of
     if req.stream:
         return sse_response(gen, delta_chunks(choice, make_chunk, every_token=req.logprobs is not None), make_chunk)
     await unless_disconnected(request, gen, gen.collect())
-    return {**make_chunk([choice(i, c, 0, 0) for i in sorted(gen.final) for c in gen.final[i].outputs]),
-            "usage": gen.usage()}
+    # Built and serialized in a worker thread: n samples with logprobs can be megabytes of JSON.
+    return await run_in_threadpool(lambda: JSONResponse(
+        {**make_chunk([choice(i, c, 0, 0) for i in sorted(gen.final) for c in gen.final[i].outputs]),
+         "usage": gen.usage()}))
