@@ -77,7 +77,8 @@ def server(tmp_path_factory):
             yield client, engine
 
 
-@settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
+          database=None)
 @given(case=near_valid | st.tuples(st.sampled_from(ROUTES), raw_bodies).map(lambda rb: (*rb[0], rb[1])),
        hdrs=headers, json_type=st.integers(0, 3).map(bool))
 def test_any_input_gets_2xx_or_4xx(server, case, hdrs, json_type):
