@@ -1,5 +1,6 @@
 """Checkpoints: the HF format every command reads (`hf`), the one atomic commit of a run's
-checkpoint directories (`commit`), and trainer checkpoints on one process or many (`training`)."""
+checkpoint directories (`commit`), whether a checkpoint is whole (`integrity`), and trainer checkpoints on
+one process or many (`training`)."""
 
 from .hf import (CheckpointError, checkpoint_entries, default_dtype, fill_from_checkpoint, load_model, resolve_dtype,
                  save_model)
