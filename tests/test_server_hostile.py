@@ -167,6 +167,11 @@ def test_prompt_length_bound_before_tokenizing(server):
         assert r.status_code == 400 and error(r)["param"] == "messages"
     finally:
         del engine.tokenizer.encode_batch
+    # more characters than the context has tokens, but few enough tokens: served
+    text = "Hello! How are you today? " * (engine.max_model_len // 20)
+    assert len(text) > engine.max_model_len
+    r = httpx.post(base + "/v1/completions", json={"prompt": text, "max_tokens": 1}, headers=AUTH)
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] < engine.max_model_len
 
 
 def test_tokenizing_runs_off_the_event_loop(server):

@@ -71,6 +71,7 @@ class Tokenizer:
         self._tok = _Backend.from_str(backend.to_str())
         self._plain: _Backend | None = None
         self._special_id_set: dict[int, str] | None = None
+        self._max_token_chars: int | None = None
         self.special_tokens: dict[str, str] = {}
         for key in SPECIAL_TOKEN_KEYS:
             content = _token_content(self.config.get(key))
@@ -183,6 +184,14 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         text = self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
         return _clean_up(text) if self._cleanup else text
+
+    @property
+    def max_token_chars(self) -> int:
+        """The most characters one token can stand for: its vocabulary string is as long or longer (byte-level
+        strings spell one byte per character). So a text of more than n times this has more than n tokens."""
+        if self._max_token_chars is None:
+            self._max_token_chars = max((len(t) for t in self._tok.get_vocab(with_added_tokens=True)), default=1)
+        return max(self._max_token_chars, 1)
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)

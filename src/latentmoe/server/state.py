@@ -18,16 +18,6 @@ from .protocol import APIError, bad_request, parse_body
 from .responses import Detokenizer
 
 
-def _longest_token_chars(tokenizer) -> int:
-    """The most characters one token can stand for (vocabulary strings are bytes or longer, so this is an upper
-    bound): a text longer than max_model_len times this cannot fit, and is refused before it is tokenized."""
-    if tokenizer is None:
-        return 1
-    backend = getattr(tokenizer, "backend", None) or getattr(tokenizer, "_tokenizer", None)
-    vocab = backend.get_vocab(with_added_tokens=True) if backend is not None else {}
-    return max((len(t) for t in vocab), default=1) or 1
-
-
 @dataclass
 class ServerState:
     engine: object                  # the AsyncLLM
@@ -36,7 +26,7 @@ class ServerState:
     detokenizer: Detokenizer
     key_digests: list[bytes]        # SHA-256 of each accepted API key; empty: no key needed
     limits: ServerLimits
-    max_prompt_chars: int           # longer text cannot fit in max_model_len tokens (see _longest_token_chars)
+    max_prompt_chars: int           # longer text cannot fit in max_model_len tokens (Tokenizer.max_token_chars)
     max_n: int                      # samples per request: the engine's batch size (they must fit in one batch)
 
     @classmethod
@@ -45,7 +35,7 @@ class ServerState:
         scheduler = getattr(getattr(engine, "llm", None), "scheduler", None)
         return cls(engine, model_name, Metrics(engine, model_name), Detokenizer(engine.tokenizer),
                    [hashlib.sha256(k.encode()).digest() for k in api_keys], limits or ServerLimits(),
-                   engine.max_model_len * _longest_token_chars(engine.tokenizer),
+                   engine.max_model_len * (engine.tokenizer.max_token_chars if engine.tokenizer else 1),
                    getattr(scheduler, "max_num_seqs", None) or 256)
 
     def cache_salt(self, request: Request, salt: str | None) -> str | None:
