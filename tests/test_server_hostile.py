@@ -107,7 +107,8 @@ def test_tokenize_wrong_types_are_400(server):
 
 @pytest.mark.parametrize("field,value", [("stream", "yes"), ("max_tokens", "10"), ("n", "2"), ("temperature", "0.5"),
                                          ("echo", 1), ("seed", 2**64), ("seed", "1"), ("logprobs", 21),
-                                         ("n", 5), ("n", 0)])
+                                         ("n", 5), ("n", 0), ("stop", ["x"] * 65), ("stop", "x" * 1025),
+                                         ("stop_token_ids", [1] * 65), ("cache_salt", 5)])
 def test_strict_types_name_the_parameter(server, field, value):
     base, _, _ = server
     r = httpx.post(base + "/v1/completions", json={"prompt": "Hello", "max_tokens": 2, field: value}, headers=AUTH)

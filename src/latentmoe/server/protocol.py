@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -49,6 +49,8 @@ def parse_body(raw: bytes, model: type[BaseModel]):
 # Strict: a string is never taken for a number or a boolean ("stream": "yes", "max_tokens": "10" are 400s).
 _STRICT = ConfigDict(extra="ignore", strict=True)
 MAX_LOGPROBS = 20   # alternatives per token, as vLLM's default max_logprobs: bounds the response size
+MAX_STOP = 64       # stop strings / stop token ids per request
+_StopString = Annotated[str, Field(max_length=1024)]
 
 
 class StreamOptions(BaseModel):
@@ -66,7 +68,8 @@ class _Request(BaseModel):
     n: int = Field(1, ge=1)   # the upper bound is the engine's batch size, checked by the routes
     temperature: float | None = None
     top_p: float | None = None
-    stop: str | list[str] | None = None
+    # Every stop string and id is checked at every step: bounded, as OpenAI bounds `stop` (to 4).
+    stop: _StopString | Annotated[list[_StopString], Field(max_length=MAX_STOP)] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)   # sample i draws from seed + i: within torch's range
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -77,7 +80,7 @@ class _Request(BaseModel):
     min_p: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP)
     skip_special_tokens: bool = True
     cache_salt: str | None = Field(None, min_length=1)   # vLLM's: only requests with the same salt share cached prefixes
 
