@@ -31,6 +31,10 @@ HISTORY = os.path.join(RESULTS, "history")
 
 # name (results/NAME.md), title on the page, arguments after `python` (run from the repository root)
 BENCHMARKS = [
+    ("e2e", "End to end: LLM(model) then generate (V2-Lite shape)",
+     ["benchmarks/bench_e2e.py", "--cold"]),
+    ("prefill", "Kernels: batched prefill attention vs torch SDPA",
+     ["benchmarks/bench_prefill.py"]),
     ("engine", "Inference engine vs transformers (V2-Lite shape)",
      ["benchmarks/bench_engine.py", "--check", "--quick"]),
     ("mla_vs_mha", "MLA vs per-head (MHA) cache in the same engine",
@@ -41,6 +45,8 @@ BENCHMARKS = [
      ["benchmarks/bench_kernels.py", "--moe-prefill", "--sweep"]),
     ("moe_backward", "Kernels: fused MoE forward + backward for training",
      ["benchmarks/bench_kernels.py", "--moe-backward", "--sweep"]),
+    ("fp8", "FP8 weights and FP8 latent cache vs bf16 (V2-Lite shape)",
+     ["benchmarks/bench_fp8.py"]),
     ("train", "Training throughput vs transformers (`small` preset)",
      ["benchmarks/bench_train.py"]),
     ("parallel", "Multi-GPU: expert-parallel training and serving",

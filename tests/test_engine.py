@@ -46,15 +46,15 @@ def random_prompts(lengths, seed=0, vocab=512):
 
 class EagerGraphRunner(ModelRunner):
     """Decode-only steps through the CUDA-graph path (static buffers, batch padded to a bucket, block
-    tables to a context bucket) with the captured body run eagerly instead: that path without CUDA."""
+    tables max_model_len wide) with the captured body run eagerly instead: that path without CUDA."""
 
     @staticmethod
     def supports_graphs(device):
         return True
 
-    def decode_graph(self, b, mb):
+    def _capture(self, b):
         self.graph_buckets.append(b)
-        return types.SimpleNamespace(replay=lambda: self.decode_body(b, mb))
+        return types.SimpleNamespace(replay=lambda: self.decode_body(b))
 
     def execute(self, batch):
         if batch.num_decodes == len(batch.seqs):
@@ -135,6 +135,67 @@ def test_graph_path_padding_and_buckets(model, expected):
     assert runner.graph_buckets and set(runner.graph_buckets) <= set(runner.buckets)
     assert set(runner.decode_batch_sizes) - set(runner.buckets)   # batches of 6, 5, ... padded up to 8
     assert_no_leak(llm)
+
+
+def test_startup_captures_every_bucket_and_serving_captures_none(model, expected):
+    # Start-up captures one decode graph per batch bucket (none per context length); a workload with
+    # every batch size and contexts from 2 to 40 tokens then replays them without capturing again.
+    prompts, want = expected
+    llm = EagerGraphLLM(model, block_size=4, num_blocks=200, max_num_seqs=24, max_model_len=120)
+    runner = llm.runner
+    assert runner.ready and sorted(runner.graph_buckets) == runner.buckets == [1, 2, 4, 8, 16, 24]
+    outs = llm.generate(prompts, GREEDY)
+    outs += llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    assert [o.outputs[0].token_ids for o in outs[:-1]] == want
+    stats = llm.stats()
+    assert stats["graph_captures"] == len(runner.buckets) and stats["graph_captures_after_ready"] == 0
+    assert stats["compilations_after_ready"] == 0 and stats["time_to_ready_seconds"] > 0
+    assert sorted(runner.graph_buckets) == runner.buckets          # nothing captured while serving
+    # A missing graph is captured on demand and counted.
+    del runner.graphs[2]
+    llm.generate(prompts[:2], GREEDY)
+    assert llm.stats()["graph_captures_after_ready"] == 1
+
+
+def test_warmup_steps_run_and_leave_generation_unchanged(model, expected):
+    # The start-up steps (prefill of several sizes over a one-token cached prefix, eager decodes of several
+    # batch sizes) run on placeholder tokens against the reserved null block: every step of the plan runs
+    # (on CUDA the plan holds these kinds of steps), and generation afterwards is unchanged.
+    prompts, want = expected
+    ran = []
+
+    class PlannedRunner(EagerGraphRunner):
+        def warmup_plan(self, budget):
+            return [("prefill", n) for n in (1, 5, 17)] + [("decode", b) for b in (1, 3)] + super().warmup_plan(budget)
+
+        def _dummy_step(self, nd, n):
+            ran.append((nd, n))
+            super()._dummy_step(nd, n)
+
+    class PlannedLLM(LLM):
+        runner_class = PlannedRunner
+
+    llm = PlannedLLM(model, block_size=4, num_blocks=200, max_num_seqs=8, max_model_len=120)
+    assert ran == [(0, 1), (0, 5), (0, 17), (1, 0), (3, 0)]
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)] == want
+    assert_no_leak(llm)
+
+
+def test_prefill_warmup_sizes_cover_every_class():
+    # Token counts 1..budget fall in classes (==1, divisible by 16 or not, expert-tile config, sort path);
+    # each class a count can reach has a warm-up count in it.
+    from latentmoe.kernels.moe import ALIGN_KERNEL_MAX_ASSIGNMENTS, choose_moe_config
+    sizes = ModelRunner.prefill_warmup_sizes(None, 16384)
+    assert sizes[0] == 1 and sizes[-1] == 16384 and len(sizes) < 150
+
+    def cls(m, top_k, experts):
+        a = m * top_k
+        return (m == 1, m <= 2, a % 16 == 0, m % 16 == 0, str(choose_moe_config(a, experts)),
+                a <= ALIGN_KERNEL_MAX_ASSIGNMENTS)
+
+    for top_k, experts, budget in ((6, 64, 16384), (2, 8, 2048), (8, 160, 8192)):
+        sizes = ModelRunner.prefill_warmup_sizes(None, budget)
+        assert {cls(m, top_k, experts) for m in range(1, budget + 1)} == {cls(m, top_k, experts) for m in sizes}
 
 
 def test_requests_arriving_mid_run(model, expected):
@@ -331,6 +392,7 @@ def test_engine_converts_a_copy_for_another_dtype(model):
     (dict(cache_memory_gb=0), "cache_memory_gb"), (dict(experts_impl="triton"), "experts_impl"),
     (dict(fused_ops="yes"), "fused_ops"), (dict(kv_cache="gqa"), "kv_cache"), (dict(dtype="int8"), "dtype"),
     (dict(device="tpu9"), "device"), (dict(enforce_eager=1), "enforce_eager"),
+    (dict(gpu_memory_utilization=0), "gpu_memory_utilization"), (dict(gpu_memory_utilization=1.5), "gpu_memory"),
     (dict(num_blocks=10, cache_memory_gb=1.0), "num_blocks or cache_memory_gb"),
 ])
 def test_engine_config_names_the_bad_field(model, options, field):
@@ -344,6 +406,10 @@ def test_engine_config_as_object_or_keywords(model):
     cfg = EngineConfig(block_size=4, num_blocks=40, max_num_seqs=3)
     llm = LLM(model, config=cfg)
     assert llm.engine_config.max_num_batched_tokens == 2048 and llm.engine_config.block_size == 4
+    # The token budget's default depends on the device: 16,384 on CUDA (measured), 2,048 elsewhere.
+    cfg = EngineConfig()
+    assert cfg.resolved(torch.device("cuda"), torch.bfloat16).max_num_batched_tokens == 16384
+    assert EngineConfig(max_num_seqs=4096).resolved(torch.device("cpu"), torch.float32).max_num_batched_tokens == 4096
     assert llm.engine_config.experts_impl == "model" and llm.engine_config.fused_ops is False   # CPU defaults
     assert cfg.device is None   # the caller's config is not resolved in place
     with pytest.raises(ValueError, match="not both"):

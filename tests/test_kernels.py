@@ -115,9 +115,10 @@ def test_mla_decode_matches_dense_attention(K):
 
 def test_choose_num_splits(K):
     cpu = torch.device("cpu")  # nominal 8 multiprocessors there: 16 program slots at 2 per multiprocessor
-    # Below one wave: fill it (1 x 16 pieces, 3 x 5 = 15 programs <= 16 slots).
+    # Below one wave: fill it (1 x 16 pieces). Counts are powers of two: for 3 sequences 16 pieces (3 full
+    # waves of 256 + 64 tokens = 960) beat 4 (one wave of 12/16 programs, 1,088) and 8 (2 waves, 1,152).
     assert K.choose_num_splits(batch=1, head_groups=1, max_seq_len=4096, device=cpu) == 16
-    assert K.choose_num_splits(batch=3, head_groups=1, max_seq_len=4096, device=cpu) == 5
+    assert K.choose_num_splits(batch=3, head_groups=1, max_seq_len=4096, device=cpu) == 16
     # 6 programs on 8 slots: 1 piece = one wave of 4,096 tokens with 2 slots idle; 4 pieces = 3 waves
     # of 1,024 (+64) tokens = 3,264: all slots busy, faster.
     assert K.choose_num_splits(batch=3, head_groups=2, max_seq_len=4096, device=cpu, ctas_per_sm=1) == 4
@@ -125,8 +126,8 @@ def test_choose_num_splits(K):
     assert K.choose_num_splits(batch=64, head_groups=1, max_seq_len=4096, device=cpu) == 1
     # 20 programs: 1 piece = 2 waves, the second 4/16 busy (8,320); 4 pieces = 5 full waves of 1,088 (5,440).
     assert K.choose_num_splits(batch=20, head_groups=1, max_seq_len=4096, device=cpu) == 4
-    # Pieces of at least 32 tokens: 6 of 200 (1 x (34 + 64)) beat 1 of 200 (264).
-    assert K.choose_num_splits(batch=1, head_groups=1, max_seq_len=200, device=cpu) == 6
+    # Pieces of at least 32 tokens: 4 of 200 (1 x (50 + 64)) beat 1 of 200 (264).
+    assert K.choose_num_splits(batch=1, head_groups=1, max_seq_len=200, device=cpu) == 4
     assert K.choose_num_splits(batch=1, head_groups=1, max_seq_len=40, device=cpu) == 1
 
 

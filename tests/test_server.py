@@ -339,4 +339,8 @@ def test_health_and_metrics(server):
         assert name in text, name
     assert metric(server, "latentmoe_generation_tokens_total") > 0
     assert metric(server, "latentmoe_time_to_first_token_seconds_count") > 0
+    # Everything compiled and captured at start-up: the workload served so far added nothing.
+    assert metric(server, "latentmoe_time_to_ready_seconds") > 0
+    assert metric(server, "latentmoe_compilations_after_ready") == 0
+    assert metric(server, "latentmoe_graph_captures_after_ready") == 0
     assert json.loads(httpx.get(server + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).text)["data"]

@@ -49,7 +49,14 @@ def browser():
 def test_chat_page_streams_an_answer(server, browser):
     browser.get(server + "/")
     wait = WebDriverWait(browser, 60)
+    # Without the key the header tells a person what to do (and where), not an HTTP instruction.
+    wait.until(lambda b: "enter it in the API key box" in b.find_element(By.ID, "model").text)
+    assert "Authorization" not in browser.find_element(By.ID, "model").text
     key = browser.find_element(By.ID, "api-key")
+    key.send_keys("wrong")
+    key.send_keys(Keys.TAB)
+    wait.until(lambda b: "wrong API key" in b.find_element(By.ID, "model").text)
+    key.clear()
     key.send_keys(KEY)
     key.send_keys(Keys.TAB)   # 'change': the page stores the key and lists the model with it
     wait.until(lambda b: "page-model" in b.find_element(By.ID, "model").text)

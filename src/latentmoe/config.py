@@ -29,6 +29,7 @@ _IGNORED_KEYS = {
     "architectures", "auto_map", "model_type", "transformers_version", "torch_dtype", "dtype",
     "pretraining_tp", "qk_head_dim", "head_dim", "use_cache", "ep_size", "_name_or_path",
     "output_router_logits", "router_aux_loss_coef", "num_experts", "mlp_bias",
+    "quantization_config",   # block-FP8 checkpoints: the weights carry their scales (checkpoint/hf.py)
 }
 
 

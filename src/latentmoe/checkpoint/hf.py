@@ -10,6 +10,10 @@ in the model the routed experts of a layer are stacked. This table is the whole 
 | model.layers.L.mlp.experts.E.down_proj.weight | model.layers.L.mlp.experts.down_proj[E]        |
 | anything else                                 | the parameter of the same name                 |
 
+Block-FP8 checkpoints (DeepSeek's FP8 releases) store a weight as float8_e4m3fn `X.weight` beside
+fp32 `X.weight_scale_inv`, one scale per 128 x 128 tile. `load_model` dequantises them into the model's
+dtype; `read_fp8_weights` hands the stored pairs to the engine (quantization="fp8") as they are.
+
 An `Experts` that holds only a slice of its layer's experts (expert parallelism) says so with
 `expert_offset`: its row e is stored as expert `expert_offset + e`, so a slice is saved and loaded
 under the global names and the files of all slices together are one ordinary checkpoint.
@@ -110,12 +114,12 @@ def _checked(files: list[str]) -> list[str]:
 
 @torch.no_grad()
 def load_model(path: str | os.PathLike, device: torch.device | str | None = None,
-               dtype: torch.dtype | str | None = None, progress: bool = False) -> DeepseekV2ForCausalLM:
-    """Load an HF-format DeepSeek-V2 directory onto `device` (default CPU) in `dtype`
-    (default: bf16 on CUDA, fp32 on CPU)."""
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint directory not found: {path}")
+               dtype: torch.dtype | str | None = None, progress: bool = False,
+               revision: str | None = None) -> DeepseekV2ForCausalLM:
+    """Load an HF-format DeepSeek-V2 directory, or a hub model id (at `revision`, through the hub cache), onto
+    `device` (default CPU) in `dtype` (default: bf16 on CUDA, fp32 on CPU)."""
+    from .hub import resolve_checkpoint
+    path = resolve_checkpoint(path, revision)
     cfg = ModelConfig.from_json(path)
     device = torch.device(device) if device is not None else torch.device("cpu")
     dtype = resolve_dtype(dtype, device)
@@ -148,13 +152,29 @@ def fill_from_checkpoint(path: str | os.PathLike, targets: dict[str, torch.Tenso
     seen: set[str] = set()
     unexpected: list[str] = []
     misshaped: list[str] = []
+    scales = _fp8_scale_files(files)
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(files), desc="loading shards", unit="shard")
     for file in files:
         try:
-            _fill_from_file(file, targets, strict, ignore, seen, unexpected, misshaped)
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    target = targets.get(name)
+                    if target is None:
+                        if strict and name not in ignore and name not in scales:   # scales travel with their weight
+                            unexpected.append(name)
+                        continue
+                    tensor = f.get_tensor(name)
+                    if tuple(tensor.shape) != tuple(target.shape):
+                        misshaped.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(target.shape)}")
+                        continue
+                    if tensor.dtype == FP8 and target.dtype != FP8:
+                        tensor = _dequantize_stored(name, tensor, scales)
+                    target.copy_(tensor)
+                    seen.add(name)
+                    del tensor
         except CheckpointError:
             raise
         except Exception as e:   # the parser's own errors (SafetensorError, ...): name the file
@@ -175,22 +195,117 @@ def fill_from_checkpoint(path: str | os.PathLike, targets: dict[str, torch.Tenso
         raise CheckpointError("\n".join(lines))
 
 
-def _fill_from_file(file, targets, strict, ignore, seen, unexpected, misshaped) -> None:
-    """One shard's tensors into `targets` (the bookkeeping lists are fill_from_checkpoint's)."""
-    with safe_open(file, framework="pt", device="cpu") as f:
-        for name in f.keys():
-            target = targets.get(name)
-            if target is None:
-                if strict and name not in ignore:
-                    unexpected.append(name)
-                continue
-            tensor = f.get_tensor(name)
-            if tuple(tensor.shape) != tuple(target.shape):
-                misshaped.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(target.shape)}")
-                continue
-            target.copy_(tensor)
-            seen.add(name)
-            del tensor
+FP8 = torch.float8_e4m3fn
+SCALE_SUFFIX = "_scale_inv"
+
+
+def _fp8_scale_files(files: list[str]) -> dict[str, str]:
+    """{name of a `*_scale_inv` tensor: its shard file} over the checkpoint (empty for an unquantised one)."""
+    found = {}
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            found.update({n: file for n in f.keys() if n.endswith(SCALE_SUFFIX)})
+    return found
+
+
+def _load_scale(name: str, scales: dict[str, str]) -> torch.Tensor:
+    if name + SCALE_SUFFIX not in scales:
+        raise CheckpointError(f"checkpoint stores {name} in float8 without its scales {name}{SCALE_SUFFIX}")
+    with safe_open(scales[name + SCALE_SUFFIX], framework="pt", device="cpu") as f:
+        return f.get_tensor(name + SCALE_SUFFIX)
+
+
+def _dequantize_stored(name: str, tensor: torch.Tensor, scales: dict[str, str]) -> torch.Tensor:
+    from ..kernels.fp8 import BLOCK, dequantize_fp8_blocks
+
+    scale = _load_scale(name, scales)
+    want = (-(-tensor.shape[0] // BLOCK), -(-tensor.shape[1] // BLOCK))
+    if tuple(scale.shape) != want:
+        raise CheckpointError(f"{name}{SCALE_SUFFIX} has shape {tuple(scale.shape)}, expected {want} "
+                              f"(one scale per {BLOCK}x{BLOCK} block of {tuple(tensor.shape)})")
+    return dequantize_fp8_blocks(tensor, scale)
+
+
+def is_fp8_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether the directory's weights are block-FP8 (any `*_scale_inv` tensor)."""
+    return bool(_fp8_scale_files(_shard_files(os.fspath(path))))
+
+
+@torch.no_grad()
+def read_fp8_weights(path: str | os.PathLike, cfg: ModelConfig | None = None) -> dict[str, tuple[torch.Tensor,
+                                                                                                  torch.Tensor]]:
+    """The block-FP8 pairs of a checkpoint under the model's tensor names: {name: (e4m3, scale_inv)} on CPU.
+
+    Dense weights keep their names (`...q_proj.weight`); a layer's routed experts are stacked as the model
+    stacks them (`...mlp.experts.gate_up_proj` [E, 2I, D] with scales [E, 2I/128, D/128]) when I is a
+    multiple of 128, so that gate's and up's blocks never share a tile; otherwise they are left out (the
+    engine quantises the dequantised experts again). Raises CheckpointError for a weight without scales.
+    """
+    from ..kernels.fp8 import BLOCK
+
+    path = os.fspath(path)
+    cfg = cfg or ModelConfig.from_json(path)
+    files = _shard_files(path)
+    scales = _fp8_scale_files(files)
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if name.endswith(SCALE_SUFFIX):
+                    continue
+                if f.get_slice(name).get_dtype() not in ("F8_E4M3", "float8_e4m3fn"):
+                    continue
+                pairs[name] = (f.get_tensor(name), _load_scale(name, scales).float())
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    experts: dict[str, dict[int, dict[str, tuple]]] = {}
+    for name, pair in pairs.items():
+        prefix, sep, rest = name.partition(".mlp.experts.")
+        if sep and rest.split(".")[0].isdigit():
+            e, proj = rest.split(".")[:2]
+            experts.setdefault(prefix + ".mlp.experts", {}).setdefault(int(e), {})[proj] = pair
+        else:
+            out[name] = pair
+    I = cfg.moe_intermediate_size
+    if I % BLOCK == 0:
+        for prefix, per_expert in experts.items():
+            if sorted(per_expert) != list(range(len(per_expert))) or any(len(p) != 3 for p in per_expert.values()):
+                continue   # a partial set (e.g. only some experts quantised): leave them to the engine
+            rows = [per_expert[e] for e in range(len(per_expert))]
+            out[prefix + ".gate_up_proj"] = (
+                torch.stack([torch.cat([r["gate_proj"][0], r["up_proj"][0]]) for r in rows]),
+                torch.stack([torch.cat([r["gate_proj"][1], r["up_proj"][1]]) for r in rows]))
+            out[prefix + ".down_proj"] = (torch.stack([r["down_proj"][0] for r in rows]),
+                                          torch.stack([r["down_proj"][1] for r in rows]))
+    return out
+
+
+@torch.no_grad()
+def save_fp8_model(model: DeepseekV2ForCausalLM, path: str | os.PathLike, skip: tuple[str, ...] = ("lm_head",),
+                   tokenizer_dir: str | os.PathLike | None = None) -> None:
+    """Write `model` as a block-FP8 checkpoint (one file): every 2-D `.weight` of a Linear and every expert
+    weight in e4m3 with its `_scale_inv`, the rest (embeddings, norms, router, `skip`) as they are."""
+    from ..kernels.fp8 import quantize_fp8_blocks
+
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    linears = {n + ".weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+               and n.rsplit(".", 1)[-1] not in skip}
+    tensors = {}
+    for name, t in checkpoint_entries(model):
+        if name in linears or ".mlp.experts." in name:
+            q, s = quantize_fp8_blocks(t.detach().cpu())
+            tensors[name], tensors[name + SCALE_SUFFIX] = q, s
+        else:
+            tensors[name] = t.detach().cpu().contiguous()
+    save_file(tensors, os.path.join(path, SINGLE_FILE), metadata={"format": "pt"})
+    write_config_and_tokenizer(path, model.config, next(model.parameters()).dtype, tokenizer_dir)
+    with open(os.path.join(path, "config.json")) as f:
+        cfg_dict = json.load(f)
+    cfg_dict["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                       "weight_block_size": [128, 128]}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg_dict, f, indent=2, sort_keys=True)
+        f.write("\n")
 
 
 @torch.no_grad()
@@ -239,5 +354,6 @@ def write_config_and_tokenizer(path: str, config: ModelConfig, dtype: torch.dtyp
             shutil.copyfile(src, os.path.join(path, name))
 
 
-__all__ = ["load_model", "save_model", "fill_from_checkpoint", "CheckpointError", "checkpoint_entries", "resolve_dtype",
+__all__ = ["load_model", "save_model", "save_fp8_model", "read_fp8_weights", "is_fp8_checkpoint",
+           "fill_from_checkpoint", "CheckpointError", "checkpoint_entries", "resolve_dtype",
            "default_dtype", "write_index", "write_config_and_tokenizer", "INDEX_FILE", "TOKENIZER_FILES"]

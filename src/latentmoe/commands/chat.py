@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import sys
 
-from ._engine_args import add_engine_args, build_llm
+from ._engine_args import add_engine_args, build_llm, prepare
 from .generate import add_sampling_args, sampling_params
 
-HELP = "commands: /reset (forget the history), /exit. Ctrl-C stops an answer; Ctrl-D leaves."
+HELP = ("commands: /reset (forget the history), /exit; start a message with // to send one that begins with /. "
+        "Ctrl-C stops an answer; Ctrl-D leaves.")
 
 
 def register(sub) -> None:
     p = sub.add_parser("chat", help="interactive chat with a checkpoint (streams tokens, keeps history)",
                        description="Chat with a model: the tokenizer's chat template is applied to the whole "
                                    "history each turn. " + HELP)
-    p.add_argument("path", help="HF-format checkpoint directory with tokenizer.json")
+    p.add_argument("path", help="HF-format checkpoint directory or hub model id with tokenizer.json")
     p.add_argument("--system", default=None, help="system prompt")
     add_sampling_args(p, max_tokens=512)
     add_engine_args(p)
@@ -51,12 +52,12 @@ def chat_turn(llm, messages: list[dict], params, out=None) -> tuple[str, str | N
 
 
 def run(args) -> int:
-    llm = build_llm(args, args.path)
+    params = sampling_params(args)   # bad values fail before loading
+    llm = build_llm(args, prepare(args, args.path))
     if llm.tokenizer is None:
         raise ValueError(f"{args.path} has no tokenizer.json: chat needs one")
     if llm.tokenizer.chat_template is None:
         raise ValueError(f"the tokenizer in {args.path} has no chat template")
-    params = sampling_params(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
     print(f"chatting with {args.path} (max_model_len {llm.max_model_len}). {HELP}", file=sys.stderr)
@@ -74,6 +75,11 @@ def run(args) -> int:
         if cmd == "/reset":
             messages = list(system)
             print("(history cleared)", file=sys.stderr)
+            continue
+        if cmd.startswith("//"):
+            user = user.replace("//", "/", 1)
+        elif cmd.startswith("/"):   # a mistyped command is not a message to the model
+            print(f"unknown command {cmd.split()[0]}; {HELP}", file=sys.stderr)
             continue
         messages.append({"role": "user", "content": user})
         sys.stdout.write("Assistant: ")

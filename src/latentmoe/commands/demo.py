@@ -19,13 +19,15 @@ def register(subparsers) -> None:
         "demo", help="train a tiny DeepSeek-V2 on built-in text (~3 min on CPU), then sample from it",
         description="Trains the built-in `demo` config into runs/demo, generates samples with the inference "
                     "engine, prints the KV-cache report and the expert-load balance, writes plots. Config keys "
-                    "can be overridden as --section.key value (e.g. --data.corpus shakespeare).")
+                    "can be overridden as --section.key value (e.g. --data.corpus shakespeare). Running it again "
+                    "starts runs/demo over.")
     accept_overrides(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    return run_demo(args.overrides)
+    # The demo's run directory is its own: running the demo again starts it over (`train` never does unasked).
+    return run_demo(["--checkpoint.overwrite", "true", *args.overrides])
 
 
 def generate_samples(model_dir: str, prompts: list[str], max_tokens: int = 48, seed: int = 0) -> list[str]:

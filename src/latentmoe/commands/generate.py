@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from ._engine_args import add_engine_args, build_llm
+from ._engine_args import add_engine_args, build_llm, prepare
 
 
 def add_sampling_args(p, max_tokens: int = 128) -> None:
@@ -38,7 +38,7 @@ def register(sub) -> None:
                        description="Load a checkpoint directory and complete prompts with the paged-latent-cache "
                                    "engine. Prompts are text (needs tokenizer.json in the directory) or, with "
                                    "--token-ids, comma-separated token ids.")
-    p.add_argument("path", help="HF-format checkpoint directory")
+    p.add_argument("path", help="HF-format checkpoint directory or hub model id")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", default=None,
                    help="one prompt per line; lines of JSON objects use their 'prompt' field")
@@ -75,11 +75,11 @@ def _read_prompts(args) -> list:
 
 def run(args) -> int:
     prompts = _read_prompts(args)
-    llm = build_llm(args, args.path)
-    params = sampling_params(args, n=args.n, logprobs=args.logprobs)
+    if args.stream and len(prompts) != 1:
+        raise ValueError("--stream takes exactly one prompt")
+    params = sampling_params(args, n=args.n, logprobs=args.logprobs)   # bad values fail before loading
+    llm = build_llm(args, prepare(args, args.path))
     if args.stream:
-        if len(prompts) != 1:
-            raise ValueError("--stream takes exactly one prompt")
         shown = 0
         for out in llm.generate_stream(prompts[0], params):
             c = out.outputs[0]
@@ -105,4 +105,17 @@ def run(args) -> int:
             body = c.text if llm.tokenizer is not None else " ".join(map(str, c.token_ids))
             tag = f"[{c.index}] " if len(out.outputs) > 1 else ""
             print(f"{tag}{body}\n--- ({len(c.token_ids)} tokens, finish: {c.finish_reason})")
+            if c.logprobs is not None:
+                _print_logprobs(llm.tokenizer, c.token_ids, c.logprobs)
     return 0
+
+
+def _print_logprobs(tokenizer, token_ids: list[int], logprobs: list[dict[int, float]]) -> None:
+    """One line per generated token: the token, its logprob, then the top alternatives."""
+    def show(t: int) -> str:
+        return repr(tokenizer.decode([t], skip_special_tokens=False)) if tokenizer is not None else str(t)
+
+    for tid, lp in zip(token_ids, logprobs):
+        top = sorted(lp.items(), key=lambda kv: -kv[1])
+        alts = "  ".join(f"{show(t)} {v:.3f}" for t, v in top if t != tid)
+        print(f"  {show(tid):>16} {lp[tid]:8.3f}" + (f"   | {alts}" if alts else ""))

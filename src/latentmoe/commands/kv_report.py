@@ -10,8 +10,8 @@ def register(sub) -> None:
                        description="Print the KV cache of a model (preset name or checkpoint directory) under "
                                    "MLA and under MHA, GQA-8 and MQA with the same heads and head dims.")
     p.add_argument("model", nargs="?", default="deepseek-v2-lite",
-                   help="preset (deepseek-v2, deepseek-v2-lite, small, tiny) or a checkpoint directory / config.json "
-                        "(default: deepseek-v2-lite)")
+                   help="preset (deepseek-v2, deepseek-v2-lite, small, tiny), a checkpoint directory / config.json "
+                        "or a hub model id (its config.json alone is fetched) (default: deepseek-v2-lite)")
     p.add_argument("--context", type=int, default=4096, help="context length in tokens (default 4096)")
     p.add_argument("--batch", type=int, default=1, help="number of sequences (default 1)")
     p.add_argument("--bytes-per-element", type=int, default=2, help="2 for bf16/fp16 (default), 1 for fp8")
@@ -19,10 +19,15 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..config import get_config
+    from ..checkpoint.hub import is_hub_id, resolve_checkpoint
+    from ..config import PRESETS, get_config
     from ..kv_report import format_report
 
-    cfg = get_config(args.model)
+    source = args.model
+    # owner/name only: a bare word is a preset or a mistyped one, never looked up on the hub
+    if source not in PRESETS and not os.path.exists(source) and "/" in source and is_hub_id(source):
+        source = resolve_checkpoint(source, patterns=["config.json"])
+    cfg = get_config(source)
     name = args.model if not os.path.exists(args.model) else os.path.basename(os.path.abspath(args.model))
     print(format_report(cfg, args.context, args.batch, args.bytes_per_element, name=name))
     return 0

@@ -1,24 +1,27 @@
-"""`latentmoe serve`: an OpenAI-compatible HTTP server for a checkpoint directory, with a chat page at `/`."""
+"""`latentmoe serve`: an OpenAI-compatible HTTP server for a checkpoint (directory or hub model id), with a chat page
+at `/`."""
 
 from __future__ import annotations
 
 import os
 
-from ._engine_args import add_engine_args, build_llm
+from ._engine_args import add_engine_args, build_llm, prepare
 
 
 def register(sub) -> None:
     p = sub.add_parser("serve", help="serve a checkpoint over the OpenAI API (completions, chat, streaming)",
                        description="Load an HF-format checkpoint directory (with its tokenizer) and serve "
                                    "/v1/models, /v1/completions and /v1/chat/completions, plus /health, /metrics, "
-                                   "/tokenize, /detokenize and a chat page at /.")
-    p.add_argument("model", help="checkpoint directory (config.json, safetensors, tokenizer.json)")
+                                   "/tokenize, /detokenize, /tokenizer_info and a chat page at /.")
+    p.add_argument("model", help="checkpoint directory (config.json, safetensors, tokenizer.json) or hub model id "
+                                 "(e.g. deepseek-ai/DeepSeek-V2-Lite)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1/* (repeat for several keys); "
                         "default: the LATENTMOE_API_KEY environment variable if set, else no key")
-    p.add_argument("--served-model-name", default=None, help="model id in the API (default: the directory name)")
+    p.add_argument("--served-model-name", default=None,
+                   help="model id in the API (default: the hub model id, or the directory name)")
     p.add_argument("--max-queued", type=int, default=1024,
                    help="waiting sequences (each of a request's n samples counts) before answering 503")
     p.add_argument("--max-request-bytes", type=int, default=4 << 20,
@@ -43,15 +46,37 @@ def run(args) -> int:
     from ..server.connection import uvicorn_config
     from ..server.limits import ServerLimits
 
-    if not os.path.isdir(args.model):
-        raise FileNotFoundError(f"no checkpoint directory {args.model!r}")
     limits = ServerLimits(max_request_bytes=args.max_request_bytes, limit_concurrency=args.limit_concurrency,
                           keep_alive_s=args.timeout_keep_alive, allowed_origins=args.allowed_origins)
+    _check_address(args.host, args.port)   # before loading: a busy port would otherwise show only afterwards
+    path = prepare(args, args.model)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if args.max_num_batched_tokens is None and (args.device or "cuda").startswith("cuda"):
+        import torch
+        if torch.cuda.is_available():
+            args.max_num_batched_tokens = 8192   # a server's steps stay short between tokens (vLLM's too)
     keys = args.api_key or ([os.environ["LATENTMOE_API_KEY"]] if os.environ.get("LATENTMOE_API_KEY") else [])
-    engine = AsyncLLM(build_llm(args, args.model), max_queued=args.max_queued)
-    name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+    engine = AsyncLLM(build_llm(args, path), max_queued=args.max_queued)
+    name = args.served_model_name or (args.model if path != args.model else os.path.basename(os.path.normpath(path)))
     app = create_app(engine, name, keys, limits)
     uvicorn.Server(uvicorn_config(app, args.host, args.port, limits, log_level=args.log_level,
                                   timeout_graceful_shutdown=5)).run()
     return 0
+
+
+def _check_address(host: str, port: int) -> None:
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise ValueError(f"--host {host}: not an address of this machine") from None
+    family, kind, _, _, address = infos[0]
+    with socket.socket(family, kind) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn binds
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise ValueError(f"cannot listen on {host}:{port}: {e.strerror} (pick another --port)") from None

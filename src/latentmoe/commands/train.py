@@ -18,6 +18,9 @@ def register(subparsers) -> None:
                         "one is skipped with a warning)")
     p.add_argument("--verify", action="store_true",
                    help="check every checkpoint of the run in run_dir against its manifest (sizes, SHA-256) and exit")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a run_dir that already holds a run (its checkpoints, metrics and model are "
+                        "deleted); without it, train refuses (same as --checkpoint.overwrite true)")
     accept_overrides(p)
     p.set_defaults(func=run)
 
@@ -32,6 +35,10 @@ def run(args) -> int:
         run_dir = _override_value(overrides, "run_dir")
         saved = os.path.join(run_dir, "config.toml") if run_dir else None
         config = saved if args.resume and saved and os.path.exists(saved) else "demo"
+    if args.overwrite:
+        if args.resume:
+            raise ValueError("--overwrite starts the run over; --resume continues it: give one of them")
+        overrides += ["--checkpoint.overwrite", "true"]
     cfg = load_config(config, overrides)
     if args.verify:
         return _verify(cfg.run_dir)

@@ -1,8 +1,10 @@
 """The paged caches as the model's AttentionBackend: the step's metadata, and one backend per cache layout.
 
 A step's tokens arrive flattened (decodes first, then prefill chunks). Every new token is written
-to its slot; decodes attend over the paged cache with the layout's decode kernel, prefill chunks
-rebuild per-head K/V for the cached prefix + the chunk and run ordinary causal attention.
+to its slot; decodes attend over the paged cache with the layout's decode kernel. All prefill chunks
+of the step go through one batched call per layer: their contexts (cached prefix + chunk) are
+gathered in one index, decompressed in one GEMM, and kernels.prefill_attention attends every chunk
+at once (variable lengths, full over the prefix, causal inside the chunk; no mask tensor).
 
 Latent (MLA): per layer kv_cache [NB, BS, C + R], row = [c_kv | k_pe]; decode is absorbed attention
 (q_lat = W_UK^T q_nope, an MQA over the latent rows, W_UV applied after). Per-head (the MHA
@@ -12,19 +14,22 @@ k_pe repeated per head) and v_cache [NB, BS, H, V], written once per token, read
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .. import kernels
 
 
 @dataclass
-class PrefillChunk:
-    start: int                  # first row of the chunk in the flattened batch
-    length: int                 # query tokens in this chunk
-    ctx_slots: torch.Tensor     # [S] int64 cache slots of tokens 0..S-1 (prefix + chunk)
+class PrefillMetadata:
+    """The step's prefill chunks, in row order after the decodes (chunk p: query rows cu_q[p]:cu_q[p+1]
+    of the prefill rows, context = keys cu_k[p]:cu_k[p+1] of ctx_slots, its cached prefix then itself)."""
+    ctx_slots: torch.Tensor     # [S] int64: cache slots of every chunk's context, chunk after chunk
+    cu_q: torch.Tensor          # [P+1] int32
+    cu_k: torch.Tensor          # [P+1] int32
+    max_q: int                  # the longest chunk (sizes the kernel's launch)
+    max_k: int                  # the longest context (prefix + chunk)
 
 
 @dataclass
@@ -33,13 +38,7 @@ class AttentionMetadata:
     num_decodes: int = 0
     block_table: torch.Tensor | None = None  # [num_decodes, MB] int32
     seq_lens: torch.Tensor | None = None     # [num_decodes] int32, incl. the new token
-    prefills: list[PrefillChunk] = field(default_factory=list)
-
-
-def chunk_causal_mask(Tq: int, S: int, device) -> torch.Tensor | None:
-    """A chunk's Tq queries are the last of S positions: query i (position S-Tq+i) sees keys 0..S-Tq+i.
-    [Tq, S] bool, or None when the chunk is the whole context (plain causal)."""
-    return None if S == Tq else torch.ones(Tq, S, dtype=torch.bool, device=device).tril(S - Tq)
+    prefill: PrefillMetadata | None = None
 
 
 class PagedAttention:
@@ -64,9 +63,8 @@ class PagedAttention:
         outs = []
         if nd:
             outs.append(self.decode(layer, cache, q_nope[:nd], q_pe[:nd], meta.block_table, meta.seq_lens))
-        for chunk in meta.prefills:
-            s, e = chunk.start, chunk.start + chunk.length
-            outs.append(self.prefill(layer, cache, q_nope[s:e], q_pe[s:e], chunk.ctx_slots))
+        if meta.prefill is not None:
+            outs.append(self.prefill(layer, cache, q_nope[nd:], q_pe[nd:], meta.prefill))
         o = outs[0] if len(outs) == 1 else torch.cat(outs)
         return o.view(B, T, H, -1)
 
@@ -77,8 +75,8 @@ class PagedAttention:
         """[nd, H, N], [nd, H, R] -> [nd, H, V]: one new token per sequence over its paged cache."""
         raise NotImplementedError
 
-    def prefill(self, layer, cache, q_nope, q_pe, ctx_slots) -> torch.Tensor:
-        """[Tq, H, N], [Tq, H, R] -> [Tq, H, V]: a chunk over the cached prefix and itself."""
+    def prefill(self, layer, cache, q_nope, q_pe, meta: PrefillMetadata) -> torch.Tensor:
+        """[T, H, N], [T, H, R] -> [T, H, V]: every chunk over its cached prefix and itself."""
         raise NotImplementedError
 
 
@@ -93,13 +91,13 @@ class PagedLatentAttention(PagedAttention):
         o_lat = kernels.mla_decode(q_lat, q_pe, cache, block_table, seq_lens, layer.softmax_scale)
         return torch.einsum("bhc,hvc->bhv", o_lat, layer.w_uv)
 
-    def prefill(self, layer, cache, q_nope, q_pe, ctx_slots):
-        C = layer.kv_lora_rank
-        kv = cache.view(-1, cache.shape[-1])[ctx_slots][None]          # [1, S, C+R]
-        mask = chunk_causal_mask(q_nope.shape[0], kv.shape[1], kv.device)
-        o = layer.attend_decompressed(q_nope[None], q_pe[None], kv[..., :C], kv[..., C:],
-                                      None if mask is None else mask[None, None])
-        return o[0]
+    def prefill(self, layer, cache, q_nope, q_pe, meta):
+        # Every chunk's context decompressed in one GEMM (the prefix once per step, not per chunk).
+        C, H, N = layer.kv_lora_rank, layer.n_heads, layer.nope_dim
+        kv = cache.view(-1, cache.shape[-1])[meta.ctx_slots]           # [S, C+R]
+        k_nope, v = layer.kv_b_proj(kv[:, :C]).view(-1, H, N + layer.v_dim).split([N, layer.v_dim], dim=-1)
+        return kernels.prefill_attention(q_nope, q_pe, k_nope, kv[:, C:], v, meta.cu_q, meta.cu_k, meta.max_q,
+                                         layer.softmax_scale, max_k=meta.max_k)
 
 
 class PagedPerHeadAttention(PagedAttention):
@@ -124,19 +122,13 @@ class PagedPerHeadAttention(PagedAttention):
         q = torch.cat([q_nope, q_pe], dim=-1)
         return kernels.mha_decode(q, k_cache, v_cache, block_table, seq_lens, layer.softmax_scale, **self.decode_tuning)
 
-    def prefill(self, layer, cache, q_nope, q_pe, ctx_slots):
+    def prefill(self, layer, cache, q_nope, q_pe, meta):
         k_cache, v_cache = cache
-        H = layer.n_heads
-        kc = k_cache.view(-1, H, k_cache.shape[-1])[ctx_slots]          # [S, H, N+R]
-        vc = v_cache.view(-1, H, v_cache.shape[-1])[ctx_slots]          # [S, H, V]
-        q = torch.cat([q_nope, q_pe], dim=-1)
-        Tq = q.shape[0]
-        mask = chunk_causal_mask(Tq, kc.shape[0], q.device)
-        o = F.scaled_dot_product_attention(q.transpose(0, 1), kc.transpose(0, 1), vc.transpose(0, 1),
-                                           attn_mask=mask, is_causal=mask is None and Tq > 1,
-                                           scale=layer.softmax_scale)
-        return o.transpose(0, 1)                                        # [Tq, H, V]
+        H, N = layer.n_heads, layer.nope_dim
+        kc = k_cache.view(-1, H, k_cache.shape[-1])[meta.ctx_slots]     # [S, H, N+R]
+        vc = v_cache.view(-1, H, v_cache.shape[-1])[meta.ctx_slots]     # [S, H, V]
+        return kernels.prefill_attention(q_nope.contiguous(), q_pe.contiguous(), kc[..., :N], kc[..., N:], vc,
+                                         meta.cu_q, meta.cu_k, meta.max_q, layer.softmax_scale, max_k=meta.max_k)
 
 
-__all__ = ["AttentionMetadata", "PrefillChunk", "PagedAttention", "PagedLatentAttention", "PagedPerHeadAttention",
-           "chunk_causal_mask"]
+__all__ = ["AttentionMetadata", "PrefillMetadata", "PagedAttention", "PagedLatentAttention", "PagedPerHeadAttention"]

@@ -8,6 +8,7 @@ strings/tokens applied). The async engine drives the same `step()` from a backgr
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from .scheduler import Scheduler
 from .sequence import Request, RequestOutput, Sequence
 
 _request_counter = itertools.count()
+log = logging.getLogger("latentmoe.engine")
 
 
 def load_tokenizer(path):
@@ -36,7 +38,8 @@ def load_tokenizer(path):
 
 
 class LLM:
-    """The engine over `model`: a checkpoint directory (loaded here, with its tokenizer) or a built model.
+    """The engine over `model`: a checkpoint directory or hub model id (loaded here, with its tokenizer) or a
+    built model.
 
     Options are EngineConfig fields, as keyword arguments or as `config=EngineConfig(...)`. A built
     model is never changed: the engine runs its own module tree sharing the model's parameters
@@ -48,6 +51,7 @@ class LLM:
     runner_class = ModelRunner   # a subclass may run steps differently (tests run the graph path eagerly)
 
     def __init__(self, model, *, tokenizer=None, config: EngineConfig | None = None, **options):
+        t_start = time.perf_counter()
         if config is None:
             config = EngineConfig(**options)
         elif options:
@@ -55,14 +59,24 @@ class LLM:
                              f"(got config= and {sorted(options)})")
         elif not isinstance(config, EngineConfig):
             raise ValueError(f"config must be an EngineConfig, got {type(config).__name__}")
+        fp8_weights = None
         if isinstance(model, (str, os.PathLike)):
-            from ..checkpoint import load_model
-            path = os.fspath(model)
+            from ..checkpoint import load_model, resolve_checkpoint
+            path = resolve_checkpoint(model)   # a directory, or a hub model id through the hub cache
             device = config.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            model = load_model(path, device=device, dtype=config.dtype)
+            asked_device, asked_dtype = config.device, config.dtype
+            if config.quantization == "fp8":
+                # Unquantised weights stay in host memory; the device receives only the engine's FP8 tree.
+                from ..checkpoint import read_fp8_weights, resolve_dtype
+                asked_device, asked_dtype = device, resolve_dtype(config.dtype, device)
+                model = load_model(path, device="cpu", dtype=asked_dtype)
+                fp8_weights = read_fp8_weights(path, model.config)   # a block-FP8 checkpoint's own pairs
+            else:
+                model = load_model(path, device=device, dtype=config.dtype)
             if tokenizer is None:
                 tokenizer = load_tokenizer(path)
-        asked_device, asked_dtype = config.device, config.dtype
+        else:
+            asked_device, asked_dtype = config.device, config.dtype
         p = next(model.parameters())
         config = config.resolved(asked_device or p.device, asked_dtype or p.dtype)
         self.model = model
@@ -74,10 +88,12 @@ class LLM:
         # spread over devices, e.g. experts split over GPUs, keeps its placement). Before the cache
         # plan: on CUDA the budget is the memory left once the weights are in place.
         runner_model = engine_model(model, fused_ops=config.fused_ops, fused_experts=config.experts_impl == "fused",
-                                    device=asked_device, dtype=asked_dtype)
+                                    device=asked_device, dtype=asked_dtype, quantization=config.quantization,
+                                    fp8_weights=fp8_weights)
         num_blocks, self.max_model_len = plan_cache(
             self.config, config.kv_cache, self.device, self.dtype, config.block_size, config.cache_memory_gb,
-            config.num_blocks, config.max_num_seqs, config.max_model_len)
+            config.num_blocks, config.max_num_seqs, config.max_model_len,
+            gpu_memory_utilization=config.gpu_memory_utilization)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = self.runner_class(runner_model, config, num_blocks, self.max_model_len)
@@ -86,6 +102,12 @@ class LLM:
         self.eos_token_ids = set(self.config.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(tokenizer.eos_token_id)
+        # Everything compiles and captures now, not on the first requests (counted afterwards: stats()).
+        self.runner.warm_up(config.max_num_batched_tokens, progress=self.device.type == "cuda")
+        self.time_to_ready = time.perf_counter() - t_start
+        log.info("engine ready in %.1f s (warm-up %.1f s: %d kernel compilations, %d decode graphs)",
+                 self.time_to_ready, self.runner.warmup_seconds, self.runner.compilations_at_ready,
+                 self.runner.num_captures)
 
     # ------------------------------------------------------------------ requests
     def _prompt_ids(self, prompt) -> tuple[str | None, list[int]]:
@@ -288,7 +310,8 @@ class LLM:
         bm = self.block_manager
         return dict(num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
                     num_blocks_total=bm.num_usable_blocks, num_blocks_used=bm.num_used_blocks,
-                    num_preemptions=self.scheduler.num_preemptions, prefix_cache_hit_tokens=bm.num_prefix_hits)
+                    num_preemptions=self.scheduler.num_preemptions, prefix_cache_hit_tokens=bm.num_prefix_hits,
+                    time_to_ready_seconds=self.time_to_ready, **self.runner.stats())
 
 
 __all__ = ["LLM", "load_tokenizer"]

@@ -1,16 +1,24 @@
 """Runs one scheduled step on the device: owns the engine's model and the paged cache, builds the
-step's inputs and attention metadata, runs the model (decode-only steps replay a CUDA graph
-captured per batch-size / context bucket), and samples on device.
+step's inputs and attention metadata, runs the model (decode-only steps replay a CUDA graph, one
+per batch bucket whatever the context length), and samples on device.
+
+Start-up (`warm_up`) does every compilation and capture before the engine serves: prefill steps of
+every token-count class up to the token budget (each Triton specialisation and tile configuration
+the kernels pick), eager decodes of every split count the decode kernel can choose, and one decode
+graph per batch bucket. What still compiles or captures afterwards is counted (`stats`).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import time
 
 import torch
 
+from .. import kernels
 from ..config import ModelConfig
-from .attention import AttentionMetadata, PrefillChunk
+from .attention import AttentionMetadata, PrefillMetadata
 from .block_manager import NULL_BLOCK
 from .config import EngineConfig
 from .sampling import SamplingBatch, sample
@@ -41,8 +49,13 @@ class ModelRunner:
         self.kv_caches = self.backend.kv_caches
         self.use_cuda_graphs = not config.enforce_eager and self.supports_graphs(self.device)
         self.buckets = batch_buckets(self.max_num_seqs)
-        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_pool = None
+        self.ready = False                  # set by warm_up: later captures/compilations are counted
+        self.num_captures = 0
+        self.captures_after_ready = 0
+        self.compilations_at_ready = 0
+        self.warmup_seconds = 0.0
         if self.use_cuda_graphs:
             self._alloc_graph_buffers()
 
@@ -63,28 +76,49 @@ class ModelRunner:
 
     def prepare(self, batch: ScheduledBatch):
         """Host lists -> device tensors (pinned, non-blocking): ids, positions, metadata, sample rows."""
-        ids, pos, slots, sample_rows, prefills = [], [], [], [], []
+        ids, pos, slots, sample_rows = [], [], [], []
+        ctx_slots, cu_q, cu_k = [], [0], [0]
         row = 0
         for k, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start = seq.num_computed_tokens
             ids.extend(seq.token_ids[start:start + n])
             pos.extend(range(start, start + n))
-            slots.extend(self._slots(seq.block_table, start, start + n))
+            new_slots = self._slots(seq.block_table, start, start + n)
+            slots.extend(new_slots)
             if k >= batch.num_decodes:
-                prefills.append((row, n, self._slots(seq.block_table, 0, start + n)))
+                ctx_slots.extend(self._slots(seq.block_table, 0, start))
+                ctx_slots.extend(new_slots)
+                cu_q.append(cu_q[-1] + n)
+                cu_k.append(len(ctx_slots))
             row += n
             if start + n == len(seq):
                 sample_rows.append(row - 1)
         nd = batch.num_decodes
-        dec = batch.seqs[:nd]
-        mb = max((len(s.block_table) for s in dec), default=0)
         meta = AttentionMetadata(slot_mapping=self._to_device(slots, torch.int64), num_decodes=nd)
         if nd:
-            meta.block_table = self._to_device([s.block_table + [NULL_BLOCK] * (mb - len(s.block_table)) for s in dec],
-                                               torch.int32)
-            meta.seq_lens = self._to_device([s.num_computed_tokens + 1 for s in dec], torch.int32)
-        meta.prefills = [PrefillChunk(r, n, self._to_device(c, torch.int64)) for r, n, c in prefills]
+            meta.block_table, meta.seq_lens = self._decode_tables(batch.seqs[:nd])
+        if len(cu_q) > 1:
+            meta.prefill = PrefillMetadata(self._to_device(ctx_slots, torch.int64), self._to_device(cu_q, torch.int32),
+                                           self._to_device(cu_k, torch.int32),
+                                           max(b - a for a, b in zip(cu_q, cu_q[1:])),
+                                           max(b - a for a, b in zip(cu_k, cu_k[1:])))
         return ids, pos, meta, sample_rows
+
+    def _decode_tables(self, seqs):
+        """Block table and lengths of eager decodes. On CUDA the table is padded to max_model_len's width, as
+        in the decode graphs, so the decode kernel's split count depends on the batch size only (a set
+        warmed at start-up), never on the context; elsewhere (the torch reference reads every column) to
+        the longest table of the batch."""
+        lens = torch.tensor([len(s.block_table) for s in seqs])
+        rows = torch.repeat_interleave(torch.arange(len(seqs)), lens)
+        cols = torch.arange(len(rows)) - torch.repeat_interleave(lens.cumsum(0) - lens, lens)
+        width = self.max_blocks_per_seq if self.device.type == "cuda" else int(lens.max())
+        table = torch.full((len(seqs), width), NULL_BLOCK, dtype=torch.int32)
+        table[rows, cols] = torch.tensor(list(itertools.chain.from_iterable(s.block_table for s in seqs)),
+                                         dtype=torch.int32)
+        if self.device.type == "cuda":
+            table = table.pin_memory().to(self.device, non_blocking=True)
+        return table, self._to_device([s.num_computed_tokens + 1 for s in seqs], torch.int32)
 
     # ------------------------------------------------------------------ step
     @torch.inference_mode()
@@ -152,45 +186,37 @@ class ModelRunner:
         self.h_block_table.fill_(NULL_BLOCK)
         self.h_rows: list[list[int] | None] = [None] * B
 
-    def _context_bucket(self, mb: int) -> int:
-        """Block-table width a decode graph is captured for: 16 blocks, then multiples of 8.
-
-        The decode kernel splits each sequence over this width, so a bucket much wider than the longest
-        sequence leaves split programs idle (4,106 tokens in a 128-block power-of-two bucket ran the
-        latent kernel at ~30% of bandwidth); finer buckets cost a graph capture per 8 blocks of growth."""
-        b = 16 if mb <= 16 else -(-mb // 8) * 8
-        return min(b, self.max_blocks_per_seq)
-
-    def decode_body(self, b: int, mb: int) -> None:
-        """One decode step of bucket (b sequences, mb blocks) on the static buffers: what a graph captures."""
+    def decode_body(self, b: int) -> None:
+        """One decode step of bucket b on the static buffers: what a graph captures. The block table is
+        max_model_len wide whatever the contexts, so the kernel's split count depends on b alone and each
+        piece's range comes from the lengths on the device: one graph serves every context length."""
         meta = AttentionMetadata(slot_mapping=self.g_slots[:b], num_decodes=b,
-                                 block_table=self.g_block_table[:b, :mb], seq_lens=self.g_seq_lens[:b])
+                                 block_table=self.g_block_table[:b], seq_lens=self.g_seq_lens[:b])
         self.backend.meta = meta
         h, _ = self.model.forward_hidden(self.g_ids[:b], positions=self.g_pos[:b], backend=self.backend)
         self.g_logits[:b] = self.model.compute_logits(h[:, 0])
         self.backend.meta = None
 
-    def _capture(self, b: int, mb: int) -> torch.cuda.CUDAGraph:
+    def _capture(self, b: int) -> torch.cuda.CUDAGraph:
         # Padded rows of the bucket decode against the reserved null block (slot 0, length 1).
         self.g_block_table[:b].zero_()
         self.g_seq_lens[:b].fill_(1)
         self.g_slots[:b].zero_()
-        self.decode_body(b, mb)   # warm-up: lazy initialisation must not happen while capturing
+        self.decode_body(b)   # warm-up: lazy initialisation must not happen while capturing
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.graph_pool):
-            self.decode_body(b, mb)
+            self.decode_body(b)
         if self.graph_pool is None:
             self.graph_pool = graph.pool()
         torch.cuda.synchronize()
-        log.debug("captured decode graph batch=%d blocks=%d", b, mb)
+        log.debug("captured decode graph batch=%d", b)
         return graph
 
     def _run_graph(self, batch: ScheduledBatch) -> torch.Tensor:
         n = len(batch.seqs)
         b = next(x for x in self.buckets if x >= n)
-        mb_needed = max(len(s.block_table) for s in batch.seqs)
-        mb = self._context_bucket(mb_needed)
+        mb = max(len(s.block_table) for s in batch.seqs)   # columns that can have changed
         bs = self.block_size
         pad = b - n
         pos = [s.num_computed_tokens for s in batch.seqs]
@@ -212,32 +238,126 @@ class ModelRunner:
         self.h_slots[:b] = torch.tensor(slots + [0] * pad)
         self.h_seq_lens[:b] = self.h_pos[:b] + 1
         self.h_seq_lens[n:b] = 1
-        graph = self.decode_graph(b, mb)
+        graph = self.decode_graph(b)
         if graph is None:
             return None
         self._copy_graph_inputs(b, mb)
         graph.replay()
         return self.g_logits[:n]
 
-    def decode_graph(self, b: int, mb: int):
-        """The replayable decode step of bucket (b, mb): its CUDA graph, captured on first use. None when
-        capture fails (e.g. a host sync somewhere in the model): the runner then decodes eagerly."""
-        key = (b, mb)
-        if key not in self.graphs:
+    def decode_graph(self, b: int):
+        """The replayable decode step of bucket b: its CUDA graph (captured at start-up; one missing is
+        captured now and counted). None when capture fails (e.g. a host sync somewhere in the model):
+        the runner then decodes eagerly."""
+        if b not in self.graphs:
             try:
-                self.graphs[key] = self._capture(b, mb)
+                self.graphs[b] = self._capture(b)
             except Exception as e:
                 log.warning("CUDA graph capture failed (%s); decoding eagerly from now on", e)
                 self.use_cuda_graphs = False
                 return None
-        return self.graphs[key]
+            self._count_capture()
+        return self.graphs[b]
+
+    def _count_capture(self) -> None:
+        self.num_captures += 1
+        if self.ready:
+            self.captures_after_ready += 1
+            log.warning("decode graph captured while serving (start-up should have captured it)")
 
     def _copy_graph_inputs(self, b: int, mb: int) -> None:
+        # Table columns past mb keep stale entries: the kernel reads a row only below its length.
         self.g_ids[:b, 0].copy_(self.h_ids[:b], non_blocking=True)
         self.g_pos[:b, 0].copy_(self.h_pos[:b], non_blocking=True)
         self.g_slots[:b].copy_(self.h_slots[:b], non_blocking=True)
         self.g_block_table[:b, :mb].copy_(self.h_block_table[:b, :mb], non_blocking=True)
         self.g_seq_lens[:b].copy_(self.h_seq_lens[:b], non_blocking=True)
+
+    # ------------------------------------------------------------------ start-up
+    def prefill_warmup_sizes(self, max_tokens: int) -> list[int]:
+        """Token counts of the start-up prefill steps: 1-4, then n, n+1, n+2, n+4, n+8 for n = 2^k and
+        3*2^(k-1) up to the budget, and the budget itself. Kernels specialise integer arguments on ==1
+        and on divisibility by 16 (of tokens, or of tokens x experts per token), and pick tile shapes
+        by token count (expert-GEMM tiles by tokens per expert, the expert sort's kernel vs torch path):
+        each class of count they can see is among these."""
+        sizes = {1, 2, 3, 4, max_tokens, max(1, max_tokens - 1)}
+        p = 8
+        while p <= max_tokens:
+            for base in (p, 3 * p // 2):
+                sizes.update(n for n in (base, base + 1, base + 2, base + 4, base + 8) if n <= max_tokens)
+            p *= 2
+        return sorted(sizes)
+
+    def warmup_plan(self, max_num_batched_tokens: int) -> list[tuple[str, int]]:
+        """What start-up runs: ("prefill", tokens), ("decode", batch) eager steps, ("graph", bucket) captures.
+        Prefill warm-up only where kernels compile (Triton on the device); graphs where captured."""
+        plan = []
+        probe = torch.empty(0, device=self.device)
+        if kernels.HAS_TRITON and kernels._triton.use_triton(probe) and not kernels._triton.INTERPRET:
+            budget = min(max_num_batched_tokens, self.max_model_len - 1)
+            plan += [("prefill", n) for n in self.prefill_warmup_sizes(budget)]
+            plan += [("decode", b) for b in range(1, self.max_num_seqs + 1)]
+        if self.use_cuda_graphs:
+            plan += [("graph", b) for b in reversed(self.buckets)]   # largest first: the pool's size
+        return plan
+
+    @torch.inference_mode()
+    def warm_up(self, max_num_batched_tokens: int, progress: bool = True) -> None:
+        """Compile and capture everything before serving (see the module docstring); marks the runner ready.
+
+        Eager decodes run every batch size 1..max_num_seqs once (cheap: one token each against the null
+        block), which covers each split count the decode kernel can pick in a mixed step."""
+        t0 = time.perf_counter()
+        kernels.compilations()   # installs the counter
+        plan = self.warmup_plan(max_num_batched_tokens)
+        bar = None
+        if progress and plan:
+            from tqdm import tqdm
+            bar = tqdm(total=len(plan), desc="warming up (compile + capture)", unit="step")
+        for kind, n in plan:
+            if kind == "prefill":
+                self._dummy_step(0, n)
+            elif kind == "decode":
+                self._dummy_step(n, 0)
+            elif self.use_cuda_graphs:
+                self.decode_graph(n)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.warmup_seconds = time.perf_counter() - t0
+        self.compilations_at_ready = kernels.compilations()
+        self.ready = True
+
+    def _dummy_step(self, num_decodes: int, prefill_tokens: int) -> None:
+        """A step on placeholder tokens that writes and reads only the reserved null block (slot 0)."""
+        M = num_decodes + prefill_tokens
+        meta = AttentionMetadata(slot_mapping=torch.zeros(M, dtype=torch.int64, device=self.device),
+                                 num_decodes=num_decodes)
+        if num_decodes:
+            meta.block_table = torch.full((num_decodes, self.max_blocks_per_seq), NULL_BLOCK, dtype=torch.int32,
+                                          device=self.device)
+            meta.seq_lens = torch.ones(num_decodes, dtype=torch.int32, device=self.device)
+        if prefill_tokens:
+            # One chunk with a cached prefix of one token: the prefix and causal parts both run.
+            ctx = prefill_tokens + 1
+            meta.prefill = PrefillMetadata(torch.zeros(ctx, dtype=torch.int64, device=self.device),
+                                           torch.tensor([0, prefill_tokens], dtype=torch.int32, device=self.device),
+                                           torch.tensor([0, ctx], dtype=torch.int32, device=self.device),
+                                           prefill_tokens, ctx)
+        ids = torch.zeros(1, M, dtype=torch.int64, device=self.device)
+        pos = torch.arange(M, device=self.device)[None]
+        self.backend.meta = meta
+        h, _ = self.model.forward_hidden(ids, positions=pos, backend=self.backend)
+        self.backend.meta = None
+        self.model.compute_logits(h[0, -1:]).argmax(dim=-1)
+
+    def stats(self) -> dict:
+        return dict(warmup_seconds=self.warmup_seconds, graph_captures=self.num_captures,
+                    graph_captures_after_ready=self.captures_after_ready,
+                    compilations_after_ready=kernels.compilations() - self.compilations_at_ready if self.ready else 0)
 
 
 __all__ = ["ModelRunner", "batch_buckets"]

@@ -65,7 +65,36 @@ def jit(fn):
 
 @jit
 def dot(a, b, UPCAST: tl.constexpr):
-    """tl.dot with fp32 accumulation; UPCAST feeds it fp32 operands (the CPU interpreter's bf16 dot is wrong)."""
+    """tl.dot with fp32 accumulation; UPCAST feeds it fp32 operands (the CPU interpreter's bf16 dot is wrong).
+    fp32 operands multiply in full fp32 ("ieee"), not tf32: an fp32 engine is the exact mode."""
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")
     return tl.dot(a, b)
+
+
+_COMPILATIONS = [0]
+
+
+def _count_compilation(*args, **kwargs):
+    _COMPILATIONS[0] += 1
+    return None   # never skip the compilation
+
+
+def compilations() -> int:
+    """Triton kernels compiled (or loaded from Triton's disk cache) in this process since the first call.
+
+    Counted by Triton's own JIT hook, installed on the first call (an engine calls it before warming
+    up): the engine reports how many happen after it said it was ready, which should be none."""
+    if not HAS_TRITON or INTERPRET:
+        return _COMPILATIONS[0]
+    runtime = triton.knobs.runtime
+    previous = runtime.jit_cache_hook
+    if previous is not _count_compilation and not getattr(previous, "_latentmoe_counts", False):
+        def hook(*args, **kwargs):
+            _count_compilation()
+            return previous(*args, **kwargs) if previous else None
+        hook._latentmoe_counts = True
+        runtime.jit_cache_hook = hook if previous else _count_compilation
+    return _COMPILATIONS[0]

@@ -30,16 +30,21 @@ def _mask_past(scores_BHS: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor
 
 
 def mla_decode_ref(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
-                   block_table: torch.Tensor, seq_lens: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+                   block_table: torch.Tensor, seq_lens: torch.Tensor, softmax_scale: float,
+                   kv_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Absorbed decode attention, one new token per sequence: an MQA with C+R wide keys, C wide values.
 
     score[b,h,s] = (q_lat[b,h] . c_kv[b,s] + q_pe[b,h] . k_pe[b,s]) * scale, softmax over the
     seq_lens[b] cached tokens, o[b,h] = sum_s p[b,h,s] c_kv[b,s]; all in fp32 (fp64 for fp64 inputs),
-    the result in q_lat's dtype.
+    the result in q_lat's dtype. An FP8 cache comes with kv_scale [NB, BS, 2] (c_kv's and k_pe's scale
+    per token, kernels/fp8_cache.py): its rows are dequantised as they are gathered.
     """
     C = q_lat.shape[-1]
     acc = _acc(q_lat)
     rows_BSX = _gather_pages(kv_cache, block_table, seq_lens).to(acc)
+    if kv_scale is not None:
+        s_BS2 = _gather_pages(kv_scale, block_table, seq_lens).to(acc)
+        rows_BSX = torch.cat([rows_BSX[..., :C] * s_BS2[..., :1], rows_BSX[..., C:] * s_BS2[..., 1:]], dim=-1)
     c_kv_BSC, k_pe_BSR = rows_BSX[..., :C], rows_BSX[..., C:]
     scores_BHS = (torch.einsum("bhc,bsc->bhs", q_lat.to(acc), c_kv_BSC)
                   + torch.einsum("bhr,bsr->bhs", q_pe.to(acc), k_pe_BSR)) * softmax_scale
@@ -133,3 +138,25 @@ def softmax_topk_ref(logits_ME: torch.Tensor, top_k: int, norm_topk_prob: bool, 
     else:   # the released rule: normalise OR scale, never both
         topk_weight_MK = topk_weight_MK * routed_scaling_factor
     return scores_ME, topk_weight_MK, topk_idx_MK
+
+
+def prefill_attention_ref(q_nope, q_pe, k_nope, k_pe, v, cu_q, cu_k, softmax_scale: float) -> torch.Tensor:
+    """kernels.prefill_attention, one chunk at a time: chunk p's queries (rows cu_q[p]:cu_q[p+1]) are the
+    last of its keys (rows cu_k[p]:cu_k[p+1]), so query i sees keys 0..k_len - q_len + i."""
+    T, H, _ = q_nope.shape
+    acc = _acc(q_nope)
+    out = q_nope.new_empty(T, H, v.shape[-1])
+    shared_pe = k_pe.dim() == 2
+    bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
+    for p in range(len(bounds_q) - 1):
+        qs, qe, ks, ke = bounds_q[p], bounds_q[p + 1], bounds_k[p], bounds_k[p + 1]
+        if qe == qs:
+            continue
+        kpe = k_pe[ks:ke, None, :].expand(-1, H, -1) if shared_pe else k_pe[ks:ke]
+        q = torch.cat([q_nope[qs:qe], q_pe[qs:qe]], dim=-1).to(acc).transpose(0, 1)     # [H, Tq, N+R]
+        k = torch.cat([k_nope[ks:ke], kpe], dim=-1).to(acc).transpose(0, 1)             # [H, S, N+R]
+        mask = torch.ones(qe - qs, ke - ks, dtype=torch.bool, device=q.device).tril((ke - ks) - (qe - qs))
+        o = F.scaled_dot_product_attention(q, k, v[ks:ke].to(acc).transpose(0, 1), attn_mask=mask,
+                                           scale=softmax_scale)
+        out[qs:qe] = o.transpose(0, 1).to(out.dtype)
+    return out

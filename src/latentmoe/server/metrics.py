@@ -24,6 +24,14 @@ class Metrics:
                 ("latentmoe_cache_blocks_used", "num_blocks_used", "Latent-cache blocks held by sequences."),
                 ("latentmoe_cache_blocks_total", "num_blocks_total", "Latent-cache blocks in all.")):
             Gauge(name, doc, registry=r).set_function(stat(key))
+        for name, key, doc in (
+                ("latentmoe_time_to_ready_seconds", "time_to_ready_seconds",
+                 "Engine start-up: loading, cache, compilation and graph capture."),
+                ("latentmoe_compilations_after_ready", "compilations_after_ready",
+                 "Kernel compilations since the engine was ready (start-up should leave none)."),
+                ("latentmoe_graph_captures_after_ready", "graph_captures_after_ready",
+                 "Decode CUDA-graph captures since the engine was ready (start-up should leave none).")):
+            Gauge(name, doc, registry=r).set_function(stat(key))
         Gauge("latentmoe_engine_healthy", "1 while the engine loop runs.", registry=r).set_function(
             lambda: float(engine.healthy))
         self.ttft = Histogram("latentmoe_time_to_first_token_seconds", "Arrival to first generated token.",

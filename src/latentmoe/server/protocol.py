@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..engine import SamplingParams
 
@@ -127,10 +127,21 @@ class TextPart(BaseModel):
     text: str
 
 
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")   # OpenAI's
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)   # e.g. `name`; passed on to the chat template
     role: str
     content: str | list[TextPart] | None = None
+
+    @field_validator("role")
+    @classmethod
+    def _known_role(cls, role: str) -> str:
+        # Checked here, not left to the chat template: many templates render any role silently.
+        if role not in CHAT_ROLES:
+            raise ValueError(f"unknown role {role!r}: must be one of {', '.join(CHAT_ROLES)}")
+        return role
 
     def for_template(self) -> dict:
         msg = self.model_dump(exclude_none=True)

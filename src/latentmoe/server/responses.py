@@ -37,6 +37,14 @@ def _top(lp: dict[int, float], k: int) -> list[tuple[int, float]]:
     return sorted(lp.items(), key=lambda kv: -kv[1])[:k]
 
 
+def _top_by_text(lp: dict[int, float], k: int, detok: Detokenizer) -> dict[str, float]:
+    """The top `k` as {token text: logprob}; tokens that decode alike (e.g. partial UTF-8) keep the likeliest."""
+    out: dict[str, float] = {}
+    for t, v in _top(lp, k):
+        out.setdefault(detok(t), v)
+    return out
+
+
 def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, float]], k: int, detok: Detokenizer,
                         offset: int = 0) -> dict:
     """The legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset."""
@@ -45,10 +53,33 @@ def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, float]], 
         s = detok(tid)
         tokens.append(s)
         token_lps.append(lp[tid])
-        tops.append({detok(t): v for t, v in _top(lp, k)} if k > 0 else None)
+        tops.append(_top_by_text(lp, k, detok) if k > 0 else None)
         offsets.append(offset)
         offset += len(s)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def prompt_logprobs(token_ids: list[int], chosen: list[float], tops: list[dict[int, float]] | None, k: int,
+                    detok: Detokenizer) -> dict:
+    """The legacy shape for an echoed prompt: the first token has no logprob (nothing precedes it), as in OpenAI's
+    and vLLM's answers; `tops` from evaluation.scoring.token_logprobs."""
+    tokens = [detok(t) for t in token_ids]
+    offsets, offset = [], 0
+    for s in tokens:
+        offsets.append(offset)
+        offset += len(s)
+    top = [None] + ([_top_by_text(row, len(row), detok) for row in tops] if k > 0 and tops is not None
+                    else [None] * len(chosen))
+    return {"tokens": tokens, "token_logprobs": [None] + list(chosen), "top_logprobs": top, "text_offset": offsets}
+
+
+def join_logprobs(first: dict, then: dict) -> dict:
+    """Two legacy logprobs blocks one after the other (`then`'s text offsets shifted past `first`'s text)."""
+    shift = sum(len(t) for t in first["tokens"])
+    return {"tokens": first["tokens"] + then["tokens"],
+            "token_logprobs": first["token_logprobs"] + then["token_logprobs"],
+            "top_logprobs": first["top_logprobs"] + then["top_logprobs"],
+            "text_offset": first["text_offset"] + [o + shift for o in then["text_offset"]]}
 
 
 def chat_logprobs(token_ids: list[int], logprobs: list[dict[int, float]], k: int, detok: Detokenizer) -> dict:

@@ -97,6 +97,12 @@ def corpus_documents(corpus: str, max_chars: int = 0) -> list[str]:
     return out
 
 
+def document_split(index: int, val_fraction: float) -> str:
+    """'val' for every (1/val_fraction)-th document (the held-out ones), else 'train': the one split rule."""
+    every = max(2, round(1 / val_fraction)) if val_fraction > 0 else 0
+    return "val" if every and index % every == every // 2 else "train"
+
+
 # ----------------------------------------------------------------------------- shards
 SHARD_TOKENS = 1 << 27  # 128M tokens per shard file
 
@@ -130,13 +136,11 @@ def prepare_data(dc, cache_dir: str, log=print) -> str:
         tok = Tokenizer.from_dir(dc.tokenizer if os.path.isdir(dc.tokenizer) else os.path.dirname(dc.tokenizer))
     tok.save(cache_dir)  # the tokenizer files the checkpoints copy beside the weights
     bos, eos = tok.bos_token_id, tok.eos_token_id
-    every = max(2, round(1 / dc.val_fraction)) if dc.val_fraction > 0 else 0
     streams: dict[str, list[np.ndarray]] = {"train": [], "val": []}
     dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
     for i, ids in enumerate(tok.encode_batch(docs, add_special_tokens=False)):
         toks = ([bos] if bos is not None else []) + ids + ([eos] if eos is not None else [])
-        split = "val" if every and i % every == every // 2 else "train"
-        streams[split].append(np.asarray(toks, dtype=dtype))
+        streams[document_split(i, dc.val_fraction)].append(np.asarray(toks, dtype=dtype))
     special = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": tok.pad_token_id}
     meta = {"key": key, "vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name,
             "special": special, "num_documents": len(docs), "shards": {}}
@@ -184,4 +188,5 @@ class TokenData:
         return xy[:, :-1], xy[:, 1:]
 
 
-__all__ = ["python_docs", "shakespeare", "local_texts", "corpus_documents", "prepare_data", "TokenData"]
+__all__ = ["python_docs", "shakespeare", "local_texts", "corpus_documents", "document_split", "prepare_data",
+           "TokenData"]

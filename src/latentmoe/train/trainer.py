@@ -80,6 +80,9 @@ def setup(cfg: TrainConfig, resume: bool = False, log=print) -> Run:
         torch.set_num_threads(cfg.precision.threads)
     plan = training_plan(cfg, resolve_device(cfg.precision.device))
     device = plan.device
+    if resume and not checkpoint_dirs(cfg.run_dir):   # said before the corpus is tokenized
+        raise FileNotFoundError(f"--resume: no checkpoint in {cfg.run_dir}/checkpoints (start the run without "
+                                f"--resume)")
     os.makedirs(cfg.run_dir, exist_ok=True)
     if plan.is_main:
         recover(cfg.run_dir)   # what an interrupted save left behind
@@ -106,8 +109,6 @@ def setup(cfg: TrainConfig, resume: bool = False, log=print) -> Run:
     run = Run(cfg, model, optimizer, train_data, val_data, data_dir, device, dropper, plan)
     if resume:
         ckpts = checkpoint_dirs(cfg.run_dir)
-        if not ckpts:
-            raise FileNotFoundError(f"--resume: no checkpoint in {cfg.run_dir}/checkpoints")
         newest = newest_valid(cfg.run_dir, warn=lambda m: log(f"warning: {m}") if plan.is_main else None)
         if newest is None:
             raise CheckpointError(f"--resume: every checkpoint in {cfg.run_dir}/checkpoints is damaged")
@@ -287,7 +288,7 @@ def _start_fresh(cfg: TrainConfig) -> None:
         return
     if not cfg.checkpoint.overwrite:
         raise ValueError(f"{cfg.run_dir} already holds a run: continue it with --resume, start over with "
-                         f"--checkpoint.overwrite true, or pick another --run_dir")
+                         f"--overwrite (checkpoint.overwrite = true), or pick another --run_dir")
     import shutil
     for name in ("checkpoints", "plots"):
         shutil.rmtree(os.path.join(cfg.run_dir, name), ignore_errors=True)

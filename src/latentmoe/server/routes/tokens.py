@@ -1,6 +1,7 @@
-"""`/tokenize` and `/detokenize` (vLLM's extension): the server's own tokenizer and chat template, for clients
-that count tokens or build prompts from ids. Open like /health (no API key): they run the tokenizer, never the model,
-in a worker thread and on bounded input (the request-size limit, and text no longer than the context can hold)."""
+"""`/tokenize`, `/detokenize` and `/tokenizer_info` (vLLM's extension): the server's own tokenizer and chat template,
+for clients that count tokens or build prompts from ids (lm-evaluation-harness's `tokenizer_backend=remote` uses all
+three). Open like /health (no API key): they run the tokenizer, never the model, in a worker thread and on bounded
+input (the request-size limit, and text no longer than the context can hold)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,17 @@ async def tokenize(body: TokenizeRequest = Depends(body_of(TokenizeRequest)),
     else:
         raise bad_request("send 'prompt' or 'messages'", "prompt")
     return {"tokens": ids, "count": len(ids), "max_model_len": state.engine.max_model_len}
+
+
+@router.get("/tokenizer_info")
+async def tokenizer_info(state: ServerState = Depends(server_state)):
+    tok = state.tokenizer()
+    special = tok.special_tokens
+    return {"tokenizer_class": "latentmoe.Tokenizer", "vocab_size": tok.vocab_size,
+            "bos_token": special.get("bos_token"), "eos_token": special.get("eos_token"),
+            "pad_token": special.get("pad_token"), "unk_token": special.get("unk_token"),
+            "add_bos_token": tok.add_bos_token, "chat_template": tok.chat_template,
+            "model_max_length": state.engine.max_model_len}
 
 
 @router.post("/detokenize")

@@ -1,0 +1,228 @@
+"""End to end, as a user sees it: `LLM(model)` then `generate`, V2-Lite shape with random weights.
+
+One fresh process measures (run it with an empty Triton cache for the cold start, `--cold`):
+  - time to ready (load + cache plan + start-up compilation and CUDA-graph capture);
+  - 200 x (1,000 in, 100 out): the first run after start-up vs the second (target: within 1.15x);
+  - one 32K-token prompt's prefill (transformers, same weights, same run) and one 128K-token prompt's;
+  - decode B=1 at 128K, B=4 at 32K, B=1 at 1K (pure decode steps, placeholder contexts) against the
+    memory floor, and B=1 at 1K generating 128 tokens including the prefill;
+  - kernel compilations and graph captures after ready, over everything above (target: 0);
+  - checks on a tiny model: greedy output vs full recompute in bf16 and fp32 (fp32 decode graphs).
+Floors: prefill compute at PEAK_FLOPS, decode bytes (weights touched + latent cache) at BANDWIDTH.
+
+    python benchmarks/bench_e2e.py --cold                  # GPU: writes benchmarks/results/e2e.md
+    python benchmarks/bench_e2e.py --smoke --out /tmp/e2e.md   # CPU smoke test, tiny model
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+
+if "--cold" in sys.argv:   # before anything imports triton: an empty kernel cache, as on a fresh install
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-cold-")
+
+import argparse   # noqa: E402
+import datetime   # noqa: E402
+import json   # noqa: E402
+import time   # noqa: E402
+
+import torch   # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_engine import engine_decode, plain_greedy   # noqa: E402
+from report import summary_block   # noqa: E402
+
+from latentmoe import build_model, get_config   # noqa: E402
+from latentmoe.bench import random_prompts, throughput   # noqa: E402
+from latentmoe.engine import LLM, SamplingParams   # noqa: E402
+
+BANDWIDTH = 4.3e12     # bytes/s an H200 sustains (4.8 TB/s peak)
+PEAK_FLOPS = 790e12    # dense bf16 FLOP/s an H200 sustains in large GEMMs
+
+
+def active_params(cfg) -> float:
+    """Parameters a token multiplies (routed experts: only its K), without the embedding table."""
+    expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    routed = cfg.num_moe_layers * cfg.n_routed_experts * expert
+    return (cfg.num_parameters() - routed - cfg.vocab_size * cfg.hidden_size
+            + cfg.num_moe_layers * cfg.num_experts_per_tok * expert)
+
+
+def decode_floor_s(cfg, B: int, L: int) -> float:
+    expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    routed = cfg.num_moe_layers * cfg.n_routed_experts * expert
+    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+    touched = E * (1 - (1 - K / E) ** B)
+    weights = cfg.num_parameters() - routed - cfg.vocab_size * cfg.hidden_size + cfg.num_moe_layers * touched * expert
+    return (weights + B * L * cfg.kv_cache_elements_per_token()) * 2 / BANDWIDTH
+
+
+def workload_floor_s(cfg, n: int, lin: int, lout: int) -> float:
+    """n requests of lin prompt and lout output tokens: prefill compute + decode bytes (all n at once)."""
+    prefill = 2 * active_params(cfg) * n * lin / PEAK_FLOPS
+    return prefill + sum(decode_floor_s(cfg, n, lin + t) for t in range(lout))
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_generate(llm, prompts, max_tokens):
+    sync(llm.device)
+    t = time.perf_counter()
+    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+    sync(llm.device)
+    return time.perf_counter() - t
+
+
+@torch.inference_mode()
+def hf_prefill_s(model, L: int, device) -> float:
+    from latentmoe.commands.bench import _transformers_model
+    hf = _transformers_model(model)
+    ids = torch.randint(3, model.config.vocab_size, (1, L), device=device)
+    times = []
+    for _ in range(2):   # the first warms cuBLAS / SDPA
+        sync(device)
+        t = time.perf_counter()
+        hf(input_ids=ids, logits_to_keep=1)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    del hf
+    return times[-1]
+
+
+def checks(device, log):
+    cfg = get_config("tiny", vocab_size=512, num_hidden_layers=3, topk_method="greedy", n_group=1, topk_group=1)
+    for dtype in (torch.bfloat16, torch.float32):
+        model = build_model(cfg, device=device, dtype=dtype, seed=0, std=0.08).eval()
+        prompts, want = plain_greedy(model, device)
+        llm = LLM(model, block_size=16, num_blocks=400, max_num_seqs=16, max_num_batched_tokens=256)
+        got = [o.outputs[0].token_ids for o in llm.generate(
+            prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))]
+        same = sum(a == b for a, b in zip(got, want))
+        s = llm.stats()
+        log(f"check {str(dtype)[6:]}: {same}/{len(prompts)} sequences identical to full recompute; decode graphs "
+            f"{'on' if llm.runner.use_cuda_graphs else 'OFF'} ({s['graph_captures']} captured, "
+            f"{s['graph_captures_after_ready']} after ready)")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cold", action="store_true", help="empty Triton cache (set before import)")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes (CPU)")
+    ap.add_argument("--preset", default="deepseek-v2-lite")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: checks,hf,128k")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "e2e.md"))
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    preset = "tiny" if args.smoke else args.preset
+    n, lin, lout = (8, 32, 8) if args.smoke else (200, 1000, 100)
+    long_lens = (256, 512) if args.smoke else (32768, 131072)
+    dec = [(1, 512, "B=1 at 512"), (4, 256, "B=4 at 256"), (1, 64, "B=1 at 64")] if args.smoke else \
+        [(1, 131072, "B=1 at 128K"), (4, 32768, "B=4 at 32K"), (1, 1024, "B=1 at 1K")]
+    res = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "preset": preset,
+           "cold_triton_cache": args.cold, "date": datetime.datetime.now(datetime.timezone.utc).strftime(
+               "%Y-%m-%d %H:%M UTC"), "command": "python " + " ".join(sys.argv)}
+    lines = []
+
+    def log(msg):
+        print(msg, flush=True)
+        lines.append(msg)
+
+    cfg = get_config(preset)
+    model = build_model(cfg, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+                        seed=0, std=0.02).eval()
+    t0 = time.perf_counter()
+    llm = LLM(model, max_model_len=max(long_lens) + 64)
+    res["time_to_ready_s"] = time.perf_counter() - t0
+    res["max_num_batched_tokens"] = llm.engine_config.max_num_batched_tokens
+    log(f"time to ready {res['time_to_ready_s']:.1f} s (warm-up {llm.runner.warmup_seconds:.1f} s, "
+        f"{llm.runner.compilations_at_ready} compilations, {llm.runner.num_captures} graphs)")
+    # Each run its own prompts (same lengths): the second run gets no prefix-cache hits from the first.
+    tp = throughput(llm, [random_prompts(n, lin, cfg.vocab_size, seed=s) for s in (1, 2)], lout, progress=False)
+    r1, r2 = tp["runs"]
+    floor = workload_floor_s(cfg, n, lin, lout)
+    res["workload"] = dict(n=n, input=lin, output=lout, run1_s=r1["seconds"], run2_s=r2["seconds"],
+                           run1_req_s=r1["requests_per_s"], run2_req_s=r2["requests_per_s"], floor_req_s=n / floor)
+    log(f"{n} x ({lin} in, {lout} out): run 1 {r1['seconds']:.2f} s ({r1['requests_per_s']:.1f} req/s), run 2 "
+        f"{r2['seconds']:.2f} s ({r2['requests_per_s']:.1f} req/s), ratio {r1['seconds'] / r2['seconds']:.2f}; "
+        f"floor {n / floor:.1f} req/s")
+    g = torch.Generator().manual_seed(7)
+    res["prefill"] = {}
+    for L in long_lens:
+        if L > 100000 and "128k" in skip:
+            continue
+        p = torch.randint(3, cfg.vocab_size, (L,), generator=g).tolist()
+        s = timed_generate(llm, [p], 1)
+        res["prefill"][L] = dict(engine_s=s)
+        log(f"prefill {L:,} tokens: {s:.2f} s ({L / s:,.0f} tok/s)")
+    for B, L, name in dec:
+        step, host = engine_decode(llm, B, L, 20 if not args.smoke else 3)
+        fl = decode_floor_s(cfg, B, L)
+        res.setdefault("decode", {})[name] = dict(ms_per_step=step * 1e3, floor_ms=fl * 1e3, share=fl / step)
+        log(f"decode {name}: {step * 1e3:.2f} ms/step, floor {fl * 1e3:.2f} ms ({fl / step:.0%} of the floor)")
+    p = torch.randint(3, cfg.vocab_size, (lin if args.smoke else 1024,), generator=g).tolist()
+    s = timed_generate(llm, [p], 128 if not args.smoke else 8)
+    res["b1_with_prefill_tok_s"] = (128 if not args.smoke else 8) / s
+    log(f"B=1, 1K prompt, 128 tokens incl. prefill: {res['b1_with_prefill_tok_s']:.0f} tok/s")
+    st = llm.stats()
+    res["compilations_after_ready"], res["graph_captures_after_ready"] = (st["compilations_after_ready"],
+                                                                          st["graph_captures_after_ready"])
+    log(f"after ready, over all of the above: {st['compilations_after_ready']} compilations, "
+        f"{st['graph_captures_after_ready']} graph captures")
+    del llm
+    if "hf" not in skip:
+        import gc
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        L = long_lens[0]
+        s = hf_prefill_s(model, L, device)
+        res["prefill"][L]["transformers_s"] = s
+        log(f"transformers prefill {L:,} tokens: {s:.2f} s (engine {res['prefill'][L]['engine_s'] / s:.2f}x its time)")
+    write(args, res, lines)
+    # Last: another engine's compilations would count against the one measured above.
+    if device.type == "cuda" and "checks" not in skip:
+        checks(device, print)
+
+
+def write(args, res, lines):
+    w = res["workload"]
+    rows = [f"| time to ready ({'empty' if res['cold_triton_cache'] else 'warm'} Triton cache) | "
+            f"{res['time_to_ready_s']:.1f} s | - | - |",
+            f"| {w['n']} x ({w['input']:,} in, {w['output']} out), first run after start-up | "
+            f"{w['run1_req_s']:.1f} req/s | second run {w['run2_req_s']:.1f} req/s | "
+            f"{w['run1_s'] / w['run2_s']:.2f}x the time |",
+            f"| same, second run vs the floor | {w['run2_req_s']:.1f} req/s | floor {w['floor_req_s']:.1f} req/s | "
+            f"{w['run2_req_s'] / w['floor_req_s']:.0%} |"]
+    for L, p in res["prefill"].items():
+        ref = f"transformers {p['transformers_s']:.2f} s" if "transformers_s" in p else "-"
+        ratio = f"{p['transformers_s'] / p['engine_s']:.2f}x" if "transformers_s" in p else "-"
+        rows.append(f"| prefill, one prompt of {L:,} tokens | {p['engine_s']:.2f} s | {ref} | {ratio} |")
+    for name, d in res.get("decode", {}).items():
+        rows.append(f"| decode {name} | {d['ms_per_step']:.2f} ms/step | floor {d['floor_ms']:.2f} ms | "
+                    f"{d['share']:.0%} of the floor |")
+    rows.append(f"| decode B=1, 1K prompt, 128 tokens incl. prefill | {res['b1_with_prefill_tok_s']:.0f} tok/s | - | - |")
+    rows.append(f"| compilations / graph captures after ready (all of the above) | "
+                f"{res['compilations_after_ready']} / {res['graph_captures_after_ready']} | 0 | - |")
+    prov = (f"date: {res['date']}; device: {res['device']}; torch {torch.__version__}; token budget "
+            f"{res['max_num_batched_tokens']:,}; command: `{res['command']}`")
+    text = ["# End to end: LLM(model) then generate (V2-Lite shape, random bf16 weights)", "",
+            *summary_block(prov, rows), "", "Log of the run:", "", "```", *lines, "```", "",
+            f"Floors: prefill compute at {PEAK_FLOPS / 1e12:.0f} TFLOP/s, decode bytes (weights touched + latent "
+            f"cache) at {BANDWIDTH / 1e12:.1f} TB/s.", ""]
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write("\n".join(text))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2, default=str)
+    print("\n".join(text))
+
+
+if __name__ == "__main__":
+    main()

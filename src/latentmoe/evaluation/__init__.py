@@ -1,0 +1,1 @@
+"""Measuring a model: the log-probability of given text (`scoring`), perplexity and bits per byte (`perplexity`)."""

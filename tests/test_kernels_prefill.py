@@ -1,0 +1,102 @@
+"""Batched (varlen) prefill attention against its torch reference, and the reference against dense causal
+attention: Triton's interpreter on CPU (small shapes), the GPU at full size."""
+import pytest
+import torch
+from interpreter_child import IN_CHILD, run_module_under_interpreter
+
+CUDA = torch.cuda.is_available()
+DEV = torch.device("cuda" if CUDA else "cpu")
+
+
+@pytest.mark.skipif(CUDA or IN_CHILD, reason="the interpreter child runs only on machines without CUDA")
+def test_prefill_kernels_under_triton_interpreter():
+    run_module_under_interpreter(__file__)
+
+
+@pytest.fixture(scope="module")
+def K():
+    if not CUDA and not IN_CHILD:
+        pytest.skip("runs in the TRITON_INTERPRET child (test_prefill_kernels_under_triton_interpreter)")
+    import latentmoe.kernels as kernels
+    with kernels.poisoned_outputs():
+        yield kernels
+
+
+def make_inputs(chunks, H, N, R, V, dtype, shared_pe=True, seed=0, device=DEV):
+    """chunks: (prefix, q_len) per sequence -> q/k/v rows laid out as the engine lays them out."""
+    g = torch.Generator().manual_seed(seed)
+    T = sum(q for _, q in chunks)
+    S = sum(p + q for p, q in chunks)
+    r = lambda *shape: torch.randn(*shape, generator=g).to(dtype).to(device)   # noqa: E731
+    q_nope, q_pe, k_nope, v = r(T, H, N), r(T, H, R), r(S, H, N), r(S, H, V)
+    k_pe = r(S, R) if shared_pe else r(S, H, R)
+    cu_q = torch.tensor([0] + [q for _, q in chunks], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+    cu_k = torch.tensor([0] + [p + q for p, q in chunks], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+    return q_nope, q_pe, k_nope, k_pe, v, cu_q, cu_k, max(q for _, q in chunks)
+
+
+def rel_err(out, ref):
+    assert not torch.isnan(out).any(), "NaN in output (unwritten element?)"
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def test_reference_equals_dense_causal_attention():
+    # A chunk with a cached prefix sees all of it: the same rows as the tail of full causal attention.
+    q_nope, q_pe, k_nope, k_pe, v, cu_q, cu_k, _ = make_inputs([(0, 13)], 2, 8, 4, 6, torch.float64, seed=3,
+                                                                 device="cpu")
+    from latentmoe.kernels import prefill_attention_ref
+    full = prefill_attention_ref(q_nope, q_pe, k_nope, k_pe, v, cu_q, cu_k, 0.4)
+    q_tail = torch.cat([q_nope[9:], q_pe[9:]], -1)
+    k = torch.cat([k_nope, k_pe[:, None].expand(-1, 2, -1)], -1)
+    s = torch.einsum("thd,shd->hts", q_tail, k) * 0.4
+    s = s.masked_fill(torch.arange(13)[None, None, :] > torch.arange(9, 13)[None, :, None], float("-inf"))
+    dense = torch.einsum("hts,shv->thv", s.softmax(-1), v)
+    tail = prefill_attention_ref(q_nope[9:], q_pe[9:], k_nope, k_pe, v, torch.tensor([0, 4], dtype=torch.int32),
+                                 torch.tensor([0, 13], dtype=torch.int32), 0.4)
+    assert rel_err(tail, dense) < 1e-12 and rel_err(full[9:], dense) < 1e-12
+
+
+@pytest.mark.parametrize("chunks", [[(0, 5)], [(0, 33), (20, 7), (0, 1), (64, 40)], [(3, 1), (0, 17)]])
+@pytest.mark.parametrize("shared_pe", [True, False])
+def test_prefill_attention_ragged(K, chunks, shared_pe):
+    H, N, R, V = 3, 32, 16, 16
+    args = make_inputs(chunks, H, N, R, V, torch.bfloat16, shared_pe)
+    ref = K.prefill_attention_ref(*(a.double() if a.is_floating_point() else a for a in args[:7]), 0.2)
+    out = K.prefill_attention_triton(*args, 0.2, block_m=16, block_n=16)
+    assert out.shape == (args[0].shape[0], H, V) and out.dtype == torch.bfloat16
+    assert rel_err(out, ref) < 1e-2
+
+
+def test_prefill_attention_fp32_odd_widths(K):
+    # Head sizes that are not powers of two (masked lanes), fp32, default tiles.
+    args = make_inputs([(10, 20), (0, 3)], 2, 24, 16, 20, torch.float32)
+    ref = K.prefill_attention_ref(*(a.double() if a.is_floating_point() else a for a in args[:7]), 0.3)
+    assert rel_err(K.prefill_attention(*args, 0.3), ref) < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_prefill_attention_full_size(K):
+    # V2-Lite heads: N=128, R=64, V=128, 16 heads; prompts of a few thousand tokens, some with prefixes.
+    args = make_inputs([(0, 2048), (1000, 500), (0, 1), (300, 1200)], 16, 128, 64, 128, torch.bfloat16)
+    ref = K.prefill_attention_ref(*(a.float() if a.is_floating_point() else a for a in args[:7]), 0.07)
+    assert rel_err(K.prefill_attention(*args, 0.07), ref) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("shared_pe", [True, False])
+@pytest.mark.parametrize("path", ["flash", "triton"])
+def test_prefill_attention_paths_against_reference(K, path, shared_pe):
+    # Both GPU paths over a mix of chunks: whole prompts, chunks after a cached prefix, one-token chunks.
+    chunks = [(0, 700), (513, 64), (0, 1), (1000, 129), (7, 1)]
+    args = make_inputs(chunks, 16, 128, 64, 128, torch.bfloat16, shared_pe, seed=5)
+    ref = K.prefill_attention_ref(*(a.float() if a.is_floating_point() else a for a in args[:7]), 0.07)
+    if path == "flash":
+        from latentmoe.kernels.prefill import flash_supported, prefill_attention_flash
+        assert flash_supported(args[0], args[1], args[4])
+        out = prefill_attention_flash(*args, max(p + q for p, q in chunks), 0.07)
+    else:
+        out = K.prefill_attention_triton(*args, 0.07)
+    assert out.shape == (args[0].shape[0], 16, 128) and out.is_contiguous()
+    assert rel_err(out, ref) < 1e-2
