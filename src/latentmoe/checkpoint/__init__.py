@@ -1,6 +1,6 @@
 """Checkpoints: the HF format every command reads (`hf`), the one atomic commit of a run's
-checkpoint directories (`commit`), hub model ids as local directories (`hub`), and trainer checkpoints on one
-process or many (`training`)."""
+checkpoint directories (`commit`), whether a checkpoint is whole (`integrity`), hub model ids as local
+directories (`hub`), and trainer checkpoints on one process or many (`training`)."""
 
 from .hf import (CheckpointError, checkpoint_entries, default_dtype, fill_from_checkpoint, is_fp8_checkpoint,
                  load_model, read_fp8_weights, resolve_dtype, save_fp8_model, save_model)

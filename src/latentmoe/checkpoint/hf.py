@@ -31,6 +31,8 @@ from collections.abc import Iterator
 
 import torch
 from safetensors import safe_open
+
+from .integrity import CheckpointError, check_safetensors
 from safetensors.torch import save_file
 
 from ..config import ModelConfig
@@ -42,8 +44,6 @@ SINGLE_FILE = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that does not match its config: lists every missing, unexpected or mis-shaped tensor."""
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -87,20 +87,29 @@ def checkpoint_entries(model: DeepseekV2ForCausalLM) -> Iterator[tuple[str, torc
 def _shard_files(path: str) -> list[str]:
     index = os.path.join(path, INDEX_FILE)
     if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        files = sorted(set(weight_map.values()))
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise CheckpointError(f"{index}: corrupt index (no JSON 'weight_map' of tensor -> file)") from None
         missing = [f for f in files if not os.path.exists(os.path.join(path, f))]
         if missing:
             raise CheckpointError(f"{INDEX_FILE} names shard files that do not exist: {missing}")
-        return [os.path.join(path, f) for f in files]
+        return _checked([os.path.join(path, f) for f in files])
     single = os.path.join(path, SINGLE_FILE)
     if os.path.exists(single):
-        return [single]
+        return _checked([single])
     others = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if others:
-        return [os.path.join(path, f) for f in others]
+        return _checked([os.path.join(path, f) for f in others])
     raise CheckpointError(f"no safetensors weights in {path} (expected {SINGLE_FILE} or {INDEX_FILE})")
+
+
+def _checked(files: list[str]) -> list[str]:
+    for file in files:   # header-only checks: a damaged file is named before anything is loaded
+        check_safetensors(file)
+    return files
 
 
 @torch.no_grad()
@@ -149,22 +158,27 @@ def fill_from_checkpoint(path: str | os.PathLike, targets: dict[str, torch.Tenso
         from tqdm import tqdm
         bar = tqdm(total=len(files), desc="loading shards", unit="shard")
     for file in files:
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for name in f.keys():
-                target = targets.get(name)
-                if target is None:
-                    if strict and name not in ignore and name not in scales:   # scales travel with their weight
-                        unexpected.append(name)
-                    continue
-                tensor = f.get_tensor(name)
-                if tuple(tensor.shape) != tuple(target.shape):
-                    misshaped.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(target.shape)}")
-                    continue
-                if tensor.dtype == FP8 and target.dtype != FP8:
-                    tensor = _dequantize_stored(name, tensor, scales)
-                target.copy_(tensor)
-                seen.add(name)
-                del tensor
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    target = targets.get(name)
+                    if target is None:
+                        if strict and name not in ignore and name not in scales:   # scales travel with their weight
+                            unexpected.append(name)
+                        continue
+                    tensor = f.get_tensor(name)
+                    if tuple(tensor.shape) != tuple(target.shape):
+                        misshaped.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(target.shape)}")
+                        continue
+                    if tensor.dtype == FP8 and target.dtype != FP8:
+                        tensor = _dequantize_stored(name, tensor, scales)
+                    target.copy_(tensor)
+                    seen.add(name)
+                    del tensor
+        except CheckpointError:
+            raise
+        except Exception as e:   # the parser's own errors (SafetensorError, ...): name the file
+            raise CheckpointError(f"{file}: cannot be read as safetensors ({e})") from None
         if bar is not None:
             bar.update(1)
     if bar is not None:
