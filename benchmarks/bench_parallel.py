@@ -7,8 +7,9 @@ Training: the `small` preset (or --train-config), the same global batch on 1 GPU
 `--parallel.ep_size N` (torchrun, NCCL), device-limited routing to M=1 of N expert groups on both so
 the two runs route alike; tokens/s per GPU, scaling efficiency and the first steps' losses side by side.
 Serving: a V2-Lite-shaped model (depth reduced with --serve-layers to keep the checkpoint small),
-the engine on one GPU and with its routed experts split over N GPUs: greedy outputs compared, decode
-tok/s at batch 256 and context 1,024.
+the engine on one GPU and on N GPUs (`tensor_parallel_size=N`: one process per GPU, routed experts
+split by width, or whole with --expert-parallel): greedy outputs compared, decode tok/s at batch 256
+and context 1,024.
 """
 
 from __future__ import annotations
@@ -54,8 +55,6 @@ def serve_compare(args, tmp: str) -> list[str]:
 
     from latentmoe import build_model, get_config, save_model
     from latentmoe.engine import LLM, SamplingParams
-    from latentmoe.engine.llm_engine import load_tokenizer
-    from latentmoe.parallel.inference import load_model_expert_parallel
 
     cfg = get_config("deepseek-v2-lite", num_hidden_layers=args.serve_layers)
     path = os.path.join(tmp, "lite")
@@ -69,15 +68,14 @@ def serve_compare(args, tmp: str) -> list[str]:
     rows, outs = [], {}
     for n in (1, args.gpus):
         options = dict(max_num_seqs=256, max_model_len=2048, cache_memory_gb=20)
-        if n == 1:
-            llm = LLM(path, device="cuda", dtype=torch.bfloat16, **options)
-        else:   # what `serve --ep N` runs: the split model handed to the engine, no CUDA graphs
-            llm = LLM(load_model_expert_parallel(path, n, device="cuda", dtype=torch.bfloat16),
-                      tokenizer=load_tokenizer(path), enforce_eager=True, **options)
+        llm = LLM(path, device="cuda", dtype=torch.bfloat16, tensor_parallel_size=n,
+                  enable_expert_parallel=args.expert_parallel and n > 1, **options)
         outs[n] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
         step, host = engine_decode(llm, 256, 1024, 6)
-        rows.append(f"| serve, {n} GPU{'s' if n > 1 else ''} ({'experts split' if n > 1 else 'plain'}) | "
+        mode = ("expert-parallel" if args.expert_parallel else "tensor-parallel") if n > 1 else "one process"
+        rows.append(f"| serve, {n} GPU{'s' if n > 1 else ''} ({mode}) | "
                     f"{256 / step:,.0f} tok/s decode (B=256, L=1,024) | step {step * 1e3:.1f} ms, host {host * 1e3:.1f} ms |")
+        llm.close()
         del llm
         torch.cuda.empty_cache()
     same = sum(a == b for a, b in zip(outs[1], outs[args.gpus]))
@@ -101,6 +99,7 @@ def main() -> None:
     ap.add_argument("--serve-layers", type=int, default=4)
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--skip-serve", action="store_true")
+    ap.add_argument("--expert-parallel", action="store_true", help="serve with whole experts spread over the GPUs")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.gpus < 2 or torch.cuda.device_count() < args.gpus:

@@ -16,7 +16,8 @@ def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available() or os.environ.get("LATENTMOE_TRITON_TEST_CHILD") == "1":
         return
     # module -> fixture of its child-only tests (each module's runner: interpreter_child.py)
-    in_child = {"test_kernels": "K", "test_kernels_prefill": "K", "test_kernels_moe_backward": "K", "test_engine_fused_ops": "dev"}
+    in_child = {"test_kernels": "K", "test_kernels_fp8": "K", "test_kernels_prefill": "K", "test_kernels_moe_backward": "K",
+                "test_engine_fused_ops": "dev"}
     keep, drop = [], []
     for item in items:
         fixture = in_child.get(item.module.__name__.rsplit(".", 1)[-1]) if item.module else None

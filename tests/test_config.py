@@ -80,6 +80,7 @@ def test_unknown_fields_and_presets_rejected(tmp_path):
         ModelConfig.from_dict({"frobnicate": 1})
     with pytest.raises(ValueError, match="unknown model"):
         get_config("deepseek-v9")
-    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 64, "num_attention_heads": 3}))
+    full = {**get_config("tiny").to_dict(), "hidden_size": 64, "num_attention_heads": 3}
+    (tmp_path / "config.json").write_text(json.dumps(full))
     with pytest.raises(ValueError, match="num_attention_heads.*must divide hidden_size"):
         ModelConfig.from_json(tmp_path)

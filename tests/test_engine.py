@@ -415,7 +415,7 @@ def test_engine_config_as_object_or_keywords(model):
     with pytest.raises(ValueError, match="not both"):
         LLM(model, config=cfg, block_size=8)
     with pytest.raises(TypeError):
-        LLM(model, expert_parallel_size=2)   # not an engine option: the CLI's --ep loads such a model
+        LLM(model, expert_parallel_size=2)   # not an option: tensor_parallel_size + enable_expert_parallel
 
 
 def test_requests_without_prefill_decode_at_their_context(model):

@@ -95,7 +95,9 @@ def test_engine_options_are_checked_in_one_place(ckpt, capsys):
     # Bad engine options: a one-line error naming the option, exit code 2, for each command that takes them.
     path, _ = ckpt
     for argv, field in ((["--block-size", "0"], "block_size"), (["--kv-cache", "gqa"], "kv_cache"),
-                        (["--dtype", "int8"], "dtype"), (["--ep", "0"], "--ep")):
+                        (["--dtype", "int8"], "dtype"), (["-tp", "0"], "tensor_parallel_size"),
+                        (["-tp", "3"], "must divide num_attention_heads"),
+                        (["--enable-expert-parallel"], "tensor_parallel_size > 1")):
         assert main(["generate", str(path), "--prompt", "hi", "--device", "cpu", *argv]) == 2
         err = capsys.readouterr().err
         assert field in err and "Traceback" not in err

@@ -97,6 +97,34 @@ def test_engine_greedy_with_fused_ops_matches_plain(dev):
 
 
 @torch.inference_mode()
+def test_expert_parallel_share_skips_other_ranks_experts(dev):
+    """One expert-parallel rank's share (engine/tensor_parallel.py) in a one-process group: the fused
+    experts skip the other rank's assignments (id -1) and give what the model's experts give with those
+    assignments at weight 0."""
+    import torch.distributed as dist
+
+    from latentmoe.engine.layers import engine_model
+    from latentmoe.engine.tensor_parallel import ShardPlan, build_shard
+    from latentmoe.model import init_weights
+    from latentmoe.parallel.launch import free_port
+
+    cfg = get_config("tiny", vocab_size=256, num_hidden_layers=2)
+    dist.init_process_group("nccl" if CUDA else "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                            world_size=1)
+    try:
+        torch.manual_seed(0)
+        share = build_shard(cfg, ShardPlan(1, 2, expert_parallel=True), dev, torch.float32)
+        init_weights(share, std=0.1)
+        ids = torch.randint(0, 256, (3, 5), device=dev)
+        plain = engine_model(share)(ids)
+        fused = engine_model(share, fused_experts=True)
+        assert type(fused.model.layers[1].mlp.experts).__name__ == "EngineExperts"
+        assert rel(fused(ids), plain) < 1e-5
+    finally:
+        dist.destroy_process_group()
+
+
+@torch.inference_mode()
 def test_engine_batched_prefill_kernel_matches_plain(dev, monkeypatch):
     # Chunked prompts (a budget of 5 tokens a step: chunks over a cached prefix, several chunks and
     # decodes in one step) through the Triton varlen prefill kernel: the same tokens as full recompute.

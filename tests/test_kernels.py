@@ -218,6 +218,23 @@ def test_fused_moe(K, M, skew, block_m):
     assert rel_err(out, ref) < 1.5e-2  # two bf16 roundings: the SwiGLU activations and each expert's output
 
 
+@pytest.mark.parametrize("M", [2, 37])
+def test_fused_moe_skips_negative_ids(K, M):
+    """An expert-parallel rank's call: other ranks' assignments (id -1) add nothing, on the few-token and
+    the sorted layouts; the expected value is the reference over the kept assignments alone."""
+    gen = torch.Generator().manual_seed(11 + M)
+    x, gate_up, down, idx, weight = make_moe(M, 3, 8, 64, 48, torch.float32, gen)
+    foreign = torch.rand(idx.shape, generator=gen).to(DEV) < 0.6
+    foreign[0] = True   # a token with no local assignment at all
+    foreign[1, 0] = False   # and one with at least one
+    skipped = torch.where(foreign, -1, idx)
+    expected = K.fused_moe_ref(x, gate_up, down, torch.where(foreign, 0, idx), torch.where(foreign, 0.0, weight))
+    layout = K.few_token_layout(K.FEW_TOKENS * 3, DEV)
+    out = K.fused_moe(x, gate_up, down, skipped, weight, few_token_layout=layout, skip_negative=True)
+    assert out[0].abs().max() == 0
+    assert rel_err(out, expected) < (5e-3 if CUDA else 1e-5)
+
+
 def test_fused_moe_reference_matches_model_experts(K):
     """fused_moe_ref against the model's own Experts module (per-expert loop), in fp64."""
     from latentmoe.config import get_config

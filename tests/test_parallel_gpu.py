@@ -34,3 +34,19 @@ def test_torchrun_train_on_two_gpus(tmp_path):
     with open(tmp_path / "run" / "metrics.jsonl") as f:
         losses = [json.loads(line)["loss"] for line in f]
     assert len(losses) == 6 and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("expert_parallel", [False, True])
+def test_engine_on_two_gpus_gives_one_gpu_tokens(tmp_path, monkeypatch, expert_parallel):
+    """The multi-process engine over NCCL, fp32, decode steps replayed as CUDA graphs with their all-reduces inside."""
+    from test_engine_parallel import ENGINE, checkpoint, greedy
+
+    from latentmoe.engine import LLM
+
+    monkeypatch.setenv("NCCL_NVLS_ENABLE", "0")   # no NVLink multicast (not lent on these machines)
+    path = checkpoint(tmp_path, q_lora_rank=24, n_shared_experts=2)
+    options = dict(ENGINE, device="cuda", dtype="float32")
+    want = greedy(LLM(path, **options))
+    with LLM(path, tensor_parallel_size=2, enable_expert_parallel=expert_parallel, **options) as llm:
+        assert greedy(llm) == want
+        assert llm.runner.use_cuda_graphs and llm.runner.graphs

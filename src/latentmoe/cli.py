@@ -40,6 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:  # user errors: a message, not a traceback
         print(f"latentmoe {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # a rank of a multi-process engine failed: its error in one line
+        from .engine.distributed import ParallelError
+        if not isinstance(e, ParallelError):
+            raise
+        print(f"latentmoe {args.command}: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -21,11 +21,18 @@ ROPE_TYPES = ("default", "yarn")
 # standard attention with num_key_value_heads key/value heads (MHA: all, GQA: a divisor, MQA: one).
 ATTENTION_TYPES = ("mla", "mha", "gqa", "mqa")
 
+# What a checkpoint's config.json must state (from_json): the sizes every tensor shape follows from.
+REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                   "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts")
+# torch dtype names a config.json may give as torch_dtype / dtype.
+DTYPE_NAMES = frozenset({"float32", "float16", "bfloat16", "float64", "float8_e4m3fn", "float8_e5m2", "auto"})
+
 # Keys that transformers or the released remote code write but that carry nothing we use.
 _IGNORED_KEYS = {
     "architectures", "auto_map", "model_type", "transformers_version", "torch_dtype", "dtype",
     "pretraining_tp", "qk_head_dim", "head_dim", "use_cache", "ep_size", "_name_or_path",
     "output_router_logits", "router_aux_loss_coef", "num_experts", "mlp_bias",
+    "quantization_config",   # block-FP8 checkpoints: the weights carry their scales (checkpoint/hf.py)
 }
 
 
@@ -288,8 +295,27 @@ class ModelConfig:
             path = os.path.join(path, "config.json")
         if not os.path.exists(path):
             raise FileNotFoundError(f"no config.json at {path}")
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: must hold a JSON object, not a {type(data).__name__}")
+        # A checkpoint's config must say what its tensors are: the defaults are one released model's sizes, and
+        # taking them for a missing field would only show up as dozens of mis-shaped tensors.
+        missing = [k for k in REQUIRED_FIELDS if k not in data]
+        if data.get("n_routed_experts") is not None:
+            missing += [k for k in ("moe_intermediate_size", "num_experts_per_tok") if k not in data]
+        if missing:
+            raise ValueError(f"{path}: missing required field(s) {', '.join(missing)}")
+        for key in ("torch_dtype", "dtype"):
+            if key in data and data[key] is not None and data[key] not in DTYPE_NAMES:
+                raise ValueError(f"{path}: unknown {key} {data[key]!r} (one of {', '.join(sorted(DTYPE_NAMES))})")
+        try:
+            return cls.from_dict(data)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -91,7 +91,25 @@ def format_report(cfg: ModelConfig, context_len: int = 4096, batch: int = 1,
         return "\n".join(lines)
     lines += ["", f"MLA caches {100 * (1 - mla / mha):.1f}% less than MHA "
               f"({mla / (2 * cfg.v_head_dim * cfg.num_hidden_layers):.2f} groups of GQA-equivalent)."]
+    lines += ["", *engine_cache_lines(cfg, context_len, batch)]
     return "\n".join(lines)
 
 
-__all__ = ["cache_rows", "format_report", "CacheRow"]
+def engine_cache_lines(cfg: ModelConfig, context_len: int, batch: int) -> list[str]:
+    """The engine's latent cache in bf16 and with kv_cache_dtype='fp8' (e4m3 rows + two fp32 scales per
+    token and layer): bytes per token, total, and how many times the sequences a budget holds."""
+    bf16 = cfg.kv_cache_elements_per_token() * 2
+    fp8 = fp8_latent_bytes_per_token(cfg)
+    rows = [("latent, bf16 (kv_cache_dtype auto)", bf16), ("latent, fp8 (kv_cache_dtype fp8)", fp8)]
+    out = [f"{'engine cache':<40} {'bytes/token':>13} {'total':>12} {'seqs vs bf16':>13}"]
+    for name, b in rows:
+        out.append(f"{name:<40} {_human(b):>13} {_human(b * context_len * batch):>12} {bf16 / b:>12.2f}x")
+    return out
+
+
+def fp8_latent_bytes_per_token(cfg: ModelConfig) -> int:
+    """One e4m3 byte per latent/rope element plus a c_kv scale and a k_pe scale (fp32) per layer."""
+    return cfg.kv_cache_elements_per_token() + cfg.num_hidden_layers * 2 * 4
+
+
+__all__ = ["cache_rows", "format_report", "CacheRow", "engine_cache_lines", "fp8_latent_bytes_per_token"]

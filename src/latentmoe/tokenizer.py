@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -67,6 +69,9 @@ class Tokenizer:
         self.config = dict(config or {})
         self._template_in_file = template_in_file
         self._tok = _Backend.from_str(backend.to_str())
+        self._plain: _Backend | None = None
+        self._special_id_set: dict[int, str] | None = None
+        self._max_token_chars: int | None = None
         self.special_tokens: dict[str, str] = {}
         for key in SPECIAL_TOKEN_KEYS:
             content = _token_content(self.config.get(key))
@@ -129,21 +134,27 @@ class Tokenizer:
         config: dict = {}
         cfg_file = os.path.join(path, "tokenizer_config.json")
         if os.path.isfile(cfg_file):
-            with open(cfg_file, encoding="utf-8") as f:
-                config = json.load(f)
+            config = _json_object(cfg_file)
         # Legacy special_tokens_map.json fills in what tokenizer_config.json leaves unset.
         map_file = os.path.join(path, "special_tokens_map.json")
         if os.path.isfile(map_file):
-            with open(map_file, encoding="utf-8") as f:
-                for key, value in json.load(f).items():
-                    if not config.get(key):
-                        config[key] = value
+            for key, value in _json_object(map_file).items():
+                if not config.get(key):
+                    config[key] = value
         template, in_file = config.get("chat_template"), False
         tpl_file = os.path.join(path, TEMPLATE_FILE)
         if os.path.isfile(tpl_file):  # the newer separate file wins over the config key
             with open(tpl_file, encoding="utf-8") as f:
                 template, in_file = f.read(), True
-        return cls(_Backend.from_file(tok_file), config, template, template_in_file=in_file)
+        try:
+            backend = _Backend.from_file(tok_file)
+        except Exception as e:   # the tokenizers library's own error: no file name, a Rust message
+            raise ValueError(f"{tok_file}: corrupt tokenizer file ({str(e).splitlines()[0] if str(e) else e!r})") \
+                from None
+        try:
+            return cls(backend, config, template, template_in_file=in_file)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{cfg_file}: invalid tokenizer settings ({e!r})") from None
 
     def save(self, path: str | os.PathLike) -> None:
         path = os.fspath(path)
@@ -174,6 +185,14 @@ class Tokenizer:
         text = self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
         return _clean_up(text) if self._cleanup else text
 
+    @property
+    def max_token_chars(self) -> int:
+        """The most characters one token can stand for: its vocabulary string is as long or longer (byte-level
+        strings spell one byte per character). So a text of more than n times this has more than n tokens."""
+        if self._max_token_chars is None:
+            self._max_token_chars = max((len(t) for t in self._tok.get_vocab(with_added_tokens=True)), default=1)
+        return max(self._max_token_chars, 1)
+
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
@@ -190,13 +209,101 @@ class Tokenizer:
             raise ValueError("this tokenizer has no chat template (no chat_template.jinja and no 'chat_template' "
                              "in tokenizer_config.json)")
         variables = {**self.special_tokens, "tools": None, "documents": None, **kwargs}
-        text = _compile_template(source).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                **variables)
+        render = _compile_template(source).render
+        if not tokenize:
+            return render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+        # The message contents are rendered as placeholders first, to learn where each one lands in the text.
+        marks = [f"\ue000{secrets.token_hex(8)}\ue001" for _ in messages]
+        stand_ins = [{**m, "content": mark} if isinstance(m.get("content"), str) else m
+                     for m, mark in zip(messages, marks)]
+        skeleton = render(messages=stand_ins, add_generation_prompt=add_generation_prompt, **variables)
+        text, spans = _fill(skeleton, marks, [m.get("content") for m in messages])
+        if text is None:   # the template changes the contents: the plain rendering, spans unknown
+            text = render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
         # The template writes BOS itself where the model expects it, so no special tokens are added again.
-        return self.encode(text, add_special_tokens=False) if tokenize else text
+        return self._encode_keeping_content_text(text, spans)
+
+    def _encode_keeping_content_text(self, text: str, spans: list[tuple[int, int]] | None) -> list[int]:
+        """`text` encoded with the template's special tokens as special tokens, but special-token text inside a
+        message's content (`spans`) as plain text: a user who types the end-of-turn token must not end the turn.
+
+        The tokenizer splits text at special tokens and encodes the pieces in between independently, so splitting
+        at the template's special tokens only, and encoding the pieces with special-token matching off, gives the
+        usual ids wherever no content holds special-token text.
+        """
+        enc = self._tok.encode(text, add_special_tokens=False)
+        special = self._special_ids()   # id -> text; a token counts only where that text was written (not unk)
+        found = [(i, enc.offsets[i]) for i, t in enumerate(enc.ids)
+                 if t in special and text[enc.offsets[i][0]:enc.offsets[i][1]] == special[t]]
+        forged = [o for _, o in found if spans is None or any(a < o[1] and o[0] < b for a, b in spans)]
+        if not forged:
+            return enc.ids
+        if spans is None:
+            raise ValueError("a message contains special-token text that this chat template cannot keep as text")
+        plain = self._plain_backend()
+        ids, pos = [], 0
+        for i, (a, b) in found:
+            if (a, b) in forged:
+                continue
+            if text[pos:a]:
+                ids += plain.encode(text[pos:a], add_special_tokens=False).ids
+            ids.append(enc.ids[i])
+            pos = b
+        if text[pos:]:
+            ids += plain.encode(text[pos:], add_special_tokens=False).ids
+        return ids
+
+    def _special_ids(self) -> dict[int, str]:
+        if self._special_id_set is None:
+            self._special_id_set = {i: t.content for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        return self._special_id_set
+
+    def _plain_backend(self) -> _Backend:
+        """A copy of the backend that reads special-token text as text (its own object: encoding runs in threads)."""
+        if self._plain is None:
+            plain = _Backend.from_str(self._tok.to_str())
+            plain.encode_special_tokens = True
+            self._plain = plain
+        return self._plain
 
     def incremental_decoder(self, skip_special_tokens: bool = True) -> "IncrementalDecoder":
         return IncrementalDecoder(self, skip_special_tokens)
+
+
+def _json_object(path: str) -> dict:
+    """A JSON file that must hold an object; ValueError naming the file otherwise."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: must hold a JSON object, not a {type(data).__name__}")
+    return data
+
+
+def _fill(skeleton: str, marks: list[str], contents: list) -> tuple[str | None, list[tuple[int, int]] | None]:
+    """The rendered text with each placeholder replaced by its content, and the contents' spans in it; (None, None)
+    if a placeholder with string content is not found exactly once (the template transformed it)."""
+    found: dict[str, list[int]] = {}
+    for m in re.finditer("\ue000[0-9a-f]{16}\ue001", skeleton):
+        found.setdefault(m.group(), []).append(m.start())
+    where = []
+    for mark, content in zip(marks, contents):
+        if not isinstance(content, str):
+            continue
+        if len(found.get(mark, ())) != 1:
+            return None, None
+        where.append((found[mark][0], mark, content))
+    out, spans, pos, length = [], [], 0, 0
+    for at, mark, content in sorted(where):
+        out += [skeleton[pos:at], content]
+        length += at - pos
+        spans.append((length, length + len(content)))
+        length += len(content)
+        pos = at + len(mark)
+    out.append(skeleton[pos:])
+    return "".join(out), spans
 
 
 def _clean_up(text: str) -> str:

@@ -1,9 +1,5 @@
 """The engine's options on the command line, shared by `serve`, `generate` and `chat`: one argument group
 that maps onto EngineConfig (which validates them), and the one place a command builds its engine.
-
-`--ep N` is not an engine option: it loads the model with its routed experts split over N devices of
-this host (parallel.inference) and hands that model to the engine, which then runs without CUDA
-graphs (the split layer syncs with the host once per layer).
 """
 
 from __future__ import annotations
@@ -40,8 +36,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="fused RMSNorm / MLA post-projection / router kernels (default: on with CUDA)")
     g.add_argument("--kv-cache", default="latent",
                    help="cache layout: 'latent' (MLA's, default) or 'mha' (the per-head baseline)")
-    g.add_argument("--ep", type=int, default=1, metavar="N",
-                   help="split the routed experts over N GPUs of this host (expert parallelism)")
+    g.add_argument("--quantization", default=None,
+                   help="'fp8': Linears and routed experts in block FP8 (e4m3, 128x128 scales), quantised on load "
+                        "or read from a block-FP8 checkpoint (default: the model's dtype)")
+    g.add_argument("--kv-cache-dtype", default="auto",
+                   help="'auto' (the model's dtype, default) or 'fp8' (e4m3 latent cache with per-token scales)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+                   help="run on N devices, one process each (cuda:0..N-1, or N CPU processes with --device cpu): "
+                        "attention split by heads, MLPs and experts by width")
+    g.add_argument("--enable-expert-parallel", action="store_true",
+                   help="with -tp N: whole routed experts spread over the N ranks instead of a slice of each")
 
 
 def check_device(device: str | None) -> None:
@@ -73,14 +77,14 @@ def engine_config(args):
                         enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
                         experts_impl=None if args.experts == "auto" else args.experts,
                         fused_ops=None if args.fused_ops == "auto" else args.fused_ops == "on",
-                        kv_cache=args.kv_cache)
+                        kv_cache=args.kv_cache, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+                        tensor_parallel_size=args.tensor_parallel_size,
+                        enable_expert_parallel=args.enable_expert_parallel)
 
 
 def prepare(args, name: str) -> str:
     """Check the engine arguments and find the checkpoint before anything is loaded: its local directory."""
     engine_config(args)
-    if args.ep < 1:
-        raise ValueError(f"--ep must be a positive integer, got {args.ep}")
     return checkpoint_dir(args, name)
 
 
@@ -93,25 +97,14 @@ def checkpoint_dir(args, name: str) -> str:
 def build_llm(args, path: str):
     """The engine for the checkpoint `path` (a directory; a hub model id also works, but `checkpoint_dir` first
     applies --revision and fails before anything is loaded), from parsed `add_engine_args` arguments."""
-    import dataclasses
     import logging
 
     # The engine reports its cache (blocks, tokens, concurrency vs an MHA cache) at INFO on start.
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from ..engine import LLM
-    from ..engine.llm_engine import load_tokenizer
 
-    config = engine_config(args)
     _check_attention(path)
-    if args.ep < 1:
-        raise ValueError(f"--ep must be a positive integer, got {args.ep}")
-    if args.ep == 1:
-        return LLM(path, config=config)
-    from ..parallel.inference import load_model_expert_parallel
-    model = load_model_expert_parallel(path, args.ep, device=config.device, dtype=config.dtype)
-    # The model keeps its placement (experts on N devices): no device/dtype conversion in the engine.
-    config = dataclasses.replace(config, device=None, dtype=None, enforce_eager=True)
-    return LLM(model, tokenizer=load_tokenizer(path), config=config)
+    return LLM(path, config=engine_config(args))
 
 
 def _check_attention(path: str) -> None:

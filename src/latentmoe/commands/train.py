@@ -1,4 +1,4 @@
-"""`latentmoe train --config FILE.toml [--section.key value ...] [--resume]`."""
+"""`latentmoe train --config FILE.toml [--section.key value ...] [--resume | --verify]`."""
 
 from __future__ import annotations
 
@@ -14,7 +14,10 @@ def register(subparsers) -> None:
                     "can be overridden as --section.key value, e.g. --train.max_steps 200 --optim.lr 1e-3.")
     p.add_argument("--config", default=None, help="TOML file or built-in config name (default: demo)")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in run_dir from its latest checkpoint (exactly)")
+                   help="continue the run in run_dir from its newest whole checkpoint (exactly; a damaged newer "
+                        "one is skipped with a warning)")
+    p.add_argument("--verify", action="store_true",
+                   help="check every checkpoint of the run in run_dir against its manifest (sizes, SHA-256) and exit")
     p.add_argument("--overwrite", action="store_true",
                    help="start over in a run_dir that already holds a run (its checkpoints, metrics and model are "
                         "deleted); without it, train refuses (same as --checkpoint.overwrite true)")
@@ -37,6 +40,8 @@ def run(args) -> int:
             raise ValueError("--overwrite starts the run over; --resume continues it: give one of them")
         overrides += ["--checkpoint.overwrite", "true"]
     cfg = load_config(config, overrides)
+    if args.verify:
+        return _verify(cfg.run_dir)
     try:
         run = train(cfg, resume=args.resume)
     except TrainingDiverged as e:
@@ -45,6 +50,23 @@ def run(args) -> int:
     if run.plan.is_main:  # under torchrun, rank 0 speaks for all
         print(f"model: {os.path.join(cfg.run_dir, 'model')}  (latentmoe chat {os.path.join(cfg.run_dir, 'model')})")
     return 0
+
+
+def _verify(run_dir: str) -> int:
+    from ..checkpoint.commit import checkpoint_dirs
+    from ..checkpoint.integrity import verify
+
+    ckpts = checkpoint_dirs(run_dir)
+    if not ckpts:
+        raise FileNotFoundError(f"no checkpoint in {run_dir}/checkpoints")
+    bad = 0
+    for path in ckpts:
+        problems = verify(path)
+        bad += bool(problems)
+        print(f"{path}: " + ("ok" if not problems else "DAMAGED"))
+        for p in problems:
+            print(f"  {p}")
+    return 1 if bad else 0
 
 
 def _override_value(overrides: list[str], key: str) -> str | None:

@@ -2,7 +2,8 @@
 
 One concept per file: sequence, block_manager, scheduler, model_runner, llm_engine, async_engine;
 config (EngineConfig), kv_cache (cache layouts and the planner), attention (the layouts' backends),
-layers (the engine's own module tree with fused forwards), sampling.
+layers (the engine's own module tree with fused forwards), sampling; for tensor_parallel_size > 1,
+tensor_parallel (one rank's share of the model) and distributed (the processes and their steps).
 """
 
 from .config import EngineConfig
@@ -12,7 +13,7 @@ from .sampling import SamplingParams
 from .sequence import CompletionOutput, RequestOutput
 
 __all__ = ["LLM", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput", "CacheLayout",
-           "LatentCache", "PerHeadCache", "AsyncLLM", "QueueFullError"]
+           "LatentCache", "PerHeadCache", "AsyncLLM", "QueueFullError", "ParallelError"]
 
 
 def __getattr__(name):
@@ -20,4 +21,7 @@ def __getattr__(name):
     if name in ("AsyncLLM", "QueueFullError"):
         from . import async_engine
         return getattr(async_engine, name)
+    if name == "ParallelError":   # torch.distributed only for those who run several processes
+        from .distributed import ParallelError
+        return ParallelError
     raise AttributeError(f"module 'latentmoe.engine' has no attribute {name!r}")

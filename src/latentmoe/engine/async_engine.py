@@ -19,7 +19,7 @@ log = logging.getLogger("latentmoe.engine")
 
 
 class QueueFullError(RuntimeError):
-    """More requests waiting than `max_queued`: the caller should retry later (HTTP 503/429)."""
+    """More sequences waiting than `max_queued`: the caller should retry later (HTTP 503/429)."""
 
 
 class AsyncLLM:
@@ -55,6 +55,15 @@ class AsyncLLM:
     @property
     def healthy(self) -> bool:
         return self._task is not None and not self._task.done() and self._error is None
+
+    @property
+    def failed(self) -> bool:
+        """The engine loop died (for good): every request is answered with an error from now on."""
+        return self._error is not None
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._error
 
     def stats(self) -> dict:
         return self.llm.stats()
@@ -142,11 +151,14 @@ class AsyncLLM:
         Bad parameters raise ValueError at the first iteration, before anything is queued."""
         if self._error is not None or self._task is None or self._task.done():
             raise RuntimeError("the engine is not running (start() it; or its loop died)")
-        queued = len(self.llm.scheduler.waiting) + len(self._pending_adds)
-        if queued >= self.max_queued:
-            raise QueueFullError(f"{queued} requests are waiting (max_queued={self.max_queued})")
         if isinstance(params, SamplingParams):
             params.validate()   # fail fast, before queueing
+        # The bound counts sequences (each of a request's n samples waits as one), not requests.
+        queued = len(self.llm.scheduler.waiting) + sum(p.n if p is not None else 1 for _, p, *_ in self._pending_adds)
+        n = params.n if params is not None else 1
+        if queued + n > self.max_queued:
+            raise QueueFullError(f"{queued} sequences are waiting and this request adds {n} "
+                                 f"(max_queued={self.max_queued})")
         q: asyncio.Queue = asyncio.Queue()
         # Requests join between steps (the scheduler is never touched while a step runs).
         fut = asyncio.get_running_loop().create_future()

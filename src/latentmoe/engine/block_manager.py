@@ -1,5 +1,7 @@
 """Paged latent cache bookkeeping: a free list of blocks, reference counts, and prefix caching by
-hashing full blocks (hash of the previous block's hash + this block's token ids).
+hashing full blocks (hash of the previous block's hash + this block's token ids). A request's
+`cache_salt` seeds the chain, so only requests with the same salt (e.g. the same API key) can share
+blocks: another tenant cannot time a cache hit to learn that someone sent a given prefix.
 
 Block 0 is reserved: padded rows of a batch (CUDA-graph buckets) write their latent there, so no
 real sequence ever owns it. A freed block keeps its hash until it is handed out again, so a
@@ -14,6 +16,13 @@ from collections import OrderedDict
 from .sequence import Sequence
 
 NULL_BLOCK = 0
+
+
+def salt_hash(cache_salt: str | None) -> bytes | None:
+    """The `prev` of a sequence's first block: None unsalted, else a digest of the salt."""
+    if cache_salt is None:
+        return None
+    return hashlib.blake2b(b"cache_salt:" + cache_salt.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 def block_hash(prev: bytes | None, token_ids: list[int]) -> bytes:
@@ -77,7 +86,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return 0
         bs = self.block_size
-        prev, hit = None, 0
+        prev, hit = salt_hash(seq.params.cache_salt), 0
         for i in range((len(seq) - 1) // bs):
             ids = seq.token_ids[i * bs:(i + 1) * bs]
             h = block_hash(prev, ids)
@@ -125,7 +134,7 @@ class BlockManager:
         while seq.num_hashed_blocks < n_full:
             i = seq.num_hashed_blocks
             ids = seq.token_ids[i * bs:(i + 1) * bs]
-            prev = seq.block_hashes[i - 1] if i else None
+            prev = seq.block_hashes[i - 1] if i else salt_hash(seq.params.cache_salt)
             h = block_hash(prev, ids)
             block = seq.block_table[i]
             seq.block_hashes.append(h)
@@ -136,4 +145,4 @@ class BlockManager:
             seq.num_hashed_blocks += 1
 
 
-__all__ = ["BlockManager", "NULL_BLOCK", "block_hash"]
+__all__ = ["BlockManager", "NULL_BLOCK", "block_hash", "salt_hash"]

@@ -17,6 +17,8 @@ from ..checkpoint import resolve_dtype
 from .kv_cache import CacheLayout, cache_layout
 
 EXPERTS_IMPLS = ("model", "fused")
+QUANTIZATIONS = (None, "fp8")
+KV_CACHE_DTYPES = ("auto", "fp8")
 
 
 @dataclass
@@ -44,6 +46,15 @@ class EngineConfig:
     # Fused RMSNorm / MLA post-projection / greedy router kernels: default on CUDA (where Triton runs).
     fused_ops: bool | None = None
     kv_cache: str | CacheLayout = "latent"     # "latent", "mha" (the per-head baseline) or a CacheLayout
+    # One process per device (engine/distributed.py): attention split by heads, dense MLPs and shared
+    # experts column/row-parallel; routed experts split along their width, or with
+    # enable_expert_parallel whole experts spread over the ranks.
+    tensor_parallel_size: int = 1
+    enable_expert_parallel: bool = False
+    # "fp8": Linears and routed experts in block-FP8 (e4m3, 128x128 scales), quantised on load or read
+    # from a block-FP8 checkpoint; None: the compute dtype.
+    quantization: str | None = None
+    kv_cache_dtype: str = "auto"               # "auto" (the compute dtype) or "fp8" (e4m3 latent cache + scales)
 
     def __post_init__(self) -> None:
         def bad(name: str, what: str) -> ValueError:
@@ -70,9 +81,14 @@ class EngineConfig:
             raise bad("gpu_memory_utilization", "a number in (0, 1]")
         if self.num_blocks is not None and self.cache_memory_gb is not None:
             raise ValueError("give num_blocks or cache_memory_gb, not both")
-        for name in ("enable_prefix_caching", "enforce_eager"):
+        if not is_int(self.tensor_parallel_size) or self.tensor_parallel_size < 1:
+            raise bad("tensor_parallel_size", "a positive integer")
+        for name in ("enable_prefix_caching", "enforce_eager", "enable_expert_parallel"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "True or False")
+        if self.enable_expert_parallel and self.tensor_parallel_size == 1:
+            raise ValueError("enable_expert_parallel spreads the routed experts over the tensor_parallel_size "
+                             "processes: set tensor_parallel_size > 1 too")
         if self.fused_ops is not None and not isinstance(self.fused_ops, bool):
             raise bad("fused_ops", "True, False or None (automatic)")
         if self.experts_impl == "auto":
@@ -86,7 +102,17 @@ class EngineConfig:
                 raise bad("device", "a device such as 'cuda', 'cuda:1' or 'cpu'") from None
         if self.dtype is not None:
             self.dtype = _parse_dtype(self.dtype)
-        self.kv_cache = cache_layout(self.kv_cache)
+        if self.quantization not in QUANTIZATIONS:
+            raise bad("quantization", "None or 'fp8'")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise bad("kv_cache_dtype", "'auto' or 'fp8'")
+        self.kv_cache = cache_layout(self.kv_cache, self.kv_cache_dtype)
+        if self.uses_fp8:
+            check_fp8_device(self.device)
+
+    @property
+    def uses_fp8(self) -> bool:
+        return self.quantization == "fp8" or self.kv_cache_dtype == "fp8"
 
     def resolved(self, device: torch.device, dtype: torch.dtype) -> "EngineConfig":
         """This config for a model on `device` in `dtype`: device, dtype and the automatic choices settled."""
@@ -95,11 +121,30 @@ class EngineConfig:
         if experts is None:
             experts = "fused" if cuda and dtype in (torch.bfloat16, torch.float16, torch.float32) else "model"
         fused_ops = self.fused_ops if self.fused_ops is not None else cuda and kernels.HAS_TRITON
+        if self.uses_fp8:
+            check_fp8_device(device)
         budget = self.max_num_batched_tokens
         if budget is None:
             budget = max(16384 if cuda else 2048, self.max_num_seqs)
         return dataclasses.replace(self, device=device, dtype=dtype, experts_impl=experts, fused_ops=fused_ops,
                                    max_num_batched_tokens=budget)
+
+
+def check_fp8_device(device: torch.device | None) -> None:
+    """FP8 runs on CPU (the reference path) and on GPUs with FP8 support (compute capability 8.9+: Ada,
+    Hopper and later); anything else is refused here, before a model is loaded. `None` is the default
+    device: the first GPU if there is one."""
+    if device is None:
+        if not torch.cuda.is_available():
+            return
+        device = torch.device("cuda")
+    if device.type != "cuda":
+        return
+    cap = torch.cuda.get_device_capability(device)
+    if cap < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        raise ValueError(f"FP8 (quantization='fp8' / kv_cache_dtype='fp8') needs a GPU with FP8 support (compute "
+                         f"capability 8.9+, e.g. L4, H100); {device} is {name} ({cap[0]}.{cap[1]})")
 
 
 def _parse_dtype(dtype) -> torch.dtype | None:
@@ -112,4 +157,4 @@ def _parse_dtype(dtype) -> torch.dtype | None:
     raise ValueError(f"dtype must be a floating-point torch dtype or its name, got {dtype!r}")
 
 
-__all__ = ["EngineConfig", "EXPERTS_IMPLS"]
+__all__ = ["EngineConfig", "EXPERTS_IMPLS", "QUANTIZATIONS", "KV_CACHE_DTYPES", "check_fp8_device"]

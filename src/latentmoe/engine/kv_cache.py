@@ -3,8 +3,9 @@
 A layout knows its bytes per token (from the model config's derived sizes and the dtype), allocates
 its per-layer caches for num_blocks x block_size, and returns the attention backend that reads
 them. `LatentCache` is the engine's cache; `PerHeadCache` is what an MHA model of the same shape
-would cache, the baseline of the MLA-vs-MHA comparison. `cache_layout` is the one place a user's
-string ("latent", "mha") becomes a layout.
+would cache, the baseline of the MLA-vs-MHA comparison; `LatentFp8Cache` the latent cache in e4m3 with
+per-token scales (kv_cache_dtype="fp8"). `cache_layout` is the one place a user's strings ("latent",
+"mha"; "auto", "fp8") become a layout.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import logging
 import torch
 
 from ..config import ModelConfig
+from ..kv_report import fp8_latent_bytes_per_token
+from .. import kernels
 from .attention import PagedAttention, PagedLatentAttention, PagedPerHeadAttention
 
 log = logging.getLogger("latentmoe.engine")
@@ -92,16 +95,75 @@ class PerHeadCache(CacheLayout):
         return f"PerHeadCache(decode_tuning={self.decode_tuning})" if self.decode_tuning else "PerHeadCache()"
 
 
+class PagedLatentFp8Attention(PagedLatentAttention):
+    """Over the FP8 latent cache: kv_caches[layer] = (rows e4m3 [NB, BS, C + R], scales fp32 [NB, BS, 2])."""
+
+    def write(self, layer, cache, slot_mapping, c_kv, k_pe) -> None:
+        kernels.write_latent_cache_fp8(*cache, slot_mapping, c_kv, k_pe)
+
+    def decode(self, layer, cache, q_nope, q_pe, block_table, seq_lens):
+        rows, scales = cache
+        q_lat = torch.einsum("bhn,hnc->bhc", q_nope, layer.w_uk)
+        o_lat = kernels.mla_decode(q_lat, q_pe, rows, block_table, seq_lens, layer.softmax_scale, kv_scale=scales)
+        return torch.einsum("bhc,hvc->bhv", o_lat, layer.w_uv)
+
+    def prefill(self, layer, cache, q_nope, q_pe, meta):
+        # As the latent backend, over the gathered rows dequantised (to the queries' dtype) first.
+        rows, scales = cache
+        C, H, N = layer.kv_lora_rank, layer.n_heads, layer.nope_dim
+        kv = kernels.dequantize_latent_rows(rows.view(-1, rows.shape[-1])[meta.ctx_slots],
+                                            scales.view(-1, 2)[meta.ctx_slots], C, q_nope.dtype)   # [S, C+R]
+        k_nope, v = layer.kv_b_proj(kv[:, :C]).view(-1, H, N + layer.v_dim).split([N, layer.v_dim], dim=-1)
+        return kernels.prefill_attention(q_nope, q_pe, k_nope, kv[:, C:], v, meta.cu_q, meta.cu_k, meta.max_q,
+                                         layer.softmax_scale, max_k=meta.max_k)
+
+
+class LatentFp8Cache(CacheLayout):
+    """The latent cache in FP8: per token and layer C + R e4m3 bytes and two fp32 scales (c_kv's and
+    k_pe's, kernels/fp8_cache.py), whatever the model's dtype: 584 bytes per token and layer for
+    DeepSeek-V2 against 1,152 in bf16."""
+
+    name = "latent-fp8"
+    SCALES = 2
+
+    def token_shapes(self, cfg):
+        return [(cfg.kv_cache_width,), (self.SCALES,)]
+
+    def elements_per_token(self, cfg):
+        return cfg.kv_cache_elements_per_token()
+
+    def bytes_per_token(self, cfg: ModelConfig, dtype: torch.dtype | None = None) -> int:
+        return fp8_latent_bytes_per_token(cfg)
+
+    def allocate(self, cfg, num_blocks, block_size, dtype, device):
+        caches = [(torch.zeros(num_blocks, block_size, cfg.kv_cache_width, dtype=kernels.FP8, device=device),
+                   torch.zeros(num_blocks, block_size, self.SCALES, dtype=torch.float32, device=device))
+                  for _ in range(cfg.num_hidden_layers)]
+        return self.backend(caches)
+
+    def backend(self, caches):
+        return PagedLatentFp8Attention(caches)
+
+
 LAYOUTS = {"latent": LatentCache, "mha": PerHeadCache}
+FP8_LAYOUTS = {"latent": LatentFp8Cache}
 
 
-def cache_layout(spec: str | CacheLayout) -> CacheLayout:
-    """A layout from its name ('latent', 'mha') or a CacheLayout itself."""
+def cache_layout(spec: str | CacheLayout, kv_cache_dtype: str = "auto") -> CacheLayout:
+    """A layout from its name ('latent', 'mha') and element type ('auto': the model's dtype, 'fp8'), or a
+    CacheLayout itself."""
     if isinstance(spec, CacheLayout):
+        if kv_cache_dtype == "fp8" and not isinstance(spec, LatentFp8Cache):
+            raise ValueError(f"kv_cache_dtype='fp8' needs the latent cache, got the layout {spec!r}")
         return spec
-    if isinstance(spec, str) and spec in LAYOUTS:
-        return LAYOUTS[spec]()
-    raise ValueError(f"kv_cache must be one of {sorted(LAYOUTS)} or a CacheLayout, got {spec!r}")
+    if not (isinstance(spec, str) and spec in LAYOUTS):
+        raise ValueError(f"kv_cache must be one of {sorted(LAYOUTS)} or a CacheLayout, got {spec!r}")
+    if kv_cache_dtype == "fp8":
+        if spec not in FP8_LAYOUTS:
+            raise ValueError(f"kv_cache_dtype='fp8' is supported for the {sorted(FP8_LAYOUTS)} cache, "
+                             f"not kv_cache={spec!r}")
+        return FP8_LAYOUTS[spec]()
+    return LAYOUTS[spec]()
 
 
 def check_servable(cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16) -> None:
@@ -155,4 +217,5 @@ def plan_cache(cfg: ModelConfig, layout: CacheLayout, device: torch.device, dtyp
     return num_blocks, max_model_len
 
 
-__all__ = ["CacheLayout", "LatentCache", "PerHeadCache", "LAYOUTS", "cache_layout", "check_servable", "plan_cache"]
+__all__ = ["CacheLayout", "LatentCache", "LatentFp8Cache", "PerHeadCache", "PagedLatentFp8Attention", "LAYOUTS",
+           "FP8_LAYOUTS", "cache_layout", "check_servable", "plan_cache"]

@@ -9,6 +9,9 @@ run and the torch references elsewhere. Parameter names, and so state_dict keys,
 Why fused forwards at all: a decode step at small batch is bound by the number of kernels, not by
 bytes (the model's RMSNorm is ~7 elementwise kernels, each RoPE ~9, the fp32 router ~6 after its
 GEMM, the expert sort ~12). Inference only: the kernels have no backward.
+
+With quantization="fp8" the Linears and routed experts are built as Fp8Linear / Fp8Experts holding new
+block-FP8 tensors (kernels/fp8.py says why 128 x 128 blocks): the one place weights are not shared.
 """
 
 from __future__ import annotations
@@ -68,7 +71,10 @@ class EngineRouter(Router):
 
 
 class EngineExperts(Experts):
-    """Routed experts through kernels.fused_moe; batch-1/2 decodes skip the expert sort (2 kernels, not ~14)."""
+    """Routed experts through kernels.fused_moe; batch-1/2 decodes skip the expert sort (2 kernels, not ~14).
+    Negative expert ids are skipped (an expert-parallel rank's assignments to other ranks' experts)."""
+
+    skip_negative = False   # set on the experts of an expert-parallel rank (engine/tensor_parallel.py)
 
     def prepare(self, cfg: ModelConfig) -> None:
         # Built here, before any CUDA-graph capture; an attribute, not a buffer (state_dict unchanged).
@@ -77,7 +83,66 @@ class EngineExperts(Experts):
 
     def forward(self, x_MD: torch.Tensor, topk_idx_MK: torch.Tensor, topk_weight_MK: torch.Tensor) -> torch.Tensor:
         return kernels.fused_moe(x_MD, self.gate_up_proj, self.down_proj, topk_idx_MK, topk_weight_MK,
-                                 few_token_layout=self.few_token_layout)
+                                 few_token_layout=self.few_token_layout, skip_negative=self.skip_negative)
+
+
+class Fp8Linear(nn.Module):
+    """A Linear with block-FP8 weights: `weight` e4m3 [N, K], `weight_scale_inv` [N/128, K/128] fp32 (the
+    names DeepSeek's FP8 checkpoints use), run by kernels.fp8_linear. Inference only."""
+
+    def __init__(self, weight: torch.Tensor, weight_scale_inv: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.weight_scale_inv = nn.Parameter(weight_scale_inv, requires_grad=False)
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.fp8_linear(x, self.weight, self.weight_scale_inv, self.bias)
+
+
+class Fp8Experts(Experts):
+    """Routed experts with block-FP8 weights (gate_up_proj / down_proj e4m3 and their `_scale_inv`), run by
+    kernels.fused_moe_fp8; batch-1/2 decodes skip the expert sort as EngineExperts does."""
+
+    def __init__(self, gate_up: tuple[torch.Tensor, torch.Tensor], down: tuple[torch.Tensor, torch.Tensor],
+                 impl: str = "auto"):
+        nn.Module.__init__(self)
+        self.n_experts = gate_up[0].shape[0]
+        self.impl = impl
+        self.gate_up_proj = nn.Parameter(gate_up[0], requires_grad=False)
+        self.gate_up_proj_scale_inv = nn.Parameter(gate_up[1], requires_grad=False)
+        self.down_proj = nn.Parameter(down[0], requires_grad=False)
+        self.down_proj_scale_inv = nn.Parameter(down[1], requires_grad=False)
+
+    prepare = EngineExperts.prepare
+
+    def forward(self, x_MD: torch.Tensor, topk_idx_MK: torch.Tensor, topk_weight_MK: torch.Tensor) -> torch.Tensor:
+        return kernels.fused_moe_fp8(x_MD, self.gate_up_proj, self.gate_up_proj_scale_inv, self.down_proj,
+                                     self.down_proj_scale_inv, topk_idx_MK, topk_weight_MK,
+                                     few_token_layout=self.few_token_layout)
+
+
+# Linears that stay in the compute dtype under FP8: the output head (as in DeepSeek's FP8 releases) and
+# kv_b_proj, whose weight absorbed decode reads directly as W_UK / W_UV (the released FP8 kv_b_proj is
+# dequantised on load).
+FP8_SKIP = ("lm_head", "kv_b_proj")
+
+
+def fp8_quantizable(name: str, module: nn.Module, parent: nn.Module | None) -> bool:
+    """Whether the engine stores `module` (called `name` in the model) in block FP8."""
+    if type(module) is nn.Linear:
+        return name.rsplit(".", 1)[-1] not in FP8_SKIP
+    return type(module) is Experts and type(parent) is MoE
+
+
+def _fp8_pair(name: str, weight: torch.Tensor, stored: dict, device: torch.device | None):
+    """(e4m3 weight, scale_inv) for the tensor `name`: as a block-FP8 checkpoint stored it, else quantised now."""
+    target = device or weight.device
+    if name in stored:
+        q, s = stored[name]
+        return q.to(target), s.to(target, torch.float32)
+    return kernels.quantize_fp8_blocks(weight.detach().to(target))
 
 
 def _engine_class(module: nn.Module, parent: nn.Module | None, fused_ops: bool, fused_experts: bool) -> type:
@@ -89,8 +154,8 @@ def _engine_class(module: nn.Module, parent: nn.Module | None, fused_ops: bool, 
         return EngineMLA
     if fused_ops and kind is Router and module.n_group == 1 and module.device_limit is None:
         return EngineRouter
-    # Only an MoE layer's own experts (not e.g. the slices inside a device-sharded replacement).
-    if fused_experts and kind is Experts and type(parent) is MoE:
+    # An MoE layer's experts (also a rank's share of them inside tensor_parallel.ParallelMoE).
+    if fused_experts and kind is Experts and isinstance(parent, MoE):
         return EngineExperts
     return kind
 
@@ -106,12 +171,21 @@ def _on(t: torch.Tensor, device: torch.device | None, dtype: torch.dtype | None)
 
 
 def engine_model(model: nn.Module, *, fused_ops: bool = False, fused_experts: bool = False,
-                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+                 device: torch.device | None = None, dtype: torch.dtype | None = None,
+                 quantization: str | None = None, fp8_weights: dict | None = None) -> nn.Module:
     """The engine's copy of `model` in eval mode: same parameters (the same objects unless `device`/`dtype`
     ask for a conversion; tied weights stay tied), the engine subclasses above where `fused_ops`
     (RMSNorm, MLA post-projection, greedy router) and `fused_experts` (routed experts) choose them.
     `model` itself is not touched. For inference only (the fused kernels have no backward).
+
+    quantization="fp8": every Linear but those in FP8_SKIP becomes an Fp8Linear and the routed experts
+    Fp8Experts, holding new e4m3 tensors quantised from the model's weights in 128 x 128 blocks, or the
+    pairs of `fp8_weights` ({model tensor name: (e4m3, scale_inv)}, as checkpoint.read_fp8_weights
+    returns them from a block-FP8 checkpoint) where it has them.
     """
+    if quantization not in (None, "fp8"):
+        raise ValueError(f"quantization must be None or 'fp8', got {quantization!r}")
+    stored = fp8_weights or {}
     tensors: dict[int, torch.Tensor] = {}
 
     def share(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -121,7 +195,12 @@ def engine_model(model: nn.Module, *, fused_ops: bool = False, fused_experts: bo
             tensors[id(t)] = _on(t, device, dtype)
         return tensors[id(t)]
 
-    def rebuild(module: nn.Module, parent: nn.Module | None) -> nn.Module:
+    def rebuild(module: nn.Module, parent: nn.Module | None, name: str = "") -> nn.Module:
+        if quantization == "fp8" and fp8_quantizable(name, module, parent):
+            if type(module) is nn.Linear:
+                return Fp8Linear(*_fp8_pair(f"{name}.weight", module.weight, stored, device), share(module.bias))
+            return Fp8Experts(_fp8_pair(f"{name}.gate_up_proj", module.gate_up_proj, stored, device),
+                              _fp8_pair(f"{name}.down_proj", module.down_proj, stored, device), module.impl)
         cls = _engine_class(module, parent, fused_ops, fused_experts)
         new = cls.__new__(cls)
         # Attributes by reference; containers (hooks, buffer-name sets, ...) as the copy's own.
@@ -129,15 +208,17 @@ def engine_model(model: nn.Module, *, fused_ops: bool = False, fused_experts: bo
                              for k, v in module.__dict__.items()})
         new._parameters = {k: share(p) for k, p in module._parameters.items()}
         new._buffers = {k: share(b) for k, b in module._buffers.items()}
-        new._modules = {k: None if c is None else rebuild(c, module) for k, c in module._modules.items()}
+        new._modules = {k: None if c is None else rebuild(c, module, f"{name}.{k}" if name else k)
+                        for k, c in module._modules.items()}
         return new
 
     new_model = rebuild(model, None).eval()
     cfg = model.config
     for m in new_model.modules():
-        if isinstance(m, (EngineRouter, EngineExperts)):
+        if isinstance(m, (EngineRouter, EngineExperts, Fp8Experts)):
             m.prepare(cfg)
     return new_model
 
 
-__all__ = ["engine_model", "EngineRMSNorm", "EngineMLA", "EngineRouter", "EngineExperts"]
+__all__ = ["engine_model", "EngineRMSNorm", "EngineMLA", "EngineRouter", "EngineExperts", "Fp8Linear", "Fp8Experts",
+           "FP8_SKIP", "fp8_quantizable"]

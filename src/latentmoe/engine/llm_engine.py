@@ -46,6 +46,10 @@ class LLM:
     (converted copies only when `device`/`dtype` differ from the model's), see layers.engine_model.
     `llm.model` is the model given or loaded; `llm.config` its ModelConfig; `llm.engine_config` the
     resolved options.
+
+    With tensor_parallel_size=N > 1 the engine runs in N processes, one per device, each loading its
+    share of the checkpoint directory (engine/distributed.py); `llm.model` is then this process's
+    share. `close()` (or `with LLM(...) as llm:`) stops the other processes; they also end with this one.
     """
 
     runner_class = ModelRunner   # a subclass may run steps differently (tests run the graph path eagerly)
@@ -59,44 +63,89 @@ class LLM:
                              f"(got config= and {sorted(options)})")
         elif not isinstance(config, EngineConfig):
             raise ValueError(f"config must be an EngineConfig, got {type(config).__name__}")
+        if config.tensor_parallel_size > 1:
+            # One process per device, each loading its own share (engine/distributed.py).
+            if not isinstance(model, (str, os.PathLike)):
+                raise ValueError("tensor_parallel_size > 1 loads each rank's share from a checkpoint directory: "
+                                 "pass its path (or hub id), not a built model")
+            from ..checkpoint import resolve_checkpoint
+            from .distributed import ParallelRunner
+            path = resolve_checkpoint(model)   # a directory, or a hub model id through the hub cache
+            self.runner = ParallelRunner(path, config, self.runner_class)
+            self.model = self.runner.model            # rank 0's share, as the engine runs it
+            self.config = self.runner.model_config    # the whole model's config
+            self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(path)
+            config = self.runner.config
+            num_blocks, self.max_model_len = self.runner.num_blocks, self.runner.max_model_len
+        else:
+            num_blocks = self._start_local(model, tokenizer, config)
+            config = self.engine_config
+        self.engine_config = config
+        self.device, self.dtype = config.device, config.dtype
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.last_execute_seconds = 0.0   # the last step's time in the runner (inputs, forward, sampling)
+        self.requests: dict[str, Request] = {}
+        self.eos_token_ids = set(self.config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        # Everything compiles and captures now, not on the first requests (counted afterwards: stats()).
+        # (With tensor_parallel_size > 1 every rank warms up alike, its collectives in step with rank 0's.)
+        self.runner.warm_up(config.max_num_batched_tokens, progress=self.device.type == "cuda")
+        self.time_to_ready = time.perf_counter() - t_start
+        log.info("engine ready in %.1f s (warm-up %.1f s: %d kernel compilations, %d decode graphs)",
+                 self.time_to_ready, self.runner.warmup_seconds, self.runner.compilations_at_ready,
+                 self.runner.num_captures)
+
+    def _start_local(self, model, tokenizer, config: EngineConfig) -> int:
+        """The one-process engine: load or take the model, build the runner; returns the cache's blocks."""
+        fp8_weights = None
         if isinstance(model, (str, os.PathLike)):
             from ..checkpoint import load_model, resolve_checkpoint
             path = resolve_checkpoint(model)   # a directory, or a hub model id through the hub cache
             device = config.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            model = load_model(path, device=device, dtype=config.dtype)
+            asked_device, asked_dtype = config.device, config.dtype
+            if config.quantization == "fp8":
+                # Unquantised weights stay in host memory; the device receives only the engine's FP8 tree.
+                from ..checkpoint import read_fp8_weights, resolve_dtype
+                asked_device, asked_dtype = device, resolve_dtype(config.dtype, device)
+                model = load_model(path, device="cpu", dtype=asked_dtype)
+                fp8_weights = read_fp8_weights(path, model.config)   # a block-FP8 checkpoint's own pairs
+            else:
+                model = load_model(path, device=device, dtype=config.dtype)
             if tokenizer is None:
                 tokenizer = load_tokenizer(path)
-        asked_device, asked_dtype = config.device, config.dtype
+        else:
+            asked_device, asked_dtype = config.device, config.dtype
         p = next(model.parameters())
         config = config.resolved(asked_device or p.device, asked_dtype or p.dtype)
         self.model = model
         self.config = model.config
         self.engine_config = config
         self.tokenizer = tokenizer
-        self.device, self.dtype = config.device, config.dtype
-        # Only a device/dtype asked for converts; otherwise every tensor stays where it is (a model
-        # spread over devices, e.g. experts split over GPUs, keeps its placement). Before the cache
-        # plan: on CUDA the budget is the memory left once the weights are in place.
+        # Only a device/dtype asked for converts; otherwise every tensor stays where it is. Before the
+        # cache plan: on CUDA the budget is the memory left once the weights are in place.
         runner_model = engine_model(model, fused_ops=config.fused_ops, fused_experts=config.experts_impl == "fused",
-                                    device=asked_device, dtype=asked_dtype)
+                                    device=asked_device, dtype=asked_dtype, quantization=config.quantization,
+                                    fp8_weights=fp8_weights)
         num_blocks, self.max_model_len = plan_cache(
-            self.config, config.kv_cache, self.device, self.dtype, config.block_size, config.cache_memory_gb,
+            self.config, config.kv_cache, config.device, config.dtype, config.block_size, config.cache_memory_gb,
             config.num_blocks, config.max_num_seqs, config.max_model_len,
             gpu_memory_utilization=config.gpu_memory_utilization)
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = self.runner_class(runner_model, config, num_blocks, self.max_model_len)
-        self.last_execute_seconds = 0.0   # the last step's time in the runner (inputs, forward, sampling)
-        self.requests: dict[str, Request] = {}
-        self.eos_token_ids = set(self.config.eos_token_ids)
-        if tokenizer is not None and tokenizer.eos_token_id is not None:
-            self.eos_token_ids.add(tokenizer.eos_token_id)
-        # Everything compiles and captures now, not on the first requests (counted afterwards: stats()).
-        self.runner.warm_up(config.max_num_batched_tokens, progress=self.device.type == "cuda")
-        self.time_to_ready = time.perf_counter() - t_start
-        log.info("engine ready in %.1f s (warm-up %.1f s: %d kernel compilations, %d decode graphs)",
-                 self.time_to_ready, self.runner.warmup_seconds, self.runner.compilations_at_ready,
-                 self.runner.num_captures)
+        return num_blocks
+
+    def close(self) -> None:
+        """Stop the engine's other processes (tensor_parallel_size > 1); nothing to do for one process."""
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ requests
     def _prompt_ids(self, prompt) -> tuple[str | None, list[int]]:

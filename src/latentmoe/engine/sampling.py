@@ -31,6 +31,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logprobs: int | None = None   # number of alternatives besides the sampled token
     skip_special_tokens: bool = True
+    cache_salt: str | None = None   # prefix-cache blocks are shared only between requests with the same salt
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -75,6 +76,8 @@ class SamplingParams:
             raise bad("repetition_penalty", "a number > 0 (1 = off)")
         if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
             raise bad("logprobs", "an integer in [0, 20] or None")
+        if self.cache_salt is not None and not (isinstance(self.cache_salt, str) and self.cache_salt):
+            raise bad("cache_salt", "a non-empty string or None")
 
     @property
     def greedy(self) -> bool:

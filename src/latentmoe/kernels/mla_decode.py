@@ -25,13 +25,13 @@ def split_range(seq_lens_ptr, b, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.co
 
 @jit
 def _mla_decode_split_kernel(
-    q_lat_ptr, q_pe_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, o_ptr, lse_ptr,
-    stride_qb, stride_qh, stride_pb, stride_ph, stride_kv_blk, stride_kv_tok, stride_bt,
+    q_lat_ptr, q_pe_ptr, kv_ptr, kv_scale_ptr, block_table_ptr, seq_lens_ptr, o_ptr, lse_ptr,
+    stride_qb, stride_qh, stride_pb, stride_ph, stride_kv_blk, stride_kv_tok, stride_s_blk, stride_s_tok, stride_bt,
     stride_ob, stride_oh, stride_os,
     H, qk_scale,
     C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     # Head groups vary fastest, so the programs sharing one (sequence, split) run side by side
     # and all but the first find its latent tiles in L2.
@@ -65,6 +65,12 @@ def _mla_decode_split_kernel(
                         mask=mask_n[:, None] & mask_c[None, :], other=0.0)      # [BLOCK_N, BLOCK_C]
         k_pe = tl.load(kv_ptr + row[:, None] + C + offs_r[None, :],
                        mask=mask_n[:, None] & mask_r[None, :], other=0.0)       # [BLOCK_N, BLOCK_R]
+        if KV_FP8:  # e4m3 rows with per-token scales for each part: dequantised here, in registers
+            srow = page * stride_s_blk + (offs_n % PAGE) * stride_s_tok
+            s_lat = tl.load(kv_scale_ptr + srow, mask=mask_n, other=0.0)
+            s_pe = tl.load(kv_scale_ptr + srow + 1, mask=mask_n, other=0.0)
+            k_lat = (k_lat.to(tl.float32) * s_lat[:, None]).to(q_lat_ptr.dtype.element_ty)
+            k_pe = (k_pe.to(tl.float32) * s_pe[:, None]).to(q_pe_ptr.dtype.element_ty)
         s = dot(q_lat, tl.trans(k_lat), UPCAST) + dot(q_pe, tl.trans(k_pe), UPCAST)      # fp32 [BLOCK_H, BLOCK_N]
         s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -158,14 +164,17 @@ def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.T
                       seq_lens: torch.Tensor, softmax_scale: float, *, max_seq_len: int | None = None,
                       num_splits: int | None = None, block_h: int | None = None, block_n: int | None = None,
                       num_warps: int | None = None, num_stages: int | None = None,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+                      out: torch.Tensor | None = None, kv_scale: torch.Tensor | None = None) -> torch.Tensor:
     B, H, C = q_lat.shape
     R = q_pe.shape[-1]
     NB, PAGE, X = kv_cache.shape
     assert X == C + R, f"kv_cache rows are {X} wide, expected C + R = {C + R}"
     assert kv_cache.stride(-1) == 1 and block_table.stride(-1) == 1, "cache rows and block-table rows must be dense"
     assert block_table.dtype == torch.int32 and seq_lens.dtype == torch.int32
-    assert q_lat.dtype == q_pe.dtype == kv_cache.dtype, "queries and cache must share one dtype"
+    fp8 = kv_scale is not None
+    assert q_lat.dtype == q_pe.dtype and (fp8 or kv_cache.dtype == q_lat.dtype), \
+        "queries and cache must share one dtype"
+    assert not fp8 or (kv_scale.shape == (NB, PAGE, 2) and kv_scale.stride(-1) == 1)
     q_lat = q_lat if q_lat.stride(-1) == 1 else q_lat.contiguous()
     q_pe = q_pe if q_pe.stride(-1) == 1 else q_pe.contiguous()
     seq_lens = seq_lens.contiguous()
@@ -189,12 +198,13 @@ def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.T
     assert out.shape == q_lat.shape and out.stride(-1) == 1
     o_part, lse, so = split_outputs(out, num_splits)
     _mla_decode_split_kernel[(head_groups, num_splits, B)](
-        q_lat, q_pe, kv_cache, block_table, seq_lens, o_part, lse,
+        q_lat, q_pe, kv_cache, kv_scale if fp8 else kv_cache, block_table, seq_lens, o_part, lse,
         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1),
-        kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0), *so,
+        kv_cache.stride(0), kv_cache.stride(1), kv_scale.stride(0) if fp8 else 0, kv_scale.stride(1) if fp8 else 0,
+        block_table.stride(0), *so,
         H, softmax_scale * LOG2E,
         C=C, R=R, BLOCK_C=triton.next_power_of_2(C), BLOCK_R=triton.next_power_of_2(R),
-        PAGE=PAGE, BLOCK_H=block_h, BLOCK_N=block_n, NUM_SPLITS=num_splits, UPCAST=INTERPRET,
+        PAGE=PAGE, BLOCK_H=block_h, BLOCK_N=block_n, NUM_SPLITS=num_splits, UPCAST=INTERPRET, KV_FP8=fp8,
         num_warps=num_warps, num_stages=num_stages)
     if num_splits > 1:
         merge_splits(o_part, lse, out)
@@ -202,16 +212,18 @@ def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.T
 
 
 def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
-               seq_lens: torch.Tensor, softmax_scale: float, **tuning) -> torch.Tensor:
+               seq_lens: torch.Tensor, softmax_scale: float, kv_scale: torch.Tensor | None = None,
+               **tuning) -> torch.Tensor:
     """Absorbed decode attention: q_lat [B,H,C], q_pe [B,H,R], kv_cache [NB,BS,C+R] -> o_lat [B,H,C].
 
     Triton on CUDA (and on CPU under TRITON_INTERPRET=1), the torch reference elsewhere. fp32
     accumulation (fp32 inputs multiply as tf32 on a GPU); the result has q_lat's dtype. `tuning`
     (max_seq_len, num_splits, block_h, block_n, num_warps, num_stages, out) reaches the Triton path
     only; max_seq_len (an upper bound, default the block table's capacity) picks the split count
-    without a host sync.
+    without a host sync. An FP8 cache (e4m3 rows) comes with `kv_scale` [NB,BS,2] (kernels/fp8_cache.py).
     """
     # tl.dot on a GPU needs inner dims of at least 16: narrower latents/rope keys take the reference.
     if use_triton(q_lat) and min(q_lat.shape[-1], q_pe.shape[-1]) >= 16:
-        return mla_decode_triton(q_lat, q_pe, kv_cache, block_table, seq_lens, softmax_scale, **tuning)
-    return mla_decode_ref(q_lat, q_pe, kv_cache, block_table, seq_lens, softmax_scale)
+        return mla_decode_triton(q_lat, q_pe, kv_cache, block_table, seq_lens, softmax_scale, kv_scale=kv_scale,
+                                 **tuning)
+    return mla_decode_ref(q_lat, q_pe, kv_cache, block_table, seq_lens, softmax_scale, kv_scale)

@@ -221,11 +221,12 @@ def choose_moe_config(n_assignments: int, n_experts: int) -> dict:
 
 def run_moe_gemms(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
                   topk_weight_MK: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor, cfg: dict,
-                  top_k: int, gu_P2I: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  top_k: int, gu_P2I: torch.Tensor | None = None, zero_y: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the two grouped GEMMs over a row layout (sorted_ids, one expert per row block in block_expert)
     -> h_PI (SwiGLU activations per padded row) and y_AD (each assignment's weighted expert output).
 
     Dense inputs in one dtype. gu_P2I (training) also receives the SwiGLU inputs [gate | up] per row.
+    zero_y: rows of assignments in skipped blocks (expert >= E) read as zeros instead of never written.
     Shared by inference (both layouts) and the autograd forward, so all launch the same kernels alike.
     """
     M, D = x_MD.shape
@@ -242,7 +243,8 @@ def run_moe_gemms(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: tor
         gu_P2I.stride(0) if store_gu else 0, A, D, I, E,
         TOP_K=top_k, BLOCK_M=bm, BLOCK_N=cfg["block_n1"], BLOCK_K=bk, UPCAST=INTERPRET, STORE_GU=store_gu,
         num_warps=nw, num_stages=ns)
-    y_AD = new_buffer((A, D), x_MD.dtype, x_MD.device)
+    y_AD = torch.zeros((A, D), dtype=x_MD.dtype, device=x_MD.device) if zero_y else new_buffer((A, D), x_MD.dtype,
+                                                                                                 x_MD.device)
     weight_A = topk_weight_MK.reshape(-1).contiguous()
     _moe_down_kernel[(triton.cdiv(D, cfg["block_n2"]), n_blocks)](
         h_PI, down_proj, y_AD, sorted_ids, block_expert, weight_A,
@@ -258,16 +260,26 @@ def _inference_inputs(x_MD, gate_up_proj, down_proj):
     return x_MD, gate_up_proj.to(x_MD.dtype).contiguous(), down_proj.to(x_MD.dtype).contiguous()
 
 
+def _skipped_to_phantom(topk_idx_MK: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Negative ids -> expert E, a phantom group whose row blocks the GEMM kernels skip (no host sync)."""
+    return torch.where(topk_idx_MK < 0, n_experts, topk_idx_MK)
+
+
 def fused_moe_triton(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
-                     topk_idx_MK: torch.Tensor, topk_weight_MK: torch.Tensor, config: dict | None = None) -> torch.Tensor:
+                     topk_idx_MK: torch.Tensor, topk_weight_MK: torch.Tensor, config: dict | None = None,
+                     skip_negative: bool = False) -> torch.Tensor:
     M, D = x_MD.shape
     K = topk_idx_MK.shape[1]
     E, I = down_proj.shape[0], down_proj.shape[2]
     assert gate_up_proj.shape == (E, 2 * I, D) and down_proj.shape == (E, D, I)
     x_MD, gate_up_proj, down_proj = _inference_inputs(x_MD, gate_up_proj, down_proj)
     cfg = config or choose_moe_config(M * K, E)
-    sorted_ids, block_expert = moe_align(topk_idx_MK, E, cfg["block_m"])
-    _, y_AD = run_moe_gemms(x_MD, gate_up_proj, down_proj, topk_weight_MK, sorted_ids, block_expert, cfg, K)
+    if skip_negative:
+        sorted_ids, block_expert = moe_align(_skipped_to_phantom(topk_idx_MK, E), E + 1, cfg["block_m"])
+    else:
+        sorted_ids, block_expert = moe_align(topk_idx_MK, E, cfg["block_m"])
+    _, y_AD = run_moe_gemms(x_MD, gate_up_proj, down_proj, topk_weight_MK, sorted_ids, block_expert, cfg, K,
+                            zero_y=skip_negative)
     # Each token's K rows are adjacent: summing them is deterministic, unlike atomics.
     return y_AD.view(M, K, D).sum(dim=1, dtype=torch.float32).to(x_MD.dtype)
 
@@ -293,7 +305,7 @@ def few_token_layout(max_assignments: int, device: torch.device | str) -> torch.
 
 def fused_moe_few_tokens_triton(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
                                 topk_idx_MK: torch.Tensor, topk_weight_MK: torch.Tensor,
-                                layout: torch.Tensor) -> torch.Tensor:
+                                layout: torch.Tensor, skip_negative: bool = False) -> torch.Tensor:
     """The fused-MoE kernels over `few_token_layout` rows: same kernels, same arithmetic per assignment."""
     M, D = x_MD.shape
     K = topk_idx_MK.shape[1]
@@ -301,20 +313,25 @@ def fused_moe_few_tokens_triton(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, 
     cfg = DECODE_CONFIG
     assert layout.numel() >= A * cfg["block_m"], "the layout was built for fewer assignments"
     x_MD, gate_up_proj, down_proj = _inference_inputs(x_MD, gate_up_proj, down_proj)
+    if skip_negative:
+        topk_idx_MK = _skipped_to_phantom(topk_idx_MK, gate_up_proj.shape[0])
     block_expert = topk_idx_MK.reshape(-1)            # block a computes assignment a's expert
     # The grid has A row blocks, so only layout[:A * block_m] is read: no slice needed.
-    _, y_AD = run_moe_gemms(x_MD, gate_up_proj, down_proj, topk_weight_MK, layout, block_expert, cfg, K)
+    _, y_AD = run_moe_gemms(x_MD, gate_up_proj, down_proj, topk_weight_MK, layout, block_expert, cfg, K,
+                            zero_y=skip_negative)
     return y_AD.view(M, K, D).sum(dim=1, dtype=torch.float32).to(x_MD.dtype)
 
 
 def fused_moe(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
               topk_idx_MK: torch.Tensor, topk_weight_MK: torch.Tensor,
-              few_token_layout: torch.Tensor | None = None) -> torch.Tensor:
+              few_token_layout: torch.Tensor | None = None, skip_negative: bool = False) -> torch.Tensor:
     """Routed experts: y[m] = sum_k w[m,k] down_e(silu(gate_e x[m]) * up_e x[m]), e = topk_idx[m,k].
 
     x_MD [M,D], gate_up_proj [E,2I,D] rows [gate | up], down_proj [E,D,I] -> [M,D] in x's dtype.
     Forward only (no autograd). Triton on CUDA (CPU under TRITON_INTERPRET=1), the reference elsewhere.
     With a `few_token_layout` (the caller's buffer), up to FEW_TOKENS tokens skip the expert sort.
+    With `skip_negative`, assignments whose id is negative are skipped (they add nothing and cost no
+    GEMM rows): an expert-parallel rank passes the assignments to other ranks' experts that way.
     """
     M = x_MD.shape[0]
     if M == 0:
@@ -323,5 +340,5 @@ def fused_moe(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.T
         return fused_moe_ref(x_MD, gate_up_proj, down_proj, topk_idx_MK, topk_weight_MK)
     if few_token_layout is not None and M <= FEW_TOKENS:
         return fused_moe_few_tokens_triton(x_MD, gate_up_proj, down_proj, topk_idx_MK, topk_weight_MK,
-                                           few_token_layout)
-    return fused_moe_triton(x_MD, gate_up_proj, down_proj, topk_idx_MK, topk_weight_MK)
+                                           few_token_layout, skip_negative)
+    return fused_moe_triton(x_MD, gate_up_proj, down_proj, topk_idx_MK, topk_weight_MK, skip_negative=skip_negative)

@@ -30,16 +30,21 @@ def _mask_past(scores_BHS: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor
 
 
 def mla_decode_ref(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
-                   block_table: torch.Tensor, seq_lens: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+                   block_table: torch.Tensor, seq_lens: torch.Tensor, softmax_scale: float,
+                   kv_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Absorbed decode attention, one new token per sequence: an MQA with C+R wide keys, C wide values.
 
     score[b,h,s] = (q_lat[b,h] . c_kv[b,s] + q_pe[b,h] . k_pe[b,s]) * scale, softmax over the
     seq_lens[b] cached tokens, o[b,h] = sum_s p[b,h,s] c_kv[b,s]; all in fp32 (fp64 for fp64 inputs),
-    the result in q_lat's dtype.
+    the result in q_lat's dtype. An FP8 cache comes with kv_scale [NB, BS, 2] (c_kv's and k_pe's scale
+    per token, kernels/fp8_cache.py): its rows are dequantised as they are gathered.
     """
     C = q_lat.shape[-1]
     acc = _acc(q_lat)
     rows_BSX = _gather_pages(kv_cache, block_table, seq_lens).to(acc)
+    if kv_scale is not None:
+        s_BS2 = _gather_pages(kv_scale, block_table, seq_lens).to(acc)
+        rows_BSX = torch.cat([rows_BSX[..., :C] * s_BS2[..., :1], rows_BSX[..., C:] * s_BS2[..., 1:]], dim=-1)
     c_kv_BSC, k_pe_BSR = rows_BSX[..., :C], rows_BSX[..., C:]
     scores_BHS = (torch.einsum("bhc,bsc->bhs", q_lat.to(acc), c_kv_BSC)
                   + torch.einsum("bhr,bsr->bhs", q_pe.to(acc), k_pe_BSR)) * softmax_scale
@@ -81,7 +86,7 @@ def write_latent_cache_ref(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, c
 
 def fused_moe_ref(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
                   topk_idx_MK: torch.Tensor, topk_weight_MK: torch.Tensor) -> torch.Tensor:
-    """Routed experts, one expert at a time in fp32: y[m] = sum_k w[m,k] FFN_{idx[m,k]}(x[m]).
+    """Routed experts, one expert at a time in fp32: y[m] = sum_k w[m,k] FFN_{idx[m,k]}(x[m]) (negative ids skipped).
 
     gate_up_proj [E, 2I, D] rows [gate | up], down_proj [E, D, I]; SwiGLU FFN(x) = down(silu(gate x) * up x).
     """
@@ -89,6 +94,8 @@ def fused_moe_ref(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: tor
     acc = _acc(x_MD)
     y_MD = torch.zeros(x_MD.shape, dtype=acc, device=x_MD.device)
     for e in topk_idx_MK.unique().tolist():
+        if e < 0:   # a skipped assignment (fused_moe's skip_negative)
+            continue
         tok, slot = (topk_idx_MK == e).nonzero(as_tuple=True)
         h_T2I = x_MD[tok].to(acc) @ gate_up_proj[e].to(acc).T
         a_TI = F.silu(h_T2I[:, :I]) * h_T2I[:, I:]

@@ -19,7 +19,7 @@ class ClientGone(Exception):
 
 
 def _json(e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
 async def _api_error(request, e: APIError):

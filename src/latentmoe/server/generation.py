@@ -9,13 +9,16 @@ from ..engine import QueueFullError
 from .protocol import APIError
 
 
+RETRY_AFTER = {"Retry-After": "1"}   # seconds; the engine frees a batch slot within a few steps
+
+
 def engine_error(e: Exception) -> APIError:
     """The HTTP error for an exception from the engine."""
     if isinstance(e, APIError):
         return e
     if isinstance(e, QueueFullError):
         return APIError(503, "the server is overloaded: too many requests are waiting; retry later",
-                        "service_unavailable_error", code="queue_full")
+                        "service_unavailable_error", code="queue_full", headers=RETRY_AFTER)
     if isinstance(e, ValueError):   # the engine's checks: prompt length, token ids, parameters
         msg = str(e)
         param = "max_tokens" if "max_tokens" in msg else "prompt"
@@ -24,7 +27,8 @@ def engine_error(e: Exception) -> APIError:
 
 
 def engine_unavailable() -> APIError:
-    return APIError(503, "the engine loop is not running", "service_unavailable_error", code="engine_dead")
+    return APIError(503, "the engine loop is not running", "service_unavailable_error", code="engine_dead",
+                    headers=RETRY_AFTER)
 
 
 class Generation:

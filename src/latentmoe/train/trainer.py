@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..checkpoint.commit import checkpoint_dirs
+from ..checkpoint.commit import checkpoint_dirs, newest_valid, recover
+from ..checkpoint.integrity import CheckpointError
 from ..checkpoint.training import rng_state, set_rng_state
 from ..model import DeepseekV2ForCausalLM, build_model as _build_model
 from ..parallel.training import TrainPlan, training_plan
@@ -89,6 +90,9 @@ def setup(cfg: TrainConfig, resume: bool = False, log=print) -> Run:
         raise FileNotFoundError(f"--resume: no checkpoint in {cfg.run_dir}/checkpoints (start the run without "
                                 f"--resume)")
     os.makedirs(cfg.run_dir, exist_ok=True)
+    if plan.is_main:
+        recover(cfg.run_dir)   # what an interrupted save left behind
+    plan.barrier()
     if not resume and plan.is_main:
         _start_fresh(cfg)
     if cfg.model.init_from and cfg.data.tokenizer == "train":  # the starting model's own tokenizer
@@ -113,6 +117,10 @@ def setup(cfg: TrainConfig, resume: bool = False, log=print) -> Run:
     run = Run(cfg, model, optimizer, train_data, val_data, data_dir, device, dropper, plan)
     if resume:
         ckpts = checkpoint_dirs(cfg.run_dir)
+        newest = newest_valid(cfg.run_dir, warn=lambda m: log(f"warning: {m}") if plan.is_main else None)
+        if newest is None:
+            raise CheckpointError(f"--resume: every checkpoint in {cfg.run_dir}/checkpoints is damaged")
+        ckpts = [c for c in ckpts if c <= newest]   # the newest whole one last
         state = plan.load(ckpts[-1], model, optimizer)  # written on any number of ranks
         run.step, run.tokens, run.elapsed = state["step"], state["tokens"], state.get("elapsed", 0.0)
         set_rng_state(state["rng"])

@@ -6,6 +6,8 @@ A stream opens with one chunk per sample carrying the assistant role, as OpenAI'
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from ..generation import Generation
 from ..prompts import render_chat
@@ -28,10 +30,11 @@ async def chat_completions(request: Request, req: ChatCompletionRequest = Depend
     tok = state.tokenizer()
     if tok.chat_template is None:
         raise bad_request("this model has no chat template: use /v1/completions", "messages")
-    ids = render_chat(tok, [m.for_template() for m in req.messages], req.add_generation_prompt)
     k = (req.top_logprobs or 0) if req.logprobs else None
     params = req.sampling_params(req.max_completion_tokens if req.max_completion_tokens is not None
-                                 else req.max_tokens, k)
+                                 else req.max_tokens, k, state.cache_salt(request, req.cache_salt), state.max_n)
+    ids = await render_chat(tok, [m.for_template() for m in req.messages], req.add_generation_prompt,
+                            state.max_prompt_chars)
     make_chunk = Envelope("chatcmpl", "chat.completion.chunk" if req.stream else "chat.completion",
                           state.model_name, req)
 
@@ -52,4 +55,6 @@ async def chat_completions(request: Request, req: ChatCompletionRequest = Depend
                  "finish_reason": None} for j in range(params.n)]
         return sse_response(gen, delta_chunks(choice, make_chunk, make_chunk(role), k is not None), make_chunk)
     await unless_disconnected(request, gen, gen.collect())
-    return {**make_chunk([choice(0, c, 0, 0) for c in gen.final[0].outputs]), "usage": gen.usage()}
+    # Built and serialized in a worker thread: n samples with logprobs can be megabytes of JSON.
+    return await run_in_threadpool(lambda: JSONResponse(
+        {**make_chunk([choice(0, c, 0, 0) for c in gen.final[0].outputs]), "usage": gen.usage()}))

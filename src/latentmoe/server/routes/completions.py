@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from ...evaluation.scoring import token_logprobs
 from ..generation import Generation
@@ -36,11 +38,13 @@ async def completions(request: Request, req: CompletionRequest = Depends(body_of
         raise bad_request("max_tokens 0 needs echo (it returns the prompt only)", "max_tokens")
     if echo_only and req.stream:
         raise bad_request("max_tokens 0 (the prompt only) cannot be streamed", "stream")
-    texts, prompts = completion_prompts(req.prompt, state.engine.tokenizer)
-    params = req.sampling_params(1 if echo_only else req.max_tokens, req.logprobs)
-    if req.echo:
-        texts = [t if t is not None else state.tokenizer().decode(p, skip_special_tokens=False)
-                 for t, p in zip(texts, prompts)]
+    params = req.sampling_params(1 if echo_only else req.max_tokens, req.logprobs,
+                                 state.cache_salt(request, req.cache_salt), state.max_n)
+    texts, prompts = await completion_prompts(req.prompt, state.engine.tokenizer, state.max_prompt_chars)
+    if req.echo and any(t is None for t in texts):
+        tok = state.tokenizer()
+        texts = await run_in_threadpool(lambda: [t if t is not None else tok.decode(p, skip_special_tokens=False)
+                                                 for t, p in zip(texts, prompts)])
     scores = await _prompt_scores(state, prompts, req.logprobs) if req.echo and req.logprobs is not None else None
     n, make_chunk = params.n, Envelope("cmpl", "text_completion", state.model_name, req)
 
@@ -67,8 +71,10 @@ async def completions(request: Request, req: CompletionRequest = Depends(body_of
     if req.stream:
         return sse_response(gen, delta_chunks(choice, make_chunk, every_token=req.logprobs is not None), make_chunk)
     await unless_disconnected(request, gen, gen.collect())
-    return {**make_chunk([choice(i, c, 0, 0) for i in sorted(gen.final) for c in gen.final[i].outputs]),
-            "usage": gen.usage()}
+    # Built and serialized in a worker thread: n samples with logprobs can be megabytes of JSON.
+    return await run_in_threadpool(lambda: JSONResponse(
+        {**make_chunk([choice(i, c, 0, 0) for i in sorted(gen.final) for c in gen.final[i].outputs]),
+         "usage": gen.usage()}))
 
 
 async def _prompt_scores(state: ServerState, prompts: list[list[int]], k: int) -> list[dict]:

@@ -1,0 +1,115 @@
+"""The OpenAI server under load beside the offline engine, one process, one engine, same run.
+
+One `LLM` (V2-Lite shape, random bf16 weights, the server's default token budget) first runs the
+workload offline (`generate`, the reference), then serves it: the same engine behind `latentmoe`'s
+FastAPI app in uvicorn, loaded by `latentmoe.bench.serve_load` (what `latentmoe bench serve` runs) at
+each concurrency with new prompts (no prefix-cache hits). Prompts are token ids, so both sides do the
+same work. Target: at concurrency 64, throughput within 10% of offline and no errors.
+
+    python benchmarks/bench_serve.py                             # GPU: writes benchmarks/results/serve.md
+    python benchmarks/bench_serve.py --smoke --out /tmp/s.md     # CPU: tiny model
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import socket
+import sys
+import threading
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report import summary_block   # noqa: E402
+
+from latentmoe import build_model, get_config   # noqa: E402
+from latentmoe.bench import random_prompts, throughput   # noqa: E402
+from latentmoe.bench.serve import serve_load   # noqa: E402
+from latentmoe.engine import LLM   # noqa: E402
+from latentmoe.engine.async_engine import AsyncLLM   # noqa: E402
+
+
+def start_server(llm):
+    """The app over `llm` in a uvicorn thread on a free local port -> (base_url, uvicorn.Server)."""
+    import httpx
+    import uvicorn
+
+    from latentmoe.server.app import create_app
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(AsyncLLM(llm), "model"), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                return base, server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError("server did not become healthy")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true", help="tiny model on CPU")
+    ap.add_argument("--preset", default="deepseek-v2-lite")
+    ap.add_argument("--num-prompts", type=int, default=200)
+    ap.add_argument("--input-len", type=int, default=1000)
+    ap.add_argument("--output-len", type=int, default=100)
+    ap.add_argument("--concurrency", default="1,16,64,256")
+    ap.add_argument("--budget", type=int, default=8192, help="token budget (the server's default on a GPU)")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "serve.md"))
+    args = ap.parse_args()
+    dev = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    if args.smoke:
+        args.preset, args.num_prompts, args.input_len, args.output_len = "tiny", 8, 32, 8
+        args.budget, args.concurrency = 512, "1,4"
+    cfg = get_config(args.preset)
+    model = build_model(cfg, device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32, seed=0,
+                        std=0.02).eval()
+    llm = LLM(model, max_num_batched_tokens=args.budget)
+    n, L, O = args.num_prompts, args.input_len, args.output_len
+    seed = iter(range(1, 1000))
+    prompts = lambda count: random_prompts(count, L, cfg.vocab_size, seed=next(seed))   # noqa: E731
+    off = throughput(llm, [prompts(n), prompts(n)], O)["runs"][-1]
+    print(f"offline: {off['requests_per_s']:.1f} req/s, {off['output_tokens_per_s']:,.0f} output tok/s", flush=True)
+    base, server = start_server(llm)
+    rows, lines = [], []
+    for c in (int(x) for x in args.concurrency.split(",")):
+        count = min(n, max(4 * c, 20))   # concurrency 1 with fewer requests (the same rates, less time)
+        # logprobs 0: a chunk per token though the random model has no tokenizer (no text to stream)
+        r = serve_load(base, prompts(count), O, model="model", max_concurrency=c, progress=False,
+                       extra_body={"logprobs": 0})
+        pct = lambda k: " / ".join("-" if r[k][p] is None else f"{r[k][p]:.1f}" for p in ("p50", "p99"))   # noqa: E731
+        line = (f"| {c} | {r['completed']}/{count} | {r['errors']} | {r['requests_per_s']:.1f} | "
+                f"{r['output_tokens_per_s']:,.0f} | {pct('ttft_ms')} | {pct('tpot_ms')} | {pct('itl_ms')} |")
+        print(line, flush=True)
+        lines.append(line)
+        rows.append(f"| server, concurrency {c}, {count} x ({L} in, {O} out) | {r['requests_per_s']:.1f} req/s, "
+                    f"{r['errors']} errors | offline engine {off['requests_per_s']:.1f} req/s | "
+                    f"{r['requests_per_s'] / off['requests_per_s']:.2f}x |")
+    server.should_exit = True
+    stats = llm.stats()
+    device = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    prov = (f"date: {date}; device: {device}; torch {torch.__version__}; {args.preset} random weights, token budget "
+            f"{args.budget:,}; command: `python {' '.join(sys.argv)}`")
+    text = [f"# The server under load vs the offline engine ({args.preset})", "", *summary_block(prov, rows), "",
+            f"Offline, same engine, {n} x ({L} in, {O} out), second run: {off['requests_per_s']:.1f} req/s, "
+            f"{off['output_tokens_per_s']:,.0f} output tok/s.", "",
+            "| concurrency | completed | errors | req/s | output tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | "
+            "ITL p50 / p99 ms |", "|---|---|---|---|---|---|---|---|", *lines, "",
+            f"Compilations / graph captures after ready, over the whole run: "
+            f"{stats.get('compilations_after_ready')} / {stats.get('graph_captures_after_ready')}.", ""]
+    with open(args.out, "w") as f:
+        f.write("\n".join(text))
+    print("\n".join(text))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""FP8 (e4m3) weights: block quantisation, per-token activation quantisation, and the scaled GEMM.
+
+Weights are stored as DeepSeek's FP8 releases store them: `weight` in float8_e4m3fn and
+`weight_scale_inv` [ceil(N/128), ceil(K/128)] fp32, one scale per 128 x 128 tile, so that
+w ~= weight.float() * weight_scale_inv (per tile). The scale is the tile's amax / 448 (e4m3's
+largest finite value): every tile uses the format's full range, and one outlier costs only its own
+tile's precision (per-output-channel scales let it cost a whole row). On the trained demo model the two
+tie (perplexity +0.09% vs +0.05% of fp32, benchmarks/results/fp8_quality.md); blocks win on format:
+DeepSeek's FP8 checkpoints load as stored.
+
+`fp8_linear` computes x @ w^T with these weights. Triton path: few rows (decode, bandwidth-bound)
+read the fp8 tiles and multiply in x's dtype (weights dequantised in registers); many rows (prefill,
+compute-bound) dequantise the weight in one pass and run an ordinary GEMM. The kernel's other branch
+quantises x per token and per 128 columns (`quantize_fp8_groups`) and runs the dot on fp8 tensor
+cores, scaling each 128-deep partial product by both scales (opt-in: slower than cuBLAS bf16 as
+measured). Elsewhere the reference dequantises the weight and calls F.linear.
+"""
+import torch
+import torch.nn.functional as F
+
+from ._triton import INTERPRET, dot, jit, new_buffer, tl, triton, use_triton
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+BLOCK = 128            # weight tile side and activation group width
+_TINY = 1e-12          # scale floor: an all-zero tile quantises to zeros, not NaN
+
+
+def quantize_fp8_blocks(w: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., N, K] -> (float8_e4m3fn [..., N, K], scale_inv fp32 [..., ceil(N/block), ceil(K/block)])."""
+    *lead, N, K = w.shape
+    nb, kb = -(-N // block), -(-K // block)
+    wf = F.pad(w.float(), (0, kb * block - K, 0, nb * block - N))
+    tiles = wf.view(*lead, nb, block, kb, block)
+    scale = (tiles.abs().amax(dim=(-3, -1)) / FP8_MAX).clamp_min(_TINY)           # [..., nb, kb]
+    q = (tiles / scale[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q.view(*lead, nb * block, kb * block)[..., :N, :K].contiguous(), scale
+
+
+def dequantize_fp8_blocks(q: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.float32,
+                          block: int = BLOCK) -> torch.Tensor:
+    """The weight a block-FP8 pair stands for: q [..., N, K] * its tile's scale, in `dtype`."""
+    N, K = q.shape[-2:]
+    s = scale_inv.float().repeat_interleave(block, dim=-2)[..., :N, :].repeat_interleave(block, dim=-1)[..., :K]
+    return (q.float() * s).to(dtype)
+
+
+def quantize_fp8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel alternative: w [..., N, K] -> (fp8, scale [..., N, 1]); for the accuracy comparison."""
+    scale = (w.float().abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(_TINY)
+    return (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def quantize_fp8_groups_ref(x: torch.Tensor, group: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (fp8 [M, K], scale fp32 [M, ceil(K/group)]): one scale per token and `group` columns."""
+    M, K = x.shape
+    g = -(-K // group)
+    xf = F.pad(x.float(), (0, g * group - K)).view(M, g, group)
+    scale = (xf.abs().amax(dim=-1) / FP8_MAX).clamp_min(_TINY)
+    q = (xf / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q.view(M, g * group)[:, :K].contiguous(), scale
+
+
+def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, bias: torch.Tensor | None = None,
+                   quantize_input: bool = False) -> torch.Tensor:
+    """x [..., K] @ dequant(weight)^T (+ bias) in x's dtype; with `quantize_input` x is first rounded
+    through the per-token fp8 groups the fast path's tensor-core branch uses."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if quantize_input:
+        xq, xs = quantize_fp8_groups_ref(x2)
+        x2 = xq.float() * xs.repeat_interleave(BLOCK, dim=-1)[:, :x2.shape[1]]
+    w = dequantize_fp8_blocks(weight, scale_inv, torch.float32)
+    y = F.linear(x2.float(), w, None if bias is None else bias.float())
+    return y.to(x.dtype).view(*shape[:-1], weight.shape[0])
+
+
+@jit
+def to_fp8(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
+    """x (fp32, already within +-448) cast to the e4m3 `dtype`, rounding to nearest even.
+
+    The GPU's cast is used as is. Triton's CPU interpreter rounds wrongly where rounding carries into the
+    exponent (124.7 -> 64, not 128), so there x is first rounded onto the e4m3 grid in fp32 (3 mantissa
+    bits; steps of 2^-9 below 2^-6, the subnormals), which the cast then keeps exactly."""
+    if INTERPRETED:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576          # keep sign, exponent, 3 mantissa bits
+        normal = bits.to(tl.float32, bitcast=True)
+        x = tl.where(tl.abs(x) < 0.015625, (x + 24576.0) - 24576.0, normal)
+    return x.to(dtype)
+
+
+@jit
+def _quantize_groups_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm,
+                            GROUP: tl.constexpr, FP8_MAX_C: tl.constexpr, INTERPRETED: tl.constexpr):
+    m = tl.program_id(0)
+    g = tl.program_id(1)
+    offs = g * GROUP + tl.arange(0, GROUP)
+    x = tl.load(x_ptr + m * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(x), 0) / FP8_MAX_C, 1e-12)
+    q = tl.minimum(tl.maximum(x / scale, -FP8_MAX_C), FP8_MAX_C)
+    tl.store(q_ptr + m * stride_qm + offs, to_fp8(q, q_ptr.dtype.element_ty, INTERPRETED), mask=offs < K)
+    tl.store(s_ptr + m * stride_sm + g, scale)
+
+
+def quantize_fp8_groups(x: torch.Tensor, group: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (fp8 [M, K], scale [M, ceil(K/group)]), one kernel on the Triton path."""
+    if not use_triton(x):
+        return quantize_fp8_groups_ref(x, group)
+    M, K = x.shape
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    g = triton.cdiv(K, group)
+    q = new_buffer((M, K), FP8, x.device)
+    s = new_buffer((M, g), torch.float32, x.device)
+    if M:
+        _quantize_groups_kernel[(M, g)](x, q, s, K, x.stride(0), q.stride(0), s.stride(0),
+                                        GROUP=group, FP8_MAX_C=FP8_MAX, INTERPRETED=INTERPRET, num_warps=1)
+    return q, s
+
+
+@jit
+def _fp8_gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, c_ptr, bias_ptr, M, N, K,
+                     stride_am, stride_asm, stride_wn, stride_wsn, stride_cm,
+                     A_FP8: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, SCALE_BLOCK: tl.constexpr, UPCAST: tl.constexpr):
+    """c[m, n] = sum over 128-deep slices k of (a[m, k] . w[n, k]) * w_scale[n/128, k/128] (* a_scale[m, k/128])."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
+    w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]          # [BLOCK_K, BLOCK_N]
+    ws_ptrs = ws_ptr + (offs_n // SCALE_BLOCK) * stride_wsn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        ws = tl.load(ws_ptrs + k0 // SCALE_BLOCK, mask=mask_n, other=0.0)                # [BLOCK_N]
+        if A_FP8:
+            sa = tl.load(as_ptr + offs_m * stride_asm + k0 // SCALE_BLOCK, mask=mask_m, other=0.0)
+            acc += dot(a, w, UPCAST) * sa[:, None] * ws[None, :]
+        else:   # dequantise the tile (scale folded in) and accumulate in place: no second accumulator
+            acc += dot(a, (w.to(tl.float32) * ws[None, :]).to(a.dtype), UPCAST)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+# Up to this many rows the weights dominate (decode): read fp8, multiply in x's dtype. Above it the
+# product is compute-bound: the weight is dequantised once (one bandwidth-bound pass over N x K) and
+# the GEMM is cuBLAS's in x's dtype. The fp8-activation branch of the kernel (per-token fp8 groups on
+# fp8 tensor cores, quantize_input=True) measured 0.49-0.55x of cuBLAS bf16 on an H200 at 256 and
+# 8192 rows (benchmarks/results/fp8.md), so it is not the default.
+FP8_ACTIVATION_MIN_ROWS = 64
+
+
+@jit
+def _dequantize_blocks_kernel(q_ptr, s_ptr, w_ptr, N, K, stride_qn, stride_sn, stride_wn, BLOCK_C: tl.constexpr):
+    pn = tl.program_id(0)
+    pk = tl.program_id(1)
+    offs_n = pn * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_k = pk * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    q = tl.load(q_ptr + offs_n[:, None].to(tl.int64) * stride_qn + offs_k[None, :], mask=mask, other=0.0)
+    s = tl.load(s_ptr + pn * stride_sn + pk)
+    tl.store(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
+             (q.to(tl.float32) * s).to(w_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize_fp8_blocks_triton(q: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """dequantize_fp8_blocks for a 2-D weight in one kernel (one program per 128 x 128 tile)."""
+    N, K = q.shape
+    assert q.stride(-1) == 1 and scale_inv.shape == (triton.cdiv(N, BLOCK), triton.cdiv(K, BLOCK))
+    w = new_buffer((N, K), dtype, q.device)
+    _dequantize_blocks_kernel[(triton.cdiv(N, BLOCK), triton.cdiv(K, BLOCK))](
+        q, scale_inv, w, N, K, q.stride(0), scale_inv.stride(0), w.stride(0), BLOCK_C=BLOCK, num_warps=4)
+    return w
+
+
+def choose_gemm_config(M: int, N: int) -> dict:
+    if M <= FP8_ACTIVATION_MIN_ROWS:
+        # Narrow tiles so that even N = 576 spreads over enough programs to keep the bandwidth busy.
+        return dict(block_m=16, block_n=32 if N >= 4096 else 16, block_k=128, num_warps=4, num_stages=4)
+    return dict(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=3)
+
+
+def fp8_linear_triton(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor,
+                      bias: torch.Tensor | None = None, config: dict | None = None,
+                      quantize_input: bool = False) -> torch.Tensor:
+    shape = x.shape
+    N, K = weight.shape
+    x2 = x.reshape(-1, K)
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    M = x2.shape[0]
+    cfg = config or choose_gemm_config(M, N)
+    assert BLOCK % cfg["block_k"] == 0 and scale_inv.shape == (triton.cdiv(N, BLOCK), triton.cdiv(K, BLOCK))
+    a_fp8 = bool(quantize_input)
+    a, a_scale = quantize_fp8_groups(x2) if a_fp8 else (x2, x2)
+    out = new_buffer((M, N), x.dtype, x.device)
+    if M:
+        grid = (triton.cdiv(N, cfg["block_n"]), triton.cdiv(M, cfg["block_m"]))
+        _fp8_gemm_kernel[grid](a, a_scale, weight, scale_inv, out, bias if bias is not None else out, M, N, K,
+                               a.stride(0), a_scale.stride(0) if a_fp8 else 0, weight.stride(0), scale_inv.stride(0),
+                               out.stride(0), A_FP8=a_fp8, HAS_BIAS=bias is not None,
+                               BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
+                               SCALE_BLOCK=BLOCK, UPCAST=INTERPRET,
+                               num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out.view(*shape[:-1], N)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ W^T (+ bias) for a block-FP8 W (weight [N, K] e4m3, scale_inv [N/128, K/128]) -> x's dtype.
+
+    Triton on CUDA (CPU under TRITON_INTERPRET=1): the FP8 GEMM for up to FP8_ACTIVATION_MIN_ROWS rows,
+    above them the weight dequantised by one kernel and an ordinary GEMM. The dequantising reference
+    elsewhere."""
+    if not use_triton(x):
+        return fp8_linear_ref(x, weight, scale_inv, bias)
+    if x.numel() // x.shape[-1] <= FP8_ACTIVATION_MIN_ROWS:
+        return fp8_linear_triton(x, weight, scale_inv, bias, quantize_input=False)
+    return F.linear(x, dequantize_fp8_blocks_triton(weight, scale_inv, x.dtype), bias)
+
+
+__all__ = ["FP8", "FP8_MAX", "BLOCK", "quantize_fp8_blocks", "dequantize_fp8_blocks", "quantize_fp8_rows",
+           "quantize_fp8_groups", "quantize_fp8_groups_ref", "fp8_linear", "fp8_linear_ref", "fp8_linear_triton",
+           "FP8_ACTIVATION_MIN_ROWS", "to_fp8", "dequantize_fp8_blocks_triton"]

@@ -1,0 +1,217 @@
+"""FP8 kernels against their references: Triton's interpreter on CPU (small shapes), the GPU when present.
+
+The scaled GEMM (both branches: fp8 weights times x's dtype, and per-token fp8 activations), the
+activation quantiser, the FP8 fused-MoE kernels (sorted and few-token layouts), the FP8 latent-cache
+write, and MLA decode over an FP8 cache.
+"""
+import pytest
+import torch
+from interpreter_child import IN_CHILD, run_module_under_interpreter
+
+CUDA = torch.cuda.is_available()
+DEV = torch.device("cuda" if CUDA else "cpu")
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+@pytest.mark.skipif(CUDA or IN_CHILD, reason="the interpreter child runs only on machines without CUDA")
+def test_fp8_kernels_under_triton_interpreter():
+    run_module_under_interpreter(__file__)
+
+
+@pytest.fixture(scope="module")
+def K():
+    if not CUDA and not IN_CHILD:
+        pytest.skip("runs in the TRITON_INTERPRET child (test_fp8_kernels_under_triton_interpreter)")
+    import latentmoe.kernels as kernels
+    if not kernels.HAS_TRITON:
+        pytest.skip("Triton is not installed")
+    with kernels.poisoned_outputs():
+        yield kernels
+
+
+def rel_err(out, ref):
+    assert not torch.isnan(out.float()).any(), "NaN in output (unwritten element?)"
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+SMALL = dict(block_m=16, block_n=32, block_k=64, num_warps=4, num_stages=2)
+
+
+@pytest.mark.parametrize("M,quantize_input,bias", [(3, False, False), (37, True, True), (20, False, True)])
+def test_fp8_gemm_matches_reference(K, M, quantize_input, bias):
+    from latentmoe.kernels.fp8 import fp8_linear_ref, fp8_linear_triton
+    g = torch.Generator().manual_seed(M)
+    N, Kd = 200, 300   # neither a multiple of the 128 scale block
+    w, s = K.quantize_fp8_blocks(torch.randn(N, Kd, generator=g) * 0.05)
+    x = torch.randn(M, Kd, generator=g)
+    b = torch.randn(N, generator=g) if bias else None
+    w, s, x = w.to(DEV), s.to(DEV), x.to(DEV)
+    b = b.to(DEV) if bias else None
+    out = fp8_linear_triton(x, w, s, b, config=SMALL, quantize_input=quantize_input)
+    ref = fp8_linear_ref(x, w, s, b, quantize_input=quantize_input)
+    # fp32 inputs: the interpreter is exact fp32, a GPU runs fp32 dots as tf32 (fp8 dots are exact products).
+    assert rel_err(out, ref) < (3e-3 if CUDA else 1e-5)
+    if quantize_input:   # per-token fp8 activations cost little next to the unquantised input
+        assert rel_err(out, fp8_linear_ref(x, w, s, b)) < 6e-2
+
+
+def test_fp8_gemm_bf16_default_path(K):
+    g = torch.Generator().manual_seed(5)
+    w, s = K.quantize_fp8_blocks(torch.randn(64, 256, generator=g) * 0.05)
+    x = torch.randn(2, 3, 256, generator=g).to(torch.bfloat16)
+    out = K.fp8_linear(x.to(DEV), w.to(DEV), s.to(DEV))
+    assert out.shape == (2, 3, 64) and out.dtype == torch.bfloat16
+    assert rel_err(out.cpu(), K.fp8_linear_ref(x, w, s)) < 1e-2
+
+
+def test_dequantize_kernel_and_large_m_route(K):
+    from latentmoe.kernels.fp8 import dequantize_fp8_blocks_triton
+    g = torch.Generator().manual_seed(9)
+    q, s = K.quantize_fp8_blocks(torch.randn(200, 300, generator=g))
+    w = dequantize_fp8_blocks_triton(q.to(DEV), s.to(DEV), torch.float32)
+    assert torch.equal(w.cpu(), K.dequantize_fp8_blocks(q, s))
+    x = torch.randn(70, 300, generator=g)             # above FP8_ACTIVATION_MIN_ROWS: dequantise + GEMM
+    out = K.fp8_linear(x.to(DEV), q.to(DEV), s.to(DEV))
+    assert rel_err(out.cpu(), K.fp8_linear_ref(x, q, s)) < (3e-3 if CUDA else 1e-5)
+
+
+def test_quantize_groups_matches_reference(K):
+    from latentmoe.kernels.fp8 import quantize_fp8_groups_ref
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(9, 300, generator=g) * torch.logspace(-3, 2, 300)   # groups of very different ranges
+    q, s = K.quantize_fp8_groups(x.to(DEV))
+    q_ref, s_ref = quantize_fp8_groups_ref(x)
+    assert torch.equal(s.cpu(), s_ref) and torch.equal(q.cpu().float(), q_ref.float())
+
+
+@pytest.mark.parametrize("M,few", [(1, True), (2, True), (29, False)])
+def test_fused_moe_fp8_matches_reference(K, M, few):
+    from latentmoe.kernels.fp8_moe import fused_moe_fp8_ref, fused_moe_fp8_triton
+    g = torch.Generator().manual_seed(10 + M)
+    E, D, I, TOPK = 8, 256, 128, 3   # I = one scale block, so gate and up tiles stay apart
+    gu, gu_s = K.quantize_fp8_blocks(torch.randn(E, 2 * I, D, generator=g) * D ** -0.5)
+    dn, dn_s = K.quantize_fp8_blocks(torch.randn(E, D, I, generator=g) * I ** -0.5)
+    x = torch.randn(M, D, generator=g)
+    w, idx = torch.randn(M, E, generator=g).softmax(-1).topk(TOPK, -1)
+    args = [t.to(DEV) for t in (x, gu, gu_s, dn, dn_s, idx, w)]
+    layout = K.few_token_layout(K.FEW_TOKENS * TOPK, DEV) if few else None
+    cfg = None if few else dict(block_m=16, block_n1=32, block_n2=64, block_k=64, num_warps=4, num_stages=2)
+    out = fused_moe_fp8_triton(*args, few_token_layout=layout, config=cfg)
+    ref = fused_moe_fp8_ref(*[t.cpu() for t in args])
+    assert rel_err(out.cpu(), ref) < (5e-3 if CUDA else 1e-5)
+
+
+def test_fused_moe_fp8_many_tokens_dequantise(K, monkeypatch):
+    """Past DEQUANTIZE_MIN_PER_EXPERT assignments per expert: the dequantised weights through the bf16 kernels."""
+    import latentmoe.kernels.fp8_moe as fm
+    monkeypatch.setattr(fm, "DEQUANTIZE_MIN_PER_EXPERT", 2)
+    g = torch.Generator().manual_seed(12)
+    E, D, I, TOPK, M = 4, 128, 64, 2, 9            # 2I = 128: whole tiles, so the stacked dequantisation applies
+    gu, gu_s = K.quantize_fp8_blocks(torch.randn(E, 2 * I, D, generator=g) * 0.1)
+    dn, dn_s = K.quantize_fp8_blocks(torch.randn(E, D, I, generator=g) * 0.1)
+    x = torch.randn(M, D, generator=g)
+    w, idx = torch.randn(M, E, generator=g).softmax(-1).topk(TOPK, -1)
+    args = [t.to(DEV) for t in (x, gu, gu_s, dn, dn_s, idx, w)]
+    def fp8_kernels(*a, **k):
+        raise AssertionError("the FP8 kernels ran")
+    monkeypatch.setattr(fm, "fused_moe_fp8_triton", fp8_kernels)
+    out = K.fused_moe_fp8(*args)
+    assert rel_err(out.cpu(), K.fused_moe_fp8_ref(*[t.cpu() for t in args])) < (5e-3 if CUDA else 1e-5)
+
+
+def test_fused_moe_fp8_odd_expert_width(K):
+    """I not a multiple of 128: the stacked [gate | up] rows share a scale tile, read the same by both."""
+    g = torch.Generator().manual_seed(3)
+    E, D, I, TOPK, M = 4, 64, 48, 2, 5
+    gu, gu_s = K.quantize_fp8_blocks(torch.randn(E, 2 * I, D, generator=g) * 0.1)
+    dn, dn_s = K.quantize_fp8_blocks(torch.randn(E, D, I, generator=g) * 0.1)
+    x = torch.randn(M, D, generator=g).to(torch.bfloat16)
+    w, idx = torch.randn(M, E, generator=g).softmax(-1).topk(TOPK, -1)
+    args = [t.to(DEV) for t in (x, gu, gu_s, dn, dn_s, idx, w)]
+    out = K.fused_moe_fp8(*args)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out.cpu(), K.fused_moe_fp8_ref(*[t.cpu() for t in args])) < 1.5e-2
+
+
+def test_write_latent_cache_fp8(K):
+    g = torch.Generator().manual_seed(7)
+    NB, page, C, R, M = 5, 16, 40, 8, 21
+    cache = torch.zeros(NB, page, C + R, dtype=K.FP8)
+    scale = torch.zeros(NB, page, 2)
+    slots = torch.randperm(NB * page, generator=g)[:M]
+    slots[[2, 9]] = -1
+    c_kv = torch.randn(M, C, generator=g) * 3
+    k_pe = torch.randn(M, R, generator=g) * 0.01    # a much smaller range: its own scale
+    exp_cache, exp_scale = cache.clone(), scale.clone()
+    K.write_latent_cache_fp8_ref(exp_cache, exp_scale, slots, c_kv, k_pe)
+    cache, scale = cache.to(DEV), scale.to(DEV)
+    K.write_latent_cache_fp8(cache, scale, slots.to(DEV), c_kv.to(DEV), k_pe.to(DEV))
+    assert torch.equal(cache.cpu().float(), exp_cache.float()) and torch.equal(scale.cpu(), exp_scale)
+    keep = slots >= 0
+    rows = K.dequantize_latent_rows(exp_cache.view(-1, C + R)[slots[keep]], exp_scale.view(-1, 2)[slots[keep]],
+                                    C, torch.float32)
+    want = torch.cat([c_kv, k_pe], -1)[keep]
+    assert ((rows - want).abs() <= want.abs() / 16 + 1e-6 + 2 ** -10 * want.abs().amax(-1, keepdim=True)).all()
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_mla_decode_fp8_cache(K, num_splits):
+    g = torch.Generator().manual_seed(8 + num_splits)
+    H, C, R, page = 4, 64, 16, 16
+    seq_lens = [5, 40, 17]
+    blocks = [(n + page - 1) // page for n in seq_lens]
+    NB = sum(blocks) + 2
+    rows = torch.randn(NB * page, C, generator=g)
+    pe = torch.randn(NB * page, R, generator=g) * 0.1
+    q_rows, q_scale = K.quantize_latent_rows(rows, pe)
+    cache, scale = q_rows.view(NB, page, C + R), q_scale.view(NB, page, 2)
+    perm = torch.randperm(NB, generator=g)
+    table = torch.full((3, max(blocks) + 1), 2 ** 30, dtype=torch.int32)
+    used = 0
+    for b, nb in enumerate(blocks):
+        table[b, :nb] = perm[used:used + nb].int()
+        used += nb
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    q_lat = torch.randn(3, H, C, generator=g).to(torch.bfloat16)
+    q_pe = torch.randn(3, H, R, generator=g).to(torch.bfloat16)
+    out = K.mla_decode(q_lat.to(DEV), q_pe.to(DEV), cache.to(DEV), table.to(DEV), lens.to(DEV), 0.1,
+                       kv_scale=scale.to(DEV), num_splits=num_splits)
+    ref = K.mla_decode_ref(q_lat.double(), q_pe.double(), cache, table, lens, 0.1, kv_scale=scale)
+    assert rel_err(out.cpu(), ref) < 1.5e-2   # bf16 queries, keys rounded to bf16 after dequantisation
+    # the reference reads the cache as its dequantised rows
+    dense = K.dequantize_latent_rows(cache, scale, C, torch.float64)
+    assert torch.allclose(ref, K.mla_decode_ref(q_lat.double(), q_pe.double(), dense, table, lens, 0.1))
+
+
+# ----------------------------------------------------------------------------- full size (GPU)
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("M", [1, 64, 65, 2048])
+def test_fp8_gemm_full_size(K, M):
+    """V2-Lite's q_proj shape in bf16, both routes (the FP8 GEMM up to 64 rows, dequantise + GEMM above)."""
+    g = torch.Generator(device=DEV).manual_seed(M)
+    w, s = K.quantize_fp8_blocks(torch.randn(3072, 2048, device=DEV, generator=g) * 0.02)
+    x = torch.randn(M, 2048, device=DEV, generator=g).to(torch.bfloat16)
+    ref = K.fp8_linear_ref(x.float(), w, s)
+    assert rel_err(K.fp8_linear(x, w, s), ref) < 1e-2
+    # the fp8-activation branch, opt-in
+    from latentmoe.kernels.fp8 import fp8_linear_triton
+    ref8 = K.fp8_linear_ref(x.float(), w, s, quantize_input=True)
+    assert rel_err(fp8_linear_triton(x, w, s, quantize_input=True), ref8) < 1e-2
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("M", [1, 2, 300, 5000])
+def test_fused_moe_fp8_full_size(K, M):
+    g = torch.Generator(device=DEV).manual_seed(M)
+    E, D, I, TOPK = 64, 2048, 1408, 6
+    gu, gu_s = K.quantize_fp8_blocks(torch.randn(E, 2 * I, D, device=DEV, generator=g) * 0.02)
+    dn, dn_s = K.quantize_fp8_blocks(torch.randn(E, D, I, device=DEV, generator=g) * 0.02)
+    x = torch.randn(M, D, device=DEV, generator=g).to(torch.bfloat16)
+    w, idx = torch.randn(M, E, device=DEV, generator=g).softmax(-1).topk(TOPK, -1)
+    out = K.fused_moe_fp8(x, gu, gu_s, dn, dn_s, idx, w, few_token_layout=K.few_token_layout(2 * TOPK, DEV))
+    n = min(M, 64)   # the reference loops over experts in fp32: check a slice of the rows
+    ref = K.fused_moe_fp8_ref(x[:n].float(), gu, gu_s, dn, dn_s, idx[:n], w[:n])
+    assert rel_err(out[:n], ref) < 1.5e-2
