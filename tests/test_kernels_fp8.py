@@ -82,7 +82,15 @@ def test_quantize_groups_matches_reference(K):
     x = torch.randn(9, 300, generator=g) * torch.logspace(-3, 2, 300)   # groups of very different ranges
     q, s = K.quantize_fp8_groups(x.to(DEV))
     q_ref, s_ref = quantize_fp8_groups_ref(x)
-    assert torch.equal(s.cpu(), s_ref) and torch.equal(q.cpu().float(), q_ref.float())
+    if not q.is_cuda:   # the interpreter divides exactly, as torch does: bit for bit
+        assert torch.equal(s.cpu(), s_ref) and torch.equal(q.cpu().float(), q_ref.float())
+        return
+    # A GPU kernel's fp32 division is approximate (within an ulp): scales agree to that, and a value that
+    # lands next to a rounding boundary may take the neighbouring e4m3 step (one step = 1/8 relative).
+    assert torch.allclose(s.cpu(), s_ref, rtol=1e-6, atol=0)
+    a, b = q.cpu().float(), q_ref.float()
+    assert ((a - b).abs() <= torch.maximum(a.abs(), b.abs()) / 8 + 2.0 ** -9).all()
+    assert (a != b).float().mean() < 0.01
 
 
 @pytest.mark.parametrize("M,few", [(1, True), (2, True), (29, False)])
