@@ -36,6 +36,19 @@ _IGNORED_KEYS = {
 }
 
 
+def read_json_object(path: str) -> dict:
+    """A JSON file that must hold an object (config.json, tokenizer_config.json ...); ValueError naming the
+    file otherwise, so a damaged checkpoint file reads as one line rather than a traceback."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: must hold a JSON object, not a {type(data).__name__}")
+    return data
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 102400
@@ -295,13 +308,7 @@ class ModelConfig:
             path = os.path.join(path, "config.json")
         if not os.path.exists(path):
             raise FileNotFoundError(f"no config.json at {path}")
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: must hold a JSON object, not a {type(data).__name__}")
+        data = read_json_object(path)
         # A checkpoint's config must say what its tensors are: the defaults are one released model's sizes, and
         # taking them for a missing field would only show up as dozens of mis-shaped tensors.
         missing = [k for k in REQUIRED_FIELDS if k not in data]

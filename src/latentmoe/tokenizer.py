@@ -17,6 +17,8 @@ from typing import Any
 from tokenizers import AddedToken, processors
 from tokenizers import Tokenizer as _Backend
 
+from .config import read_json_object
+
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 TEMPLATE_FILE = "chat_template.jinja"
 
@@ -134,11 +136,11 @@ class Tokenizer:
         config: dict = {}
         cfg_file = os.path.join(path, "tokenizer_config.json")
         if os.path.isfile(cfg_file):
-            config = _json_object(cfg_file)
+            config = read_json_object(cfg_file)
         # Legacy special_tokens_map.json fills in what tokenizer_config.json leaves unset.
         map_file = os.path.join(path, "special_tokens_map.json")
         if os.path.isfile(map_file):
-            for key, value in _json_object(map_file).items():
+            for key, value in read_json_object(map_file).items():
                 if not config.get(key):
                     config[key] = value
         template, in_file = config.get("chat_template"), False
@@ -268,18 +270,6 @@ class Tokenizer:
 
     def incremental_decoder(self, skip_special_tokens: bool = True) -> "IncrementalDecoder":
         return IncrementalDecoder(self, skip_special_tokens)
-
-
-def _json_object(path: str) -> dict:
-    """A JSON file that must hold an object; ValueError naming the file otherwise."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: must hold a JSON object, not a {type(data).__name__}")
-    return data
 
 
 def _fill(skeleton: str, marks: list[str], contents: list) -> tuple[str | None, list[tuple[int, int]] | None]:
