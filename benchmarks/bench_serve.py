@@ -3,7 +3,8 @@
 One `LLM` (V2-Lite shape, random bf16 weights, the server's default token budget) first runs the
 workload offline (`generate`, the reference), then serves it: the same engine behind `latentmoe`'s
 FastAPI app in uvicorn, loaded by `latentmoe.bench.serve_load` (what `latentmoe bench serve` runs) at
-each concurrency with new prompts (no prefix-cache hits). Prompts are token ids, so both sides do the
+each concurrency with new prompts (no prefix-cache hits). The load runs in its own process, as a
+client would: in the server's process its parsing of every stream would compete for the interpreter. Prompts are token ids, so both sides do the
 same work. Target: at concurrency 64, throughput within 10% of offline and no errors.
 
     python benchmarks/bench_serve.py                             # GPU: writes benchmarks/results/serve.md
@@ -12,7 +13,9 @@ same work. Target: at concurrency 64, throughput within 10% of offline and no er
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime
+import multiprocessing
 import os
 import socket
 import sys
@@ -80,11 +83,12 @@ def main():
     print(f"offline: {off['requests_per_s']:.1f} req/s, {off['output_tokens_per_s']:,.0f} output tok/s", flush=True)
     base, server = start_server(llm)
     rows, lines = [], []
+    client = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
     for c in (int(x) for x in args.concurrency.split(",")):
         count = min(n, max(4 * c, 20))   # concurrency 1 with fewer requests (the same rates, less time)
         # logprobs 0: a chunk per token though the random model has no tokenizer (no text to stream)
-        r = serve_load(base, prompts(count), O, model="model", max_concurrency=c, progress=False,
-                       extra_body={"logprobs": 0})
+        r = client.submit(serve_load, base, prompts(count), O, model="model", max_concurrency=c, progress=False,
+                          extra_body={"logprobs": 0}).result()
         pct = lambda k: " / ".join("-" if r[k][p] is None else f"{r[k][p]:.1f}" for p in ("p50", "p99"))   # noqa: E731
         line = (f"| {c} | {r['completed']}/{count} | {r['errors']} | {r['requests_per_s']:.1f} | "
                 f"{r['output_tokens_per_s']:,.0f} | {pct('ttft_ms')} | {pct('tpot_ms')} | {pct('itl_ms')} |")
@@ -93,6 +97,7 @@ def main():
         rows.append(f"| server, concurrency {c}, {count} x ({L} in, {O} out) | {r['requests_per_s']:.1f} req/s, "
                     f"{r['errors']} errors | offline engine {off['requests_per_s']:.1f} req/s | "
                     f"{r['requests_per_s'] / off['requests_per_s']:.2f}x |")
+    client.shutdown()
     server.should_exit = True
     stats = llm.stats()
     device = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"

@@ -90,15 +90,26 @@ class AsyncLLM:
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
+        step = None   # the step in flight in the worker thread
         try:
-            while not self._stopping:
-                self._apply_pending()
-                if not self.llm.has_unfinished():
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
-                    continue
-                # The step runs in a worker thread so the event loop keeps accepting requests.
-                outs = await loop.run_in_executor(None, self.llm.step)
+            while not self._stopping or step is not None:
+                if step is None:
+                    self._apply_pending()
+                    if not self.llm.has_unfinished():
+                        self._wakeup.clear()
+                        await self._wakeup.wait()
+                        continue
+                    # The step runs in a worker thread so the event loop keeps accepting requests.
+                    step = loop.run_in_executor(None, self.llm.step)
+                outs = await step
+                step = None
+                # The next step starts before these outputs are handed out: the event loop streams them to
+                # the clients while the model computes, instead of the two taking turns. The engine is only
+                # touched here, between steps; the outputs are snapshots, so the next step cannot change them.
+                if not self._stopping:
+                    self._apply_pending()
+                    if self.llm.has_unfinished():
+                        step = loop.run_in_executor(None, self.llm.step)
                 for out in outs:
                     q = self._streams.get(out.request_id)
                     if q is not None:
