@@ -51,7 +51,7 @@ def test_throughput_random_preset_and_latency(capsys):
 
 
 def test_bench_bad_input_is_one_line(capsys, tmp_path):
-    for argv, what in ((["bench", "throughput", str(tmp_path / "nope")], "no checkpoint directory"),
+    for argv, what in ((["bench", "throughput", str(tmp_path / "nope")], "checkpoint directory not found"),
                        (["bench", "throughput", "random:huge"], "unknown preset"),
                        (["bench", "latency", "random:tiny", "--batch-size", "0"], "--batch-size"),
                        (["bench", "serve", "--base-url", "localhost:1"], "--base-url")):

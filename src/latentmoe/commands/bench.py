@@ -81,13 +81,17 @@ def _check_positive(args, *names) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
 
 
-def _check_model(spec: str) -> None:
+def _resolve_model(args) -> None:
+    """MODEL checked before anything loads: random:PRESET against the presets; otherwise the engine flags
+    are checked and the checkpoint found (a directory, or a hub model id fetched into the hub cache)."""
+    spec = args.model
     if spec.startswith("random:"):
         from ..config import PRESETS
         if spec[7:] not in PRESETS:
             raise ValueError(f"unknown preset {spec[7:]!r}; choose one of {', '.join(sorted(PRESETS))}")
-    elif not os.path.isdir(spec):
-        raise FileNotFoundError(f"no checkpoint directory {spec!r} (or give random:PRESET)")
+    else:
+        from ._engine_args import prepare
+        args.model = prepare(args, spec)
 
 
 def _load(args):
@@ -136,7 +140,7 @@ def _emit(args, result: dict) -> None:
 
 
 def run_throughput(args) -> int:
-    _check_model(args.model)
+    _resolve_model(args)
     _check_positive(args, "num_prompts", "input_len", "min_input_len", "output_len", "runs", "hf_batch_size")
     if args.min_input_len is not None and args.min_input_len > args.input_len:
         raise ValueError("--min-input-len must not exceed --input-len")
@@ -212,7 +216,7 @@ def _release_memory() -> None:
 
 
 def run_latency(args) -> int:
-    _check_model(args.model)
+    _resolve_model(args)
     _check_positive(args, "batch_size", "input_len", "output_len", "iters")
     from ..bench import latency
     from ..bench.stats import print_table
