@@ -124,15 +124,15 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch):
         """Run the step; returns (tokens, logprob rows) for the sequences that sample, in batch order."""
-        samplers = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == len(s)]
+        # Rows that reach their sequence's end sample (a prompt chunk short of the end samples nothing).
+        keep = [i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))
+                if s.num_computed_tokens + n == len(s)]
+        samplers = [batch.seqs[i] for i in keep]
         all_decode = batch.num_decodes == len(batch.seqs)
         logits = None
         if all_decode and self.use_cuda_graphs and len(batch.seqs) <= self.buckets[-1]:
             logits = self._run_graph(batch)
             if logits is not None and len(samplers) < len(batch.seqs):
-                # A one-token prompt chunk that does not reach the prompt's end samples nothing.
-                keep = [i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))
-                        if s.num_computed_tokens + n == len(s)]
                 logits = logits[self._to_device(keep, torch.int64)]
         if logits is None:
             ids, pos, meta, sample_rows = self.prepare(batch)
