@@ -107,12 +107,11 @@ def write_results(out_dir: str, trials: list[Trial], meta: dict, title: str = "p
         json.dump(result, f, indent=2)
     with open(os.path.join(out_dir, "passkey.md"), "w") as f:
         f.write(f"# {title}\n\n{format_table(trials)}\n")
+    from ..train.plot import pyplot, save_figure
     try:
-        import matplotlib
+        plt = pyplot()
     except ImportError:
         return result
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.2 + 0.5 * len(depths)))
     im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
@@ -123,9 +122,7 @@ def write_results(out_dir: str, trials: list[Trial], meta: dict, title: str = "p
         for j, a in enumerate(row):
             ax.text(j, i, f"{a:.0%}", ha="center", va="center", fontsize=8)
     fig.colorbar(im, ax=ax, label="accuracy")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "passkey.png"), dpi=120)
-    plt.close(fig)
+    save_figure(fig, os.path.join(out_dir, "passkey.png"))
     return result
 
 

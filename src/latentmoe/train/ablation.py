@@ -22,6 +22,7 @@ from typing import Callable
 
 from ..config import ModelConfig, get_config
 from .config import load_config
+from .plot import pyplot, save_figure
 
 # One recipe per scale: `model.overrides` over the `tiny` preset, plus train/optim/data settings.
 _MODEL_CPU = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, qk_nope_head_dim=32,
@@ -202,10 +203,7 @@ def _can_plot(log) -> bool:
 
 def plot_curves(out_dir: str, records: list[dict], title: str) -> str:
     """val_curves.png: validation loss against tokens, mean over seeds with the min-max band."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name in dict.fromkeys(r["variant"] for r in records):
         curves = [r["curve"] for r in records if r["variant"] == name]
@@ -217,11 +215,7 @@ def plot_curves(out_dir: str, records: list[dict], title: str) -> str:
     ax.set(xlabel="training tokens", ylabel="validation loss", title=title)
     ax.legend()
     ax.grid(alpha=0.3)
-    path = os.path.join(out_dir, "val_curves.png")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, os.path.join(out_dir, "val_curves.png"))
 
 
 # ----------------------------------------------------------------------------- attention
@@ -281,10 +275,7 @@ def attention_experiment(out_dir: str, scale: str = "cpu", seeds: int | None = N
 
 
 def _plot_cache_vs_loss(out_dir: str, summ: dict) -> str:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.6, 4.2))
     for name, s in summ.items():
         ax.errorbar(s["kv_elements_per_token"], s["val_loss"], yerr=s["val_loss_std"], fmt="o", capsize=4)
@@ -292,11 +283,7 @@ def _plot_cache_vs_loss(out_dir: str, summ: dict) -> str:
     ax.set(xscale="log", xlabel="KV cache elements per token (all layers)", ylabel="validation loss",
            title="cache size against loss (± seed std)")
     ax.grid(alpha=0.3)
-    path = os.path.join(out_dir, "cache_vs_loss.png")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, os.path.join(out_dir, "cache_vs_loss.png"))
 
 
 # ----------------------------------------------------------------------------- balance

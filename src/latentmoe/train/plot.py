@@ -15,12 +15,26 @@ def load_metrics(run_dir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def pyplot():
+    """matplotlib's pyplot drawing to files only (no display needed); ImportError without matplotlib."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path: str, dpi: int = 120) -> str:
+    """Lay `fig` out, write it to `path` and close it; returns `path`."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path
+
+
 def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
     """Write loss.png and expert_load.png (into out_dir, default RUN/plots); returns their paths."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
     import numpy as np
+    plt = pyplot()
 
     rows = load_metrics(run_dir)
     if not rows:
@@ -49,11 +63,7 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
         ax[1, 1].plot(steps, [r.get("dropped_frac", 0.0) for r in rows], label="dropped fraction", lw=1)
     ax[1, 1].set(title="gradient norm and balance", xlabel="step")
     ax[1, 1].legend()
-    fig.tight_layout()
-    path = os.path.join(out_dir, "loss.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+    written.append(save_figure(fig, os.path.join(out_dir, "loss.png"), dpi=110))
 
     loaded = [r for r in rows if "expert_load" in r]
     if loaded:
@@ -69,11 +79,7 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
             a.set(ylabel=f"MoE layer {layer}\nexpert", xlabel="step" if layer == n_layers - 1 else None)
             fig.colorbar(im, ax=a, label="share of assignments")
         fig.suptitle(f"expert load per layer (uniform = {uniform:.3f})")
-        fig.tight_layout()
-        path = os.path.join(out_dir, "expert_load.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, os.path.join(out_dir, "expert_load.png"), dpi=110))
     return written
 
 
