@@ -13,15 +13,6 @@ def test_prefill_kernels_under_triton_interpreter():
     run_module_under_interpreter(__file__)
 
 
-@pytest.fixture(scope="module")
-def K():
-    if not CUDA and not IN_CHILD:
-        pytest.skip("runs in the TRITON_INTERPRET child (test_prefill_kernels_under_triton_interpreter)")
-    import latentmoe.kernels as kernels
-    with kernels.poisoned_outputs():
-        yield kernels
-
-
 def make_inputs(chunks, H, N, R, V, dtype, shared_pe=True, seed=0, device=DEV):
     """chunks: (prefix, q_len) per sequence -> q/k/v rows laid out as the engine lays them out."""
     g = torch.Generator().manual_seed(seed)
