@@ -249,7 +249,7 @@ def quality(args, log) -> list[str]:
         log(rows[-1])
         del llm
         gc.collect()
-    table = [f"| model | val ppl | vs fp32 | teacher-forced top-1 agreement | greedy 32-token agreement |",
+    table = ["| model | val ppl | vs fp32 | teacher-forced top-1 agreement | greedy 32-token agreement |",
              "|---|---|---|---|---|", *rows, "",
              "Weight error (||dequant(q) - w|| / ||w|| over every weight FP8 stores): " + ", ".join(
                  f"{k} {math.sqrt(a / b):.4f}" for k, (a, b) in errs.items())]
@@ -277,7 +277,6 @@ def main():
     stamp = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
     command = "python " + " ".join(sys.argv)
     provenance = f"date: {stamp}; device: {{}}; torch {torch.__version__}; command: `{command}`"
-    lines: list[str] = []
 
     def log(s):
         print(s, flush=True)

@@ -8,7 +8,6 @@ import sys
 import pytest
 import torch
 
-import latentmoe
 from latentmoe import CheckpointError, build_model, get_config, load_model, save_model
 
 

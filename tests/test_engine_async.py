@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import torch
 
 from latentmoe.engine import LLM, AsyncLLM, QueueFullError, SamplingParams
 

@@ -6,7 +6,6 @@ import io
 import json
 
 import pytest
-import torch
 
 from latentmoe.checkpoint import load_model, save_model
 from latentmoe.cli import main

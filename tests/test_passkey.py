@@ -4,7 +4,6 @@ the YaRN extension config starting from a trained model."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch

@@ -85,7 +85,6 @@ def init_parallel(ep_size: int = 1, device: str | torch.device | None = None,
     nothing. `device` None picks cuda:LOCAL_RANK when CUDA is available, else CPU.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None or str(device) == "auto":
         device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
