@@ -87,17 +87,29 @@ class PagedLatentAttention(PagedAttention):
         kernels.write_latent_cache(cache, slot_mapping, c_kv, k_pe)
 
     def decode(self, layer, cache, q_nope, q_pe, block_table, seq_lens):
+        rows, scales = self.rows_and_scales(cache)
         q_lat = torch.einsum("bhn,hnc->bhc", q_nope, layer.w_uk)
-        o_lat = kernels.mla_decode(q_lat, q_pe, cache, block_table, seq_lens, layer.softmax_scale)
+        o_lat = kernels.mla_decode(q_lat, q_pe, rows, block_table, seq_lens, layer.softmax_scale, kv_scale=scales)
         return torch.einsum("bhc,hvc->bhv", o_lat, layer.w_uv)
 
     def prefill(self, layer, cache, q_nope, q_pe, meta):
         # Every chunk's context decompressed in one GEMM (the prefix once per step, not per chunk).
         C, H, N = layer.kv_lora_rank, layer.n_heads, layer.nope_dim
-        kv = cache.view(-1, cache.shape[-1])[meta.ctx_slots]           # [S, C+R]
+        kv = self.context_rows(layer, cache, meta.ctx_slots, q_nope.dtype)   # [S, C+R]
         k_nope, v = layer.kv_b_proj(kv[:, :C]).view(-1, H, N + layer.v_dim).split([N, layer.v_dim], dim=-1)
         return kernels.prefill_attention(q_nope, q_pe, k_nope, kv[:, C:], v, meta.cu_q, meta.cu_k, meta.max_q,
                                          layer.softmax_scale, max_k=meta.max_k)
+
+    # What a quantised latent cache (engine/kv_cache.py) changes: how its rows are stored.
+    @staticmethod
+    def rows_and_scales(cache):
+        """(rows [NB, BS, C+R], their scales or None) as the decode kernel reads them."""
+        return cache, None
+
+    @staticmethod
+    def context_rows(layer, cache, slots, dtype):
+        """The rows at `slots`, [S, C+R], in the model's dtype."""
+        return cache.view(-1, cache.shape[-1])[slots]
 
 
 class PagedPerHeadAttention(PagedAttention):

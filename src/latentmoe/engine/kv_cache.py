@@ -101,21 +101,16 @@ class PagedLatentFp8Attention(PagedLatentAttention):
     def write(self, layer, cache, slot_mapping, c_kv, k_pe) -> None:
         kernels.write_latent_cache_fp8(*cache, slot_mapping, c_kv, k_pe)
 
-    def decode(self, layer, cache, q_nope, q_pe, block_table, seq_lens):
-        rows, scales = cache
-        q_lat = torch.einsum("bhn,hnc->bhc", q_nope, layer.w_uk)
-        o_lat = kernels.mla_decode(q_lat, q_pe, rows, block_table, seq_lens, layer.softmax_scale, kv_scale=scales)
-        return torch.einsum("bhc,hvc->bhv", o_lat, layer.w_uv)
+    @staticmethod
+    def rows_and_scales(cache):
+        return cache
 
-    def prefill(self, layer, cache, q_nope, q_pe, meta):
-        # As the latent backend, over the gathered rows dequantised (to the queries' dtype) first.
+    @staticmethod
+    def context_rows(layer, cache, slots, dtype):
+        # The gathered rows dequantised (to the queries' dtype) before the shared decompression.
         rows, scales = cache
-        C, H, N = layer.kv_lora_rank, layer.n_heads, layer.nope_dim
-        kv = kernels.dequantize_latent_rows(rows.view(-1, rows.shape[-1])[meta.ctx_slots],
-                                            scales.view(-1, 2)[meta.ctx_slots], C, q_nope.dtype)   # [S, C+R]
-        k_nope, v = layer.kv_b_proj(kv[:, :C]).view(-1, H, N + layer.v_dim).split([N, layer.v_dim], dim=-1)
-        return kernels.prefill_attention(q_nope, q_pe, k_nope, kv[:, C:], v, meta.cu_q, meta.cu_k, meta.max_q,
-                                         layer.softmax_scale, max_k=meta.max_k)
+        return kernels.dequantize_latent_rows(rows.view(-1, rows.shape[-1])[slots], scales.view(-1, 2)[slots],
+                                              layer.kv_lora_rank, dtype)
 
 
 class LatentFp8Cache(CacheLayout):
