@@ -93,6 +93,27 @@ def hf_prefill_s(model, L: int, device) -> float:
     return times[-1]
 
 
+def profile_prefill(llm, L: int, out_path: str) -> str:
+    """Where one L-token prompt's prefill time goes: CUDA kernels grouped by name (self time), the step
+    count, the wall time and the GPU's busy time (what the gaps between kernels leave out)."""
+    from torch.profiler import ProfilerActivity, profile
+    g = torch.Generator().manual_seed(L + 11)
+    prompt = torch.randint(3, llm.config.vocab_size, (L,), generator=g).tolist()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if llm.device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        wall = timed_generate(llm, [prompt], 1)
+    key = "self_cuda_time_total" if llm.device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90)
+    kern = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0) for e in kern)
+    text = (f"## prefill of one {L:,}-token prompt (token budget {llm.engine_config.max_num_batched_tokens:,}): "
+            f"{wall:.3f} s wall under the profiler, {busy / 1e6:.3f} s of kernel time, {len(kern)} kernels\n"
+            f"{table}\n")
+    with open(out_path, "a") as f:
+        f.write(text)
+    return text
+
+
 def checks(device, log):
     cfg = get_config("tiny", vocab_size=512, num_hidden_layers=3, topk_method="greedy", n_group=1, topk_group=1)
     for dtype in (torch.bfloat16, torch.float32):
@@ -116,6 +137,8 @@ def main():
     ap.add_argument("--skip", default="", help="comma list of parts to skip: checks,hf,128k")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "e2e.md"))
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile-prefill", default=None, metavar="PATH",
+                    help="append a kernel profile of the first long prompt's prefill to PATH")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -160,6 +183,8 @@ def main():
         s = timed_generate(llm, [p], 1)
         res["prefill"][L] = dict(engine_s=s)
         log(f"prefill {L:,} tokens: {s:.2f} s ({L / s:,.0f} tok/s)")
+        if args.profile_prefill:
+            print(profile_prefill(llm, L, args.profile_prefill))
     for B, L, name in dec:
         step, host = engine_decode(llm, B, L, 20 if not args.smoke else 3)
         fl = decode_floor_s(cfg, B, L)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from latentmoe.cli import main
-from latentmoe.evaluation.passkey import build_prompt, evaluate_passkey, format_table
+from latentmoe.evaluation.passkey import build_prompt, evaluate_passkey, format_table, key_is_retrieved
 from latentmoe.tokenizer import train_bpe
 from latentmoe.train import load_config, train
 from latentmoe.train.data import corpus_documents
@@ -101,3 +101,38 @@ def test_passkey_cli_errors(tmp_path, capsys):
     assert "--depths must lie in [0, 1]" in capsys.readouterr().err
     assert main(["eval", "passkey", str(tmp_path / "none")]) == 2
     assert "no model at" in capsys.readouterr().err
+
+
+class _Windows:
+    """TokenData's interface over one fixed token stream (what PasskeyMix wraps)."""
+    meta, num_tokens, split = {}, 10_000, "train"
+
+    def batch(self, batch_size, seq_len, seed_seq):
+        g = torch.Generator().manual_seed(sum(seed_seq))
+        xy = torch.randint(5, 300, (batch_size, seq_len + 1), generator=g)
+        return xy[:, :-1].clone(), xy[:, 1:].clone()
+
+
+def test_passkey_mix_ends_rows_with_retrievable_documents(tokenizer):
+    from latentmoe.train.data import PasskeyMix
+    plain = _Windows()
+    x0, y0 = plain.batch(16, 256, [1, 2])
+    x, y = PasskeyMix(plain, tokenizer, 0.0).batch(16, 256, [1, 2])
+    assert torch.equal(x, x0) and torch.equal(y, y0)
+    x, y = PasskeyMix(plain, tokenizer, 1.0).batch(16, 256, [1, 2])
+    assert x.shape == (16, 256) and torch.equal(x[:, 1:], y[:, :-1])   # still one stream shifted by one
+    oracle = InductionOracle(tokenizer.vocab_size, 10_000)
+    for i in range(16):
+        text = tokenizer.decode(y[i].tolist())
+        key = text.rsplit("The pass key is", 1)[1].strip()
+        assert len(key) == 5 and key.isdigit() and f"The pass key is {key}. Remember it." in text
+        # The row's last tokens are the key, retrievable from earlier in the row (an induction model finds it).
+        answer = tokenizer.encode(" " + key, add_special_tokens=False)
+        row = torch.cat([x[i], y[i, -1:]]).tolist()
+        assert row[-len(answer):] == answer
+        assert key_is_retrieved(oracle, row[:-len(answer)], answer, "cpu")
+    mixed, _ = PasskeyMix(plain, tokenizer, 0.25).batch(64, 256, [3, 4])
+    changed = sum(not torch.equal(a, b) for a, b in zip(mixed, plain.batch(64, 256, [3, 4])[0]))
+    assert 4 <= changed <= 30
+    with pytest.raises(ValueError, match="passkey_fraction"):
+        PasskeyMix(plain, tokenizer, 1.5)

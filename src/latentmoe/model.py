@@ -364,7 +364,9 @@ class Experts(nn.Module):
             return False
         if self.impl == "grouped_mm":
             return True
-        return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+        # Its operands' row strides must be multiples of 16 bytes: hidden and expert widths divisible by 8.
+        aligned = x.shape[-1] % 8 == 0 and self.down_proj.shape[-1] % 8 == 0
+        return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm") and aligned
 
     def forward(self, x_MD: torch.Tensor, topk_idx_MK: torch.Tensor, topk_weight_MK: torch.Tensor) -> torch.Tensor:
         M, K = topk_idx_MK.shape

@@ -48,6 +48,7 @@ class Scale:
     max_steps: int
     time_budget_s: float = 0.0           # > 0: training-loop seconds for all runs; calibrates max_steps
     seeds: int = 2
+    width_multiple: int = 1              # matched expert widths are multiples of it (8: aligned grouped GEMMs)
 
 
 SCALES = {
@@ -62,7 +63,7 @@ SCALES = {
                               "train.seq_len": 512, "train.micro_batch_size": 32, "train.batch_size": 32,
                               "optim.lr": 1.5e-3, "optim.warmup_steps": 100, "logging.eval_interval": 100,
                               "logging.eval_batches": 16, "model.init_std": 0.02},
-                 max_steps=3000, time_budget_s=240.0),
+                 max_steps=3000, time_budget_s=240.0, width_multiple=8),
     # Seconds: the command's own tests.
     "tiny": Scale(_MODEL_TINY, {"data.corpus": "python-docs", "data.vocab_size": 512, "data.max_chars": 80_000,
                                 "train.seq_len": 32, "train.micro_batch_size": 4, "train.batch_size": 4,
@@ -219,15 +220,16 @@ def plot_curves(out_dir: str, records: list[dict], title: str) -> str:
 
 
 # ----------------------------------------------------------------------------- attention
-def match_ffn_width(cfg: ModelConfig, target: int) -> ModelConfig:
+def match_ffn_width(cfg: ModelConfig, target: int, multiple: int = 1) -> ModelConfig:
     """`cfg` with the expert width (moe_intermediate_size, shared experts included; dense layers'
-    intermediate_size scaled alike) whose total parameter count is nearest `target`."""
+    intermediate_size scaled alike), a multiple of `multiple`, whose total parameter count is nearest `target`."""
     base_m, base_i = cfg.moe_intermediate_size, cfg.intermediate_size
 
     def at(m: int) -> ModelConfig:
         return cfg.replace(moe_intermediate_size=m, intermediate_size=max(1, round(base_i * m / base_m)))
 
-    return min((at(m) for m in range(max(1, base_m // 2), 2 * base_m + 1)),
+    lo = max(multiple, base_m // 2 // multiple * multiple)
+    return min((at(m) for m in range(lo, 2 * base_m + 1, multiple)),
                key=lambda c: abs(c.num_parameters() - target))
 
 
@@ -240,14 +242,15 @@ def attention_variants(scale: Scale) -> tuple[list[Variant], str]:
     out = []
     for kind, kv in kinds:
         cfg = base if kind == "mla" else match_ffn_width(
-            base.replace(attention_type=kind, num_key_value_heads=kv), target)
+            base.replace(attention_type=kind, num_key_value_heads=kv), target, scale.width_multiple)
         name = f"gqa-{kv}" if kind == "gqa" else kind
         out.append(Variant(name, {"attention_type": kind, "num_key_value_heads": kv,
                                   "moe_intermediate_size": cfg.moe_intermediate_size,
                                   "intermediate_size": cfg.intermediate_size}))
     how = (f"total parameters matched to MLA's by the expert width (moe_intermediate_size, shared experts "
            f"included): the baselines' attention differs in size, so each gets the width whose total "
-           f"is nearest MLA's (MLA width {base.moe_intermediate_size})")
+           f"is nearest MLA's (MLA width {base.moe_intermediate_size}"
+           + (f"; widths in multiples of {scale.width_multiple}" if scale.width_multiple > 1 else "") + ")")
     return out, how
 
 

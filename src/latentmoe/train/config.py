@@ -38,6 +38,7 @@ class DataSection:
     val_fraction: float = 0.05      # every (1/val_fraction)-th document is held out for validation
     cache_dir: str = ""             # token shards + tokenizer; default: RUN_DIR/data
     max_chars: int = 0              # cap the corpus (0 = all of it; python-packages: 64M characters)
+    passkey_fraction: float = 0.0   # training rows ending in a synthetic passkey-retrieval document (PasskeyMix)
 
 
 @dataclass

@@ -198,5 +198,40 @@ class TokenData:
         return xy[:, :-1], xy[:, 1:]
 
 
+class PasskeyMix:
+    """Training windows of `data` with synthetic passkey-retrieval documents in a `fraction` of the rows.
+
+    A small model trained for minutes on code does not learn to fetch a number from far back in its
+    context, so a context extension could not be judged by retrieval at all. Mixed in here, in the
+    format `latentmoe eval passkey` asks, with a random key, depth and length (a quarter of the window
+    up to all of it), the document ends the window after corpus tokens, as a packed document would.
+    The base model learns retrieval within its training length; whether retrieval then carries to
+    longer contexts is what an extension (trained without them) is judged by. Keys are random here
+    and drawn from another stream at evaluation, so no answer is memorised.
+    """
+
+    def __init__(self, data: TokenData, tokenizer, fraction: float):
+        if not 0 <= fraction <= 1:
+            raise ValueError(f"data.passkey_fraction must be in [0, 1], got {fraction}")
+        self.data, self.tokenizer, self.fraction = data, tokenizer, fraction
+        self.meta, self.num_tokens, self.split = data.meta, data.num_tokens, data.split
+
+    def batch(self, batch_size: int, seq_len: int, seed_seq: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        from ..evaluation.passkey import build_prompt
+        x, y = self.data.batch(batch_size, seq_len, seed_seq)
+        rng = np.random.default_rng(list(seed_seq) + [0x9A55])
+        for i in range(batch_size):
+            if rng.random() >= self.fraction:
+                continue
+            length = int(rng.integers(max(1, seq_len // 4), seq_len + 2))
+            key = str(int(rng.integers(10_000, 100_000)))
+            prompt, answer = build_prompt(self.tokenizer, length, float(rng.random()), key)
+            doc = torch.tensor((prompt + answer)[-(seq_len + 1):], dtype=x.dtype)
+            row = torch.cat([x[i], y[i, -1:]])
+            row[len(row) - len(doc):] = doc
+            x[i], y[i] = row[:-1], row[1:]
+        return x, y
+
+
 __all__ = ["python_docs", "shakespeare", "local_texts", "corpus_documents", "document_split", "prepare_data",
-           "TokenData"]
+           "TokenData", "PasskeyMix"]

@@ -20,8 +20,9 @@ from ..checkpoint.integrity import CheckpointError
 from ..checkpoint.training import rng_state, set_rng_state
 from ..model import DeepseekV2ForCausalLM, build_model as _build_model
 from ..parallel.training import TrainPlan, training_plan
+from ..tokenizer import Tokenizer
 from .config import TrainConfig
-from .data import TokenData, prepare_data
+from .data import PasskeyMix, TokenData, prepare_data
 from .losses import balance_losses, cross_entropy
 from .optim import batch_size_at, build_optimizer, lr_at, total_tokens
 from .routing import DeviceDropper, configure_routing, inference_config, protected_tokens
@@ -38,7 +39,7 @@ class Run:
     cfg: TrainConfig
     model: DeepseekV2ForCausalLM          # with this rank's experts under expert parallelism
     optimizer: torch.optim.Optimizer      # wrapped by the plan (ZeRO-1) under torchrun
-    train_data: TokenData
+    train_data: TokenData | PasskeyMix
     val_data: TokenData
     data_dir: str
     device: torch.device
@@ -103,6 +104,8 @@ def setup(cfg: TrainConfig, resume: bool = False, log=print) -> Run:
     plan.barrier()
     prepare_data(cfg.data, data_dir, log=lambda *a: None)
     train_data, val_data = TokenData(data_dir, "train"), TokenData(data_dir, "val")
+    if cfg.data.passkey_fraction > 0:
+        train_data = PasskeyMix(train_data, Tokenizer.from_dir(data_dir), cfg.data.passkey_fraction)
     special = {k: v for k, v in train_data.meta["special"].items() if v is not None}
     model_cfg = cfg.model_config(vocab_size=train_data.meta["vocab_size"], special=special)
     inference_config(model_cfg, cfg.routing)  # fail early on conflicting routing settings
