@@ -47,6 +47,23 @@ def test_reference_equals_dense_causal_attention():
     assert rel_err(tail, dense) < 1e-12 and rel_err(full[9:], dense) < 1e-12
 
 
+def test_merge_attention_parts_equals_attention_over_both():
+    # Attention over keys A and over keys B, merged by log-sum-exps: attention over A and B at once.
+    g = torch.Generator().manual_seed(11)
+    q, k, v = torch.randn(2, 5, 8, generator=g, dtype=torch.float64), torch.randn(2, 9, 8, generator=g,
+                                                                                   dtype=torch.float64), \
+        torch.randn(2, 9, 6, generator=g, dtype=torch.float64)
+    s = torch.einsum("htd,hsd->hts", q, k) * 3   # sharp: the parts' masses differ by orders of magnitude
+    full = torch.einsum("hts,hsv->htv", s.softmax(-1), v)
+
+    def part(lo, hi):
+        return torch.einsum("hts,hsv->htv", s[..., lo:hi].softmax(-1), v[:, lo:hi]), s[..., lo:hi].logsumexp(-1)
+
+    from latentmoe.kernels.prefill import merge_attention_parts
+    assert rel_err(merge_attention_parts(*part(0, 4), *part(4, 9)), full) < 1e-6   # fp32 arithmetic
+    assert rel_err(merge_attention_parts(*part(4, 9), *part(0, 4)), full) < 1e-6
+
+
 @pytest.mark.parametrize("chunks", [[(0, 5)], [(0, 33), (20, 7), (0, 1), (64, 40)], [(3, 1), (0, 17)]])
 @pytest.mark.parametrize("shared_pe", [True, False])
 def test_prefill_attention_ragged(K, chunks, shared_pe):
@@ -91,3 +108,20 @@ def test_prefill_attention_paths_against_reference(K, path, shared_pe):
         out = K.prefill_attention_triton(*args, 0.07)
     assert out.shape == (args[0].shape[0], 16, 128) and out.is_contiguous()
     assert rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("shared_pe", [True, False])
+@pytest.mark.parametrize("chunk", [(0, 700), (513, 300), (4000, 1)])
+def test_prefill_attention_one_chunk_cudnn_against_reference(K, chunk, shared_pe):
+    # A step of one chunk (a long prompt): cuDNN's attention, the prefix part merged with the causal part.
+    from latentmoe.kernels.prefill import cudnn_supported, prefill_attention_cudnn
+    args = make_inputs([chunk], 16, 128, 64, 128, torch.bfloat16, shared_pe, seed=6)
+    if not cudnn_supported(args[0], args[1], args[4]):
+        pytest.skip("cuDNN attention needs sm90+ here")
+    ref = K.prefill_attention_ref(*(a.float() if a.is_floating_point() else a for a in args[:7]), 0.07)
+    out = prefill_attention_cudnn(*args[:5], 0.07)
+    assert out.shape == (chunk[1], 16, 128) and out.is_contiguous() and rel_err(out, ref) < 1e-2
+    # The engine's entry takes this path for a one-chunk step (the longest chunk and context given).
+    assert rel_err(K.prefill_attention(*args, 0.07, max_k=sum(chunk)), ref) < 1e-2

@@ -167,6 +167,52 @@ def prefill_attention_flash(q_nope, q_pe, k_nope, k_pe, v, cu_q, cu_k, max_q: in
     return out[..., :V].contiguous()
 
 
+def cudnn_supported(q_nope: torch.Tensor, q_pe: torch.Tensor, v: torch.Tensor) -> bool:
+    """cuDNN's fused attention takes these inputs: CUDA sm90+ (where it outruns the flash kernel), bf16/fp16,
+    head sizes multiples of 8 up to 256 (q/k and v may differ: no padding)."""
+    D, V = q_nope.shape[-1] + q_pe.shape[-1], v.shape[-1]
+    return (q_nope.is_cuda and q_nope.dtype in (torch.float16, torch.bfloat16) and D % 8 == 0 and V % 8 == 0
+            and D <= 256 and V <= 256 and torch.backends.cudnn.is_available()
+            and torch.backends.cuda.cudnn_sdp_enabled() and torch.cuda.get_device_capability(q_nope.device)[0] >= 9)
+
+
+def merge_attention_parts(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor) -> torch.Tensor:
+    """Attention over keys A and over keys B -> attention over A and B together: each part's output
+    [..., T, V] weighted by its share of the softmax mass (log-sum-exps [..., T]); fp32 arithmetic."""
+    m = torch.maximum(lse1, lse2)
+    w1, w2 = (lse1 - m).exp(), (lse2 - m).exp()
+    out = (o1.float() * w1[..., None] + o2.float() * w2[..., None]) / (w1 + w2)[..., None]
+    return out.to(o1.dtype)
+
+
+def prefill_attention_cudnn(q_nope, q_pe, k_nope, k_pe, v, softmax_scale: float) -> torch.Tensor:
+    """One chunk (its T queries after S - T cached keys) through cuDNN's fused attention.
+
+    Its causal mask is aligned to the top left, right for the chunk over itself but not over a prefix,
+    so a chunk after a prefix takes two calls, over the prefix (no mask) and over itself (causal), merged
+    by their log-sum-exps. Unlike the flash kernel it takes v at its own head size. On an H200, torch's
+    attention through it ran 647 TFLOP/s on a 32K causal prompt against 314 for the masked long-prefix
+    case (benchmarks/results/prefill.md): the engine's long prompts, one chunk per step, go here.
+    """
+    T, H, N = q_nope.shape
+    S, R = k_nope.shape[0], q_pe.shape[-1]
+    q = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1)[None]                                  # [1, H, T, D]
+    k = torch.cat([k_nope, k_pe[:, None, :].expand(S, H, R) if k_pe.dim() == 2 else k_pe], dim=-1)
+    k, v = k.transpose(0, 1)[None], v.transpose(0, 1)[None]                                       # [1, H, S, *]
+    prefix = S - T
+
+    def part(keys, values, causal):
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, keys, values, None, prefix > 0, 0.0, causal, False, scale=softmax_scale)[:2]
+        return out, lse
+
+    out, lse = part(k[:, :, prefix:], v[:, :, prefix:], True)
+    if prefix > 0:
+        o1, l1 = part(k[:, :, :prefix], v[:, :, :prefix], False)
+        out = merge_attention_parts(o1, l1.reshape(1, H, T), out, lse.reshape(1, H, T))
+    return out[0].transpose(0, 1).contiguous()
+
+
 def prefill_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor,
                       v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int,
                       softmax_scale: float, max_k: int | None = None, **tuning) -> torch.Tensor:
@@ -175,12 +221,16 @@ def prefill_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Te
     its keys (cached prefix, then the chunk itself) rows cu_k[p]:cu_k[p+1] -> [T, H, V].
 
     `max_q` / `max_k` (the longest chunk and context, host ints) size the launch. On CUDA in bf16/fp16
-    torch's varlen flash attention; otherwise the Triton kernel on CUDA (CPU under TRITON_INTERPRET=1)
+    a step of one chunk (a long prompt) goes through cuDNN's fused attention where it runs (sm90+), any
+    other step through torch's varlen flash attention; otherwise the Triton kernel on CUDA (CPU under TRITON_INTERPRET=1)
     and the torch reference elsewhere; fp32 accumulation everywhere. Tuning arguments select the Triton
     kernel.
     """
     if q_nope.shape[0] == 0:
         return q_nope.new_empty(0, q_nope.shape[1], v.shape[-1])
+    one_chunk = max_k is not None and q_nope.shape[0] == max_q and k_nope.shape[0] == max_k
+    if not tuning and one_chunk and cudnn_supported(q_nope, q_pe, v):
+        return prefill_attention_cudnn(q_nope, q_pe, k_nope, k_pe, v, softmax_scale)
     if not tuning and flash_supported(q_nope, q_pe, v):
         if max_k is None:
             max_k = int((cu_k[1:] - cu_k[:-1]).max())
