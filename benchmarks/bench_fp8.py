@@ -104,13 +104,44 @@ def speed_table(rows, p) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- kernels
+def torch_blockwise_row(x, q, s, ref, t_bf16, median_seconds) -> str | None:
+    """torch's own scaled GEMM with DeepSeek's scaling (activations per token and 128 columns, weights per
+    128 x 128 tile) where this torch has it: a candidate for the FP8 GEMM. Its rules for the scales'
+    layouts have changed between versions, so the layouts are tried in turn; the row says which ran."""
+    import torch.nn.functional as F
+    if not hasattr(F, "scaled_mm") or not hasattr(F, "ScalingType"):
+        return "| torch scaled_mm, blockwise | {shape} | - | not in this torch | - | - |"
+    a, a_s = kernels.quantize_fp8_groups(x)
+    layouts = {"a_s outer-major, s as stored": (a_s.t().contiguous().t(), s),
+               "a_s row-major, s as stored": (a_s, s),
+               "a_s outer-major, s transposed": (a_s.t().contiguous().t(), s.t().contiguous()),
+               "a_s outer-major, s transposed view": (a_s.t().contiguous().t(), s.t())}
+    errors = []
+    for name, (sa, sb) in layouts.items():
+        def call():
+            a2, sa2 = kernels.quantize_fp8_groups(x)   # timed with the activation quantisation, as it would run
+            return F.scaled_mm(a2, q.t(), sa2.t().contiguous().t() if sa.stride(0) == 1 else sa2,
+                               F.ScalingType.BlockWise1x128, sb, F.ScalingType.BlockWise128x128,
+                               output_dtype=torch.bfloat16)
+        try:
+            got = F.scaled_mm(a, q.t(), sa, F.ScalingType.BlockWise1x128, sb, F.ScalingType.BlockWise128x128,
+                              output_dtype=torch.bfloat16)
+            err = ((got.float() - ref).norm() / ref.norm()).item()
+            t = median_seconds(call, graph=True) * 1e6
+        except Exception as e:   # noqa: BLE001 - a layout this torch refuses: try the next
+            errors.append(f"{name}: {str(e).splitlines()[0][:80]}")
+            continue
+        return f"| torch scaled_mm, blockwise ({name}) | {{shape}} | {t_bf16:.1f} | {t:.1f} | {t_bf16 / t:.2f}x | {err:.1e} |"
+    return "| torch scaled_mm, blockwise | {shape} | - | refused: " + "; ".join(errors).replace("|", "/") + " | - | - |"
+
+
 def kernel_rows(device, log) -> list[str]:
     """FP8 GEMM vs cuBLAS bf16, FP8 fused MoE vs the bf16 fused MoE, V2-Lite shapes; references checked first."""
     from timing import median_seconds
     import torch.nn.functional as F
     g = torch.Generator(device=device).manual_seed(0)
     out = ["| kernel | shape | bf16 us | fp8 us | fp8 speed-up | rel err vs reference |", "|---|---|---|---|---|---|"]
-    for (N, K) in ((3072, 2048),):
+    for (N, K) in ((3072, 2048), (2048, 2048), (2816, 2048)):
         w = torch.randn(N, K, device=device, generator=g, dtype=torch.bfloat16) * 0.02
         q, s = kernels.quantize_fp8_blocks(w)
         for M in (1, 256, 8192):
@@ -121,6 +152,10 @@ def kernel_rows(device, log) -> list[str]:
             tf = median_seconds(lambda: kernels.fp8_linear(x, q, s), graph=True) * 1e6
             out.append(f"| GEMM | M={M} N={N} K={K} | {tb:.1f} | {tf:.1f} | {tb / tf:.2f}x | {err:.1e} |")
             log(out[-1])
+            row = torch_blockwise_row(x, q, s, ref, tb, median_seconds)
+            if row:
+                out.append(row.format(shape=f"M={M} N={N} K={K}"))
+                log(out[-1])
     E, D, I, TOPK = 64, 2048, 1408, 6
     gu = torch.randn(E, 2 * I, D, device=device, generator=g, dtype=torch.bfloat16) * 0.02
     dn = torch.randn(E, D, I, device=device, generator=g, dtype=torch.bfloat16) * 0.02
