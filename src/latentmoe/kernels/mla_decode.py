@@ -135,7 +135,7 @@ def merge_splits(o_part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> 
 
 
 def choose_num_splits(batch: int, head_groups: int, max_seq_len: int, device: torch.device, ctas_per_sm: int = 2,
-                      min_tokens_per_split: int = 32, max_splits: int = 256, piece_overhead: int = 64) -> int:
+                      min_tokens_per_split: int = 32, max_splits: int = 64, piece_overhead: int = 64) -> int:
     """Pieces per sequence, from a wave model of the launch.
 
     With s pieces the grid has batch * head_groups * s programs, run in ceil(programs / slots) waves
@@ -145,9 +145,9 @@ def choose_num_splits(batch: int, head_groups: int, max_seq_len: int, device: to
     fills the wave (measured on an H100: 4 pieces of B=64 ran 1.4x faster than 5, whose second wave
     was nearly empty); above it, it trims the last wave's idle slots (B=298: 7 pieces, not 1).
     Pieces stay at least `min_tokens_per_split` long (one 32-token tile: at batch 1 every tile a
-    program walks is a dependent DRAM round trip, so short pieces win). Up to 256 pieces: at batch 1
-    one head group, 64 pieces left three quarters of an H200's slots idle (a 128K context read at a
-    quarter of the bandwidth).
+    program walks is a dependent DRAM round trip, so short pieces win). At most 64 pieces: 256 (to fill
+    an H200 at batch 1) took B=1 decode at 128K from 8.1 to 7.5 ms a step, but at 1K from 3.8 to 5.9 ms
+    (the graph's count is chosen for the longest context; merging 256 partials per head is not free).
     """
     programs = batch * head_groups
     slots = ctas_per_sm * sm_count(device)
@@ -156,7 +156,7 @@ def choose_num_splits(batch: int, head_groups: int, max_seq_len: int, device: to
     def cost(s: int) -> float:
         return -(-programs * s // slots) * (max_seq_len / s + piece_overhead)
 
-    # Powers of two only: each count is a compiled variant, and nine of them can all be compiled at
+    # Powers of two only: each count is a compiled variant, and seven of them can all be compiled at
     # start-up (engine warm-up), so no batch the engine forms later compiles anything.
     candidates = [1 << i for i in range(cap.bit_length()) if 1 << i <= cap]
     return min(candidates, key=lambda s: (cost(s), s))

@@ -192,7 +192,8 @@ def prefill_attention_cudnn(q_nope, q_pe, k_nope, k_pe, v, softmax_scale: float)
     so a chunk after a prefix takes two calls, over the prefix (no mask) and over itself (causal), merged
     by their log-sum-exps. Unlike the flash kernel it takes v at its own head size. On an H200, torch's
     attention through it ran 647 TFLOP/s on a 32K causal prompt against 314 for the masked long-prefix
-    case (benchmarks/results/prefill.md): the engine's long prompts, one chunk per step, go here.
+    case (benchmarks/results/prefill.md); in the engine it took a 128K prompt's prefill from 10.8 to
+    5.7 s (benchmarks/results/e2e.md): long prompts, one chunk per step, go here.
     """
     T, H, N = q_nope.shape
     S, R = k_nope.shape[0], q_pe.shape[-1]
@@ -202,8 +203,10 @@ def prefill_attention_cudnn(q_nope, q_pe, k_nope, k_pe, v, softmax_scale: float)
     prefix = S - T
 
     def part(keys, values, causal):
+        # Log-sum-exps always: cuDNN generates (compiles) a kernel per variant on first use, and with one
+        # variant per mask the engine's start-up (a chunk after a 1-token prefix) compiles both.
         out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
-            q, keys, values, None, prefix > 0, 0.0, causal, False, scale=softmax_scale)[:2]
+            q, keys, values, None, True, 0.0, causal, False, scale=softmax_scale)[:2]
         return out, lse
 
     out, lse = part(k[:, :, prefix:], v[:, :, prefix:], True)
