@@ -289,13 +289,21 @@ class ModelRunner:
         return sorted(sizes)
 
     def warmup_plan(self, max_num_batched_tokens: int) -> list[tuple[str, int]]:
-        """What start-up runs: ("prefill", tokens), ("decode", batch) eager steps, ("graph", bucket) captures.
+        """What start-up runs: ("prefill", tokens), ("prefix", cached tokens before a full chunk) and ("decode",
+        batch) eager steps, ("graph", bucket) captures.
         Prefill warm-up only where kernels compile (Triton on the device); graphs where captured."""
         plan = []
         probe = torch.empty(0, device=self.device)
         if kernels.HAS_TRITON and kernels._triton.use_triton(probe) and not kernels._triton.INTERPRET:
             budget = min(max_num_batched_tokens, self.max_model_len - 1)
             plan += [("prefill", n) for n in self.prefill_warmup_sizes(budget)]
+            # Long prompts: a full chunk after cached prefixes of 1, 2, 4... chunks. Attention libraries pick
+            # kernels by shape (cuDNN generates one the first time it meets a shape class): the first 32K
+            # prompt after a start-up without these took 1.25 s against 0.64 s warm.
+            p = budget
+            while p + budget <= self.max_model_len - 1:
+                plan.append(("prefix", p))
+                p *= 2
             plan += [("decode", b) for b in range(1, self.max_num_seqs + 1)]
         if self.use_cuda_graphs:
             plan += [("graph", b) for b in reversed(self.buckets)]   # largest first: the pool's size
@@ -317,6 +325,8 @@ class ModelRunner:
         for kind, n in plan:
             if kind == "prefill":
                 self._dummy_step(0, n)
+            elif kind == "prefix":
+                self._dummy_step(0, min(max_num_batched_tokens, self.max_model_len - 1), prefix=n)
             elif kind == "decode":
                 self._dummy_step(n, 0)
             elif self.use_cuda_graphs:
@@ -331,8 +341,9 @@ class ModelRunner:
         self.compilations_at_ready = kernels.compilations()
         self.ready = True
 
-    def _dummy_step(self, num_decodes: int, prefill_tokens: int) -> None:
-        """A step on placeholder tokens that writes and reads only the reserved null block (slot 0)."""
+    def _dummy_step(self, num_decodes: int, prefill_tokens: int, prefix: int = 1) -> None:
+        """A step on placeholder tokens that writes and reads only the reserved null block (slot 0); its
+        prefill chunk (if any) comes after a cached prefix of `prefix` placeholder tokens."""
         M = num_decodes + prefill_tokens
         meta = AttentionMetadata(slot_mapping=torch.zeros(M, dtype=torch.int64, device=self.device),
                                  num_decodes=num_decodes)
@@ -341,8 +352,8 @@ class ModelRunner:
                                           device=self.device)
             meta.seq_lens = torch.ones(num_decodes, dtype=torch.int32, device=self.device)
         if prefill_tokens:
-            # One chunk with a cached prefix of one token: the prefix and causal parts both run.
-            ctx = prefill_tokens + 1
+            # One chunk after a cached prefix (one token by default): the prefix and causal parts both run.
+            ctx = prefill_tokens + prefix
             meta.prefill = PrefillMetadata(torch.zeros(ctx, dtype=torch.int64, device=self.device),
                                            torch.tensor([0, prefill_tokens], dtype=torch.int32, device=self.device),
                                            torch.tensor([0, ctx], dtype=torch.int32, device=self.device),
