@@ -17,8 +17,10 @@ def test_baselines_are_matched_to_mla_parameters():
         cfgs = [get_config("tiny", **{**SCALES[scale].model, **v.model}) for v in variants]
         target = cfgs[0].num_parameters()
         assert [c.attention_type for c in cfgs] == ["mla", "mha", "gqa", "mqa"]
-        step = 3 * cfgs[0].hidden_size * (cfgs[0].n_routed_experts + 1) * cfgs[0].num_hidden_layers
+        step = (3 * cfgs[0].hidden_size * (cfgs[0].n_routed_experts + 1) * cfgs[0].num_hidden_layers
+                * SCALES[scale].width_multiple)
         for c in cfgs[1:]:  # the nearest width: within one width step of MLA's total
+            assert c.moe_intermediate_size % SCALES[scale].width_multiple == 0
             assert abs(c.num_parameters() - target) <= step / 2 + 1
     # A larger attention gets narrower experts, a smaller one wider.
     base = get_config("tiny", **SCALES["cpu"].model)
@@ -47,8 +49,15 @@ def test_attention_ablation_end_to_end(tmp_path, capsys):
     s = res["summary"]["mla"]
     assert s["val_loss"] == pytest.approx(sum(mla_losses) / 2)
     assert s["val_loss_std"] == pytest.approx(abs(mla_losses[0] - mla_losses[1]) / 2 ** 0.5)
+    # The paired difference: each variant's loss minus MLA's at the same seed, mean and std over seeds.
+    for name in ("mla", "mqa"):
+        d = [r["val_loss"] - next(m["val_loss"] for m in runs if m["variant"] == "mla" and m["seed"] == r["seed"])
+             for r in runs if r["variant"] == name]
+        assert res["summary"][name]["val_loss_delta"] == pytest.approx(sum(d) / 2, abs=1e-12)
+        assert res["summary"][name]["val_loss_delta_std"] == pytest.approx(abs(d[0] - d[1]) / 2 ** 0.5, abs=1e-12)
+    assert res["summary"]["mla"]["val_loss_delta"] == 0
     md = (out / "results.md").read_text()
-    assert "| mqa |" in md and "±" in md and "matched" in md
+    assert "| mqa |" in md and "±" in md and "matched" in md and "Δ val loss vs mla, paired" in md
     for png in ("val_curves.png", "cache_vs_loss.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert "results:" in capsys.readouterr().out

@@ -191,3 +191,17 @@ def test_triton_experts_impl_gives_the_same_loss_and_gradients():
         assert rel_err(g1[n], g0[n]) < 1e-5, n
     with pytest.raises(ValueError, match="triton"):
         build_model(cfg).set_experts_impl("cuda")
+
+
+def test_grouped_gemm_only_for_aligned_expert_widths():
+    # torch._grouped_mm wants 16-byte row strides: expert widths not divisible by 8 take the exact loop
+    # instead of failing (the attention ablation matches parameters by expert width).
+    from types import SimpleNamespace
+
+    from latentmoe.model import Experts
+    x = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, shape=(4, 64))
+    for width, aligned in ((32, True), (30, False)):
+        experts = Experts(get_config("tiny", hidden_size=64, moe_intermediate_size=width))
+        assert experts.use_grouped_mm(x) == (aligned and hasattr(torch, "_grouped_mm"))
+    experts = Experts(get_config("tiny", hidden_size=60, moe_intermediate_size=32))
+    assert not experts.use_grouped_mm(SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, shape=(4, 60)))

@@ -148,9 +148,14 @@ def _record(name: str, seed: int, run, wall_s: float, summarize: Callable | None
 
 
 def summary(records: list[dict], keys: list[str]) -> dict[str, dict]:
-    """Per variant: mean and sample std over seeds of each key (std 0 with one seed), in first-seen order."""
+    """Per variant: mean and sample std over seeds of each key (std 0 with one seed), in first-seen order;
+    and `val_loss_delta`: its validation loss minus the first variant's at the same seed, mean and std
+    over seeds. Every variant of a seed shares its initialisation stream, batches and validation
+    batches, so the paired difference drops what the seeds change for all variants alike."""
     out: dict[str, dict] = {}
-    for name in dict.fromkeys(r["variant"] for r in records):
+    names = list(dict.fromkeys(r["variant"] for r in records))
+    base = {r["seed"]: r.get("val_loss") for r in records if r["variant"] == names[0]}
+    for name in names:
         rows = [r for r in records if r["variant"] == name]
         s = {"seeds": len(rows)}
         for k in keys:
@@ -158,6 +163,11 @@ def summary(records: list[dict], keys: list[str]) -> dict[str, dict]:
             if vals:
                 s[k] = statistics.fmean(vals)
                 s[k + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        deltas = [r["val_loss"] - base[r["seed"]] for r in rows
+                  if r.get("val_loss") is not None and base.get(r["seed"]) is not None]
+        if deltas:
+            s["val_loss_delta"] = statistics.fmean(deltas)
+            s["val_loss_delta_std"] = statistics.stdev(deltas) if len(deltas) > 1 else 0.0
         out[name] = s
     return out
 
@@ -167,6 +177,9 @@ def write_results(out_dir: str, experiment: str, header: dict, records: list[dic
     """results.json (everything) and results.md (columns: (key, title, format); `key±` shows mean ± std)."""
     keys = [k.rstrip("±") for k, _, _ in columns]
     summ = summary(records, keys)
+    if "val_loss" in keys:   # the paired difference beside the validation loss
+        i = keys.index("val_loss") + 1
+        columns = columns[:i] + [("val_loss_delta±", f"Δ val loss vs {next(iter(summ))}, paired", "+.4f")] + columns[i:]
     result = {"experiment": experiment, **header, "summary": summ, "runs": records}
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(result, f, indent=2)
