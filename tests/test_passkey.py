@@ -134,5 +134,14 @@ def test_passkey_mix_ends_rows_with_retrievable_documents(tokenizer):
     mixed, _ = PasskeyMix(plain, tokenizer, 0.25).batch(64, 256, [3, 4])
     changed = sum(not torch.equal(a, b) for a, b in zip(mixed, plain.batch(64, 256, [3, 4])[0]))
     assert 4 <= changed <= 30
+    # max_len caps the documents (short retrieval inside long windows; here one filler sentence at most
+    # beyond the needle and question): the rows keep their corpus heads.
+    short = len(sum(build_prompt(tokenizer, 1, 0.5, "12345"), []))
+    x, _ = PasskeyMix(plain, tokenizer, 1.0, max_len=short).batch(16, 512, [1, 2])
+    x0, _ = plain.batch(16, 512, [1, 2])
+    assert all(torch.equal(a[:512 - short - 8], b[:512 - short - 8]) for a, b in zip(x, x0))
+    assert not all(torch.equal(a, b) for a, b in zip(x, x0))
     with pytest.raises(ValueError, match="passkey_fraction"):
         PasskeyMix(plain, tokenizer, 1.5)
+    with pytest.raises(ValueError, match="passkey_max_len"):
+        PasskeyMix(plain, tokenizer, 0.5, max_len=-1)

@@ -39,6 +39,7 @@ class DataSection:
     cache_dir: str = ""             # token shards + tokenizer; default: RUN_DIR/data
     max_chars: int = 0              # cap the corpus (0 = all of it; python-packages: 64M characters)
     passkey_fraction: float = 0.0   # training rows ending in a synthetic passkey-retrieval document (PasskeyMix)
+    passkey_max_len: int = 0        # those documents' longest length (0 = the window)
 
 
 @dataclass

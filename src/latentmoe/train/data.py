@@ -203,17 +203,20 @@ class PasskeyMix:
 
     A small model trained for minutes on code does not learn to fetch a number from far back in its
     context, so a context extension could not be judged by retrieval at all. Mixed in here, in the
-    format `latentmoe eval passkey` asks, with a random key, depth and length (a quarter of the window
-    up to all of it), the document ends the window after corpus tokens, as a packed document would.
+    format `latentmoe eval passkey` asks, with a random key, depth and length (a quarter of the window,
+    or of `max_len`, up to all of it), the document ends the window after corpus tokens, as a packed
+    document would.
     The base model learns retrieval within its training length; whether retrieval then carries to
     longer contexts is what an extension (trained without them) is judged by. Keys are random here
     and drawn from another stream at evaluation, so no answer is memorised.
     """
 
-    def __init__(self, data: TokenData, tokenizer, fraction: float):
+    def __init__(self, data: TokenData, tokenizer, fraction: float, max_len: int = 0):
         if not 0 <= fraction <= 1:
             raise ValueError(f"data.passkey_fraction must be in [0, 1], got {fraction}")
-        self.data, self.tokenizer, self.fraction = data, tokenizer, fraction
+        if max_len < 0:
+            raise ValueError(f"data.passkey_max_len must be >= 0, got {max_len}")
+        self.data, self.tokenizer, self.fraction, self.max_len = data, tokenizer, fraction, max_len
         self.meta, self.num_tokens, self.split = data.meta, data.num_tokens, data.split
 
     def batch(self, batch_size: int, seq_len: int, seed_seq: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,7 +226,8 @@ class PasskeyMix:
         for i in range(batch_size):
             if rng.random() >= self.fraction:
                 continue
-            length = int(rng.integers(max(1, seq_len // 4), seq_len + 2))
+            top = min(seq_len, self.max_len) if self.max_len else seq_len
+            length = int(rng.integers(max(1, top // 4), top + 2))
             key = str(int(rng.integers(10_000, 100_000)))
             prompt, answer = build_prompt(self.tokenizer, length, float(rng.random()), key)
             doc = torch.tensor((prompt + answer)[-(seq_len + 1):], dtype=x.dtype)

@@ -105,7 +105,8 @@ def setup(cfg: TrainConfig, resume: bool = False, log=print) -> Run:
     prepare_data(cfg.data, data_dir, log=lambda *a: None)
     train_data, val_data = TokenData(data_dir, "train"), TokenData(data_dir, "val")
     if cfg.data.passkey_fraction > 0:
-        train_data = PasskeyMix(train_data, Tokenizer.from_dir(data_dir), cfg.data.passkey_fraction)
+        train_data = PasskeyMix(train_data, Tokenizer.from_dir(data_dir), cfg.data.passkey_fraction,
+                                cfg.data.passkey_max_len)
     special = {k: v for k, v in train_data.meta["special"].items() if v is not None}
     model_cfg = cfg.model_config(vocab_size=train_data.meta["vocab_size"], special=special)
     inference_config(model_cfg, cfg.routing)  # fail early on conflicting routing settings
