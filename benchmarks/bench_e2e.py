@@ -96,19 +96,12 @@ def hf_prefill_s(model, L: int, device) -> float:
 def profile_prefill(llm, L: int, out_path: str) -> str:
     """Where one L-token prompt's prefill time goes: CUDA kernels grouped by name (self time), the step
     count, the wall time and the GPU's busy time (what the gaps between kernels leave out)."""
-    from torch.profiler import ProfilerActivity, profile
+    from timing import kernel_profile
     g = torch.Generator().manual_seed(L + 11)
     prompt = torch.randint(3, llm.config.vocab_size, (L,), generator=g).tolist()
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if llm.device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
-        wall = timed_generate(llm, [prompt], 1)
-    key = "self_cuda_time_total" if llm.device.type == "cuda" else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90)
-    kern = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    busy = sum(getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0) for e in kern)
+    wall, table, n, busy = kernel_profile(lambda: timed_generate(llm, [prompt], 1), llm.device, 40, 90)
     text = (f"## prefill of one {L:,}-token prompt (token budget {llm.engine_config.max_num_batched_tokens:,}): "
-            f"{wall:.3f} s wall under the profiler, {busy / 1e6:.3f} s of kernel time, {len(kern)} kernels\n"
-            f"{table}\n")
+            f"{wall:.3f} s wall under the profiler, {busy / 1e6:.3f} s of kernel time, {n} kernels\n{table}\n")
     with open(out_path, "a") as f:
         f.write(text)
     return text

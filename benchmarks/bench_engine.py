@@ -155,18 +155,12 @@ def engine_prefill(llm, n, L):
 
 def profile_decode(llm, B, L, out_path):
     """Where an eager decode step's time goes (CUDA kernels, grouped by name); `llm` built with enforce_eager."""
-    from torch.profiler import ProfilerActivity, profile
+    from timing import kernel_profile
     engine_decode(llm, B, L, 1)   # warm
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if llm.device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
-        engine_decode(llm, B, L, 2)   # 4 steps
-    key = "self_cuda_time_total" if llm.device.type == "cuda" else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70)
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    busy = sum(e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total for e in kernels)
+    _, table, n, busy = kernel_profile(lambda: engine_decode(llm, B, L, 2), llm.device)   # 4 steps
     cfg = llm.engine_config
     table = (f"## eager decode, batch {B}, context {L}, 4 steps, experts {cfg.experts_impl}, "
-             f"fused ops {'on' if cfg.fused_ops else 'off'}: {len(kernels) / 4:.0f} CUDA kernels and "
+             f"fused ops {'on' if cfg.fused_ops else 'off'}: {n / 4:.0f} CUDA kernels and "
              f"{busy / 4e3:.2f} ms of kernel time per step\n{table}\n")
     with open(out_path, "a") as f:
         f.write(table)

@@ -45,3 +45,17 @@ def median_seconds(fn, iters: int = 30, warmup: int = 5, graph: bool = False) ->
             run()
             times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def kernel_profile(fn, device: torch.device, row_limit: int = 30, name_width: int = 70):
+    """Profile one fn() call -> (fn's result, the ops table sorted by self time on the device (CPU
+    elsewhere), the number of CUDA kernels, their total time in microseconds)."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        result = fn()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=row_limit, max_name_column_width=name_width)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0) for e in kernels)
+    return result, table, len(kernels), busy
