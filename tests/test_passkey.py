@@ -145,3 +145,8 @@ def test_passkey_mix_ends_rows_with_retrievable_documents(tokenizer):
         PasskeyMix(plain, tokenizer, 1.5)
     with pytest.raises(ValueError, match="passkey_max_len"):
         PasskeyMix(plain, tokenizer, 0.5, max_len=-1)
+    # The same checks fail a run's config before any data is prepared.
+    from latentmoe.train import load_config
+    for bad in (["--data.passkey_fraction", "1.5"], ["--data.passkey_max_len", "-1"]):
+        with pytest.raises(ValueError, match="passkey"):
+            load_config("tiny", bad).validate()

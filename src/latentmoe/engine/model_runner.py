@@ -288,6 +288,10 @@ class ModelRunner:
             p *= 2
         return sorted(sizes)
 
+    def _warmup_chunk(self, max_num_batched_tokens: int) -> int:
+        """The longest prefill chunk a step can hold: the token budget, within the context."""
+        return min(max_num_batched_tokens, self.max_model_len - 1)
+
     def warmup_plan(self, max_num_batched_tokens: int) -> list[tuple[str, int]]:
         """What start-up runs: ("prefill", tokens), ("prefix", cached tokens before a full chunk) and ("decode",
         batch) eager steps, ("graph", bucket) captures.
@@ -295,7 +299,7 @@ class ModelRunner:
         plan = []
         probe = torch.empty(0, device=self.device)
         if kernels.HAS_TRITON and kernels._triton.use_triton(probe) and not kernels._triton.INTERPRET:
-            budget = min(max_num_batched_tokens, self.max_model_len - 1)
+            budget = self._warmup_chunk(max_num_batched_tokens)
             plan += [("prefill", n) for n in self.prefill_warmup_sizes(budget)]
             # Long prompts: a full chunk after cached prefixes of 1, 2, 4... chunks. Attention libraries pick
             # kernels by shape (cuDNN generates one the first time it meets a shape class): the first 32K
@@ -326,7 +330,7 @@ class ModelRunner:
             if kind == "prefill":
                 self._dummy_step(0, n)
             elif kind == "prefix":
-                self._dummy_step(0, min(max_num_batched_tokens, self.max_model_len - 1), prefix=n)
+                self._dummy_step(0, self._warmup_chunk(max_num_batched_tokens), prefix=n)
             elif kind == "decode":
                 self._dummy_step(n, 0)
             elif self.use_cuda_graphs:

@@ -195,7 +195,7 @@ def prefill_attention_cudnn(q_nope, q_pe, k_nope, k_pe, v, softmax_scale: float)
     case (benchmarks/results/prefill.md); in the engine it took a 128K prompt's prefill from 10.8 to
     5.7 s (benchmarks/results/e2e.md): long prompts, one chunk per step, go here.
     """
-    T, H, N = q_nope.shape
+    T, H, _ = q_nope.shape
     S, R = k_nope.shape[0], q_pe.shape[-1]
     q = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1)[None]                                  # [1, H, T, D]
     k = torch.cat([k_nope, k_pe[:, None, :].expand(S, H, R) if k_pe.dim() == 2 else k_pe], dim=-1)
@@ -225,9 +225,9 @@ def prefill_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Te
 
     `max_q` / `max_k` (the longest chunk and context, host ints) size the launch. On CUDA in bf16/fp16
     a step of one chunk (a long prompt) goes through cuDNN's fused attention where it runs (sm90+), any
-    other step through torch's varlen flash attention; otherwise the Triton kernel on CUDA (CPU under TRITON_INTERPRET=1)
-    and the torch reference elsewhere; fp32 accumulation everywhere. Tuning arguments select the Triton
-    kernel.
+    other step through torch's varlen flash attention; otherwise the Triton kernel on CUDA (CPU under
+    TRITON_INTERPRET=1) and the torch reference elsewhere; fp32 accumulation everywhere. Tuning
+    arguments select the Triton kernel.
     """
     if q_nope.shape[0] == 0:
         return q_nope.new_empty(0, q_nope.shape[1], v.shape[-1])

@@ -154,6 +154,8 @@ class TrainConfig:
             raise ValueError(f"optim.decay_fractions must be increasing fractions in (0, 1], got {o.decay_fractions}")
         if self.precision.autocast not in ("auto", "bf16", "none"):
             raise ValueError("precision.autocast must be 'auto', 'bf16' or 'none'")
+        if not 0 <= self.data.passkey_fraction <= 1 or self.data.passkey_max_len < 0:
+            raise ValueError("data.passkey_fraction must be in [0, 1] and data.passkey_max_len >= 0")
 
     # ------------------------------------------------------------------ model
     def model_config(self, vocab_size: int | None = None, special: dict[str, int] | None = None) -> ModelConfig:

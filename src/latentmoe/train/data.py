@@ -205,17 +205,16 @@ class PasskeyMix:
     context, so a context extension could not be judged by retrieval at all. Mixed in here, in the
     format `latentmoe eval passkey` asks, with a random key, depth and length (a quarter of the window,
     or of `max_len`, up to all of it), the document ends the window after corpus tokens, as a packed
-    document would.
-    The base model learns retrieval within its training length; whether retrieval then carries to
-    longer contexts is what an extension (trained without them) is judged by. Keys are random here
-    and drawn from another stream at evaluation, so no answer is memorised.
+    document would. A base model can so learn retrieval within its training length; whether retrieval
+    then carries to longer contexts is what an extension is judged by. Keys are random here and drawn
+    from another stream at evaluation, so no answer is memorised. (TrainConfig.validate checks the
+    fraction and max_len before any data is prepared.)
     """
 
     def __init__(self, data: TokenData, tokenizer, fraction: float, max_len: int = 0):
-        if not 0 <= fraction <= 1:
-            raise ValueError(f"data.passkey_fraction must be in [0, 1], got {fraction}")
-        if max_len < 0:
-            raise ValueError(f"data.passkey_max_len must be >= 0, got {max_len}")
+        if not 0 <= fraction <= 1 or max_len < 0:
+            raise ValueError(f"data.passkey_fraction must be in [0, 1] and data.passkey_max_len >= 0, "
+                             f"got {fraction} and {max_len}")
         self.data, self.tokenizer, self.fraction, self.max_len = data, tokenizer, fraction, max_len
         self.meta, self.num_tokens, self.split = data.meta, data.num_tokens, data.split
 
@@ -223,10 +222,10 @@ class PasskeyMix:
         from ..evaluation.passkey import build_prompt
         x, y = self.data.batch(batch_size, seq_len, seed_seq)
         rng = np.random.default_rng(list(seed_seq) + [0x9A55])
+        top = min(seq_len, self.max_len) if self.max_len else seq_len
         for i in range(batch_size):
             if rng.random() >= self.fraction:
                 continue
-            top = min(seq_len, self.max_len) if self.max_len else seq_len
             length = int(rng.integers(max(1, top // 4), top + 2))
             key = str(int(rng.integers(10_000, 100_000)))
             prompt, answer = build_prompt(self.tokenizer, length, float(rng.random()), key)
