@@ -111,22 +111,24 @@ def torch_blockwise_row(x, q, s, ref, t_bf16, median_seconds) -> str | None:
     import torch.nn.functional as F
     if not hasattr(F, "scaled_mm") or not hasattr(F, "ScalingType"):
         return "| torch scaled_mm, blockwise | {shape} | - | not in this torch | - | - |"
-    a, a_s = kernels.quantize_fp8_groups(x)
-    layouts = {"a_s outer-major, s as stored": (a_s.t().contiguous().t(), s),
-               "a_s row-major, s as stored": (a_s, s),
-               "a_s outer-major, s transposed": (a_s.t().contiguous().t(), s.t().contiguous()),
-               "a_s outer-major, s transposed view": (a_s.t().contiguous().t(), s.t())}
+
+    def outer_major(t):
+        return t.t().contiguous().t()
+
+    def keep(t):
+        return t
+
+    layouts = {"a_s outer-major, s as stored": (outer_major, s), "a_s row-major, s as stored": (keep, s),
+               "a_s outer-major, s transposed": (outer_major, s.t().contiguous()),
+               "a_s outer-major, s transposed view": (outer_major, s.t())}
     errors = []
-    for name, (sa, sb) in layouts.items():
-        def call():
-            a2, sa2 = kernels.quantize_fp8_groups(x)   # timed with the activation quantisation, as it would run
-            return F.scaled_mm(a2, q.t(), sa2.t().contiguous().t() if sa.stride(0) == 1 else sa2,
-                               F.ScalingType.BlockWise1x128, sb, F.ScalingType.BlockWise128x128,
-                               output_dtype=torch.bfloat16)
+    for name, (a_layout, sb) in layouts.items():
+        def call():   # timed with the activation quantisation, as it would run
+            a, a_s = kernels.quantize_fp8_groups(x)
+            return F.scaled_mm(a, q.t(), a_layout(a_s), F.ScalingType.BlockWise1x128, sb,
+                               F.ScalingType.BlockWise128x128, output_dtype=torch.bfloat16)
         try:
-            got = F.scaled_mm(a, q.t(), sa, F.ScalingType.BlockWise1x128, sb, F.ScalingType.BlockWise128x128,
-                              output_dtype=torch.bfloat16)
-            err = ((got.float() - ref).norm() / ref.norm()).item()
+            err = ((call().float() - ref).norm() / ref.norm()).item()
             t = median_seconds(call, graph=True) * 1e6
         except Exception as e:   # noqa: BLE001 - a layout this torch refuses: try the next
             errors.append(f"{name}: {str(e).splitlines()[0][:80]}")
