@@ -30,7 +30,7 @@ from report import summary_block   # noqa: E402
 from latentmoe import build_model, get_config   # noqa: E402
 from latentmoe.bench import random_prompts, throughput   # noqa: E402
 from latentmoe.bench.serve import serve_load   # noqa: E402
-from latentmoe.engine import LLM   # noqa: E402
+from latentmoe.engine import LLM, EngineConfig   # noqa: E402
 from latentmoe.engine.async_engine import AsyncLLM   # noqa: E402
 
 
@@ -66,6 +66,9 @@ def main():
     ap.add_argument("--output-len", type=int, default=100)
     ap.add_argument("--concurrency", default="1,16,64,256")
     ap.add_argument("--budget", type=int, default=8192, help="token budget (the server's default on a GPU)")
+    ap.add_argument("--prefill-hold-steps", default=str(EngineConfig.prefill_hold_steps),
+                    help="comma list: each value serves every concurrency (0: arrivals admitted at once; "
+                         "default: the engine's default)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "serve.md"))
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -84,19 +87,25 @@ def main():
     base, server = start_server(llm)
     rows, lines = [], []
     client = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-    for c in (int(x) for x in args.concurrency.split(",")):
-        count = min(n, max(4 * c, 20))   # concurrency 1 with fewer requests (the same rates, less time)
-        # logprobs 0: a chunk per token though the random model has no tokenizer (no text to stream)
-        r = client.submit(serve_load, base, prompts(count), O, model="model", max_concurrency=c, progress=False,
-                          extra_body={"logprobs": 0}).result()
-        pct = lambda k: " / ".join("-" if r[k][p] is None else f"{r[k][p]:.1f}" for p in ("p50", "p99"))   # noqa: E731
-        line = (f"| {c} | {r['completed']}/{count} | {r['errors']} | {r['requests_per_s']:.1f} | "
-                f"{r['output_tokens_per_s']:,.0f} | {pct('ttft_ms')} | {pct('tpot_ms')} | {pct('itl_ms')} |")
-        print(line, flush=True)
-        lines.append(line)
-        rows.append(f"| server, concurrency {c}, {count} x ({L} in, {O} out) | {r['requests_per_s']:.1f} req/s, "
-                    f"{r['errors']} errors | offline engine {off['requests_per_s']:.1f} req/s | "
-                    f"{r['requests_per_s'] / off['requests_per_s']:.2f}x |")
+    holds = [int(x) for x in args.prefill_hold_steps.split(",")]
+    default_hold = EngineConfig.prefill_hold_steps if EngineConfig.prefill_hold_steps in holds else holds[0]
+    for hold in holds:
+        # The scheduler reads it every step: one engine (one start-up) serves each setting in turn.
+        llm.scheduler.prefill_hold_steps = hold
+        for c in (int(x) for x in args.concurrency.split(",")):
+            count = min(n, max(4 * c, 20))   # concurrency 1 with fewer requests (the same rates, less time)
+            # logprobs 0: a chunk per token though the random model has no tokenizer (no text to stream)
+            r = client.submit(serve_load, base, prompts(count), O, model="model", max_concurrency=c,
+                              progress=False, extra_body={"logprobs": 0}).result()
+            pct = lambda k: " / ".join("-" if r[k][p] is None else f"{r[k][p]:.1f}" for p in ("p50", "p99"))   # noqa: E731
+            line = (f"| {hold} | {c} | {r['completed']}/{count} | {r['errors']} | {r['requests_per_s']:.1f} | "
+                    f"{r['output_tokens_per_s']:,.0f} | {pct('ttft_ms')} | {pct('tpot_ms')} | {pct('itl_ms')} |")
+            print(line, flush=True)
+            lines.append(line)
+            if hold == default_hold:
+                rows.append(f"| server, concurrency {c}, {count} x ({L} in, {O} out), prefill hold {hold} steps | "
+                            f"{r['requests_per_s']:.1f} req/s, {r['errors']} errors | offline engine "
+                            f"{off['requests_per_s']:.1f} req/s | {r['requests_per_s'] / off['requests_per_s']:.2f}x |")
     client.shutdown()
     server.should_exit = True
     stats = llm.stats()
@@ -107,8 +116,10 @@ def main():
     text = [f"# The server under load vs the offline engine ({args.preset})", "", *summary_block(prov, rows), "",
             f"Offline, same engine, {n} x ({L} in, {O} out), second run: {off['requests_per_s']:.1f} req/s, "
             f"{off['output_tokens_per_s']:,.0f} output tok/s.", "",
-            "| concurrency | completed | errors | req/s | output tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | "
-            "ITL p50 / p99 ms |", "|---|---|---|---|---|---|---|---|", *lines, "",
+            "Prefill hold: steps a new request may wait while others decode, so that arrivals prefill together "
+            "(`prefill_hold_steps`; 0 admits at once).", "",
+            "| prefill hold | concurrency | completed | errors | req/s | output tok/s | TTFT p50 / p99 ms | "
+            "TPOT p50 / p99 ms | ITL p50 / p99 ms |", "|---|---|---|---|---|---|---|---|---|", *lines, "",
             f"Compilations / graph captures after ready, over the whole run: "
             f"{stats.get('compilations_after_ready')} / {stats.get('graph_captures_after_ready')}.", ""]
     with open(args.out, "w") as f:

@@ -217,6 +217,60 @@ def test_requests_arriving_mid_run(model, expected):
     assert_no_leak(llm)
 
 
+def test_scheduler_holds_arrivals_so_prefills_batch():
+    """While sequences decode, a small arrival waits prefill_hold_steps steps (steps of decodes only), unless a
+    prefill runs anyway, nothing decodes, or the waiting prompts fill the step's budget."""
+    from latentmoe.engine.scheduler import Scheduler
+
+    def seq(name, n, computed=0):
+        s = Sequence(name, 0, list(range(1, n + 1)), SamplingParams(), None, 4, 0.0)
+        s.num_computed_tokens = computed
+        return s
+
+    def kinds(batch):   # per scheduled sequence: 'd' decode, 'p' prefill
+        return "".join("d" if i < batch.num_decodes else "p" for i in range(len(batch)))
+
+    sch = Scheduler(BlockManager(num_blocks=64, block_size=4), max_num_seqs=8, max_num_batched_tokens=16,
+                    prefill_hold_steps=3)
+    a = seq("a", 5)
+    sch.add(a)
+    assert kinds(sch.schedule()) == "p"            # nothing decodes: admitted at once
+    a.num_computed_tokens = 5
+    a.token_ids.append(9)
+    sch.add(seq("b", 4))
+    held = []
+    for _ in range(5):
+        batch = sch.schedule()
+        held.append(kinds(batch))
+        for s, n in zip(batch.seqs, batch.num_new_tokens):
+            s.num_computed_tokens += n
+            if s.num_computed_tokens == len(s):
+                s.token_ids.append(9)
+    assert held == ["d", "d", "d", "dp", "dd"]      # three held steps, then admitted; then both decode
+    assert sch.num_held_steps == 3 and sch.held_steps == 0
+    # Waiting prompts that fill the rest of the budget (16 - 2 decodes) join at once.
+    sch.add(seq("c", 14))
+    assert kinds(sch.schedule()) == "ddp"
+    # A prefill chunk in the step anyway (c's rest): a new arrival joins it.
+    sch.max_num_batched_tokens = 8
+    c = sch.running[-1]
+    c.num_computed_tokens = 10   # 4 prompt tokens left: 2 decodes + 4 + d's 2 fill the budget of 8
+    sch.add(seq("d", 2))
+    batch = sch.schedule()
+    assert [s.request_id for s in batch.seqs] == ["a", "b", "c", "d"] and kinds(batch) == "ddpp"
+    # 0 admits at once.
+    sch2 = Scheduler(BlockManager(num_blocks=64, block_size=4), 8, 16, prefill_hold_steps=0)
+    x = seq("x", 3)
+    sch2.add(x)
+    sch2.schedule()
+    x.num_computed_tokens = 3
+    x.token_ids.append(9)
+    sch2.add(seq("y", 2))
+    assert kinds(sch2.schedule()) == "dp" and sch2.num_held_steps == 0
+    with pytest.raises(ValueError, match="prefill_hold_steps"):
+        Scheduler(BlockManager(num_blocks=8, block_size=4), 8, 16, prefill_hold_steps=-1)
+
+
 def test_prefix_cache_hits_give_same_output(model):
     shared = random_prompts([21], seed=3)[0]
     prompts = [shared + tail for tail in random_prompts([3, 6, 1], seed=4)] + [shared]
@@ -395,6 +449,7 @@ def test_engine_converts_a_copy_for_another_dtype(model):
     (dict(device="tpu9"), "device"), (dict(enforce_eager=1), "enforce_eager"),
     (dict(gpu_memory_utilization=0), "gpu_memory_utilization"), (dict(gpu_memory_utilization=1.5), "gpu_memory"),
     (dict(num_blocks=10, cache_memory_gb=1.0), "num_blocks or cache_memory_gb"),
+    (dict(prefill_hold_steps=-1), "prefill_hold_steps"),
 ])
 def test_engine_config_names_the_bad_field(model, options, field):
     with pytest.raises(ValueError, match=field):

@@ -19,6 +19,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=256, help="sequences batched together at most")
     g.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="tokens per step (default on CUDA: 16384, serve 8192; CPU: 2048)")
+    g.add_argument("--prefill-hold-steps", type=int, default=8,
+                   help="steps a new request may wait while others decode, so that arrivals prefill together "
+                        "(decode-only steps replay a CUDA graph); 0 admits at once (default: 8)")
     g.add_argument("--block-size", type=int, default=64, help="tokens per cache block")
     g.add_argument("--cache-memory-gb", type=float, default=None, help="cache budget (default: automatic)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
@@ -72,6 +75,7 @@ def engine_config(args):
     check_device(args.device)
     return EngineConfig(device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                         max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
+                        prefill_hold_steps=args.prefill_hold_steps,
                         block_size=args.block_size, cache_memory_gb=args.cache_memory_gb,
                         gpu_memory_utilization=args.gpu_memory_utilization,
                         enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,

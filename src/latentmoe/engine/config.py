@@ -31,6 +31,10 @@ class EngineConfig:
     # 2,048; vLLM's offline default too); `latentmoe serve` uses 8,192 (shorter steps between tokens);
     # elsewhere max(2048, max_num_seqs). Start-up compiles prefill for every count up to it.
     max_num_batched_tokens: int | None = None
+    # Steps a newly arrived request may wait while others decode, so that arrivals are prefilled together
+    # (scheduler.py): decode-only steps replay a CUDA graph, steps with a prefill chunk run eagerly. 0 admits
+    # at once. It waits less when the waiting prompts fill the token budget, and never when nothing decodes.
+    prefill_hold_steps: int = 8
     block_size: int = 64                       # tokens per cache block
     num_blocks: int | None = None              # cache size in blocks, instead of a memory budget
     cache_memory_gb: float | None = None       # cache budget (default: automatic, see kv_cache.plan_cache)
@@ -70,6 +74,8 @@ class EngineConfig:
             v = getattr(self, name)
             if v is not None and (not is_int(v) or v < 1):
                 raise bad(name, "a positive integer or None")
+        if not is_int(self.prefill_hold_steps) or self.prefill_hold_steps < 0:
+            raise bad("prefill_hold_steps", "an integer >= 0")
         if self.num_blocks is not None and (not is_int(self.num_blocks) or self.num_blocks < 2):
             raise bad("num_blocks", "an integer >= 2 (one block is reserved) or None")
         if self.cache_memory_gb is not None and (isinstance(self.cache_memory_gb, bool)

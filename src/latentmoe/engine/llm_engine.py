@@ -83,7 +83,8 @@ class LLM:
         self.engine_config = config
         self.device, self.dtype = config.device, config.dtype
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.prefill_hold_steps)
         self.last_execute_seconds = 0.0   # the last step's time in the runner (inputs, forward, sampling)
         self.requests: dict[str, Request] = {}
         self.eos_token_ids = set(self.config.eos_token_ids)
@@ -348,7 +349,8 @@ class LLM:
         bm = self.block_manager
         return dict(num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
                     num_blocks_total=bm.num_usable_blocks, num_blocks_used=bm.num_used_blocks,
-                    num_preemptions=self.scheduler.num_preemptions, prefix_cache_hit_tokens=bm.num_prefix_hits,
+                    num_preemptions=self.scheduler.num_preemptions, num_held_steps=self.scheduler.num_held_steps,
+                    prefix_cache_hit_tokens=bm.num_prefix_hits,
                     time_to_ready_seconds=self.time_to_ready, **self.runner.stats())
 
 

@@ -1,6 +1,12 @@
 """Continuous batching: every step picks, under a token budget, one token for each decoding
 sequence and chunks of prompts still being prefilled, admits waiting requests while blocks and
 the budget last, and preempts (by recompute) the newest running sequence when blocks run out.
+
+Arrivals are batched: while sequences decode and no prompt is being prefilled, a newly arrived request
+may wait up to `prefill_hold_steps` steps (or until the waiting prompts fill the step's budget). A step
+of decodes alone replays a CUDA graph; a step with any prefill chunk runs eagerly, so a server whose
+requests arrive one at a time would otherwise run nearly every step eagerly for a small chunk. Holding
+trades a few decode steps of time to first token for prefills that run together.
 """
 
 from __future__ import annotations
@@ -29,12 +35,18 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 prefill_hold_steps: int = 0):
         if max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
+        if prefill_hold_steps < 0:
+            raise ValueError(f"prefill_hold_steps must be >= 0, got {prefill_hold_steps}")
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.prefill_hold_steps = prefill_hold_steps
+        self.held_steps = 0            # consecutive steps the waiting requests have been held so far
+        self.num_held_steps = 0        # steps that held arrivals, in all
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -85,7 +97,8 @@ class Scheduler:
             chosen.append((seq, n))
             budget -= n
             i += 1
-        if not preempted:
+        prefilling = any(not (n == 1 and s.num_computed_tokens > 0) for s, n in chosen)
+        if not preempted and self._admit_now(bool(chosen), prefilling, budget):
             while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 seq = self.waiting[0]
                 if self._sibling_prefilling(seq):
@@ -106,6 +119,25 @@ class Scheduler:
         prefills = [(s, n) for s, n in chosen if not (n == 1 and s.num_computed_tokens > 0)]
         ordered = decodes + prefills
         return ScheduledBatch([s for s, _ in ordered], [n for _, n in ordered], len(decodes), preempted)
+
+    def _admit_now(self, decoding: bool, prefilling: bool, budget: int) -> bool:
+        """Whether waiting requests join this step, or are held so that arrivals prefill together: they join
+        at once when nothing decodes, when a prefill chunk runs anyway, when their prompts fill the rest of
+        the budget, or after `prefill_hold_steps` held steps."""
+        if not self.waiting:
+            return False
+        if decoding and not prefilling and self.held_steps < self.prefill_hold_steps:
+            waiting_tokens = 0
+            for seq in self.waiting:
+                waiting_tokens += len(seq) - seq.num_computed_tokens
+                if waiting_tokens >= budget:
+                    break
+            else:
+                self.held_steps += 1
+                self.num_held_steps += 1
+                return False
+        self.held_steps = 0
+        return True
 
     def _sibling_prefilling(self, seq: Sequence) -> bool:
         if not self.bm.enable_prefix_caching or seq.index == 0 or seq.num_preemptions:
