@@ -141,3 +141,23 @@ def test_fresh_run_refuses_an_old_run_dir_unless_overwrite(tmp_path, data_dir):
     train(_cfg(tmp_path / "f", data_dir, **{"train.max_steps": 1, "checkpoint.overwrite": True}), log=_quiet)
     assert [json.loads(x)["step"] for x in open(tmp_path / "f" / "metrics.jsonl")] == [1]
     assert [os.path.basename(p) for p in checkpoint_dirs(str(tmp_path / "f"))] == ["step-000001"]
+
+
+def test_validation_batches_do_not_depend_on_the_seed(tmp_path, data_dir):
+    """Runs that differ only in train.seed are measured on the same validation text (the ablations' seed
+    spread is then the runs' own, not that of different validation samples)."""
+    from latentmoe.train.trainer import evaluate
+
+    seen = {}
+    for seed in (0, 1):
+        run = setup(_cfg(tmp_path / f"run{seed}", data_dir, **{"train.seed": seed, "logging.eval_batches": 2}),
+                    log=_quiet)
+        calls = []
+        batch = run.val_data.batch
+        run.val_data.batch = lambda *a: calls.append(batch(*a)) or calls[-1]
+        evaluate(run)
+        seen[seed] = calls
+    assert len(seen[0]) == 2
+    for (x0, y0), (x1, y1) in zip(seen[0], seen[1]):
+        assert torch.equal(x0, x1) and torch.equal(y0, y1)
+    assert not torch.equal(seen[0][0][0], seen[0][1][0])   # two different batches, not one repeated

@@ -27,7 +27,7 @@ from .losses import balance_losses, cross_entropy
 from .optim import batch_size_at, build_optimizer, lr_at, total_tokens
 from .routing import DeviceDropper, configure_routing, inference_config, protected_tokens
 
-_EVAL_SEED = 1_000_003  # val batches are the same at every evaluation
+_EVAL_SEED = 1_000_003  # val batches: the same at every evaluation, and for every training seed
 
 
 class TrainingDiverged(RuntimeError):
@@ -222,12 +222,13 @@ def _counts(idx: torch.Tensor, n: int) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(run: Run) -> dict:
-    """Validation loss/perplexity on fixed batches; eval mode, so nothing is dropped."""
+    """Validation loss/perplexity on fixed batches; eval mode, so nothing is dropped. The batches do not depend
+    on train.seed: runs that differ only in their seed are measured on the same text."""
     tc, lc = run.cfg.train, run.cfg.logging
     run.model.eval()
     losses = []
     for i in range(lc.eval_batches):
-        x, y = run.val_data.batch(tc.micro_batch_size, tc.seq_len, [tc.seed, _EVAL_SEED, i])
+        x, y = run.val_data.batch(tc.micro_batch_size, tc.seq_len, [_EVAL_SEED, i])
         with autocast_ctx(run.cfg, run.device):
             logits = run.model(x.to(run.device))
         losses.append(cross_entropy(logits, y.to(run.device)))
