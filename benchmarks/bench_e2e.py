@@ -7,6 +7,8 @@ One fresh process measures (run it with an empty Triton cache for the cold start
   - decode B=1 at 128K, B=4 at 32K, B=1 at 1K (pure decode steps, placeholder contexts) against the
     memory floor, and B=1 at 1K generating 128 tokens including the prefill;
   - kernel compilations and graph captures after ready, over everything above (target: 0);
+  - 256 x (256-1,024 in, 128 out) against transformers `generate` (batches of 128) on the same prompts
+    (target: at least 25x);
   - checks on a tiny model: greedy output vs full recompute in bf16 and fp32 (fp32 decode graphs).
 Floors: prefill compute at PEAK_FLOPS, decode bytes (weights touched + latent cache) at BANDWIDTH.
 
@@ -78,10 +80,8 @@ def timed_generate(llm, prompts, max_tokens):
 
 
 @torch.inference_mode()
-def hf_prefill_s(model, L: int, device) -> float:
-    from latentmoe.commands.bench import _transformers_model
-    hf = _transformers_model(model)
-    ids = torch.randint(3, model.config.vocab_size, (1, L), device=device)
+def hf_prefill_s(hf, L: int, device) -> float:
+    ids = torch.randint(3, hf.config.vocab_size, (1, L), device=device)
     times = []
     for _ in range(2):   # the first warms cuBLAS / SDPA
         sync(device)
@@ -89,7 +89,6 @@ def hf_prefill_s(model, L: int, device) -> float:
         hf(input_ids=ids, logits_to_keep=1)
         sync(device)
         times.append(time.perf_counter() - t)
-    del hf
     return times[-1]
 
 
@@ -127,7 +126,8 @@ def main():
     ap.add_argument("--cold", action="store_true", help="empty Triton cache (set before import)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (CPU)")
     ap.add_argument("--preset", default="deepseek-v2-lite")
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: checks,hf,128k")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: checks,hf,128k,generate (the 256-prompt "
+                                               "workload against transformers generate)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "e2e.md"))
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile-prefill", default=None, metavar="PATH",
@@ -187,6 +187,14 @@ def main():
     s = timed_generate(llm, [p], 128 if not args.smoke else 8)
     res["b1_with_prefill_tok_s"] = (128 if not args.smoke else 8) / s
     log(f"B=1, 1K prompt, 128 tokens incl. prefill: {res['b1_with_prefill_tok_s']:.0f} tok/s")
+    gen_prompts = None
+    if "generate" not in skip and "hf" not in skip:
+        n2, lo, hi, out2 = (8, 16, 32, 8) if args.smoke else (256, 256, 1024, 128)
+        gen_prompts = random_prompts(n2, hi, cfg.vocab_size, min_input_len=lo, seed=3)
+        run = throughput(llm, [gen_prompts], out2, progress=False)["runs"][0]
+        res["generate"] = dict(n=n2, min_input=lo, input=hi, output=out2, engine_s=run["seconds"],
+                               engine_req_s=run["requests_per_s"])
+        log(f"{n2} x ({lo}-{hi} in, {out2} out): {run['seconds']:.2f} s ({run['requests_per_s']:.1f} req/s)")
     st = llm.stats()
     res["compilations_after_ready"], res["graph_captures_after_ready"] = (st["compilations_after_ready"],
                                                                           st["graph_captures_after_ready"])
@@ -198,10 +206,20 @@ def main():
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        from latentmoe.commands.bench import _transformers_model
+        hf = _transformers_model(model)
         L = long_lens[0]
-        s = hf_prefill_s(model, L, device)
+        s = hf_prefill_s(hf, L, device)
         res["prefill"][L]["transformers_s"] = s
         log(f"transformers prefill {L:,} tokens: {s:.2f} s (engine {res['prefill'][L]['engine_s'] / s:.2f}x its time)")
+        if gen_prompts is not None:
+            from latentmoe.bench.offline import transformers_throughput
+            g2 = res["generate"]
+            t = transformers_throughput(hf, gen_prompts, g2["output"], batch_size=128, progress=False)
+            g2["transformers_s"] = t["seconds"]
+            log(f"transformers generate, the same {g2['n']} prompts: {t['seconds']:.2f} s "
+                f"(engine {t['seconds'] / g2['engine_s']:.1f}x faster)")
+        del hf
     write(args, res, lines)
     # Last: another engine's compilations would count against the one measured above.
     if device.type == "cuda" and "checks" not in skip:
@@ -225,6 +243,10 @@ def write(args, res, lines):
         rows.append(f"| decode {name} | {d['ms_per_step']:.2f} ms/step | floor {d['floor_ms']:.2f} ms | "
                     f"{d['share']:.0%} of the floor |")
     rows.append(f"| decode B=1, 1K prompt, 128 tokens incl. prefill | {res['b1_with_prefill_tok_s']:.0f} tok/s | - | - |")
+    if "transformers_s" in res.get("generate", {}):
+        g = res["generate"]
+        rows.append(f"| {g['n']} x ({g['min_input']:,}-{g['input']:,} in, {g['output']} out) | {g['engine_s']:.2f} s | "
+                    f"transformers generate {g['transformers_s']:.1f} s | {g['transformers_s'] / g['engine_s']:.1f}x |")
     rows.append(f"| compilations / graph captures after ready (all of the above) | "
                 f"{res['compilations_after_ready']} / {res['graph_captures_after_ready']} | 0 | - |")
     prov = (f"date: {res['date']}; device: {res['device']}; torch {torch.__version__}; token budget "

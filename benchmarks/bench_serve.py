@@ -1,11 +1,13 @@
 """The OpenAI server under load beside the offline engine, one process, one engine, same run.
 
 One `LLM` (V2-Lite shape, random bf16 weights, the server's default token budget) first runs the
-workload offline (`generate`, the reference), then serves it: the same engine behind `latentmoe`'s
-FastAPI app in uvicorn, loaded by `latentmoe.bench.serve_load` (what `latentmoe bench serve` runs) at
-each concurrency with new prompts (no prefix-cache hits). The load runs in its own process, as a
-client would: in the server's process its parsing of every stream would compete for the interpreter. Prompts are token ids, so both sides do the
-same work. Target: at concurrency 64, throughput within 10% of offline and no errors.
+workload offline (`generate`, the reference): all requests at once, and at each concurrency c with at most
+c sequences running (the offline cost of serving c clients at a time, so that the ratio to it is the
+server's own overhead). Then it serves the workload: the same engine behind `latentmoe`'s FastAPI app in
+uvicorn, loaded by `latentmoe.bench.serve_load` (what `latentmoe bench serve` runs) at each concurrency with
+new prompts (no prefix-cache hits). The load runs in its own process, as a client would: in the server's
+process its parsing of every stream would compete for the interpreter. Prompts are token ids, so both sides
+do the same work. Target: at concurrency 64, throughput within 10% of offline and no errors.
 
     python benchmarks/bench_serve.py                             # GPU: writes benchmarks/results/serve.md
     python benchmarks/bench_serve.py --smoke --out /tmp/s.md     # CPU: tiny model
@@ -84,6 +86,16 @@ def main():
     prompts = lambda count: random_prompts(count, L, cfg.vocab_size, seed=next(seed))   # noqa: E731
     off = throughput(llm, [prompts(n), prompts(n)], O)["runs"][-1]
     print(f"offline: {off['requests_per_s']:.1f} req/s, {off['output_tokens_per_s']:,.0f} output tok/s", flush=True)
+    concurrencies = [int(x) for x in args.concurrency.split(",")]
+    counts = {c: min(n, max(4 * c, 20)) for c in concurrencies}   # concurrency 1: fewer requests, the same rates
+    # The offline engine at each concurrency too (at most c sequences running): what serving c clients at a time
+    # costs without the server, so that the ratio to it is the server's own overhead.
+    same = {}
+    for c in concurrencies:
+        llm.scheduler.max_num_seqs = min(c, llm.engine_config.max_num_seqs)
+        same[c] = throughput(llm, [prompts(counts[c])], O, progress=False)["runs"][-1]["requests_per_s"]
+        print(f"offline, at most {c} running: {same[c]:.1f} req/s", flush=True)
+    llm.scheduler.max_num_seqs = llm.engine_config.max_num_seqs
     base, server = start_server(llm)
     rows, lines = [], []
     client = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
@@ -92,20 +104,23 @@ def main():
     for hold in holds:
         # The scheduler reads it every step: one engine (one start-up) serves each setting in turn.
         llm.scheduler.prefill_hold_steps = hold
-        for c in (int(x) for x in args.concurrency.split(",")):
-            count = min(n, max(4 * c, 20))   # concurrency 1 with fewer requests (the same rates, less time)
+        for c in concurrencies:
+            count = counts[c]
             # logprobs 0: a chunk per token though the random model has no tokenizer (no text to stream)
             r = client.submit(serve_load, base, prompts(count), O, model="model", max_concurrency=c,
                               progress=False, extra_body={"logprobs": 0}).result()
             pct = lambda k: " / ".join("-" if r[k][p] is None else f"{r[k][p]:.1f}" for p in ("p50", "p99"))   # noqa: E731
             line = (f"| {hold} | {c} | {r['completed']}/{count} | {r['errors']} | {r['requests_per_s']:.1f} | "
+                    f"{same[c]:.1f} | "
                     f"{r['output_tokens_per_s']:,.0f} | {pct('ttft_ms')} | {pct('tpot_ms')} | {pct('itl_ms')} |")
             print(line, flush=True)
             lines.append(line)
             if hold == default_hold:
-                rows.append(f"| server, concurrency {c}, {count} x ({L} in, {O} out), prefill hold {hold} steps | "
-                            f"{r['requests_per_s']:.1f} req/s, {r['errors']} errors | offline engine "
-                            f"{off['requests_per_s']:.1f} req/s | {r['requests_per_s'] / off['requests_per_s']:.2f}x |")
+                hold_note = f", prefill hold {hold} steps" if hold else ""
+                rows.append(f"| server, concurrency {c}, {count} x ({L} in, {O} out){hold_note} | "
+                            f"{r['requests_per_s']:.1f} req/s, {r['errors']} errors | offline engine at most {c} "
+                            f"running {same[c]:.1f} req/s; all at once {off['requests_per_s']:.1f} | "
+                            f"{r['requests_per_s'] / same[c]:.2f}x; {r['requests_per_s'] / off['requests_per_s']:.2f}x |")
     client.shutdown()
     server.should_exit = True
     stats = llm.stats()
@@ -118,8 +133,9 @@ def main():
             f"{off['output_tokens_per_s']:,.0f} output tok/s.", "",
             "Prefill hold: steps a new request may wait while others decode, so that arrivals prefill together "
             "(`prefill_hold_steps`; 0 admits at once).", "",
-            "| prefill hold | concurrency | completed | errors | req/s | output tok/s | TTFT p50 / p99 ms | "
-            "TPOT p50 / p99 ms | ITL p50 / p99 ms |", "|---|---|---|---|---|---|---|---|---|", *lines, "",
+            "| prefill hold | concurrency | completed | errors | req/s | offline at most c running, req/s | "
+            "output tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | ITL p50 / p99 ms |",
+            "|---|---|---|---|---|---|---|---|---|---|", *lines, "",
             f"Compilations / graph captures after ready, over the whole run: "
             f"{stats.get('compilations_after_ready')} / {stats.get('graph_captures_after_ready')}.", ""]
     with open(args.out, "w") as f:

@@ -19,9 +19,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=256, help="sequences batched together at most")
     g.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="tokens per step (default on CUDA: 16384, serve 8192; CPU: 2048)")
-    g.add_argument("--prefill-hold-steps", type=int, default=8,
+    g.add_argument("--prefill-hold-steps", type=int, default=0,
                    help="steps a new request may wait while others decode, so that arrivals prefill together "
-                        "(decode-only steps replay a CUDA graph); 0 admits at once (default: 8)")
+                        "(decode-only steps replay a CUDA graph); default 0: admitted at once")
     g.add_argument("--block-size", type=int, default=64, help="tokens per cache block")
     g.add_argument("--cache-memory-gb", type=float, default=None, help="cache budget (default: automatic)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9,

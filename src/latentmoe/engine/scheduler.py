@@ -2,8 +2,8 @@
 sequence and chunks of prompts still being prefilled, admits waiting requests while blocks and
 the budget last, and preempts (by recompute) the newest running sequence when blocks run out.
 
-Arrivals are batched: while sequences decode and no prompt is being prefilled, a newly arrived request
-may wait up to `prefill_hold_steps` steps (or until the waiting prompts fill the step's budget). A step
+Arrivals can be batched (off by default): while sequences decode and no prompt is being prefilled, a newly
+arrived request may wait up to `prefill_hold_steps` steps (or until the waiting prompts fill the step's budget). A step
 of decodes alone replays a CUDA graph; a step with any prefill chunk runs eagerly, so a server whose
 requests arrive one at a time would otherwise run nearly every step eagerly for a small chunk. Holding
 trades a few decode steps of time to first token for prefills that run together.
