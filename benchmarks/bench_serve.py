@@ -1,9 +1,9 @@
 """The OpenAI server under load beside the offline engine, one process, one engine, same run.
 
 One `LLM` (V2-Lite shape, random bf16 weights, the server's default token budget) first runs the
-workload offline (`generate`, the reference): all requests at once, and at each concurrency c with at most
-c sequences running (the offline cost of serving c clients at a time, so that the ratio to it is the
-server's own overhead). Then it serves the workload: the same engine behind `latentmoe`'s FastAPI app in
+workload offline (`generate`, the reference, asking logprobs=0 as the served requests do): all requests
+at once, and at each concurrency c with at most c sequences running (the offline cost of serving c clients
+at a time, so that the ratio to it is the server's own overhead). Then it serves the workload: the same engine behind `latentmoe`'s FastAPI app in
 uvicorn, loaded by `latentmoe.bench.serve_load` (what `latentmoe bench serve` runs) at each concurrency with
 new prompts (no prefix-cache hits). The load runs in its own process, as a client would: in the server's
 process its parsing of every stream would compete for the interpreter. Prompts are token ids, so both sides
@@ -84,7 +84,9 @@ def main():
     n, L, O = args.num_prompts, args.input_len, args.output_len
     seed = iter(range(1, 1000))
     prompts = lambda count: random_prompts(count, L, cfg.vocab_size, seed=next(seed))   # noqa: E731
-    off = throughput(llm, [prompts(n), prompts(n)], O)["runs"][-1]
+    # The served requests ask for logprobs 0 (a chunk per token: the random model has no text to stream), so the
+    # offline references do too: the same sampling work on both sides.
+    off = throughput(llm, [prompts(n), prompts(n)], O, logprobs=0)["runs"][-1]
     print(f"offline: {off['requests_per_s']:.1f} req/s, {off['output_tokens_per_s']:,.0f} output tok/s", flush=True)
     concurrencies = [int(x) for x in args.concurrency.split(",")]
     counts = {c: min(n, max(4 * c, 20)) for c in concurrencies}   # concurrency 1: fewer requests, the same rates
@@ -93,7 +95,7 @@ def main():
     same = {}
     for c in concurrencies:
         llm.scheduler.max_num_seqs = min(c, llm.engine_config.max_num_seqs)
-        same[c] = throughput(llm, [prompts(counts[c])], O, progress=False)["runs"][-1]["requests_per_s"]
+        same[c] = throughput(llm, [prompts(counts[c])], O, progress=False, logprobs=0)["runs"][-1]["requests_per_s"]
         print(f"offline, at most {c} running: {same[c]:.1f} req/s", flush=True)
     llm.scheduler.max_num_seqs = llm.engine_config.max_num_seqs
     base, server = start_server(llm)

@@ -20,9 +20,9 @@ def random_prompts(n: int, input_len: int, vocab_size: int, min_input_len: int |
     return [[rng.randrange(3, vocab_size) for _ in range(rng.randint(lo, input_len))] for _ in range(n)]
 
 
-def _params(output_len: int):
+def _params(output_len: int, logprobs: int | None = None):
     from ..engine import SamplingParams
-    return SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    return SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, logprobs=logprobs)
 
 
 def _sync(device) -> None:
@@ -30,11 +30,13 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def throughput(llm, prompt_sets: list[list[list[int]]], output_len: int, progress: bool = True) -> dict:
+def throughput(llm, prompt_sets: list[list[list[int]]], output_len: int, progress: bool = True,
+               logprobs: int | None = None) -> dict:
     """One run per prompt set, in order (the first right after start-up counts as much as the later ones:
     nothing should compile or capture in it). Give each run its own prompts of the same lengths, or
-    the prefix cache serves the later runs' prompts. Requests/s and tokens/s of each run."""
-    params = _params(output_len)
+    the prefix cache serves the later runs' prompts. Requests/s and tokens/s of each run. `logprobs`: as
+    in SamplingParams (a reference for requests that ask for them does the same sampling work)."""
+    params = _params(output_len, logprobs)
     results = []
     for r, prompts in enumerate(prompt_sets):
         in_tokens = sum(len(p) for p in prompts)
