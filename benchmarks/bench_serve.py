@@ -11,6 +11,12 @@ do the same work. Target: at concurrency 64, throughput within 10% of offline an
 
     python benchmarks/bench_serve.py                             # GPU: writes benchmarks/results/serve.md
     python benchmarks/bench_serve.py --smoke --out /tmp/s.md     # CPU: tiny model
+    python benchmarks/bench_serve.py --stand-in 8,13 --concurrency 64 --out /tmp/s.md   # CPU: the host's share
+
+`--stand-in MS,US` measures what the host side costs (scheduling, outputs, HTTP streaming) apart from the
+model: the same workload and engine on a tiny CPU model whose every step is a sleep of MS milliseconds plus
+US microseconds per prefill token (8,13: about a V2-Lite decode step and prefill rate on an H200) and whose
+sampled token is fixed. A diagnostic, not a measurement of any device.
 """
 from __future__ import annotations
 
@@ -34,6 +40,24 @@ from latentmoe.bench import random_prompts, throughput   # noqa: E402
 from latentmoe.bench.serve import serve_load   # noqa: E402
 from latentmoe.engine import LLM, EngineConfig   # noqa: E402
 from latentmoe.engine.async_engine import AsyncLLM   # noqa: E402
+from latentmoe.engine.model_runner import ModelRunner   # noqa: E402
+
+
+def stand_in_llm(step_ms: float, prefill_us: float, **options) -> LLM:
+    """An engine over a tiny CPU model whose steps are sleeps (see the module docstring)."""
+    class SleepRunner(ModelRunner):
+        def warm_up(self, *args, **kwargs):
+            self.ready = True
+
+        def execute(self, batch):
+            ends = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == len(s)]
+            time.sleep((step_ms + prefill_us * (batch.num_tokens - batch.num_decodes) / 1e3) / 1e3)
+            return [5] * len(ends), [{5: 0.0} if s.params.logprobs is not None else None for s in ends]
+
+    class SleepLLM(LLM):
+        runner_class = SleepRunner
+
+    return SleepLLM(build_model(get_config("tiny"), seed=0).eval(), device="cpu", **options)
 
 
 def start_server(llm):
@@ -71,16 +95,26 @@ def main():
     ap.add_argument("--prefill-hold-steps", default=str(EngineConfig.prefill_hold_steps),
                     help="comma list: each value serves every concurrency (0: arrivals admitted at once; "
                          "default: the engine's default)")
+    ap.add_argument("--stand-in", default=None, metavar="MS,US",
+                    help="a tiny CPU model whose steps sleep MS ms + US us per prefill token (the host's share)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "serve.md"))
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if args.smoke:
         args.preset, args.num_prompts, args.input_len, args.output_len = "tiny", 8, 32, 8
         args.budget, args.concurrency = 512, "1,4"
-    cfg = get_config(args.preset)
-    model = build_model(cfg, device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32, seed=0,
-                        std=0.02).eval()
-    llm = LLM(model, max_num_batched_tokens=args.budget)
+    if args.stand_in:
+        step_ms, prefill_us = (float(x) for x in args.stand_in.split(","))
+        dev, args.preset = torch.device("cpu"), f"stand-in {step_ms:g} ms + {prefill_us:g} us/prefill token"
+        cfg = get_config("tiny")
+        llm = stand_in_llm(step_ms, prefill_us, max_num_batched_tokens=args.budget, block_size=64,
+                           num_blocks=max(64, 2 * args.num_prompts * -(-(args.input_len + args.output_len) // 64)),
+                           max_model_len=args.input_len + args.output_len + 64)
+    else:
+        cfg = get_config(args.preset)
+        model = build_model(cfg, device=dev, dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32, seed=0,
+                            std=0.02).eval()
+        llm = LLM(model, max_num_batched_tokens=args.budget)
     n, L, O = args.num_prompts, args.input_len, args.output_len
     seed = iter(range(1, 1000))
     prompts = lambda count: random_prompts(count, L, cfg.vocab_size, seed=next(seed))   # noqa: E731
