@@ -15,7 +15,7 @@ def register(subparsers) -> None:
                     "loss, all three losses, + device-limited routing, + token dropping.")
     p.add_argument("experiment", choices=["attention", "balance"])
     p.add_argument("--scale", choices=["cpu", "gpu"], default="cpu",
-                   help="cpu: about 12 minutes on 2 cores; gpu: about 9 minutes on one H200 (training time per comparison: 10 minutes on CPU, 6 on GPU, split over the runs) (default: cpu)")
+                   help="cpu: about 12 minutes on 2 cores; gpu: about 7.5 minutes on one H200 (training time per comparison: 10 minutes on CPU, 6 on GPU, split over the runs) (default: cpu)")
     p.add_argument("--out", required=True, help="output directory (runs, data cache, results)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per variant (default 2)")
     p.add_argument("--steps", type=int, default=None,
