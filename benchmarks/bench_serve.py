@@ -1,13 +1,14 @@
 """The OpenAI server under load beside the offline engine, one process, one engine, same run.
 
-One `LLM` (V2-Lite shape, random bf16 weights, the server's default token budget) first runs the
-workload offline (`generate`, the reference, asking logprobs=0 as the served requests do): all requests
-at once, and at each concurrency c with at most c sequences running (the offline cost of serving c clients
-at a time, so that the ratio to it is the server's own overhead). Then it serves the workload: the same engine behind `latentmoe`'s FastAPI app in
-uvicorn, loaded by `latentmoe.bench.serve_load` (what `latentmoe bench serve` runs) at each concurrency with
-new prompts (no prefix-cache hits). The load runs in its own process, as a client would: in the server's
-process its parsing of every stream would compete for the interpreter. Prompts are token ids, so both sides
-do the same work. Target: at concurrency 64, throughput within 10% of offline and no errors.
+One `LLM` (V2-Lite shape, random bf16 weights, the server's default token budget) first runs the workload
+offline (`generate`, the reference, asking logprobs=0 as the served requests do): all requests at once, and at
+each concurrency c with at most c sequences running (the offline cost of serving c clients at a time, so that
+the ratio to it is the server's own overhead). Then it serves the workload: the same engine behind
+`latentmoe`'s FastAPI app in uvicorn, loaded by `latentmoe.bench.serve_load` (what `latentmoe bench serve`
+runs) at each concurrency with new prompts (no prefix-cache hits). The load runs in its own process, as a
+client would: in the server's process its parsing of every stream would compete for the interpreter. Prompts
+are token ids, so both sides do the same work. Target: at concurrency 64, throughput within 10% of offline and
+no errors.
 
     python benchmarks/bench_serve.py                             # GPU: writes benchmarks/results/serve.md
     python benchmarks/bench_serve.py --smoke --out /tmp/s.md     # CPU: tiny model

@@ -3,9 +3,9 @@ sequence and chunks of prompts still being prefilled, admits waiting requests wh
 the budget last, and preempts (by recompute) the newest running sequence when blocks run out.
 
 Arrivals can be batched (off by default): while sequences decode and no prompt is being prefilled, a newly
-arrived request may wait up to `prefill_hold_steps` steps (or until the waiting prompts fill the step's budget). A step
-of decodes alone replays a CUDA graph; a step with any prefill chunk runs eagerly, so a server whose
-requests arrive one at a time would otherwise run nearly every step eagerly for a small chunk. Holding
+arrived request may wait up to `prefill_hold_steps` steps (or until the waiting prompts fill the step's
+budget). A step of decodes alone replays a CUDA graph; a step with any prefill chunk runs eagerly, so a server
+whose requests arrive one at a time would otherwise run nearly every step eagerly for a small chunk. Holding
 trades a few decode steps of time to first token for prefills that run together.
 """
 
@@ -32,6 +32,11 @@ class ScheduledBatch:
 
     def __len__(self) -> int:
         return len(self.seqs)
+
+
+def _is_decode(seq: Sequence, n: int) -> bool:
+    """One new token after a computed context: the absorbed (decode) path."""
+    return n == 1 and seq.num_computed_tokens > 0
 
 
 class Scheduler:
@@ -97,8 +102,8 @@ class Scheduler:
             chosen.append((seq, n))
             budget -= n
             i += 1
-        prefilling = any(not (n == 1 and s.num_computed_tokens > 0) for s, n in chosen)
-        if not preempted and self._admit_now(bool(chosen), prefilling, budget):
+        decodes_only = bool(chosen) and all(_is_decode(s, n) for s, n in chosen)
+        if not preempted and self._admit_now(decodes_only, budget):
             while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 seq = self.waiting[0]
                 if self._sibling_prefilling(seq):
@@ -115,18 +120,18 @@ class Scheduler:
                 self.running.append(seq)
                 chosen.append((seq, n))
                 budget -= n
-        decodes = [(s, n) for s, n in chosen if n == 1 and s.num_computed_tokens > 0]
-        prefills = [(s, n) for s, n in chosen if not (n == 1 and s.num_computed_tokens > 0)]
+        decodes = [(s, n) for s, n in chosen if _is_decode(s, n)]
+        prefills = [(s, n) for s, n in chosen if not _is_decode(s, n)]
         ordered = decodes + prefills
         return ScheduledBatch([s for s, _ in ordered], [n for _, n in ordered], len(decodes), preempted)
 
-    def _admit_now(self, decoding: bool, prefilling: bool, budget: int) -> bool:
-        """Whether waiting requests join this step, or are held so that arrivals prefill together: they join
-        at once when nothing decodes, when a prefill chunk runs anyway, when their prompts fill the rest of
-        the budget, or after `prefill_hold_steps` held steps."""
+    def _admit_now(self, decodes_only: bool, budget: int) -> bool:
+        """Whether waiting requests join this step, or are held so that arrivals prefill together: held only
+        while the step is decodes alone (nothing running, or a prefill chunk in the step anyway: they join),
+        until their prompts fill the rest of the budget or for `prefill_hold_steps` steps."""
         if not self.waiting:
             return False
-        if decoding and not prefilling and self.held_steps < self.prefill_hold_steps:
+        if decodes_only and self.held_steps < self.prefill_hold_steps:
             waiting_tokens = 0
             for seq in self.waiting:
                 waiting_tokens += len(seq) - seq.num_computed_tokens
