@@ -45,8 +45,9 @@ def test_fused_modules_match_model(dev, over):
     fused = engine_model(model, fused_ops=True)
     kinds = [type(m).__name__ for m in fused.modules()]
     assert [k.removeprefix("Engine") for k in kinds] == [type(m).__name__ for m in model.modules()]
-    assert sum(k in ("EngineRMSNorm", "EngineMLA", "EngineRouter") for k in kinds) == \
-        sum(type(m).__name__ in ("RMSNorm", "MLA", "Router") for m in model.modules())
+    fusable = ("RMSNorm", "MLA", "Router", "MLP", "Block")
+    assert sum(k in tuple("Engine" + f for f in fusable) for k in kinds) == \
+        sum(type(m).__name__ in fusable for m in model.modules())
     assert list(fused.state_dict()) == list(model.state_dict())
     out, out_r = fused(ids, positions=pos, return_router=True)
     assert rel(out, ref) < 1e-5
@@ -68,6 +69,7 @@ def test_fused_experts_match_model(dev):
     model = build_model(cfg, device=dev, dtype=torch.float32, seed=2, std=0.1).eval()
     fused = engine_model(model, fused_experts=True)
     assert any(type(m).__name__ == "EngineExperts" for m in fused.modules())
+    assert any(type(m).__name__ == "EngineMoE" for m in fused.modules())   # shared experts added in the combine
     for shape in ((1, 1), (2, 1), (2, 7)):   # 1-2 tokens take the unsorted layout, more the sorted one
         ids = torch.randint(0, 256, shape, device=dev)
         assert rel(fused(ids), model(ids)) < (5e-3 if CUDA else 1e-5)   # fp32 tl.dot is tf32 on a GPU

@@ -224,6 +224,45 @@ def test_fused_moe_skips_negative_ids(K, M):
     assert rel_err(out, expected) < (5e-3 if CUDA else 1e-5)
 
 
+@pytest.mark.parametrize("M,top_k,D,dtype", [(1, 6, 48, torch.bfloat16), (13, 3, 1500, torch.bfloat16),
+                                             (5, 2, 40, torch.float32)])
+def test_moe_combine_equals_sum_then_shared_add(K, M, top_k, D, dtype):
+    """The combine kernel against the model's order of operations: the K rows summed in fp32 and rounded,
+    then the shared experts' output added in the activations' dtype (bit for bit), and without an add."""
+    gen = torch.Generator().manual_seed(M + D)
+    y = torch.randn(M * top_k, D, generator=gen).to(dtype).to(DEV)
+    shared = torch.randn(M, 2 * D, generator=gen).to(dtype).to(DEV)[:, :D]   # strided rows, as a view may come
+    expected = y.view(M, top_k, D).sum(1, dtype=torch.float32).to(dtype)
+    assert torch.equal(K.moe_combine_ref(y, top_k, shared), expected + shared)
+    assert torch.equal(K.moe_combine(y, top_k), expected)
+    assert torch.equal(K.moe_combine(y, top_k, shared), expected + shared)
+
+
+@pytest.mark.parametrize("shape,dtype", [((3, 40), torch.float32), ((2, 5, 1408), torch.bfloat16)])
+def test_silu_mul_matches_the_model_formula(K, shape, dtype):
+    gen = torch.Generator().manual_seed(len(shape))
+    g = (torch.randn(*shape, generator=gen) * 4).to(dtype).to(DEV)
+    u = torch.randn(*shape, generator=gen).to(dtype).to(DEV)
+    out = K.silu_mul(g, u)
+    ref = torch.nn.functional.silu(g) * u
+    assert out.shape == ref.shape and out.dtype == dtype
+    # Rounded where torch rounds (silu, then the product): equal but for last-ulp differences in silu's exp.
+    assert rel_err(out, ref) < (1e-6 if dtype == torch.float32 else 4e-3)
+    if dtype == torch.bfloat16:
+        assert (out != ref).float().mean() < 0.02
+
+
+@pytest.mark.parametrize("M", [2, 37])
+def test_fused_moe_adds_the_shared_output(K, M):
+    gen = torch.Generator().manual_seed(5 + M)
+    x, gate_up, down, idx, weight = make_moe(M, 3, 8, 64, 48, torch.bfloat16, gen)
+    shared = torch.randn(M, 64, generator=gen).to(torch.bfloat16).to(DEV)
+    layout = K.few_token_layout(K.FEW_TOKENS * 3, DEV)
+    plain = K.fused_moe(x, gate_up, down, idx, weight, few_token_layout=layout)
+    both = K.fused_moe(x, gate_up, down, idx, weight, few_token_layout=layout, add_MD=shared)
+    assert torch.equal(both, plain + shared)
+
+
 def test_fused_moe_reference_matches_model_experts(K):
     """fused_moe_ref against the model's own Experts module (per-expert loop), in fp64."""
     from latentmoe.config import get_config
@@ -305,6 +344,19 @@ def test_rms_norm(K, N, dtype):
     norm.weight.data.copy_(w)
     with torch.no_grad():
         assert torch.equal(norm(x), ref)
+
+
+@pytest.mark.parametrize("N,dtype", [(48, torch.float32), (1024, torch.bfloat16)])
+def test_add_rms_norm(K, N, dtype):
+    """The residual add then the norm: the sum exactly h + delta in h's dtype, the norm as rms_norm's."""
+    gen = torch.Generator().manual_seed(N)
+    h = (torch.randn(2, 3, N, generator=gen) * 3).to(dtype).to(DEV)
+    d = torch.randn(2, 3, N, generator=gen).to(dtype).to(DEV)
+    w = (1 + 0.1 * torch.randn(N, generator=gen)).to(dtype).to(DEV)
+    s, y = K.add_rms_norm(h, d, w, 1e-6)
+    assert torch.equal(s, h + d)
+    assert rel_err(y, K.rms_norm_ref((h + d).double(), w.double(), 1e-6)) < (1e-6 if dtype == torch.float32 else 8e-3)
+    assert torch.equal(y, K.rms_norm(h + d, w, 1e-6))   # the same row code as the plain norm
 
 
 @pytest.mark.parametrize("H,N,C,R,q_rows", [(4, 8, 32, 16, 5), (3, 12, 40, 8, 1)])

@@ -13,13 +13,18 @@ def test_prefill_kernels_under_triton_interpreter():
     run_module_under_interpreter(__file__)
 
 
-def make_inputs(chunks, H, N, R, V, dtype, shared_pe=True, seed=0, device=DEV):
-    """chunks: (prefix, q_len) per sequence -> q/k/v rows laid out as the engine lays them out."""
+def make_inputs(chunks, H, N, R, V, dtype, shared_pe=True, seed=0, device=DEV, as_engine=False):
+    """chunks: (prefix, q_len) per sequence -> q/k/v rows. as_engine: laid out as the engine lays them out,
+    q_nope and q_pe views of one [T, H, N + R] projection, k_nope and v views of one [S, H, N + V]."""
     g = torch.Generator().manual_seed(seed)
     T = sum(q for _, q in chunks)
     S = sum(p + q for p, q in chunks)
     r = lambda *shape: torch.randn(*shape, generator=g).to(dtype).to(device)   # noqa: E731
-    q_nope, q_pe, k_nope, v = r(T, H, N), r(T, H, R), r(S, H, N), r(S, H, V)
+    if as_engine:
+        q, kv = r(T, H, N + R), r(S, H, N + V)
+        q_nope, q_pe, k_nope, v = q[..., :N], q[..., N:], kv[..., :N], kv[..., N:]
+    else:
+        q_nope, q_pe, k_nope, v = r(T, H, N), r(T, H, R), r(S, H, N), r(S, H, V)
     k_pe = r(S, R) if shared_pe else r(S, H, R)
     cu_q = torch.tensor([0] + [q for _, q in chunks], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
     cu_k = torch.tensor([0] + [p + q for p, q in chunks], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
@@ -59,9 +64,43 @@ def test_merge_attention_parts_equals_attention_over_both():
     def part(lo, hi):
         return torch.einsum("hts,hsv->htv", s[..., lo:hi].softmax(-1), v[:, lo:hi]), s[..., lo:hi].logsumexp(-1)
 
-    from latentmoe.kernels.prefill import merge_attention_parts
-    assert rel_err(merge_attention_parts(*part(0, 4), *part(4, 9)), full) < 1e-6   # fp32 arithmetic
-    assert rel_err(merge_attention_parts(*part(4, 9), *part(0, 4)), full) < 1e-6
+    from latentmoe.kernels.prefill import merge_attention_parts, merge_attention_parts_ref
+    want = full.transpose(0, 1)   # [T, H, V], the rows the output projection reads
+    assert rel_err(merge_attention_parts_ref(*part(0, 4), *part(4, 9)), want) < 1e-6   # fp32 arithmetic
+    assert rel_err(merge_attention_parts_ref(*part(4, 9), *part(0, 4)), want) < 1e-6
+    # The kernel (fp32 arithmetic) on bf16 parts laid out as cuDNN returns them: [H, T, V] views of [T, H, V].
+    (o1, l1), (o2, l2) = part(0, 4), part(4, 9)
+    o1, o2 = (o.transpose(0, 1).contiguous().to(torch.bfloat16).to(DEV).transpose(0, 1) for o in (o1, o2))
+    got = merge_attention_parts(o1, l1.float().to(DEV), o2, l2.float().to(DEV))
+    assert got.shape == want.shape and got.is_contiguous()
+    assert rel_err(got.cpu(), want) < 1e-2
+
+
+def test_joined_is_a_view_only_for_adjacent_columns():
+    from latentmoe.kernels.prefill import joined
+    q = torch.randn(5, 3, 12)
+    a, b = q[..., :8], q[..., 8:]
+    j = joined(a, b)
+    assert j is not None and j.data_ptr() == q.data_ptr() and torch.equal(j, q)
+    assert torch.equal(joined(q[1:, :, :8], q[1:, :, 8:]), q[1:])           # a slice of rows keeps working
+    assert joined(b, a) is None and joined(q[..., :4], q[..., 8:]) is None   # wrong order, a gap
+    assert joined(torch.randn(5, 3, 8), torch.randn(5, 3, 4)) is None        # separate tensors
+
+
+@pytest.mark.parametrize("shared,width", [(True, None), (False, None), (True, 24)])
+def test_concat_heads(K, shared, width):
+    from latentmoe.kernels.prefill import concat_heads, concat_heads_ref
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(7, 3, 20, generator=g).to(torch.bfloat16).to(DEV)[..., :12]   # strided, as split from kv_b_proj
+    b = torch.randn(7, 4, generator=g) if shared else torch.randn(7, 3, 4, generator=g)
+    b = b.to(torch.bfloat16).to(DEV)
+    out = concat_heads(a, b, width)
+    ref = concat_heads_ref(a, b, width)
+    assert out.shape == (7, 3, width or 16) and torch.equal(out, ref)
+    assert torch.equal(out[..., :12], a) and (width is None or not out[..., 16:].any())
+    padded = concat_heads(a, None, 16)   # v padded to the keys' width
+    assert torch.equal(padded, concat_heads_ref(a, None, 16)) and torch.equal(padded[..., :12], a)
+    assert not padded[..., 12:].any()
 
 
 @pytest.mark.parametrize("chunks", [[(0, 5)], [(0, 33), (20, 7), (0, 1), (64, 40)], [(3, 1), (0, 17)]])
@@ -93,12 +132,12 @@ def test_prefill_attention_full_size(K):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("shared_pe", [True, False])
+@pytest.mark.parametrize("shared_pe,as_engine", [(True, False), (False, False), (True, True)])
 @pytest.mark.parametrize("path", ["flash", "triton"])
-def test_prefill_attention_paths_against_reference(K, path, shared_pe):
+def test_prefill_attention_paths_against_reference(K, path, shared_pe, as_engine):
     # Both GPU paths over a mix of chunks: whole prompts, chunks after a cached prefix, one-token chunks.
     chunks = [(0, 700), (513, 64), (0, 1), (1000, 129), (7, 1)]
-    args = make_inputs(chunks, 16, 128, 64, 128, torch.bfloat16, shared_pe, seed=5)
+    args = make_inputs(chunks, 16, 128, 64, 128, torch.bfloat16, shared_pe, seed=5, as_engine=as_engine)
     ref = K.prefill_attention_ref(*(a.float() if a.is_floating_point() else a for a in args[:7]), 0.07)
     if path == "flash":
         from latentmoe.kernels.prefill import flash_supported, prefill_attention_flash
@@ -112,12 +151,12 @@ def test_prefill_attention_paths_against_reference(K, path, shared_pe):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-@pytest.mark.parametrize("shared_pe", [True, False])
+@pytest.mark.parametrize("shared_pe,as_engine", [(True, False), (False, False), (True, True)])
 @pytest.mark.parametrize("chunk", [(0, 700), (513, 300), (4000, 1)])
-def test_prefill_attention_one_chunk_cudnn_against_reference(K, chunk, shared_pe):
+def test_prefill_attention_one_chunk_cudnn_against_reference(K, chunk, shared_pe, as_engine):
     # A step of one chunk (a long prompt): cuDNN's attention, the prefix part merged with the causal part.
     from latentmoe.kernels.prefill import cudnn_supported, prefill_attention_cudnn
-    args = make_inputs([chunk], 16, 128, 64, 128, torch.bfloat16, shared_pe, seed=6)
+    args = make_inputs([chunk], 16, 128, 64, 128, torch.bfloat16, shared_pe, seed=6, as_engine=as_engine)
     if not cudnn_supported(args[0], args[1], args[4]):
         pytest.skip("cuDNN attention needs sm90+ here")
     ref = K.prefill_attention_ref(*(a.float() if a.is_floating_point() else a for a in args[:7]), 0.07)

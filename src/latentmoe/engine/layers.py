@@ -24,12 +24,25 @@ from torch import nn
 
 from .. import kernels
 from ..config import ModelConfig
-from ..model import MLA, MoE, Experts, Router, RMSNorm
+from ..model import MLA, MLP, Block, MoE, Experts, RouterOutput, Router, RMSNorm
 
 
 class EngineRMSNorm(RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.rms_norm(x, self.weight, self.eps)
+
+
+class EngineBlock(Block):
+    """The decoder block with the attention's residual add and the next norm in one kernel (kernels.add_rms_norm)."""
+
+    def forward(self, h, cos, sin, mask=None, backend=None):
+        a = self.self_attn(self.input_layernorm(h), cos, sin, mask, backend)
+        norm = self.post_attention_layernorm
+        h, x = kernels.add_rms_norm(h, a, norm.weight, norm.eps)
+        if self.is_moe:
+            out, router = self.mlp(x)
+            return h + out, router
+        return h + self.mlp(x), None
 
 
 class EngineMLA(MLA):
@@ -70,6 +83,26 @@ class EngineRouter(Router):
         return kernels.softmax_topk(logits, self.top_k, self.norm_topk_prob, self.routed_scaling_factor)
 
 
+class EngineMLP(MLP):
+    """SwiGLU with silu(gate) * up in one kernel (the dense layers and the shared experts)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(kernels.silu_mul(self.gate_proj(x), self.up_proj(x)))
+
+
+class EngineMoE(MoE):
+    """The MoE layer with the shared experts' output added in the routed experts' final pass (their combine),
+    instead of a separate add. Only built where the experts are the engine's (they take `add_MD`)."""
+
+    def forward(self, x: torch.Tensor):
+        shape = x.shape
+        x_MD = x.reshape(-1, shape[-1])
+        scores, topk_weight, topk_idx = self.gate(x_MD)
+        shared = self.shared_experts(x_MD) if self.shared_experts is not None else None
+        y = self.experts(x_MD, topk_idx, topk_weight, add_MD=shared)
+        return y.view(shape), RouterOutput(scores, topk_idx, topk_weight, None)
+
+
 class EngineExperts(Experts):
     """Routed experts through kernels.fused_moe; batch-1/2 decodes skip the expert sort (2 kernels, not ~14).
     Negative expert ids are skipped (an expert-parallel rank's assignments to other ranks' experts)."""
@@ -81,9 +114,11 @@ class EngineExperts(Experts):
         self.few_token_layout = kernels.few_token_layout(kernels.FEW_TOKENS * cfg.num_experts_per_tok,
                                                          self.gate_up_proj.device)
 
-    def forward(self, x_MD: torch.Tensor, topk_idx_MK: torch.Tensor, topk_weight_MK: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_MD: torch.Tensor, topk_idx_MK: torch.Tensor, topk_weight_MK: torch.Tensor,
+                add_MD: torch.Tensor | None = None) -> torch.Tensor:
         return kernels.fused_moe(x_MD, self.gate_up_proj, self.down_proj, topk_idx_MK, topk_weight_MK,
-                                 few_token_layout=self.few_token_layout, skip_negative=self.skip_negative)
+                                 few_token_layout=self.few_token_layout, skip_negative=self.skip_negative,
+                                 add_MD=add_MD)
 
 
 class Fp8Linear(nn.Module):
@@ -117,10 +152,11 @@ class Fp8Experts(Experts):
 
     prepare = EngineExperts.prepare
 
-    def forward(self, x_MD: torch.Tensor, topk_idx_MK: torch.Tensor, topk_weight_MK: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_MD: torch.Tensor, topk_idx_MK: torch.Tensor, topk_weight_MK: torch.Tensor,
+                add_MD: torch.Tensor | None = None) -> torch.Tensor:
         return kernels.fused_moe_fp8(x_MD, self.gate_up_proj, self.gate_up_proj_scale_inv, self.down_proj,
                                      self.down_proj_scale_inv, topk_idx_MK, topk_weight_MK,
-                                     few_token_layout=self.few_token_layout)
+                                     few_token_layout=self.few_token_layout, add_MD=add_MD)
 
 
 # Linears that stay in the compute dtype under FP8: the output head (as in DeepSeek's FP8 releases) and
@@ -145,7 +181,8 @@ def _fp8_pair(name: str, weight: torch.Tensor, stored: dict, device: torch.devic
     return kernels.quantize_fp8_blocks(weight.detach().to(target))
 
 
-def _engine_class(module: nn.Module, parent: nn.Module | None, fused_ops: bool, fused_experts: bool) -> type:
+def _engine_class(module: nn.Module, parent: nn.Module | None, fused_ops: bool, fused_experts: bool,
+                  quantized: bool = False) -> type:
     """The class the engine builds `module` as: an engine subclass where one applies, else its own."""
     kind = type(module)
     if fused_ops and kind is RMSNorm:
@@ -154,6 +191,13 @@ def _engine_class(module: nn.Module, parent: nn.Module | None, fused_ops: bool, 
         return EngineMLA
     if fused_ops and kind is Router and module.n_group == 1 and module.device_limit is None:
         return EngineRouter
+    if fused_ops and kind is MLP:
+        return EngineMLP
+    if fused_ops and kind is Block and type(module.post_attention_layernorm) is RMSNorm:
+        return EngineBlock
+    # An MoE layer whose routed experts will be the engine's (EngineExperts or Fp8Experts: they take add_MD).
+    if kind is MoE and (fused_experts or quantized):
+        return EngineMoE
     # An MoE layer's experts (also a rank's share of them inside tensor_parallel.ParallelMoE).
     if fused_experts and kind is Experts and isinstance(parent, MoE):
         return EngineExperts
@@ -175,7 +219,8 @@ def engine_model(model: nn.Module, *, fused_ops: bool = False, fused_experts: bo
                  quantization: str | None = None, fp8_weights: dict | None = None) -> nn.Module:
     """The engine's copy of `model` in eval mode: same parameters (the same objects unless `device`/`dtype`
     ask for a conversion; tied weights stay tied), the engine subclasses above where `fused_ops`
-    (RMSNorm, MLA post-projection, greedy router) and `fused_experts` (routed experts) choose them.
+    (RMSNorm, the block's residual add with its norm, MLA post-projection, greedy router, SwiGLU) and `fused_experts` (routed experts, and the MoE
+    layer adding the shared experts in their combine) choose them.
     `model` itself is not touched. For inference only (the fused kernels have no backward).
 
     quantization="fp8": every Linear but those in FP8_SKIP becomes an Fp8Linear and the routed experts
@@ -201,7 +246,7 @@ def engine_model(model: nn.Module, *, fused_ops: bool = False, fused_experts: bo
                 return Fp8Linear(*_fp8_pair(f"{name}.weight", module.weight, stored, device), share(module.bias))
             return Fp8Experts(_fp8_pair(f"{name}.gate_up_proj", module.gate_up_proj, stored, device),
                               _fp8_pair(f"{name}.down_proj", module.down_proj, stored, device), module.impl)
-        cls = _engine_class(module, parent, fused_ops, fused_experts)
+        cls = _engine_class(module, parent, fused_ops, fused_experts, quantization == "fp8")
         new = cls.__new__(cls)
         # Attributes by reference; containers (hooks, buffer-name sets, ...) as the copy's own.
         new.__dict__.update({k: copy.copy(v) if isinstance(v, (dict, set, list)) else v
@@ -220,5 +265,5 @@ def engine_model(model: nn.Module, *, fused_ops: bool = False, fused_experts: bo
     return new_model
 
 
-__all__ = ["engine_model", "EngineRMSNorm", "EngineMLA", "EngineRouter", "EngineExperts", "Fp8Linear", "Fp8Experts",
-           "FP8_SKIP", "fp8_quantizable"]
+__all__ = ["engine_model", "EngineRMSNorm", "EngineBlock", "EngineMLA", "EngineRouter", "EngineMLP", "EngineMoE", "EngineExperts",
+           "Fp8Linear", "Fp8Experts", "FP8_SKIP", "fp8_quantizable"]

@@ -58,9 +58,17 @@ def sm_count(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def jit(fn):
-    """triton.jit where Triton exists; the plain function otherwise (never launched then)."""
-    return triton.jit(fn) if HAS_TRITON else fn
+def jit(fn=None, *, do_not_specialize=()):
+    """triton.jit where Triton exists; the plain function otherwise (never launched then).
+
+    `do_not_specialize` names integer arguments that vary from call to call (a token count): Triton would
+    otherwise compile a variant for the values 1 and multiples of 16, which the engine's start-up cannot
+    know it must warm."""
+    if fn is None:
+        return lambda f: jit(f, do_not_specialize=do_not_specialize)
+    if not HAS_TRITON:
+        return fn
+    return triton.jit(fn, do_not_specialize=list(do_not_specialize)) if do_not_specialize else triton.jit(fn)
 
 
 @jit
@@ -72,6 +80,19 @@ def dot(a, b, UPCAST: tl.constexpr):
     if a.dtype == tl.float32:
         return tl.dot(a, b, input_precision="ieee")
     return tl.dot(a, b)
+
+
+@jit
+def cast(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
+    """x (fp32) in `dtype`, rounded to nearest even like torch. The GPU's cast is used as is; Triton's CPU
+    interpreter truncates fp32 -> bf16, so there x is first rounded onto the bf16 grid in its bits (kept
+    exactly by the cast). Where a kernel must equal torch bit for bit, it casts through this."""
+    if INTERPRETED:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.int32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
 
 
 _COMPILATIONS = [0]

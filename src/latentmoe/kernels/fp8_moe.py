@@ -13,7 +13,7 @@ import torch
 
 from ._triton import INTERPRET, dot, jit, new_buffer, tl, triton, use_triton
 from .fp8 import BLOCK, dequantize_fp8_blocks, dequantize_fp8_blocks_triton
-from .moe import DECODE_CONFIG, FEW_TOKENS, choose_moe_config, fused_moe_triton, moe_align
+from .moe import DECODE_CONFIG, FEW_TOKENS, choose_moe_config, fused_moe_triton, moe_align, moe_combine
 from .reference import fused_moe_ref
 
 
@@ -100,7 +100,8 @@ def _moe_fp8_down_kernel(h_ptr, w_ptr, s_ptr, y_ptr, sorted_ids_ptr, block_exper
 
 
 def fused_moe_fp8_triton(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scale, topk_idx_MK, topk_weight_MK,
-                         few_token_layout: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+                         few_token_layout: torch.Tensor | None = None, config: dict | None = None,
+                         add_MD: torch.Tensor | None = None) -> torch.Tensor:
     M, D = x_MD.shape
     K = topk_idx_MK.shape[1]
     E, I = down_proj.shape[0], down_proj.shape[2]
@@ -133,7 +134,7 @@ def fused_moe_fp8_triton(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scal
         y_AD.stride(0), A, I, D, E,
         BLOCK_M=bm, BLOCK_N=cfg["block_n2"], BLOCK_K=bk, SCALE_BLOCK=BLOCK, UPCAST=INTERPRET,
         num_warps=nw, num_stages=ns)
-    return y_AD.view(M, K, D).sum(dim=1, dtype=torch.float32).to(x_MD.dtype)
+    return moe_combine(y_AD, K, add_MD)
 
 
 # From this many assignments per expert (prefill) the expert GEMMs are compute-bound: the weights are
@@ -153,22 +154,24 @@ def _dequantize_experts(w: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) ->
 
 def fused_moe_fp8(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, gate_up_scale: torch.Tensor,
                   down_proj: torch.Tensor, down_scale: torch.Tensor, topk_idx_MK: torch.Tensor,
-                  topk_weight_MK: torch.Tensor, few_token_layout: torch.Tensor | None = None) -> torch.Tensor:
+                  topk_weight_MK: torch.Tensor, few_token_layout: torch.Tensor | None = None,
+                  add_MD: torch.Tensor | None = None) -> torch.Tensor:
     """`fused_moe` over block-FP8 expert weights -> [M, D] in x's dtype. Triton on CUDA (CPU under
     TRITON_INTERPRET=1): the FP8 kernels, or from DEQUANTIZE_MIN_PER_EXPERT assignments per expert the
-    dequantised weights through the bf16 kernels; the dequantising reference elsewhere."""
+    dequantised weights through the bf16 kernels; the dequantising reference elsewhere. `add_MD` as in
+    `fused_moe`."""
     if x_MD.shape[0] == 0:
         return x_MD.clone()
     if not use_triton(x_MD):
-        return fused_moe_fp8_ref(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scale, topk_idx_MK,
-                                 topk_weight_MK)
+        y = fused_moe_fp8_ref(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scale, topk_idx_MK, topk_weight_MK)
+        return y if add_MD is None else y + add_MD
     if topk_idx_MK.numel() >= DEQUANTIZE_MIN_PER_EXPERT * gate_up_proj.shape[0]:
         gu = _dequantize_experts(gate_up_proj, gate_up_scale, x_MD.dtype)
         dn = _dequantize_experts(down_proj, down_scale, x_MD.dtype) if gu is not None else None
         if dn is not None:
-            return fused_moe_triton(x_MD, gu, dn, topk_idx_MK, topk_weight_MK)
+            return fused_moe_triton(x_MD, gu, dn, topk_idx_MK, topk_weight_MK, add_MD=add_MD)
     return fused_moe_fp8_triton(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scale, topk_idx_MK,
-                                topk_weight_MK, few_token_layout)
+                                topk_weight_MK, few_token_layout, add_MD=add_MD)
 
 
 __all__ = ["fused_moe_fp8", "fused_moe_fp8_ref", "fused_moe_fp8_triton", "DEQUANTIZE_MIN_PER_EXPERT"]

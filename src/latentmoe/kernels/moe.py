@@ -12,7 +12,7 @@ P padded assignment rows (a multiple of BLOCK_M).
 """
 import torch
 
-from ._triton import INTERPRET, dot, jit, new_buffer, tl, triton, use_triton
+from ._triton import INTERPRET, cast, dot, jit, new_buffer, tl, triton, use_triton
 from .reference import fused_moe_ref
 
 
@@ -265,9 +265,51 @@ def _skipped_to_phantom(topk_idx_MK: torch.Tensor, n_experts: int) -> torch.Tens
     return torch.where(topk_idx_MK < 0, n_experts, topk_idx_MK)
 
 
+def moe_combine_ref(y_AD: torch.Tensor, top_k: int, add_MD: torch.Tensor | None = None) -> torch.Tensor:
+    """Each token's K weighted expert rows summed in fp32, rounded to y's dtype, then `add_MD` added in that
+    dtype: what `experts(x) + shared_experts(x)` computes in the model."""
+    A, D = y_AD.shape
+    y = y_AD.view(A // top_k, top_k, D).sum(dim=1, dtype=torch.promote_types(y_AD.dtype, torch.float32))
+    y = y.to(y_AD.dtype)
+    return y if add_MD is None else y + add_MD
+
+
+@jit
+def _moe_combine_kernel(y_ptr, add_ptr, out_ptr, D, stride_add, TOP_K: tl.constexpr, HAS_ADD: tl.constexpr,
+                        BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr):
+    m = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = offs < D
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for k in range(TOP_K):
+        acc += tl.load(y_ptr + (m * TOP_K + k) * D + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_ADD:
+        acc = cast(acc, out_ptr.dtype.element_ty, INTERPRETED).to(tl.float32)
+        acc += tl.load(add_ptr + m * stride_add + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + m * D + offs, cast(acc, out_ptr.dtype.element_ty, INTERPRETED), mask=mask)
+
+
+def moe_combine(y_AD: torch.Tensor, top_k: int, add_MD: torch.Tensor | None = None) -> torch.Tensor:
+    """[M*K, D] weighted expert outputs (a token's K rows adjacent) -> [M, D]: their sum, plus `add_MD` (the
+    shared experts' output) when given, in one pass (torch needs a reduction, a cast and an add). Summing
+    adjacent rows is deterministic, unlike atomics in the GEMM. Triton where it runs, the reference elsewhere."""
+    if not use_triton(y_AD):
+        return moe_combine_ref(y_AD, top_k, add_MD)
+    A, D = y_AD.shape
+    M = A // top_k
+    assert y_AD.is_contiguous() and (add_MD is None or (add_MD.shape == (M, D) and add_MD.stride(-1) == 1))
+    out = new_buffer((M, D), y_AD.dtype, y_AD.device)
+    if M:
+        block = min(1024, triton.next_power_of_2(D))
+        _moe_combine_kernel[(M, triton.cdiv(D, block))](
+            y_AD, add_MD if add_MD is not None else y_AD, out, D, add_MD.stride(0) if add_MD is not None else 0,
+            TOP_K=top_k, HAS_ADD=add_MD is not None, BLOCK_D=block, INTERPRETED=INTERPRET, num_warps=4)
+    return out
+
+
 def fused_moe_triton(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
                      topk_idx_MK: torch.Tensor, topk_weight_MK: torch.Tensor, config: dict | None = None,
-                     skip_negative: bool = False) -> torch.Tensor:
+                     skip_negative: bool = False, add_MD: torch.Tensor | None = None) -> torch.Tensor:
     M, D = x_MD.shape
     K = topk_idx_MK.shape[1]
     E, I = down_proj.shape[0], down_proj.shape[2]
@@ -280,8 +322,7 @@ def fused_moe_triton(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: 
         sorted_ids, block_expert = moe_align(topk_idx_MK, E, cfg["block_m"])
     _, y_AD = run_moe_gemms(x_MD, gate_up_proj, down_proj, topk_weight_MK, sorted_ids, block_expert, cfg, K,
                             zero_y=skip_negative)
-    # Each token's K rows are adjacent: summing them is deterministic, unlike atomics.
-    return y_AD.view(M, K, D).sum(dim=1, dtype=torch.float32).to(x_MD.dtype)
+    return moe_combine(y_AD, K, add_MD)
 
 
 # Up to this many tokens the unsorted layout pays: 2 tokens x 6 of 64 experts repeat an expert read ~0.6
@@ -305,7 +346,8 @@ def few_token_layout(max_assignments: int, device: torch.device | str) -> torch.
 
 def fused_moe_few_tokens_triton(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
                                 topk_idx_MK: torch.Tensor, topk_weight_MK: torch.Tensor,
-                                layout: torch.Tensor, skip_negative: bool = False) -> torch.Tensor:
+                                layout: torch.Tensor, skip_negative: bool = False,
+                                add_MD: torch.Tensor | None = None) -> torch.Tensor:
     """The fused-MoE kernels over `few_token_layout` rows: same kernels, same arithmetic per assignment."""
     M, D = x_MD.shape
     K = topk_idx_MK.shape[1]
@@ -319,12 +361,13 @@ def fused_moe_few_tokens_triton(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, 
     # The grid has A row blocks, so only layout[:A * block_m] is read: no slice needed.
     _, y_AD = run_moe_gemms(x_MD, gate_up_proj, down_proj, topk_weight_MK, layout, block_expert, cfg, K,
                             zero_y=skip_negative)
-    return y_AD.view(M, K, D).sum(dim=1, dtype=torch.float32).to(x_MD.dtype)
+    return moe_combine(y_AD, K, add_MD)
 
 
 def fused_moe(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
               topk_idx_MK: torch.Tensor, topk_weight_MK: torch.Tensor,
-              few_token_layout: torch.Tensor | None = None, skip_negative: bool = False) -> torch.Tensor:
+              few_token_layout: torch.Tensor | None = None, skip_negative: bool = False,
+              add_MD: torch.Tensor | None = None) -> torch.Tensor:
     """Routed experts: y[m] = sum_k w[m,k] down_e(silu(gate_e x[m]) * up_e x[m]), e = topk_idx[m,k].
 
     x_MD [M,D], gate_up_proj [E,2I,D] rows [gate | up], down_proj [E,D,I] -> [M,D] in x's dtype.
@@ -332,13 +375,16 @@ def fused_moe(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.T
     With a `few_token_layout` (the caller's buffer), up to FEW_TOKENS tokens skip the expert sort.
     With `skip_negative`, assignments whose id is negative are skipped (they add nothing and cost no
     GEMM rows): an expert-parallel rank passes the assignments to other ranks' experts that way.
+    `add_MD` [M, D] (the shared experts' output) is added to the result in the same final pass.
     """
     M = x_MD.shape[0]
     if M == 0:
         return x_MD.clone()
     if not use_triton(x_MD):
-        return fused_moe_ref(x_MD, gate_up_proj, down_proj, topk_idx_MK, topk_weight_MK)
+        y = fused_moe_ref(x_MD, gate_up_proj, down_proj, topk_idx_MK, topk_weight_MK)
+        return y if add_MD is None else y + add_MD
     if few_token_layout is not None and M <= FEW_TOKENS:
         return fused_moe_few_tokens_triton(x_MD, gate_up_proj, down_proj, topk_idx_MK, topk_weight_MK,
-                                           few_token_layout, skip_negative)
-    return fused_moe_triton(x_MD, gate_up_proj, down_proj, topk_idx_MK, topk_weight_MK, skip_negative=skip_negative)
+                                           few_token_layout, skip_negative, add_MD)
+    return fused_moe_triton(x_MD, gate_up_proj, down_proj, topk_idx_MK, topk_weight_MK, skip_negative=skip_negative,
+                            add_MD=add_MD)

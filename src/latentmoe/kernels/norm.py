@@ -1,4 +1,5 @@
-"""RMSNorm, and MLA's post-projection (c_KV norm + RoPE of q_pe and k_pe), one Triton kernel each.
+"""RMSNorm (alone, or after the residual add), and MLA's post-projection (c_KV norm + RoPE of q_pe and
+k_pe), one Triton kernel each.
 
 A decode step at small batch is bound by the number of kernels, not by bytes: the model's plain
 RMSNorm is ~7 elementwise kernels, each RoPE ~9. These compute the same formulas (fp32 statistics
@@ -6,7 +7,7 @@ and rotation, the reference's rounding order) in one launch per call. Forward on
 """
 import torch
 
-from ._triton import jit, new_buffer, tl, triton, use_triton
+from ._triton import INTERPRET, cast, jit, new_buffer, tl, triton, use_triton
 from .reference import mla_post_projection_ref, rms_norm_ref
 
 
@@ -43,6 +44,44 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         _rms_norm_kernel[(x2.shape[0],)](x2, weight, y, x2.stride(0), y.stride(0), N, eps,
                                          BLOCK=triton.next_power_of_2(N), num_warps=4 if N >= 1024 else 1)
     return y.view(shape)
+
+
+def add_rms_norm_ref(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
+    """The decoder block's residual add and the next norm: (h + delta, rms_norm(h + delta)), the sum in h's dtype."""
+    s = h + delta
+    return s, rms_norm_ref(s, weight, eps)
+
+
+@jit
+def _add_rms_norm_kernel(h_ptr, d_ptr, w_ptr, s_ptr, y_ptr, stride_h, stride_d, stride_s, stride_y, N, eps,
+                         BLOCK: tl.constexpr, INTERPRETED: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < N
+    h = tl.load(h_ptr + row * stride_h + offs, mask=mask, other=0.0).to(tl.float32)
+    d = tl.load(d_ptr + row * stride_d + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(s_ptr + row * stride_s + offs, cast(h + d, s_ptr.dtype.element_ty, INTERPRETED), mask=mask)
+    # The norm reads the rounded sum back (this program's own stores: visible to it).
+    _rms_norm_row(s_ptr + row * stride_s, w_ptr, y_ptr + row * stride_y, offs, mask, N, eps)
+
+
+def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(h + delta, rms_norm(h + delta)) for h, delta [..., N] of one shape and dtype, in one pass: the
+    residual stream after a sublayer and the next sublayer's input (two launches and passes in torch).
+    Triton on CUDA (CPU under TRITON_INTERPRET=1), `add_rms_norm_ref` elsewhere."""
+    if not use_triton(h) or h.shape != delta.shape or h.dtype != delta.dtype:
+        return add_rms_norm_ref(h, delta, weight, eps)
+    shape, N = h.shape, h.shape[-1]
+    h2, d2 = h.reshape(-1, N), delta.reshape(-1, N)
+    h2 = h2 if h2.stride(-1) == 1 else h2.contiguous()
+    d2 = d2 if d2.stride(-1) == 1 else d2.contiguous()
+    s = new_buffer(h2.shape, h.dtype, h.device)
+    y = new_buffer(h2.shape, torch.promote_types(h.dtype, weight.dtype), h.device)
+    if h2.shape[0]:
+        _add_rms_norm_kernel[(h2.shape[0],)](h2, d2, weight, s, y, h2.stride(0), d2.stride(0), s.stride(0), y.stride(0),
+                                             N, eps, BLOCK=triton.next_power_of_2(N), INTERPRETED=INTERPRET,
+                                             num_warps=4 if N >= 1024 else 1)
+    return s.view(shape), y.view(shape)
 
 
 @jit
@@ -99,4 +138,4 @@ def mla_post_projection(q: torch.Tensor, kv: torch.Tensor, norm_weight: torch.Te
     return q3[..., :N], q3[..., N:], c_kv, kv[:, C:]
 
 
-__all__ = ["rms_norm", "mla_post_projection"]
+__all__ = ["rms_norm", "add_rms_norm", "add_rms_norm_ref", "mla_post_projection"]

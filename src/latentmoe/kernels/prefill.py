@@ -20,6 +20,73 @@ from .reference import prefill_attention_ref
 LOG2E = 1.4426950408889634
 
 
+def joined(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """[..., A] and [..., B] as one [..., A + B] view when b's columns directly follow a's in every row (as
+    q_nope and q_pe do, split from one projection and rotated in place): no copy. None otherwise."""
+    if (a.shape[:-1] != b.shape[:-1] or a.stride() != b.stride() or a.dtype != b.dtype or a.device != b.device
+            or a.stride(-1) != 1 or b.data_ptr() != a.data_ptr() + a.shape[-1] * a.element_size()):
+        return None
+    n = a.shape[-1] + b.shape[-1]
+    if a.dim() > 1 and a.shape[-2] > 1 and a.stride(-2) < n:
+        return None
+    return a.as_strided((*a.shape[:-1], n), a.stride())
+
+
+def concat_heads_ref(a: torch.Tensor, b: torch.Tensor | None, width: int | None = None) -> torch.Tensor:
+    """[S, H, A] with [S, H, B] or (shared by the heads) [S, B] or nothing -> [S, H, width] = [a | b | zeros]."""
+    S, H, A = a.shape
+    if b is None:
+        out = a
+    else:
+        out = torch.cat([a, b[:, None, :].expand(S, H, b.shape[-1]) if b.dim() == 2 else b], dim=-1)
+    return out if width is None or width == out.shape[-1] else torch.nn.functional.pad(out, (0, width - out.shape[-1]))
+
+
+@jit
+def _concat_heads_kernel(a_ptr, b_ptr, o_ptr, H, stride_as, stride_ah, stride_bs, stride_bh, stride_os, stride_oh,
+                         A: tl.constexpr, B: tl.constexpr, W: tl.constexpr, BLOCK_H: tl.constexpr,
+                         BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_Z: tl.constexpr):
+    s = tl.program_id(0).to(tl.int64)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mh = offs_h[:, None] < H
+    offs_a = tl.arange(0, BLOCK_A)
+    ma = mh & (offs_a[None, :] < A)
+    x = tl.load(a_ptr + s * stride_as + offs_h[:, None] * stride_ah + offs_a[None, :], mask=ma, other=0.0)
+    tl.store(o_ptr + s * stride_os + offs_h[:, None] * stride_oh + offs_a[None, :], x, mask=ma)
+    if B > 0:
+        offs_b = tl.arange(0, BLOCK_B)
+        mb = mh & (offs_b[None, :] < B)
+        y = tl.load(b_ptr + s * stride_bs + offs_h[:, None] * stride_bh + offs_b[None, :], mask=mb, other=0.0)
+        tl.store(o_ptr + s * stride_os + offs_h[:, None] * stride_oh + A + offs_b[None, :], y, mask=mb)
+    if W > A + B:
+        offs_z = tl.arange(0, BLOCK_Z)
+        mz = mh & (offs_z[None, :] < W - A - B)
+        tl.store(o_ptr + s * stride_os + offs_h[:, None] * stride_oh + A + B + offs_z[None, :],
+                 tl.zeros([BLOCK_H, BLOCK_Z], dtype=o_ptr.dtype.element_ty), mask=mz)
+
+
+def concat_heads(a: torch.Tensor, b: torch.Tensor | None, width: int | None = None) -> torch.Tensor:
+    """concat_heads_ref in one pass: the keys' [k_nope | k_pe] (k_pe broadcast over the heads, read once
+    per token), or v zero-padded to the keys' width (b None), for attention kernels that want whole heads.
+    torch.cat over an expanded k_pe ran at about a quarter of the bandwidth on an H200 (4% of a 32K
+    prefill). Triton where it runs, the reference elsewhere."""
+    S, H, A = a.shape
+    B = 0 if b is None else b.shape[-1]
+    W = width or A + B
+    if not use_triton(a) or a.stride(-1) != 1 or (b is not None and b.stride(-1) != 1) or W < A + B:
+        return concat_heads_ref(a, b, width)
+    out = new_buffer((S, H, W), a.dtype, a.device)
+    if S:
+        b = a if b is None else b
+        bs, bh = (b.stride(0), 0) if b.dim() == 2 else (b.stride(0), b.stride(1))
+        block_h = min(16, triton.next_power_of_2(H))
+        _concat_heads_kernel[(S, triton.cdiv(H, block_h))](
+            a, b, out, H, a.stride(0), a.stride(1), bs, bh, out.stride(0), out.stride(1), A=A, B=B, W=W,
+            BLOCK_H=block_h, BLOCK_A=triton.next_power_of_2(A), BLOCK_B=triton.next_power_of_2(max(B, 1)),
+            BLOCK_Z=triton.next_power_of_2(max(W - A - B, 1)), num_warps=4)
+    return out
+
+
 @jit
 def _attend_tile(acc, m_i, l_i, q, qpe, k_ptr, kpe_ptr, v_ptr, rows_k, mask_n, offs_m, offs_n, prefix, h,
                  stride_km, stride_kh, stride_em, stride_eh, stride_vm, stride_vh, qk_scale,
@@ -157,12 +224,12 @@ def prefill_attention_flash(q_nope, q_pe, k_nope, k_pe, v, cu_q, cu_k, max_q: in
     Triton kernel's FLOP rate (benchmarks/results/prefill.md), so it is the default where it applies.
     """
     T, H, N = q_nope.shape
-    S, R, V = k_nope.shape[0], q_pe.shape[-1], v.shape[-1]
-    q = torch.cat([q_nope, q_pe], dim=-1)
-    k = torch.cat([k_nope, k_pe[:, None, :].expand(S, H, R) if k_pe.dim() == 2 else k_pe], dim=-1)
-    if V < N + R:
-        v = torch.nn.functional.pad(v, (0, N + R - V))
-    out = torch.ops.aten._flash_attention_forward(q, k, v.contiguous(), cu_q, cu_k, max_q, max_k, 0.0, True,
+    R, V = q_pe.shape[-1], v.shape[-1]
+    q = joined(q_nope, q_pe)
+    q = torch.cat([q_nope, q_pe], dim=-1) if q is None else q
+    k = concat_heads(k_nope, k_pe)
+    v = concat_heads(v, None, N + R) if V < N + R else v.contiguous()
+    out = torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True,
                                                   False, scale=softmax_scale)[0]
     return out[..., :V].contiguous()
 
@@ -176,13 +243,49 @@ def cudnn_supported(q_nope: torch.Tensor, q_pe: torch.Tensor, v: torch.Tensor) -
             and torch.backends.cuda.cudnn_sdp_enabled() and torch.cuda.get_device_capability(q_nope.device)[0] >= 9)
 
 
-def merge_attention_parts(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor) -> torch.Tensor:
+def merge_attention_parts_ref(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor) -> torch.Tensor:
     """Attention over keys A and over keys B -> attention over A and B together: each part's output
-    [..., T, V] weighted by its share of the softmax mass (log-sum-exps [..., T]); fp32 arithmetic."""
+    [H, T, V] weighted by its share of the softmax mass (log-sum-exps [H, T]); fp32 arithmetic -> [T, H, V]."""
     m = torch.maximum(lse1, lse2)
     w1, w2 = (lse1 - m).exp(), (lse2 - m).exp()
     out = (o1.float() * w1[..., None] + o2.float() * w2[..., None]) / (w1 + w2)[..., None]
-    return out.to(o1.dtype)
+    return out.to(o1.dtype).transpose(0, 1).contiguous()
+
+
+@jit(do_not_specialize=["T"])
+def _merge_parts_kernel(o1_ptr, l1_ptr, o2_ptr, l2_ptr, out_ptr, T, V, s1h, s1t, s2h, s2t, sl1h, sl2h, soh, sot,
+                        BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr):
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    h = tl.program_id(1).to(tl.int64)
+    offs_v = tl.arange(0, BLOCK_V)
+    mt = offs_t < T
+    mask = mt[:, None] & (offs_v[None, :] < V)
+    l1 = tl.load(l1_ptr + h * sl1h + offs_t, mask=mt, other=0.0)
+    l2 = tl.load(l2_ptr + h * sl2h + offs_t, mask=mt, other=0.0)
+    m = tl.maximum(l1, l2)
+    w1 = tl.exp(l1 - m)
+    w2 = tl.exp(l2 - m)
+    rows = offs_t[:, None].to(tl.int64)
+    o1 = tl.load(o1_ptr + h * s1h + rows * s1t + offs_v[None, :], mask=mask, other=0.0).to(tl.float32)
+    o2 = tl.load(o2_ptr + h * s2h + rows * s2t + offs_v[None, :], mask=mask, other=0.0).to(tl.float32)
+    out = (o1 * w1[:, None] + o2 * w2[:, None]) / (w1 + w2)[:, None]
+    tl.store(out_ptr + h * soh + rows * sot + offs_v[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def merge_attention_parts(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor) -> torch.Tensor:
+    """merge_attention_parts_ref in one kernel (torch takes about ten passes over the [H, T, V] parts, in fp32),
+    writing the [T, H, V] rows the output projection reads. Triton where it runs, the reference elsewhere."""
+    H, T, V = o1.shape
+    if not use_triton(o1) or o1.stride(-1) != 1 or o2.stride(-1) != 1 or lse1.stride(-1) != 1 or lse2.stride(-1) != 1:
+        return merge_attention_parts_ref(o1, lse1, o2, lse2)
+    out = new_buffer((T, H, V), o1.dtype, o1.device)
+    if T:
+        block_t = 32
+        _merge_parts_kernel[(triton.cdiv(T, block_t), H)](
+            o1, lse1.float(), o2, lse2.float(), out, T, V, o1.stride(0), o1.stride(1), o2.stride(0), o2.stride(1),
+            lse1.stride(0), lse2.stride(0), out.stride(1), out.stride(0), BLOCK_T=block_t,
+            BLOCK_V=triton.next_power_of_2(V), num_warps=4)
+    return out
 
 
 def prefill_attention_cudnn(q_nope, q_pe, k_nope, k_pe, v, softmax_scale: float) -> torch.Tensor:
@@ -196,9 +299,10 @@ def prefill_attention_cudnn(q_nope, q_pe, k_nope, k_pe, v, softmax_scale: float)
     5.7 s (benchmarks/results/e2e.md): long prompts, one chunk per step, go here.
     """
     T, H, _ = q_nope.shape
-    S, R = k_nope.shape[0], q_pe.shape[-1]
-    q = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1)[None]                                  # [1, H, T, D]
-    k = torch.cat([k_nope, k_pe[:, None, :].expand(S, H, R) if k_pe.dim() == 2 else k_pe], dim=-1)
+    S = k_nope.shape[0]
+    q = joined(q_nope, q_pe)      # the projection's own rows when q_pe follows q_nope (rotated in place)
+    q = (torch.cat([q_nope, q_pe], dim=-1) if q is None else q).transpose(0, 1)[None]          # [1, H, T, D]
+    k = concat_heads(k_nope, k_pe)
     k, v = k.transpose(0, 1)[None], v.transpose(0, 1)[None]                                       # [1, H, S, *]
     prefix = S - T
 
@@ -212,7 +316,7 @@ def prefill_attention_cudnn(q_nope, q_pe, k_nope, k_pe, v, softmax_scale: float)
     out, lse = part(k[:, :, prefix:], v[:, :, prefix:], True)
     if prefix > 0:
         o1, l1 = part(k[:, :, :prefix], v[:, :, :prefix], False)
-        out = merge_attention_parts(o1, l1.reshape(1, H, T), out, lse.reshape(1, H, T))
+        return merge_attention_parts(o1[0], l1.reshape(H, T), out[0], lse.reshape(H, T))
     return out[0].transpose(0, 1).contiguous()
 
 
