@@ -52,6 +52,7 @@ def stand_in_llm(step_ms: float, prefill_us: float, **options) -> LLM:
 
         def execute(self, batch):
             ends = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == len(s)]
+            self._launched()   # the sleep stands for the device's work
             time.sleep((step_ms + prefill_us * (batch.num_tokens - batch.num_decodes) / 1e3) / 1e3)
             return [5] * len(ends), [{5: 0.0} if s.params.logprobs is not None else None for s in ends]
 

@@ -107,7 +107,7 @@ def test_loop_failure_marks_unhealthy(model):
         engine = AsyncLLM(llm)
         await engine.start()
 
-        def broken_step():
+        def broken_step(**kwargs):
             raise RuntimeError("device lost")
 
         llm.step = broken_step
@@ -118,3 +118,27 @@ def test_loop_failure_marks_unhealthy(model):
         await engine.shutdown()
 
     asyncio.run(main())
+
+
+def test_step_reports_its_launch_before_waiting(model):
+    """LLM.step(on_launch=...) calls back once per sampling step, from inside the runner's execute (before
+    its host sync), and leaves no callback behind; AsyncLLM hands out outputs on that signal."""
+    llm = LLM(model, block_size=4, num_blocks=50)
+    llm.add_request([5, 6, 7], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    llm.add_request([9, 1], SamplingParams(temperature=0.8, max_tokens=3, ignore_eos=True, logprobs=1))
+    calls = []
+    while llm.has_unfinished():
+        outs = llm.step(on_launch=lambda: calls.append(llm.runner.on_launch is not None))
+        assert outs and llm.runner.on_launch is None
+    assert calls == [True] * 3   # greedy and sampled rows alike, every step
+
+    async def main():
+        engine = AsyncLLM(LLM(model, block_size=4, num_blocks=50))
+        await engine.start()
+        got = await asyncio.gather(*(collect(engine, p, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+                                     for p in ([5, 6, 7], [9, 1], [2, 2, 2, 2])))
+        await engine.shutdown()
+        return got
+
+    outs = asyncio.run(main())
+    assert [len(o[-1].outputs[0].token_ids) for o in outs] == [5, 5, 5]

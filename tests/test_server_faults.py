@@ -26,11 +26,11 @@ def failing_engine(model_dir, fail_after: int) -> AsyncLLM:
     llm = LLM(model_dir, max_num_seqs=4)
     step, calls = llm.step, [0]
 
-    def flaky_step():
+    def flaky_step(**kwargs):
         calls[0] += 1
         if calls[0] > fail_after:
             raise RuntimeError(f"device lost in {SECRET}")
-        return step()
+        return step(**kwargs)
 
     llm.step = flaky_step
     return AsyncLLM(llm)

@@ -8,6 +8,7 @@ cumulative RequestOutputs. An aborted request's blocks are free when `abort` ret
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator
 
@@ -91,6 +92,15 @@ class AsyncLLM:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         step = None   # the step in flight in the worker thread
+        launched = asyncio.Event()
+
+        def on_launch():   # in the worker thread
+            loop.call_soon_threadsafe(launched.set)
+
+        def start_step():
+            launched.clear()
+            return loop.run_in_executor(None, functools.partial(self.llm.step, on_launch=on_launch))
+
         try:
             while not self._stopping or step is not None:
                 if step is None:
@@ -100,7 +110,7 @@ class AsyncLLM:
                         await self._wakeup.wait()
                         continue
                     # The step runs in a worker thread so the event loop keeps accepting requests.
-                    step = loop.run_in_executor(None, self.llm.step)
+                    step = start_step()
                 outs = await step
                 step = None
                 # The next step starts before these outputs are handed out: the event loop streams them to
@@ -109,7 +119,13 @@ class AsyncLLM:
                 if not self._stopping:
                     self._apply_pending()
                     if self.llm.has_unfinished():
-                        step = loop.run_in_executor(None, self.llm.step)
+                        step = start_step()
+                        # ... and only once that step's host work is done and its device work queued (or it
+                        # ended): streaming meanwhile would hold the interpreter lock the step's host work
+                        # needs, delaying the device by as much.
+                        waiter = asyncio.ensure_future(launched.wait())
+                        await asyncio.wait({step, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                        waiter.cancel()
                 for out in outs:
                     q = self._streams.get(out.request_id)
                     if q is not None:

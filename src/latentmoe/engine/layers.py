@@ -8,7 +8,9 @@ run and the torch references elsewhere. Parameter names, and so state_dict keys,
 
 Why fused forwards at all: a decode step at small batch is bound by the number of kernels, not by
 bytes (the model's RMSNorm is ~7 elementwise kernels, each RoPE ~9, the fp32 router ~6 after its
-GEMM, the expert sort ~12). Inference only: the kernels have no backward.
+GEMM, the expert sort ~12), and a long prefill by the passes its elementwise steps make over the
+activations (the residual add before a norm, silu then the product, the expert sum then its cast
+then the shared experts' add: one pass each here). Inference only: the kernels have no backward.
 
 With quantization="fp8" the Linears and routed experts are built as Fp8Linear / Fp8Experts holding new
 block-FP8 tensors (kernels/fp8.py says why 128 x 128 blocks): the one place weights are not shared.

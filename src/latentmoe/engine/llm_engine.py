@@ -240,14 +240,20 @@ class LLM:
         return self.scheduler.has_unfinished()
 
     # ------------------------------------------------------------------ step
-    def step(self, outputs: bool = True) -> list[RequestOutput]:
+    def step(self, outputs: bool = True, on_launch=None) -> list[RequestOutput]:
         """One scheduling + forward + sampling step; outputs of the requests that got a new token
-        (only the finished ones with outputs=False: cumulative outputs cost O(length) each step)."""
+        (only the finished ones with outputs=False: cumulative outputs cost O(length) each step).
+        `on_launch()`, if given, is called from this thread once the step's device work is queued and
+        before the step waits for it (it may not be called, e.g. for a step that samples nothing)."""
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
         t0 = time.perf_counter()
-        tokens, lps = self.runner.execute(batch)
+        self.runner.on_launch = on_launch
+        try:
+            tokens, lps = self.runner.execute(batch)
+        finally:
+            self.runner.on_launch = None
         self.last_execute_seconds = time.perf_counter() - t0
         touched: dict[str, Request] = {}
         k = 0

@@ -56,6 +56,9 @@ class ModelRunner:
         self.captures_after_ready = 0
         self.compilations_at_ready = 0
         self.warmup_seconds = 0.0
+        # Called (from the step's thread) once a step's device work is queued, before the step waits for
+        # it: a server hands out the previous step's outputs then, not while this step's host work runs.
+        self.on_launch = None
         if self.use_cuda_graphs:
             self._alloc_graph_buffers()
 
@@ -146,13 +149,16 @@ class ModelRunner:
         if all(s.params.temperature == 0 and not s.params.uses_penalties and s.params.logprobs is None
                for s in samplers):
             # All greedy, nothing else asked: the arg-max is the whole of sampling (no per-step tensors).
-            return logits.argmax(dim=-1).tolist(), [None] * len(samplers)
+            tokens = logits.argmax(dim=-1)
+            self._launched()
+            return tokens.tolist(), [None] * len(samplers)
         # Token histories travel to the device only when some row applies penalties.
         pen = any(s.params.uses_penalties for s in samplers)
         sb = SamplingBatch.build([s.params for s in samplers], [s.generator for s in samplers],
                                  [s.prompt_token_ids if pen else [] for s in samplers],
                                  [s.output_token_ids if pen else [] for s in samplers], self.cfg.vocab_size, self.device)
         tokens, lp_vals, lp_ids = sample(logits, sb)
+        self._launched()
         # The one host sync of the step: the scheduler needs the tokens.
         tokens = tokens.tolist()
         lps = [None] * len(samplers)
@@ -163,6 +169,10 @@ class ModelRunner:
                     k = s.params.logprobs + 1
                     lps[i] = dict(zip(idx[i][:k], vals[i][:k]))
         return tokens, lps
+
+    def _launched(self) -> None:
+        if self.on_launch is not None:
+            self.on_launch()
 
     # ------------------------------------------------------------------ CUDA graphs
     def _alloc_graph_buffers(self) -> None:
