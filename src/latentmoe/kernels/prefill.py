@@ -252,7 +252,7 @@ def merge_attention_parts_ref(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Te
     return out.to(o1.dtype).transpose(0, 1).contiguous()
 
 
-@jit(do_not_specialize=["T"])
+@jit(do_not_specialize=["T", "sl1h", "sl2h"])   # the log-sum-exps' head stride is T too
 def _merge_parts_kernel(o1_ptr, l1_ptr, o2_ptr, l2_ptr, out_ptr, T, V, s1h, s1t, s2h, s2t, sl1h, sl2h, soh, sot,
                         BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr):
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
