@@ -159,25 +159,27 @@ def test_startup_captures_every_bucket_and_serving_captures_none(model, expected
 
 def test_warmup_steps_run_and_leave_generation_unchanged(model, expected):
     # The start-up steps (prefill of several sizes over a one-token cached prefix, a full chunk over a long
-    # prefix, eager decodes of several batch sizes) run on placeholder tokens against the reserved null block: every step of the plan runs
+    # prefix, a step of two chunks, eager decodes of several batch sizes) run on placeholder tokens against the
+    # reserved null block: every step of the plan runs
     # (on CUDA the plan holds these kinds of steps), and generation afterwards is unchanged.
     prompts, want = expected
     ran = []
 
     class PlannedRunner(EagerGraphRunner):
         def warmup_plan(self, budget):
-            return ([("prefill", n) for n in (1, 5, 17)] + [("prefix", 40)] + [("decode", b) for b in (1, 3)]
-                    + super().warmup_plan(budget))
+            return ([("prefill", n) for n in (1, 5, 17)] + [("prefix", 40)] + [("chunks", 2)]
+                    + [("decode", b) for b in (1, 3)] + super().warmup_plan(budget))
 
-        def _dummy_step(self, nd, n, prefix=1):
-            ran.append((nd, n, prefix))
-            super()._dummy_step(nd, n, prefix)
+        def _dummy_step(self, nd, n, prefix=1, chunks=1):
+            ran.append((nd, n, prefix, chunks))
+            super()._dummy_step(nd, n, prefix, chunks)
 
     class PlannedLLM(LLM):
         runner_class = PlannedRunner
 
     llm = PlannedLLM(model, block_size=4, num_blocks=200, max_num_seqs=8, max_model_len=120, max_num_batched_tokens=32)
-    assert ran == [(0, 1, 1), (0, 5, 1), (0, 17, 1), (0, 32, 40), (1, 0, 1), (3, 0, 1)]
+    assert ran == [(0, 1, 1, 1), (0, 5, 1, 1), (0, 17, 1, 1), (0, 32, 40, 1), (0, 32, 1, 2), (1, 0, 1, 1),
+                   (3, 0, 1, 1)]
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)] == want
     assert_no_leak(llm)
 

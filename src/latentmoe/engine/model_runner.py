@@ -303,14 +303,16 @@ class ModelRunner:
         return min(max_num_batched_tokens, self.max_model_len - 1)
 
     def warmup_plan(self, max_num_batched_tokens: int) -> list[tuple[str, int]]:
-        """What start-up runs: ("prefill", tokens), ("prefix", cached tokens before a full chunk) and ("decode",
-        batch) eager steps, ("graph", bucket) captures.
+        """What start-up runs: ("prefill", tokens), ("prefix", cached tokens before a full chunk), ("chunks", count)
+        and ("decode", batch) eager steps, ("graph", bucket) captures.
         Prefill warm-up only where kernels compile (Triton on the device); graphs where captured."""
         plan = []
         probe = torch.empty(0, device=self.device)
         if kernels.HAS_TRITON and kernels._triton.use_triton(probe) and not kernels._triton.INTERPRET:
             budget = self._warmup_chunk(max_num_batched_tokens)
             plan += [("prefill", n) for n in self.prefill_warmup_sizes(budget)]
+            # A step of two chunks: the varlen attention path (every one-chunk step above takes the other).
+            plan.append(("chunks", 2))
             # Long prompts: a full chunk after cached prefixes of 1, 2, 4... chunks. Attention libraries pick
             # kernels by shape (cuDNN generates one the first time it meets a shape class): the first 32K
             # prompt after a start-up without these took 1.25 s against 0.64 s warm.
@@ -341,6 +343,8 @@ class ModelRunner:
                 self._dummy_step(0, n)
             elif kind == "prefix":
                 self._dummy_step(0, self._warmup_chunk(max_num_batched_tokens), prefix=n)
+            elif kind == "chunks":
+                self._dummy_step(0, min(16 * n, max_num_batched_tokens), chunks=n)
             elif kind == "decode":
                 self._dummy_step(n, 0)
             elif self.use_cuda_graphs:
@@ -355,9 +359,10 @@ class ModelRunner:
         self.compilations_at_ready = kernels.compilations()
         self.ready = True
 
-    def _dummy_step(self, num_decodes: int, prefill_tokens: int, prefix: int = 1) -> None:
+    def _dummy_step(self, num_decodes: int, prefill_tokens: int, prefix: int = 1, chunks: int = 1) -> None:
         """A step on placeholder tokens that writes and reads only the reserved null block (slot 0); its
-        prefill chunk (if any) comes after a cached prefix of `prefix` placeholder tokens."""
+        prefill tokens (if any) form `chunks` chunks of about equal size, each after a cached prefix of
+        `prefix` placeholder tokens."""
         M = num_decodes + prefill_tokens
         meta = AttentionMetadata(slot_mapping=torch.zeros(M, dtype=torch.int64, device=self.device),
                                  num_decodes=num_decodes)
@@ -366,12 +371,14 @@ class ModelRunner:
                                           device=self.device)
             meta.seq_lens = torch.ones(num_decodes, dtype=torch.int32, device=self.device)
         if prefill_tokens:
-            # One chunk after a cached prefix (one token by default): the prefix and causal parts both run.
-            ctx = prefill_tokens + prefix
-            meta.prefill = PrefillMetadata(torch.zeros(ctx, dtype=torch.int64, device=self.device),
-                                           torch.tensor([0, prefill_tokens], dtype=torch.int32, device=self.device),
-                                           torch.tensor([0, ctx], dtype=torch.int32, device=self.device),
-                                           prefill_tokens, ctx)
+            # Chunks after a cached prefix (one token by default): the prefix and causal parts both run.
+            sizes = [len(r) for r in torch.arange(prefill_tokens).chunk(chunks)]
+            cu_q = list(itertools.accumulate(sizes, initial=0))
+            cu_k = list(itertools.accumulate((q + prefix for q in sizes), initial=0))
+            meta.prefill = PrefillMetadata(torch.zeros(cu_k[-1], dtype=torch.int64, device=self.device),
+                                           torch.tensor(cu_q, dtype=torch.int32, device=self.device),
+                                           torch.tensor(cu_k, dtype=torch.int32, device=self.device),
+                                           max(sizes), max(sizes) + prefix)
         ids = torch.zeros(1, M, dtype=torch.int64, device=self.device)
         pos = torch.arange(M, device=self.device)[None]
         self.backend.meta = meta
