@@ -48,6 +48,7 @@ def test_throughput_random_preset_and_latency(capsys):
                             "--input-len", "8", "--output-len", "4", "--iters", "1", "--max-model-len", "64"])
     assert 0 < lat["prefill_s"] < lat["total_s"]
     assert lat["per_token_ms"] == pytest.approx((lat["total_s"] - lat["prefill_s"]) / 3 * 1e3)
+    assert lat["prefix_cache_hit_tokens"] == 0   # every timed run prefills prompts of its own
 
 
 def test_bench_bad_input_is_one_line(capsys, tmp_path):

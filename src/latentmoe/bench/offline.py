@@ -60,11 +60,16 @@ def throughput(llm, prompt_sets: list[list[list[int]]], output_len: int, progres
 
 def latency(llm, batch_size: int, input_len: int, output_len: int, iters: int = 3, seed: int = 0) -> dict:
     """One batch of `batch_size` prompts: prefill time (generating one token) and the time per further
-    token (the rest of a generation of output_len tokens), medians over `iters` runs."""
-    prompts = random_prompts(batch_size, input_len, llm.config.vocab_size, seed=seed)
+    token (the rest of a generation of output_len tokens), medians over `iters` runs. One untimed run goes
+    first (what a process does on first use is not a prefill cost), and every run has new prompts of the
+    same length (a prefix-cache hit on an earlier run's prompt is not a prefill either)."""
+    vocab = llm.config.vocab_size
+    hits0 = llm.stats().get("prefix_cache_hit_tokens") or 0
+    llm.generate(random_prompts(batch_size, input_len, vocab, seed=seed * 10007), _params(output_len))
     prefill, full = [], []
-    for _ in range(iters):
-        for n, into in ((1, prefill), (output_len, full)):
+    for i in range(iters):
+        for j, (n, into) in enumerate(((1, prefill), (output_len, full))):
+            prompts = random_prompts(batch_size, input_len, vocab, seed=seed * 10007 + 2 * i + j + 1)
             _sync(llm.device)
             t0 = time.perf_counter()
             llm.generate(prompts, _params(n))
@@ -74,7 +79,8 @@ def latency(llm, batch_size: int, input_len: int, output_len: int, iters: int = 
     per_token = (f - p) / max(1, output_len - 1)
     return dict(batch_size=batch_size, input_len=input_len, output_len=output_len, iters=iters,
                 prefill_s=p, total_s=f, per_token_ms=per_token * 1e3,
-                decode_tokens_per_s=batch_size / per_token if per_token > 0 else None)
+                decode_tokens_per_s=batch_size / per_token if per_token > 0 else None,
+                prefix_cache_hit_tokens=(llm.stats().get("prefix_cache_hit_tokens") or 0) - hits0)
 
 
 @torch.inference_mode()
