@@ -5,6 +5,7 @@ exactly its output length; greedy, as transformers `generate` runs in the compar
 """
 from __future__ import annotations
 
+import itertools
 import random
 import time
 
@@ -63,13 +64,14 @@ def latency(llm, batch_size: int, input_len: int, output_len: int, iters: int = 
     token (the rest of a generation of output_len tokens), medians over `iters` runs. One untimed run goes
     first (what a process does on first use is not a prefill cost), and every run has new prompts of the
     same length (a prefix-cache hit on an earlier run's prompt is not a prefill either)."""
-    vocab = llm.config.vocab_size
+    fresh = (random_prompts(batch_size, input_len, llm.config.vocab_size, seed=seed * 10007 + k)
+             for k in itertools.count())
     hits0 = llm.stats().get("prefix_cache_hit_tokens") or 0
-    llm.generate(random_prompts(batch_size, input_len, vocab, seed=seed * 10007), _params(output_len))
+    llm.generate(next(fresh), _params(output_len))
     prefill, full = [], []
-    for i in range(iters):
-        for j, (n, into) in enumerate(((1, prefill), (output_len, full))):
-            prompts = random_prompts(batch_size, input_len, vocab, seed=seed * 10007 + 2 * i + j + 1)
+    for _ in range(iters):
+        for n, into in ((1, prefill), (output_len, full)):
+            prompts = next(fresh)
             _sync(llm.device)
             t0 = time.perf_counter()
             llm.generate(prompts, _params(n))

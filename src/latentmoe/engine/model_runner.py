@@ -372,7 +372,8 @@ class ModelRunner:
             meta.seq_lens = torch.ones(num_decodes, dtype=torch.int32, device=self.device)
         if prefill_tokens:
             # Chunks after a cached prefix (one token by default): the prefix and causal parts both run.
-            sizes = [len(r) for r in torch.arange(prefill_tokens).chunk(chunks)]
+            q, r = divmod(prefill_tokens, chunks)
+            sizes = [q + (i < r) for i in range(chunks) if q + (i < r)]
             cu_q = list(itertools.accumulate(sizes, initial=0))
             cu_k = list(itertools.accumulate((q + prefix for q in sizes), initial=0))
             meta.prefill = PrefillMetadata(torch.zeros(cu_k[-1], dtype=torch.int64, device=self.device),
