@@ -65,10 +65,11 @@ def test_dequantize_kernel_and_large_m_route(K):
     assert rel_err(out.cpu(), K.fp8_linear_ref(x, q, s)) < (3e-3 if CUDA else 1e-5)
 
 
-def test_quantize_groups_matches_reference(K):
+@pytest.mark.parametrize("M,Kd", [(9, 300), (37, 1408)])   # one program / several, with partial groups
+def test_quantize_groups_matches_reference(K, M, Kd):
     from latentmoe.kernels.fp8 import quantize_fp8_groups_ref
     g = torch.Generator().manual_seed(6)
-    x = torch.randn(9, 300, generator=g) * torch.logspace(-3, 2, 300)   # groups of very different ranges
+    x = torch.randn(M, Kd, generator=g) * torch.logspace(-3, 2, Kd)   # groups of very different ranges
     q, s = K.quantize_fp8_groups(x.to(DEV))
     q_ref, s_ref = quantize_fp8_groups_ref(x)
     if not q.is_cuda:   # the interpreter divides exactly, as torch does: bit for bit
@@ -99,22 +100,63 @@ def test_fused_moe_fp8_matches_reference(K, M, few):
     assert rel_err(out.cpu(), ref) < (5e-3 if CUDA else 1e-5)
 
 
-def test_fused_moe_fp8_many_tokens_dequantise(K, monkeypatch):
-    """Past DEQUANTIZE_MIN_PER_EXPERT assignments per expert: the dequantised weights through the bf16 kernels."""
-    import latentmoe.kernels.fp8_moe as fm
-    monkeypatch.setattr(fm, "DEQUANTIZE_MIN_PER_EXPERT", 2)
-    g = torch.Generator().manual_seed(12)
-    E, D, I, TOPK, M = 4, 128, 64, 2, 9            # 2I = 128: whole tiles, so the stacked dequantisation applies
+@pytest.mark.parametrize("E,D,I,TOPK,M,block_m", [(4, 256, 128, 2, 30, 16), (3, 128, 256, 2, 40, 32)])
+def test_fused_moe_fp8_activations_matches_reference(K, E, D, I, TOPK, M, block_m):
+    """The fp8-activation kernels against their reference (padding rows, several K and column tiles)."""
+    from latentmoe.kernels.fp8_moe import W8A8_CONFIG, fused_moe_fp8_w8a8_ref, fused_moe_fp8_w8a8_triton
+    g = torch.Generator().manual_seed(M + I)
     gu, gu_s = K.quantize_fp8_blocks(torch.randn(E, 2 * I, D, generator=g) * 0.1)
     dn, dn_s = K.quantize_fp8_blocks(torch.randn(E, D, I, generator=g) * 0.1)
-    x = torch.randn(M, D, generator=g)
+    # rows of very different size: per-token groups keep the small ones exact enough
+    x = torch.randn(M, D, generator=g) * torch.logspace(-2, 1, M)[:, None]
     w, idx = torch.randn(M, E, generator=g).softmax(-1).topk(TOPK, -1)
+    add = torch.randn(M, D, generator=g)
     args = [t.to(DEV) for t in (x, gu, gu_s, dn, dn_s, idx, w)]
-    def fp8_kernels(*a, **k):
-        raise AssertionError("the FP8 kernels ran")
-    monkeypatch.setattr(fm, "fused_moe_fp8_triton", fp8_kernels)
-    out = K.fused_moe_fp8(*args)
-    assert rel_err(out.cpu(), K.fused_moe_fp8_ref(*[t.cpu() for t in args])) < (5e-3 if CUDA else 1e-5)
+    out = fused_moe_fp8_w8a8_triton(*args, config=dict(W8A8_CONFIG, block_m=block_m, num_stages=2),
+                                    add_MD=add.to(DEV))
+    cpu = [t.cpu() for t in args]
+    ref = fused_moe_fp8_w8a8_ref(*cpu) + add
+    # fp32 inputs: the interpreter computes exact products of the fp8 operands; h's rounding can differ
+    # by one fp8 step where the two sums differ in their last bits.
+    assert rel_err(out.cpu(), ref) < (1e-2 if CUDA else 1e-3)
+    # the rounding of x and h costs little next to the weight-only result
+    assert rel_err(out.cpu(), K.fused_moe_fp8_ref(*cpu) + add) < 6e-2
+
+
+def test_fused_moe_fp8_routes_by_assignments_per_expert(K, monkeypatch):
+    """fused_moe_fp8 takes the fp8-activation kernels from FP8_ACTIVATIONS_MIN_PER_EXPERT assignments per expert
+    (never for the few-token layout, nor for widths that are not whole scale blocks), the weight-only kernels
+    otherwise; the reference path rounds alike."""
+    import latentmoe.kernels.fp8_moe as fm
+    g = torch.Generator().manual_seed(4)
+    E, D, TOPK = 4, 128, 2
+    calls = []
+    real = {n: getattr(fm, n) for n in ("fused_moe_fp8_w8a8_triton", "fused_moe_fp8_triton")}
+    for n in real:
+        monkeypatch.setattr(fm, n, lambda *a, _n=n, **k: calls.append(_n) or real[_n](*a, **k))
+    per = fm.FP8_ACTIVATIONS_MIN_PER_EXPERT * E // TOPK     # tokens at the threshold
+    for M, I, want in ((per - 1, 128, "fused_moe_fp8_triton"), (per, 128, "fused_moe_fp8_w8a8_triton"),
+                       (per, 48, "fused_moe_fp8_triton")):
+        gu, gu_s = K.quantize_fp8_blocks(torch.randn(E, 2 * I, D, generator=g) * 0.1)
+        dn, dn_s = K.quantize_fp8_blocks(torch.randn(E, D, I, generator=g) * 0.1)
+        x = torch.randn(M, D, generator=g)
+        w, idx = torch.randn(M, E, generator=g).softmax(-1).topk(TOPK, -1)
+        args = [t.to(DEV) for t in (x, gu, gu_s, dn, dn_s, idx, w)]
+        calls.clear()
+        out = K.fused_moe_fp8(*args)
+        assert calls == [want]
+        w8a8 = "w8a8" in want
+        assert fm.uses_fp8_activations(M * TOPK, dn.shape) == w8a8
+        ref = (fm.fused_moe_fp8_w8a8_ref if w8a8 else fm.fused_moe_fp8_ref)(*[t.cpu() for t in args])
+        assert rel_err(out.cpu(), ref) < (1e-2 if CUDA else 1e-3)
+        # the CPU reference path (no Triton) rounds the activations at the same sizes
+        with monkeypatch.context() as m:
+            m.setattr(fm, "use_triton", lambda t: False)
+            cpu = (x, gu, gu_s, dn, dn_s, idx, w)
+            assert torch.equal(K.fused_moe_fp8(*cpu), ref)
+            layout = K.few_token_layout(2 * TOPK, "cpu")   # two tokens through the few-token layout: weight-only
+            assert torch.equal(K.fused_moe_fp8(x[:2], *cpu[1:5], idx[:2], w[:2], few_token_layout=layout),
+                               fm.fused_moe_fp8_ref(x[:2], *cpu[1:5], idx[:2], w[:2]))
 
 
 def test_fused_moe_fp8_odd_expert_width(K):
@@ -209,6 +251,10 @@ def test_fused_moe_fp8_full_size(K, M):
     x = torch.randn(M, D, device=DEV, generator=g).to(torch.bfloat16)
     w, idx = torch.randn(M, E, device=DEV, generator=g).softmax(-1).topk(TOPK, -1)
     out = K.fused_moe_fp8(x, gu, gu_s, dn, dn_s, idx, w, few_token_layout=K.few_token_layout(2 * TOPK, DEV))
+    from latentmoe.kernels import fp8_moe
     n = min(M, 64)   # the reference loops over experts in fp32: check a slice of the rows
-    ref = K.fused_moe_fp8_ref(x[:n].float(), gu, gu_s, dn, dn_s, idx[:n], w[:n])
+    w8a8 = fp8_moe.uses_fp8_activations(M * TOPK, dn.shape, few_tokens=M <= K.FEW_TOKENS)
+    assert w8a8 == (M >= 300)
+    ref_fn = fp8_moe.fused_moe_fp8_w8a8_ref if w8a8 else K.fused_moe_fp8_ref
+    ref = ref_fn(x[:n].float(), gu, gu_s, dn, dn_s, idx[:n], w[:n])
     assert rel_err(out[:n], ref) < 1.5e-2

@@ -83,6 +83,16 @@ def dot(a, b, UPCAST: tl.constexpr):
 
 
 @jit
+def dot_acc(a, b, acc, UPCAST: tl.constexpr):
+    """acc + a . b, the dot accumulating into acc in place (operands as in `dot`)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@jit
 def cast(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
     """x (fp32) in `dtype`, rounded to nearest even like torch. The GPU's cast is used as is; Triton's CPU
     interpreter truncates fp32 -> bf16, so there x is first rounded onto the bf16 grid in its bits (kept

@@ -61,6 +61,12 @@ def quantize_fp8_groups_ref(x: torch.Tensor, group: int = BLOCK) -> tuple[torch.
     return q.view(M, g * group)[:, :K].contiguous(), scale
 
 
+def round_through_fp8_groups(x: torch.Tensor, group: int = BLOCK) -> torch.Tensor:
+    """x [M, K] in fp32 as the FP8 tensor-core paths see it: quantised per token and `group` columns, and back."""
+    q, s = quantize_fp8_groups_ref(x, group)
+    return q.float() * s.repeat_interleave(group, dim=-1)[:, :x.shape[1]]
+
+
 def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, bias: torch.Tensor | None = None,
                    quantize_input: bool = False) -> torch.Tensor:
     """x [..., K] @ dequant(weight)^T (+ bias) in x's dtype; with `quantize_input` x is first rounded
@@ -68,8 +74,7 @@ def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tenso
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if quantize_input:
-        xq, xs = quantize_fp8_groups_ref(x2)
-        x2 = xq.float() * xs.repeat_interleave(BLOCK, dim=-1)[:, :x2.shape[1]]
+        x2 = round_through_fp8_groups(x2)
     w = dequantize_fp8_blocks(weight, scale_inv, torch.float32)
     y = F.linear(x2.float(), w, None if bias is None else bias.float())
     return y.to(x.dtype).view(*shape[:-1], weight.shape[0])
@@ -90,17 +95,22 @@ def to_fp8(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
     return x.to(dtype)
 
 
-@jit
-def _quantize_groups_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm,
-                            GROUP: tl.constexpr, FP8_MAX_C: tl.constexpr, INTERPRETED: tl.constexpr):
-    m = tl.program_id(0)
-    g = tl.program_id(1)
-    offs = g * GROUP + tl.arange(0, GROUP)
-    x = tl.load(x_ptr + m * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(x), 0) / FP8_MAX_C, 1e-12)
-    q = tl.minimum(tl.maximum(x / scale, -FP8_MAX_C), FP8_MAX_C)
-    tl.store(q_ptr + m * stride_qm + offs, to_fp8(q, q_ptr.dtype.element_ty, INTERPRETED), mask=offs < K)
-    tl.store(s_ptr + m * stride_sm + g, scale)
+@jit(do_not_specialize=("M",))
+def _quantize_groups_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm, ROWS: tl.constexpr,
+                            GROUP: tl.constexpr, GROUPS: tl.constexpr, FP8_MAX_C: tl.constexpr,
+                            INTERPRETED: tl.constexpr):
+    """ROWS whole rows per program, seen as [ROWS, GROUPS, GROUP]: one pass, a scale per row and group."""
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    gi = tl.arange(0, GROUPS)
+    offs = gi[:, None] * GROUP + tl.arange(0, GROUP)[None, :]                          # [GROUPS, GROUP]
+    mask = (r[:, None, None] < M) & (offs[None, :, :] < K)
+    rows = r[:, None, None].to(tl.int64)
+    x = tl.load(x_ptr + rows * stride_xm + offs[None, :, :], mask=mask, other=0.0).to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(x), 2) / FP8_MAX_C, 1e-12)                       # [ROWS, GROUPS]
+    q = tl.minimum(tl.maximum(x / scale[:, :, None], -FP8_MAX_C), FP8_MAX_C)
+    tl.store(q_ptr + rows * stride_qm + offs[None, :, :], to_fp8(q, q_ptr.dtype.element_ty, INTERPRETED), mask=mask)
+    tl.store(s_ptr + r[:, None] * stride_sm + gi[None, :], scale,
+             mask=(r[:, None] < M) & (gi[None, :] * GROUP < K))
 
 
 def quantize_fp8_groups(x: torch.Tensor, group: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,9 +122,12 @@ def quantize_fp8_groups(x: torch.Tensor, group: int = BLOCK) -> tuple[torch.Tens
     g = triton.cdiv(K, group)
     q = new_buffer((M, K), FP8, x.device)
     s = new_buffer((M, g), torch.float32, x.device)
+    groups = triton.next_power_of_2(g)
+    rows = max(1, min(16, 8192 // (groups * group)))       # about 8K elements a program
     if M:
-        _quantize_groups_kernel[(M, g)](x, q, s, K, x.stride(0), q.stride(0), s.stride(0),
-                                        GROUP=group, FP8_MAX_C=FP8_MAX, INTERPRETED=INTERPRET, num_warps=1)
+        _quantize_groups_kernel[(triton.cdiv(M, rows),)](x, q, s, M, K, x.stride(0), q.stride(0), s.stride(0),
+                                                         ROWS=rows, GROUP=group, GROUPS=groups, FP8_MAX_C=FP8_MAX,
+                                                         INTERPRETED=INTERPRET, num_warps=4)
     return q, s
 
 
@@ -230,5 +243,6 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor,
 
 
 __all__ = ["FP8", "FP8_MAX", "BLOCK", "quantize_fp8_blocks", "dequantize_fp8_blocks", "quantize_fp8_rows",
-           "quantize_fp8_groups", "quantize_fp8_groups_ref", "fp8_linear", "fp8_linear_ref", "fp8_linear_triton",
+           "quantize_fp8_groups", "quantize_fp8_groups_ref", "round_through_fp8_groups", "fp8_linear",
+           "fp8_linear_ref", "fp8_linear_triton",
            "FP8_ACTIVATION_MIN_ROWS", "to_fp8", "dequantize_fp8_blocks_triton"]

@@ -1,8 +1,16 @@
 """Routed experts with block-FP8 weights: the fused-MoE grouped GEMMs (kernels/moe.py) reading e4m3 tiles.
 
-Same row layout (moe_align / few_token_layout), same tiles and epilogues as `fused_moe`; each weight
-tile is loaded as fp8 (half the bytes of bf16: decode reads little else), converted to x's dtype in
-registers and its 128-deep partial product scaled by the tile's scale. Activations stay in x's dtype.
+Two pairs of kernels over the same row layouts (moe_align / few_token_layout) as `fused_moe`:
+- weights only (few assignments per expert: decode): each weight tile is loaded as fp8 (half the bytes of
+  bf16, and decode reads little else), converted to x's dtype in registers with its scale folded in.
+  Activations stay in x's dtype.
+- fp8 activations too (from FP8_ACTIVATIONS_MIN_PER_EXPERT assignments per expert: large decode batches,
+  prefill): x is quantised per token and 128 columns (as DeepSeek-V3 trains), the dots run on FP8 tensor
+  cores, and the SwiGLU output h is quantised the same way in the first kernel's epilogue (one scale per
+  row and 128-column tile) for the second. Each 128-deep partial product carries the product of its two
+  scales; rather than scaling every dot's result into a second accumulator, the accumulator is rescaled
+  by the ratio of consecutive scales so the dot accumulates in place (`_rescale`), which measured faster
+  at prefill tiles on an H200.
 
 gate_up_proj [E, 2I, D] e4m3 with gate_up_scale [E, ceil(2I/128), ceil(D/128)], down_proj [E, D, I]
 with down_scale [E, ceil(D/128), ceil(I/128)]: the stacked [gate | up] rows are quantised as one
@@ -11,16 +19,33 @@ released model). Legend as in moe.py.
 """
 import torch
 
-from ._triton import INTERPRET, dot, jit, new_buffer, tl, triton, use_triton
-from .fp8 import BLOCK, dequantize_fp8_blocks, dequantize_fp8_blocks_triton
-from .moe import DECODE_CONFIG, FEW_TOKENS, choose_moe_config, fused_moe_triton, moe_align, moe_combine
-from .reference import fused_moe_ref
+from ._triton import INTERPRET, dot, dot_acc, jit, new_buffer, tl, triton, use_triton
+from .fp8 import BLOCK, FP8_MAX, dequantize_fp8_blocks, quantize_fp8_groups, round_through_fp8_groups, to_fp8
+from .moe import DECODE_CONFIG, FEW_TOKENS, choose_moe_config, moe_align, moe_combine
+from .reference import _acc, fused_moe_ref
 
 
 def fused_moe_fp8_ref(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scale, topk_idx_MK, topk_weight_MK):
     """The definition: the dequantised weights through the fp32 expert-by-expert reference."""
     return fused_moe_ref(x_MD, dequantize_fp8_blocks(gate_up_proj, gate_up_scale),
                          dequantize_fp8_blocks(down_proj, down_scale), topk_idx_MK, topk_weight_MK)
+
+
+def fused_moe_fp8_w8a8_ref(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scale, topk_idx_MK, topk_weight_MK):
+    """What the fp8-activation kernels compute, expert by expert in fp32: x and the SwiGLU output h each rounded
+    through fp8 groups of 128 columns per row, the weights dequantised."""
+    gu = dequantize_fp8_blocks(gate_up_proj, gate_up_scale)
+    dn = dequantize_fp8_blocks(down_proj, down_scale)
+    I = dn.shape[-1]
+    acc = _acc(x_MD)
+    xq = round_through_fp8_groups(x_MD.float()).to(acc)
+    y_MD = torch.zeros(x_MD.shape, dtype=acc, device=x_MD.device)
+    for e in topk_idx_MK.unique().tolist():
+        tok, slot = (topk_idx_MK == e).nonzero(as_tuple=True)
+        h_T2I = xq[tok] @ gu[e].to(acc).T
+        a_TI = round_through_fp8_groups((torch.nn.functional.silu(h_T2I[:, :I]) * h_T2I[:, I:]).float()).to(acc)
+        y_MD.index_add_(0, tok, (a_TI @ dn[e].to(acc).T) * topk_weight_MK[tok, slot].to(acc)[:, None])
+    return y_MD.to(x_MD.dtype)
 
 
 @jit
@@ -137,41 +162,176 @@ def fused_moe_fp8_triton(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scal
     return moe_combine(y_AD, K, add_MD)
 
 
-# From this many assignments per expert (prefill) the expert GEMMs are compute-bound: the weights are
-# dequantised once (one bandwidth-bound pass) and the bf16 fused-MoE kernels run. On an H200 the FP8
-# kernels measured 1.19x the bf16 ones at 1 token, 0.99x at 256, 0.36x at 8192 (benchmarks/results/fp8.md).
-DEQUANTIZE_MIN_PER_EXPERT = 256
+@jit
+def _rescale(acc, prev, s):
+    """acc holds sum_k s_k d_k / s_{k-1} (per-row scales s, the weight tile's folded in): bring it to the new
+    scale, so the next dot accumulates in place. Finally acc * prev is the scaled sum."""
+    return acc * (prev / s)[:, None]
 
 
-def _dequantize_experts(w: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-    """[E, N, K] e4m3 + [E, N/128, K/128] scales -> [E, N, K] in `dtype` in one kernel (None unless N % 128 == 0,
-    where the stacked experts are one [E*N, K] matrix of whole tiles)."""
-    E, N, K = w.shape
-    if N % BLOCK or not w.is_contiguous():
-        return None
-    return dequantize_fp8_blocks_triton(w.view(E * N, K), s.reshape(-1, s.shape[-1]), dtype).view(E, N, K)
+@jit(do_not_specialize=("A",))
+def _moe_w8a8_gate_up_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, h_ptr, hs_ptr, sorted_ids_ptr, block_expert_ptr,
+                             stride_xm, stride_xsm, stride_we, stride_wn, stride_se, stride_sn, stride_hm, stride_hsm,
+                             A, D, I, E, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr,
+                             FP8_MAX_C: tl.constexpr, UPCAST: tl.constexpr, INTERPRETED: tl.constexpr):
+    """h[p, n] = silu(x[tok(p)] . w_gate[e, n]) * (x[tok(p)] . w_up[e, n]) on fp8 operands, stored as fp8 with
+    one scale per row of the tile. Tiles are BLOCK (the scale block) wide and deep; D and I are multiples of it,
+    so nothing but padding rows is masked and each weight tile has one scale."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if e < E:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        ids = tl.load(sorted_ids_ptr + offs_m)
+        valid = ids < A
+        tok = (ids // TOP_K).to(tl.int64)
+        offs_n = pid_n * BLOCK + tl.arange(0, BLOCK)
+        offs_k = tl.arange(0, BLOCK)
+        x_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :]
+        xs_ptrs = xs_ptr + tok * stride_xsm
+        wg_ptrs = w_ptr + e * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]  # [BLOCK, BLOCK]
+        wu_ptrs = wg_ptrs + I * stride_wn
+        sg_ptr = s_ptr + e * stride_se + pid_n * stride_sn
+        su_ptr = sg_ptr + (I // BLOCK) * stride_sn
+        acc_g = tl.zeros([BLOCK_M, BLOCK], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_M, BLOCK], dtype=tl.float32)
+        prev_g = tl.full([BLOCK_M], 1.0, tl.float32)
+        prev_u = tl.full([BLOCK_M], 1.0, tl.float32)
+        for kb in range(0, D // BLOCK):
+            xa = tl.load(x_ptrs, mask=valid[:, None], other=0.0)
+            sx = tl.load(xs_ptrs + kb, mask=valid, other=1.0)
+            s_g = sx * tl.load(sg_ptr + kb)
+            s_u = sx * tl.load(su_ptr + kb)
+            acc_g = dot_acc(xa, tl.load(wg_ptrs), _rescale(acc_g, prev_g, s_g), UPCAST)
+            acc_u = dot_acc(xa, tl.load(wu_ptrs), _rescale(acc_u, prev_u, s_u), UPCAST)
+            prev_g = s_g
+            prev_u = s_u
+            x_ptrs += BLOCK
+            wg_ptrs += BLOCK
+            wu_ptrs += BLOCK
+        acc_g = acc_g * prev_g[:, None]
+        acc_u = acc_u * prev_u[:, None]
+        h = acc_g * tl.sigmoid(acc_g) * acc_u
+        scale = tl.maximum(tl.max(tl.abs(h), 1) / FP8_MAX_C, 1e-12)
+        hq = tl.minimum(tl.maximum(h / scale[:, None], -FP8_MAX_C), FP8_MAX_C)
+        tl.store(h_ptr + offs_m[:, None].to(tl.int64) * stride_hm + offs_n[None, :],
+                 to_fp8(hq, h_ptr.dtype.element_ty, INTERPRETED))
+        tl.store(hs_ptr + offs_m.to(tl.int64) * stride_hsm + pid_n, scale)
+
+
+@jit(do_not_specialize=("A",))
+def _moe_w8a8_down_kernel(h_ptr, hs_ptr, w_ptr, s_ptr, y_ptr, sorted_ids_ptr, block_expert_ptr, topk_weight_ptr,
+                          stride_hm, stride_hsm, stride_we, stride_wn, stride_se, stride_sn, stride_ym, A, I, D, E,
+                          BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, UPCAST: tl.constexpr):
+    """y[id(p), n] = weight[id(p)] * (h[p] . w_down[e, n]) on fp8 operands (tiles as in the first kernel)."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if e < E:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        ids = tl.load(sorted_ids_ptr + offs_m)
+        valid = ids < A
+        offs_n = pid_n * BLOCK + tl.arange(0, BLOCK)
+        offs_k = tl.arange(0, BLOCK)
+        h_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hm + offs_k[None, :]
+        hs_ptrs = hs_ptr + offs_m.to(tl.int64) * stride_hsm
+        w_ptrs = w_ptr + e * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]   # [BLOCK, BLOCK]
+        sw_ptr = s_ptr + e * stride_se + pid_n * stride_sn
+        acc = tl.zeros([BLOCK_M, BLOCK], dtype=tl.float32)
+        prev = tl.full([BLOCK_M], 1.0, tl.float32)
+        for kb in range(0, I // BLOCK):
+            s = tl.load(hs_ptrs + kb) * tl.load(sw_ptr + kb)
+            acc = dot_acc(tl.load(h_ptrs), tl.load(w_ptrs), _rescale(acc, prev, s), UPCAST)
+            prev = s
+            h_ptrs += BLOCK
+            w_ptrs += BLOCK
+        acc = acc * prev[:, None]
+        wt = tl.load(topk_weight_ptr + ids, mask=valid, other=0.0).to(tl.float32)
+        tl.store(y_ptr + ids[:, None].to(tl.int64) * stride_ym + offs_n[None, :],
+                 (acc * wt[:, None]).to(y_ptr.dtype.element_ty), mask=valid[:, None])
+
+
+# Row tiles for the fp8-activation kernels by assignments per expert (H200 sweep, benchmarks/results/fp8.md);
+# column and K tiles are one scale block.
+W8A8_CONFIG = dict(block_m=64, num_warps=4, num_stages=3)
+W8A8_PREFILL_CONFIG = dict(block_m=128, num_warps=8, num_stages=3)
+
+
+def choose_w8a8_config(n_assignments: int, n_experts: int) -> dict:
+    return W8A8_PREFILL_CONFIG if n_assignments >= 64 * n_experts else W8A8_CONFIG
+
+
+def fused_moe_fp8_w8a8_triton(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scale, topk_idx_MK,
+                              topk_weight_MK, config: dict | None = None,
+                              add_MD: torch.Tensor | None = None) -> torch.Tensor:
+    """The fp8-activation kernels: x quantised per token and 128 columns, both GEMMs on FP8 tensor cores.
+    D and I must be multiples of 128 (every released model's are)."""
+    M, D = x_MD.shape
+    K = topk_idx_MK.shape[1]
+    E, I = down_proj.shape[0], down_proj.shape[2]
+    A = M * K
+    assert gate_up_proj.shape == (E, 2 * I, D) and down_proj.shape == (E, D, I)
+    assert gate_up_proj.stride(-1) == 1 and down_proj.stride(-1) == 1
+    assert D % BLOCK == 0 and I % BLOCK == 0, "the fp8-activation kernels need whole 128-wide scale blocks"
+    cfg = config or choose_w8a8_config(A, E)
+    bm, nw, ns = cfg["block_m"], cfg["num_warps"], cfg["num_stages"]
+    xq, xs = quantize_fp8_groups(x_MD)
+    sorted_ids, block_expert = moe_align(topk_idx_MK, E, bm)
+    n_blocks = block_expert.numel()
+    h_PI = new_buffer((n_blocks * bm, I), xq.dtype, x_MD.device)
+    hs_PG = new_buffer((n_blocks * bm, I // BLOCK), torch.float32, x_MD.device)
+    _moe_w8a8_gate_up_kernel[(I // BLOCK, n_blocks)](
+        xq, xs, gate_up_proj, gate_up_scale, h_PI, hs_PG, sorted_ids, block_expert,
+        xq.stride(0), xs.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), gate_up_scale.stride(0),
+        gate_up_scale.stride(1), h_PI.stride(0), hs_PG.stride(0), A, D, I, E,
+        TOP_K=K, BLOCK_M=bm, BLOCK=BLOCK, FP8_MAX_C=FP8_MAX, UPCAST=INTERPRET, INTERPRETED=INTERPRET,
+        num_warps=nw, num_stages=ns)
+    y_AD = new_buffer((A, D), x_MD.dtype, x_MD.device)
+    weight_A = topk_weight_MK.reshape(-1).contiguous()
+    _moe_w8a8_down_kernel[(D // BLOCK, n_blocks)](
+        h_PI, hs_PG, down_proj, down_scale, y_AD, sorted_ids, block_expert, weight_A,
+        h_PI.stride(0), hs_PG.stride(0), down_proj.stride(0), down_proj.stride(1), down_scale.stride(0),
+        down_scale.stride(1), y_AD.stride(0), A, I, D, E,
+        BLOCK_M=bm, BLOCK=BLOCK, UPCAST=INTERPRET, num_warps=nw, num_stages=ns)
+    return moe_combine(y_AD, K, add_MD)
+
+
+# From this many assignments per expert the fp8-activation kernels run (each weight tile then serves enough
+# rows for tensor cores to pay); below it, and for the few-token layout, the weight-only kernels.
+FP8_ACTIVATIONS_MIN_PER_EXPERT = 16
+
+
+def uses_fp8_activations(n_assignments: int, down_proj_shape: tuple[int, ...], few_tokens: bool = False) -> bool:
+    """Whether `fused_moe_fp8` quantises the activations: for this many (token, expert) assignments over experts
+    of this down_proj shape [E, D, I] (D and I whole scale blocks), outside the few-token layout."""
+    E, D, I = down_proj_shape
+    return (not few_tokens and n_assignments >= FP8_ACTIVATIONS_MIN_PER_EXPERT * E
+            and D % BLOCK == 0 and I % BLOCK == 0)
 
 
 def fused_moe_fp8(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, gate_up_scale: torch.Tensor,
                   down_proj: torch.Tensor, down_scale: torch.Tensor, topk_idx_MK: torch.Tensor,
                   topk_weight_MK: torch.Tensor, few_token_layout: torch.Tensor | None = None,
                   add_MD: torch.Tensor | None = None) -> torch.Tensor:
-    """`fused_moe` over block-FP8 expert weights -> [M, D] in x's dtype. Triton on CUDA (CPU under
-    TRITON_INTERPRET=1): the FP8 kernels, or from DEQUANTIZE_MIN_PER_EXPERT assignments per expert the
-    dequantised weights through the bf16 kernels; the dequantising reference elsewhere. `add_MD` as in
-    `fused_moe`."""
-    if x_MD.shape[0] == 0:
+    """`fused_moe` over block-FP8 expert weights -> [M, D] in x's dtype. From FP8_ACTIVATIONS_MIN_PER_EXPERT
+    assignments per expert the activations are quantised too (FP8 tensor cores); fewer run the weight-only
+    kernels. Triton on CUDA (CPU under TRITON_INTERPRET=1); elsewhere the matching reference, so a CPU run
+    rounds the activations where a GPU would. `add_MD` as in `fused_moe`."""
+    M = x_MD.shape[0]
+    if M == 0:
         return x_MD.clone()
+    few = few_token_layout is not None and M <= FEW_TOKENS
+    w8a8 = uses_fp8_activations(topk_idx_MK.numel(), down_proj.shape, few)
     if not use_triton(x_MD):
-        y = fused_moe_fp8_ref(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scale, topk_idx_MK, topk_weight_MK)
+        ref = fused_moe_fp8_w8a8_ref if w8a8 else fused_moe_fp8_ref
+        y = ref(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scale, topk_idx_MK, topk_weight_MK)
         return y if add_MD is None else y + add_MD
-    if topk_idx_MK.numel() >= DEQUANTIZE_MIN_PER_EXPERT * gate_up_proj.shape[0]:
-        gu = _dequantize_experts(gate_up_proj, gate_up_scale, x_MD.dtype)
-        dn = _dequantize_experts(down_proj, down_scale, x_MD.dtype) if gu is not None else None
-        if dn is not None:
-            return fused_moe_triton(x_MD, gu, dn, topk_idx_MK, topk_weight_MK, add_MD=add_MD)
+    if w8a8:
+        return fused_moe_fp8_w8a8_triton(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scale, topk_idx_MK,
+                                         topk_weight_MK, add_MD=add_MD)
     return fused_moe_fp8_triton(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scale, topk_idx_MK,
                                 topk_weight_MK, few_token_layout, add_MD=add_MD)
 
 
-__all__ = ["fused_moe_fp8", "fused_moe_fp8_ref", "fused_moe_fp8_triton", "DEQUANTIZE_MIN_PER_EXPERT"]
+__all__ = ["fused_moe_fp8", "fused_moe_fp8_ref", "fused_moe_fp8_triton", "fused_moe_fp8_w8a8_ref",
+           "fused_moe_fp8_w8a8_triton", "uses_fp8_activations", "FP8_ACTIVATIONS_MIN_PER_EXPERT"]
