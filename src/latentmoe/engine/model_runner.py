@@ -285,7 +285,7 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ start-up
     def prefill_warmup_sizes(self, max_tokens: int) -> list[int]:
-        """Token counts of the start-up prefill steps: 1-4, then n, n+1, n+2, n+4, n+8 for n = 2^k and
+        """Token counts of the start-up prefill steps: 1-4, then n, n+1, n+2, n+4, n+8, n+16 for n = 2^k and
         3*2^(k-1) up to the budget, and the budget itself. Kernels specialise integer arguments on ==1
         and on divisibility by 16 (of tokens, or of tokens x experts per token), and pick tile shapes
         by token count (expert-GEMM tiles by tokens per expert, the expert sort's kernel vs torch path):
@@ -294,7 +294,7 @@ class ModelRunner:
         p = 8
         while p <= max_tokens:
             for base in (p, 3 * p // 2):
-                sizes.update(n for n in (base, base + 1, base + 2, base + 4, base + 8) if n <= max_tokens)
+                sizes.update(n for n in (base, base + 1, base + 2, base + 4, base + 8, base + 16) if n <= max_tokens)
             p *= 2
         return sorted(sizes)
 

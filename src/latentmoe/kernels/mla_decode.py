@@ -65,19 +65,27 @@ def _mla_decode_split_kernel(
                         mask=mask_n[:, None] & mask_c[None, :], other=0.0)      # [BLOCK_N, BLOCK_C]
         k_pe = tl.load(kv_ptr + row[:, None] + C + offs_r[None, :],
                        mask=mask_n[:, None] & mask_r[None, :], other=0.0)       # [BLOCK_N, BLOCK_R]
-        if KV_FP8:  # e4m3 rows with per-token scales for each part: dequantised here, in registers
+        if KV_FP8:
+            # e4m3 rows with a scale per token for each part. e4m3 values are exact in the queries' dtype, so
+            # the tiles are only converted; each row's scale multiplies its score column (and its
+            # probability for the values) instead: BLOCK_N x BLOCK_H products, not BLOCK_N x (C + R).
             srow = page * stride_s_blk + (offs_n % PAGE) * stride_s_tok
             s_lat = tl.load(kv_scale_ptr + srow, mask=mask_n, other=0.0)
             s_pe = tl.load(kv_scale_ptr + srow + 1, mask=mask_n, other=0.0)
-            k_lat = (k_lat.to(tl.float32) * s_lat[:, None]).to(q_lat_ptr.dtype.element_ty)
-            k_pe = (k_pe.to(tl.float32) * s_pe[:, None]).to(q_pe_ptr.dtype.element_ty)
-        s = dot(q_lat, tl.trans(k_lat), UPCAST) + dot(q_pe, tl.trans(k_pe), UPCAST)      # fp32 [BLOCK_H, BLOCK_N]
+            k_lat = k_lat.to(q_lat_ptr.dtype.element_ty)
+            k_pe = k_pe.to(q_pe_ptr.dtype.element_ty)
+            s = dot(q_lat, tl.trans(k_lat), UPCAST) * s_lat[None, :] + dot(q_pe, tl.trans(k_pe), UPCAST) * s_pe[None, :]
+        else:
+            s = dot(q_lat, tl.trans(k_lat), UPCAST) + dot(q_pe, tl.trans(k_pe), UPCAST)  # fp32 [BLOCK_H, BLOCK_N]
         s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + dot(p.to(k_lat.dtype), k_lat, UPCAST)
+        if KV_FP8:
+            acc = acc * alpha[:, None] + dot((p * s_lat[None, :]).to(k_lat.dtype), k_lat, UPCAST)
+        else:
+            acc = acc * alpha[:, None] + dot(p.to(k_lat.dtype), k_lat, UPCAST)
         m_i = m_new
 
     # An empty piece (sequence shorter than the split count) leaves o = 0 and lse = -inf.
