@@ -283,31 +283,30 @@ def quality(args, log) -> list[str]:
     sp = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     base_gen = None
     for name, quant, kv, m in settings:
-        forced = contextlib.nullcontext()
-        if name == FORCED_W8A8:   # every expert call outside the few-token layout quantises its activations
-            forced = unittest.mock.patch.object(fp8_moe, "uses_fp8_activations", lambda n, shape, few_tokens=False:
-                                                not few_tokens)
-        forced.__enter__()
-        llm = LLM(m, quantization=quant, kv_cache_dtype=kv, num_blocks=2 + (T * 2) // 16,
-                  block_size=16, max_num_seqs=16)
-        nll, n, logits = 0.0, 0, []
-        for s in seqs:
-            lg = cached_logits(llm, s.tolist(), chunk=max(1, T // 2))
-            nll += torch.nn.functional.cross_entropy(lg[:-1].cpu(), s[1:], reduction="sum").item()
-            n += T - 1
-            logits.append(lg.argmax(-1).cpu())
-        ppl = math.exp(nll / n)
-        top1 = torch.stack(logits)
-        gen = [o.outputs[0].token_ids for o in llm.generate(prompts, sp)]
-        if base_logits is None:
-            base_logits, base_ppl, base_gen = top1, ppl, gen
-        agree = (top1 == base_logits).float().mean().item()
-        same_tok = sum(a == b for x, y in zip(gen, base_gen) for a, b in zip(x, y)) / sum(len(x) for x in base_gen)
-        same_seq = sum(x == y for x, y in zip(gen, base_gen))
-        rows.append(f"| {name} | {ppl:.3f} | {100 * (ppl / base_ppl - 1):+.2f}% | {agree:.4f} | {same_tok:.3f} "
-                    f"({same_seq}/{len(prompts)} identical) |")
-        log(rows[-1])
-        forced.__exit__(None, None, None)
+        # The forced row: every expert call outside the few-token layout quantises its activations.
+        forced = (unittest.mock.patch.object(fp8_moe, "uses_fp8_activations",
+                                             lambda n, shape, few_tokens=False: not few_tokens)
+                  if name == FORCED_W8A8 else contextlib.nullcontext())
+        with forced:
+            llm = LLM(m, quantization=quant, kv_cache_dtype=kv, num_blocks=2 + (T * 2) // 16,
+                      block_size=16, max_num_seqs=16)
+            nll, n, logits = 0.0, 0, []
+            for s in seqs:
+                lg = cached_logits(llm, s.tolist(), chunk=max(1, T // 2))
+                nll += torch.nn.functional.cross_entropy(lg[:-1].cpu(), s[1:], reduction="sum").item()
+                n += T - 1
+                logits.append(lg.argmax(-1).cpu())
+            ppl = math.exp(nll / n)
+            top1 = torch.stack(logits)
+            gen = [o.outputs[0].token_ids for o in llm.generate(prompts, sp)]
+            if base_logits is None:
+                base_logits, base_ppl, base_gen = top1, ppl, gen
+            agree = (top1 == base_logits).float().mean().item()
+            same_tok = sum(a == b for x, y in zip(gen, base_gen) for a, b in zip(x, y)) / sum(len(x) for x in base_gen)
+            same_seq = sum(x == y for x, y in zip(gen, base_gen))
+            rows.append(f"| {name} | {ppl:.3f} | {100 * (ppl / base_ppl - 1):+.2f}% | {agree:.4f} | {same_tok:.3f} "
+                        f"({same_seq}/{len(prompts)} identical) |")
+            log(rows[-1])
         del llm
         gc.collect()
     table = ["| model | val ppl | vs fp32 | teacher-forced top-1 agreement | greedy 32-token agreement |",

@@ -22,7 +22,7 @@ import torch
 from ._triton import INTERPRET, dot, dot_acc, jit, new_buffer, tl, triton, use_triton
 from .fp8 import BLOCK, FP8_MAX, dequantize_fp8_blocks, quantize_fp8_groups, round_through_fp8_groups, to_fp8
 from .moe import DECODE_CONFIG, FEW_TOKENS, choose_moe_config, moe_align, moe_combine
-from .reference import _acc, fused_moe_ref
+from .reference import fused_moe_ref
 
 
 def fused_moe_fp8_ref(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scale, topk_idx_MK, topk_weight_MK):
@@ -32,20 +32,12 @@ def fused_moe_fp8_ref(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scale, 
 
 
 def fused_moe_fp8_w8a8_ref(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scale, topk_idx_MK, topk_weight_MK):
-    """What the fp8-activation kernels compute, expert by expert in fp32: x and the SwiGLU output h each rounded
-    through fp8 groups of 128 columns per row, the weights dequantised."""
-    gu = dequantize_fp8_blocks(gate_up_proj, gate_up_scale)
-    dn = dequantize_fp8_blocks(down_proj, down_scale)
-    I = dn.shape[-1]
-    acc = _acc(x_MD)
-    xq = round_through_fp8_groups(x_MD.float()).to(acc)
-    y_MD = torch.zeros(x_MD.shape, dtype=acc, device=x_MD.device)
-    for e in topk_idx_MK.unique().tolist():
-        tok, slot = (topk_idx_MK == e).nonzero(as_tuple=True)
-        h_T2I = xq[tok] @ gu[e].to(acc).T
-        a_TI = round_through_fp8_groups((torch.nn.functional.silu(h_T2I[:, :I]) * h_T2I[:, I:]).float()).to(acc)
-        y_MD.index_add_(0, tok, (a_TI @ dn[e].to(acc).T) * topk_weight_MK[tok, slot].to(acc)[:, None])
-    return y_MD.to(x_MD.dtype)
+    """What the fp8-activation kernels compute: the fp32 reference over the dequantised weights, with x and the
+    SwiGLU output h each rounded through fp8 groups of 128 columns per row."""
+    y = fused_moe_ref(round_through_fp8_groups(x_MD.float()), dequantize_fp8_blocks(gate_up_proj, gate_up_scale),
+                      dequantize_fp8_blocks(down_proj, down_scale), topk_idx_MK, topk_weight_MK,
+                      round_h=lambda h: round_through_fp8_groups(h.float()))
+    return y.to(x_MD.dtype)
 
 
 @jit

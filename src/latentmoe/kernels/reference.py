@@ -85,10 +85,12 @@ def write_latent_cache_ref(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, c
 
 
 def fused_moe_ref(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
-                  topk_idx_MK: torch.Tensor, topk_weight_MK: torch.Tensor) -> torch.Tensor:
+                  topk_idx_MK: torch.Tensor, topk_weight_MK: torch.Tensor, round_h=None) -> torch.Tensor:
     """Routed experts, one expert at a time in fp32: y[m] = sum_k w[m,k] FFN_{idx[m,k]}(x[m]) (negative ids skipped).
 
     gate_up_proj [E, 2I, D] rows [gate | up], down_proj [E, D, I]; SwiGLU FFN(x) = down(silu(gate x) * up x).
+    `round_h` (optional) maps the SwiGLU output before the down projection, as a kernel that stores it in a
+    narrower format rounds it.
     """
     I = down_proj.shape[-1]
     acc = _acc(x_MD)
@@ -99,6 +101,8 @@ def fused_moe_ref(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: tor
         tok, slot = (topk_idx_MK == e).nonzero(as_tuple=True)
         h_T2I = x_MD[tok].to(acc) @ gate_up_proj[e].to(acc).T
         a_TI = F.silu(h_T2I[:, :I]) * h_T2I[:, I:]
+        if round_h is not None:
+            a_TI = round_h(a_TI).to(acc)
         y_MD.index_add_(0, tok, (a_TI @ down_proj[e].to(acc).T) * topk_weight_MK[tok, slot].to(acc)[:, None])
     return y_MD.to(x_MD.dtype)
 
