@@ -185,17 +185,17 @@ def test_warmup_steps_run_and_leave_generation_unchanged(model, expected):
 
 
 def test_prefill_warmup_sizes_cover_every_class():
-    # Token counts 1..budget fall in classes (==1, divisible by 16 or not, expert-tile config, sort path);
+    # Token counts 1..budget fall in classes (==1, divisible by 16 or not, expert-tile config, sort kernels);
     # each class a count can reach has a warm-up count in it.
     from latentmoe.kernels.fp8_moe import choose_w8a8_config, uses_fp8_activations
-    from latentmoe.kernels.moe import ALIGN_KERNEL_MAX_ASSIGNMENTS, choose_moe_config
+    from latentmoe.kernels.moe import ALIGN_SERIAL_COUNT_MAX_ASSIGNMENTS, choose_moe_config
     sizes = ModelRunner.prefill_warmup_sizes(None, 16384)
     assert sizes[0] == 1 and sizes[-1] == 16384 and len(sizes) < 150
 
     def cls(m, top_k, experts):
         a = m * top_k
         return (m == 1, m <= 2, a % 16 == 0, m % 16 == 0, str(choose_moe_config(a, experts)),
-                a <= ALIGN_KERNEL_MAX_ASSIGNMENTS, uses_fp8_activations(a, (experts, 2048, 1408)),
+                a <= ALIGN_SERIAL_COUNT_MAX_ASSIGNMENTS, uses_fp8_activations(a, (experts, 2048, 1408)),
                 str(choose_w8a8_config(a, experts)))
 
     for top_k, experts, budget in ((6, 64, 16384), (2, 8, 2048), (8, 160, 8192)):

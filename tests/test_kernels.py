@@ -157,14 +157,15 @@ def test_write_latent_cache(K, dtype):
 
 # ----------------------------------------------------------------------------- MoE
 @pytest.mark.parametrize("M,TOPK,E,bm", [(23, 3, 10, 4), (1, 6, 64, 16), (300, 6, 64, 16), (97, 6, 160, 16),
-                                         (40, 2, 8, 128)])
-def test_moe_align(K, M, TOPK, E, bm):
+                                         (40, 2, 8, 128), (1500, 6, 64, 64)])
+@pytest.mark.parametrize("parallel_count", [False, True])
+def test_moe_align(K, M, TOPK, E, bm, parallel_count):
     from latentmoe.kernels.moe import moe_align_torch
     gen = torch.Generator().manual_seed(2 + M)
     scores = torch.rand(M, E, generator=gen)
     scores[:, : E // 3] += 1.0  # uneven loads: some experts crowded, some empty
     idx = scores.topk(TOPK, dim=-1).indices.to(DEV)
-    sorted_ids, block_expert = K.moe_align(idx, E, bm)
+    sorted_ids, block_expert = K.moe_align(idx, E, bm, parallel_count=parallel_count)
     A = M * TOPK
     ids = sorted_ids.cpu().view(-1, bm)
     be = block_expert.cpu()

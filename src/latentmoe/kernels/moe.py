@@ -42,27 +42,53 @@ def align_blocks(n_assignments: int, n_experts: int, block_m: int) -> int:
     return triton.cdiv(n_assignments, block_m) + min(n_experts, n_assignments)
 
 
-@jit
-def _moe_align_layout_kernel(idx_ptr, sorted_ids_ptr, block_expert_ptr, chunk_base_ptr, A, E, n_blocks,
+@jit(do_not_specialize=("A", "n_chunks"))
+def _moe_align_count_kernel(idx_ptr, chunk_base_ptr, A, E, n_chunks, BLOCK_E: tl.constexpr, BLOCK_A: tl.constexpr):
+    """One program per chunk of BLOCK_A assignments: its count per expert, into chunk_base[c, :] (the layout
+    kernel turns the counts into each chunk's base in place)."""
+    c = tl.program_id(0)
+    offs_e = tl.arange(0, BLOCK_E)
+    a = c * BLOCK_A + tl.arange(0, BLOCK_A)
+    e = tl.load(idx_ptr + a, mask=a < A, other=E).to(tl.int32)
+    tl.store(chunk_base_ptr + c * BLOCK_E + offs_e, tl.sum((e[:, None] == offs_e[None, :]).to(tl.int32), 0))
+
+
+@jit(do_not_specialize=("A", "n_blocks", "n_chunks"))
+def _moe_align_layout_kernel(idx_ptr, sorted_ids_ptr, block_expert_ptr, chunk_base_ptr, A, E, n_blocks, n_chunks,
                              BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_A: tl.constexpr,
-                             BLOCK_J: tl.constexpr):
+                             BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr, COUNTED: tl.constexpr):
     """One program: per-expert counts (and each chunk's running count), the padded group layout,
-    block_expert, the padding rows, and chunk_base[c, e] = where chunk c's first assignment to e goes."""
+    block_expert, the padding rows, and chunk_base[c, e] = where chunk c's first assignment to e goes.
+
+    COUNTED: chunk_base already holds each chunk's counts (_moe_align_count_kernel, one program per chunk),
+    and their running sums are taken BLOCK_C chunks at a time; otherwise this program counts the
+    assignments itself, BLOCK_A at a time (fewer launches, slower for many assignments)."""
     offs_e = tl.arange(0, BLOCK_E)
     mask_e = offs_e < E
-    offs_a = tl.arange(0, BLOCK_A)
     counts = tl.zeros([BLOCK_E], dtype=tl.int32)
-    for a0 in range(0, A, BLOCK_A):
-        # Running counts before this chunk, made absolute below once first_row is known.
-        tl.store(chunk_base_ptr + (a0 // BLOCK_A) * BLOCK_E + offs_e, counts)
-        e = tl.load(idx_ptr + a0 + offs_a, mask=a0 + offs_a < A, other=E).to(tl.int32)
-        counts += tl.sum((e[:, None] == offs_e[None, :]).to(tl.int32), 0)
+    offs_c = tl.arange(0, BLOCK_C)
+    if COUNTED:
+        for c0 in range(0, n_chunks, BLOCK_C):
+            ptrs = chunk_base_ptr + (c0 + offs_c)[:, None] * BLOCK_E + offs_e[None, :]
+            mask = (c0 + offs_c)[:, None] < n_chunks
+            cnt = tl.load(ptrs, mask=mask, other=0)
+            # Running counts before each chunk, made absolute below once first_row is known.
+            tl.store(ptrs, tl.cumsum(cnt, 0) - cnt + counts[None, :], mask=mask)
+            counts += tl.sum(cnt, 0)
+    else:
+        offs_a = tl.arange(0, BLOCK_A)
+        for a0 in range(0, A, BLOCK_A):
+            tl.store(chunk_base_ptr + (a0 // BLOCK_A) * BLOCK_E + offs_e, counts)
+            e = tl.load(idx_ptr + a0 + offs_a, mask=a0 + offs_a < A, other=E).to(tl.int32)
+            counts += tl.sum((e[:, None] == offs_e[None, :]).to(tl.int32), 0)
+    tl.debug_barrier()
     blocks = (counts + BLOCK_M - 1) // BLOCK_M
     block_end = tl.cumsum(blocks, 0)
     first_row = (block_end - blocks) * BLOCK_M
-    for a0 in range(0, A, BLOCK_A):
-        ptrs = chunk_base_ptr + (a0 // BLOCK_A) * BLOCK_E + offs_e
-        tl.store(ptrs, tl.load(ptrs) + first_row)
+    for c0 in range(0, n_chunks, BLOCK_C):
+        ptrs = chunk_base_ptr + (c0 + offs_c)[:, None] * BLOCK_E + offs_e[None, :]
+        mask = (c0 + offs_c)[:, None] < n_chunks
+        tl.store(ptrs, tl.load(ptrs, mask=mask, other=0) + first_row[None, :], mask=mask)
     block_end = tl.where(mask_e, block_end, 1 << 30)
     offs_j = tl.arange(0, BLOCK_J)
     offs_r = tl.arange(0, BLOCK_M)
@@ -81,7 +107,7 @@ def _moe_align_layout_kernel(idx_ptr, sorted_ids_ptr, block_expert_ptr, chunk_ba
                  mask=(j[:, None] < n_blocks) & pad)
 
 
-@jit
+@jit(do_not_specialize=("A",))
 def _moe_align_scatter_kernel(idx_ptr, sorted_ids_ptr, chunk_base_ptr, A, E,
                               BLOCK_E: tl.constexpr, BLOCK_A: tl.constexpr):
     """One program per chunk: each assignment's rank among the chunk's assignments to its expert
@@ -96,22 +122,25 @@ def _moe_align_scatter_kernel(idx_ptr, sorted_ids_ptr, chunk_base_ptr, A, E,
     tl.store(sorted_ids_ptr + dest, a, mask=(a < A) & (e < E))
 
 
-# Up to this many assignments the two kernels above beat the torch path's radix sort and dozen
-# small launches (decode batches); prefill-sized routings take the torch path.
-ALIGN_KERNEL_MAX_ASSIGNMENTS = 8192
+# Up to this many assignments one program counts them (decode batches: one launch fewer); above, one
+# program per chunk counts first. Every size runs these kernels where Triton does; the torch path
+# (a radix sort and a dozen small ops, 126-141 us on an H200 from 8K to 98K assignments) elsewhere.
+ALIGN_SERIAL_COUNT_MAX_ASSIGNMENTS = 2048
 
 
-def moe_align(topk_idx_MK: torch.Tensor, n_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+def moe_align(topk_idx_MK: torch.Tensor, n_experts: int, block_m: int,
+              parallel_count: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """-> sorted_ids [P] (assignment ids m*K+k grouped by expert in assignment order, each group
     padded to block_m with the id A), block_expert [P / block_m] (each row block's expert; E for
     blocks past the last).
 
     P is the worst case align_blocks(A, E, block_m) * block_m, so shapes never depend on the routing
-    (no host sync; CUDA graphs can capture it). Up to
-    ALIGN_KERNEL_MAX_ASSIGNMENTS assignments (two Triton kernels), torch ops otherwise (the same output).
+    (no host sync; CUDA graphs can capture it). Triton kernels where Triton runs (`parallel_count`: count
+    per chunk in parallel first; by default above ALIGN_SERIAL_COUNT_MAX_ASSIGNMENTS), torch ops otherwise
+    (the same output).
     """
     A = topk_idx_MK.numel()
-    if not use_triton(topk_idx_MK) or A > ALIGN_KERNEL_MAX_ASSIGNMENTS or A == 0:
+    if not use_triton(topk_idx_MK) or A == 0:
         return moe_align_torch(topk_idx_MK, n_experts, block_m)
     n_blocks = align_blocks(A, n_experts, block_m)
     sorted_ids = new_buffer((n_blocks * block_m,), torch.int32, topk_idx_MK.device)
@@ -121,9 +150,14 @@ def moe_align(topk_idx_MK: torch.Tensor, n_experts: int, block_m: int) -> tuple[
     n_chunks = triton.cdiv(A, block_a)
     idx_A = topk_idx_MK.reshape(-1).contiguous()
     chunk_base = new_buffer((n_chunks, block_e), torch.int32, topk_idx_MK.device)
-    _moe_align_layout_kernel[(1,)](idx_A, sorted_ids, block_expert, chunk_base, A, n_experts, n_blocks,
+    counted = A > ALIGN_SERIAL_COUNT_MAX_ASSIGNMENTS if parallel_count is None else parallel_count
+    if counted:
+        _moe_align_count_kernel[(n_chunks,)](idx_A, chunk_base, A, n_experts, n_chunks,
+                                             BLOCK_E=block_e, BLOCK_A=block_a, num_warps=4)
+    _moe_align_layout_kernel[(1,)](idx_A, sorted_ids, block_expert, chunk_base, A, n_experts, n_blocks, n_chunks,
                                    BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_A=block_a,
-                                   BLOCK_J=max(1, 2048 // block_m), num_warps=4)
+                                   BLOCK_C=max(1, 4096 // block_e), BLOCK_J=max(1, 4096 // block_m),
+                                   COUNTED=counted, num_warps=4)
     _moe_align_scatter_kernel[(n_chunks,)](idx_A, sorted_ids, chunk_base, A, n_experts,
                                            BLOCK_E=block_e, BLOCK_A=block_a, num_warps=4)
     return sorted_ids, block_expert
