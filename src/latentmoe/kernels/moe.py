@@ -123,9 +123,10 @@ def _moe_align_scatter_kernel(idx_ptr, sorted_ids_ptr, chunk_base_ptr, A, E,
 
 
 # Up to this many assignments one program counts them (decode batches: one launch fewer); above, one
-# program per chunk counts first. Every size runs these kernels where Triton does; the torch path
-# (a radix sort and a dozen small ops, 126-141 us on an H200 from 8K to 98K assignments) elsewhere.
-ALIGN_SERIAL_COUNT_MAX_ASSIGNMENTS = 2048
+# program per chunk counts first. On an H200 (graph replays): serial 10.5 / 13.9 / 17.8 / 41.7 us at 6 / 384 /
+# 1,536 / 8,190 assignments, parallel 12.2 / 14.0 / 13.8 / 16.1 us, and 38-123 us from 49K to 197K where the
+# torch path (a radix sort and a dozen small ops, used where Triton does not run) took 127-172 us.
+ALIGN_SERIAL_COUNT_MAX_ASSIGNMENTS = 1024
 
 
 def moe_align(topk_idx_MK: torch.Tensor, n_experts: int, block_m: int,
