@@ -32,7 +32,7 @@ import torch
 from latentmoe import build_model, get_config, kernels
 from latentmoe.engine import LLM, SamplingParams
 from latentmoe.engine.attention import AttentionMetadata, PrefillMetadata
-from latentmoe.kernels import fp8_moe
+from latentmoe.kernels import fp8, fp8_moe
 
 from bench_engine import engine_decode, engine_prefill, release_memory
 from report import summary_block
@@ -43,7 +43,7 @@ GiB = 1024 ** 3
 # The quality row with the routed experts' activations in fp8 at every size: the GPU kernels quantise them
 # from FP8_ACTIVATIONS_MIN_PER_EXPERT assignments per expert when D and I are whole 128-blocks, which the demo
 # model's hidden size (192) is not, so the reference path is made to round them regardless.
-FORCED_W8A8 = "fp8 weights, fp8 expert activations (forced at every size)"
+FORCED_W8A8 = "fp8 weights, fp8 activations in experts and dense layers (forced at every size)"
 
 
 def engine_weight_bytes(llm) -> int:
@@ -283,11 +283,14 @@ def quality(args, log) -> list[str]:
     sp = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     base_gen = None
     for name, quant, kv, m in settings:
-        # The forced row: every expert call outside the few-token layout quantises its activations.
-        forced = (unittest.mock.patch.object(fp8_moe, "uses_fp8_activations",
-                                             lambda n, shape, few_tokens=False: not few_tokens)
-                  if name == FORCED_W8A8 else contextlib.nullcontext())
-        with forced:
+        # The forced row: every expert call outside the few-token layout, and every FP8 Linear above the
+        # few-row sizes, quantises its activations (the demo's widths are not whole 128-blocks).
+        with contextlib.ExitStack() as forced:
+            if name == FORCED_W8A8:
+                forced.enter_context(unittest.mock.patch.object(fp8_moe, "uses_fp8_activations",
+                                                                lambda n, shape, few_tokens=False: not few_tokens))
+                forced.enter_context(unittest.mock.patch.object(fp8, "uses_fp8_dense_activations",
+                                                                lambda rows, shape: rows > fp8.FP8_ACTIVATION_MIN_ROWS))
             llm = LLM(m, quantization=quant, kv_cache_dtype=kv, num_blocks=2 + (T * 2) // 16,
                       block_size=16, max_num_seqs=16)
             nll, n, logits = 0.0, 0, []

@@ -45,7 +45,7 @@ def test_fused_modules_match_model(dev, over):
     fused = engine_model(model, fused_ops=True)
     kinds = [type(m).__name__ for m in fused.modules()]
     assert [k.removeprefix("Engine") for k in kinds] == [type(m).__name__ for m in model.modules()]
-    fusable = ("RMSNorm", "MLA", "Router", "MLP", "Block")
+    fusable = ("Linear", "RMSNorm", "MLA", "Router", "MLP", "Block")
     assert sum(k in tuple("Engine" + f for f in fusable) for k in kinds) == \
         sum(type(m).__name__ in fusable for m in model.modules())
     assert list(fused.state_dict()) == list(model.state_dict())
@@ -56,6 +56,10 @@ def test_fused_modules_match_model(dev, over):
         assert torch.equal(a.topk_idx.gather(-1, order_a), b.topk_idx.gather(-1, order_b))
         assert torch.allclose(a.topk_weight.gather(-1, order_a), b.topk_weight.gather(-1, order_b), atol=1e-6)
         assert torch.allclose(a.scores, b.scores, atol=1e-6)
+    # Decode sizes (up to kernels.SKINNY_MAX_ROWS rows): the projections take the few-row GEMMs.
+    for rows in (1, 3):
+        step_ids, step_pos = ids[:rows, :1], pos[:rows, :1]
+        assert rel(fused(step_ids, positions=step_pos), model(step_ids, positions=step_pos)) < (1e-2 if CUDA else 1e-5)
     # The model itself still runs its own code. (On CUDA the model's fp32 expert loop sums with atomic
     # index_add_, so two runs differ in the last bits: there the check is a tolerance far below the fused path's.)
     again = model(ids, positions=pos)

@@ -441,3 +441,54 @@ def test_mha_decode_full_size(K):
         for splits in (1, 3, None):
             out = K.mha_decode_triton(q.to(dtype), k.to(dtype), v.to(dtype), block_table, sl, 0.07, num_splits=splits)
             assert rel_err(out, ref) < tol, (dtype, splits)
+
+
+# ---- few-row GEMMs (kernels/skinny.py) ----
+
+SKINNY_SHAPES = [(1, 200, 300), (3, 64, 520), (4, 9, 130)]   # N, K not multiples of the tiles; K < one tile
+
+
+@pytest.mark.parametrize("M,N,Kd", SKINNY_SHAPES)
+@pytest.mark.parametrize("fp8", [False, True])
+def test_skinny_linear_matches_reference(K, M, N, Kd, fp8):
+    from latentmoe.kernels.skinny import choose_skinny_config, skinny_linear, skinny_linear_ref
+    g = torch.Generator().manual_seed(M * N + Kd)
+    dtype = torch.float32 if not CUDA else torch.bfloat16
+    w = torch.randn(N, Kd, generator=g) * 0.05
+    w, s = K.quantize_fp8_blocks(w) if fp8 else (w.to(dtype), None)
+    x = torch.randn(M, Kd, generator=g).to(dtype)
+    w, x = w.to(DEV), x.to(DEV)
+    s = s.to(DEV) if fp8 else None
+    for config in (None, dict(choose_skinny_config(M, N, Kd, fp8), block_k=64)):   # one K slice, several
+        out = skinny_linear(x, w, s, config=config)
+        ref = skinny_linear_ref(x, w, s)
+        assert out.shape == (M, N) and out.dtype == dtype
+        assert rel_err(out.float(), ref.float()) < (1e-2 if CUDA else 1e-6)
+
+
+def test_skinny_pair_and_swiglu_match_reference(K):
+    from latentmoe.kernels.skinny import skinny_linear_pair, skinny_linear_ref, skinny_swiglu, skinny_swiglu_ref
+    g = torch.Generator().manual_seed(11)
+    dtype = torch.float32 if not CUDA else torch.bfloat16
+    x = torch.randn(2, 1, 256, generator=g).to(dtype).to(DEV)
+    for fp8 in (False, True):
+        ws = [torch.randn(n, 256, generator=g) * 0.05 for n in (136, 40, 72, 72)]
+        pairs = [K.quantize_fp8_blocks(w) if fp8 else (w.to(dtype), None) for w in ws]
+        pairs = [(w.to(DEV), None if s is None else s.to(DEV)) for w, s in pairs]
+        (wq, sq), (wk, sk), (wg, sg), (wu, su) = pairs
+        q, kv = skinny_linear_pair(x, wq, sq, wk, sk)
+        assert q.shape == (2, 1, 136) and kv.shape == (2, 1, 40)
+        assert rel_err(q.float(), skinny_linear_ref(x, wq, sq).float()) < (1e-2 if CUDA else 1e-6)
+        assert rel_err(kv.float(), skinny_linear_ref(x, wk, sk).float()) < (1e-2 if CUDA else 1e-6)
+        h = skinny_swiglu(x, wg, sg, wu, su)
+        assert rel_err(h.float(), skinny_swiglu_ref(x, wg, sg, wu, su).float()) < (1e-2 if CUDA else 1e-6)
+
+
+def test_skinny_declines_what_it_does_not_cover(K):
+    from latentmoe.kernels.skinny import SKINNY_MAX_ROWS, skinny_linear, skinny_linear_pair
+    w = torch.randn(16, 32).to(DEV)
+    assert skinny_linear(torch.randn(SKINNY_MAX_ROWS + 1, 32).to(DEV), w) is None          # too many rows
+    assert skinny_linear(torch.randn(1, 32, dtype=torch.float64).to(DEV), w.double()) is None  # dtype
+    assert skinny_linear(torch.randn(1, 32).to(DEV), w.t().contiguous().t()) is None      # column-major weight
+    q, s = K.quantize_fp8_blocks(w)
+    assert skinny_linear_pair(torch.randn(1, 32).to(DEV), w, None, q.to(DEV), s.to(DEV)) is None  # mixed kinds

@@ -83,6 +83,15 @@ def test_quantize_groups_matches_reference(K, M, Kd):
     assert (a != b).float().mean() < 0.01
 
 
+def test_quantize_groups_outer_major_scales(K):
+    g = torch.Generator().manual_seed(8)
+    x = (torch.randn(21, 300, generator=g) * torch.logspace(-2, 2, 300)).to(DEV)
+    q, s = K.quantize_fp8_groups(x)
+    q2, s2 = K.quantize_fp8_groups(x, scale_outer_major=True)
+    assert s2.shape == (21, 3) and s2.stride() == (1, 21)
+    assert torch.equal(s2, s) and torch.equal(q2.float(), q.float())
+
+
 @pytest.mark.parametrize("M,few", [(1, True), (2, True), (29, False)])
 def test_fused_moe_fp8_matches_reference(K, M, few):
     from latentmoe.kernels.fp8_moe import fused_moe_fp8_ref, fused_moe_fp8_triton
@@ -226,13 +235,21 @@ def test_mla_decode_fp8_cache(K, num_splits):
 # ----------------------------------------------------------------------------- full size (GPU)
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("M", [1, 64, 65, 2048])
+@pytest.mark.parametrize("M", [1, 64, 65, 2047, 2048])
 def test_fp8_gemm_full_size(K, M):
-    """V2-Lite's q_proj shape in bf16, both routes (the FP8 GEMM up to 64 rows, dequantise + GEMM above)."""
+    """V2-Lite's q_proj shape in bf16, every route: the FP8 GEMM up to 64 rows, dequantise + GEMM above, and
+    from FP8_SCALED_MM_MIN_ROWS fp8 activations through torch's blockwise GEMM. The weight's 128 x 128 tiles
+    and x's 128-column groups span 2^-6..2^6 in scale, so a scale read from the wrong tile or group fails."""
+    from latentmoe.kernels.fp8 import uses_fp8_dense_activations
     g = torch.Generator(device=DEV).manual_seed(M)
-    w, s = K.quantize_fp8_blocks(torch.randn(3072, 2048, device=DEV, generator=g) * 0.02)
-    x = torch.randn(M, 2048, device=DEV, generator=g).to(torch.bfloat16)
-    ref = K.fp8_linear_ref(x.float(), w, s)
+    tile = 2.0 ** torch.randint(-6, 7, (24, 16), device=DEV, generator=g).float()
+    w_full = torch.randn(3072, 2048, device=DEV, generator=g) * 0.02
+    w, s = K.quantize_fp8_blocks(w_full * tile.repeat_interleave(128, 0).repeat_interleave(128, 1))
+    group = 2.0 ** torch.randint(-6, 7, (M, 16), device=DEV, generator=g).float()
+    x = (torch.randn(M, 2048, device=DEV, generator=g) * group.repeat_interleave(128, 1)).to(torch.bfloat16)
+    fp8_acts = uses_fp8_dense_activations(M, w.shape)
+    assert fp8_acts == (M >= 2048)
+    ref = K.fp8_linear_ref(x.float(), w, s, quantize_input=fp8_acts)
     assert rel_err(K.fp8_linear(x, w, s), ref) < 1e-2
     # the fp8-activation branch, opt-in
     from latentmoe.kernels.fp8 import fp8_linear_triton

@@ -29,6 +29,28 @@ from ..config import ModelConfig
 from ..model import MLA, MLP, Block, MoE, Experts, RouterOutput, Router, RMSNorm
 
 
+def _weight_of(linear: nn.Module):
+    """(weight, scale_inv or None) of a bias-free Linear the few-row kernels can read; None for other modules
+    (a tensor-parallel shard, a Linear with a bias)."""
+    if type(linear) in (nn.Linear, EngineLinear) and linear.bias is None:
+        return linear.weight, None
+    if type(linear) is Fp8Linear and linear.bias is None:
+        return linear.weight, linear.weight_scale_inv
+    return None
+
+
+class EngineLinear(nn.Linear):
+    """A Linear whose decode-sized inputs (up to kernels.SKINNY_MAX_ROWS rows) take the few-row GEMM, which
+    reads the weight at close to the memory's speed where cuBLAS's tiles do not."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is None:
+            y = kernels.skinny_linear(x, self.weight)
+            if y is not None:
+                return y
+        return F.linear(x, self.weight, self.bias)
+
+
 class EngineRMSNorm(RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.rms_norm(x, self.weight, self.eps)
@@ -48,13 +70,16 @@ class EngineBlock(Block):
 
 
 class EngineMLA(MLA):
-    """MLA whose projections end in one fused kernel: the c_KV norm and both RoPEs (kernels.mla_post_projection)."""
+    """MLA whose projections end in one fused kernel: the c_KV norm and both RoPEs (kernels.mla_post_projection);
+    at decode sizes the two projections of x (q or q_a, and kv_a) are one few-row launch."""
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         B, T, D = x.shape
         x2 = x.reshape(B * T, D)
-        q = self.q_proj(x2) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x2)))
-        kv = self.kv_a_proj_with_mqa(x2)
+        first = self.q_proj if self.q_lora_rank is None else self.q_a_proj
+        q, kv = self._first_projections(x2, first)
+        if self.q_lora_rank is not None:
+            q = self.q_b_proj(self.q_a_layernorm(q))
         half = cos.shape[-1]   # cos/sin may broadcast over the batch: one row per token for the kernel
         cos2 = cos.expand(B, T, half).reshape(-1, half).float().contiguous()
         sin2 = sin.expand(B, T, half).reshape(-1, half).float().contiguous()
@@ -63,6 +88,16 @@ class EngineMLA(MLA):
                                                                cos2, sin2, self.n_heads)
         return (q_nope.view(B, T, *q_nope.shape[1:]), q_pe.view(B, T, *q_pe.shape[1:]),
                 c_kv.view(B, T, -1), k_pe.view(B, T, -1))
+
+
+    def _first_projections(self, x2: torch.Tensor, first: nn.Module):
+        """(first(x2), kv_a_proj_with_mqa(x2)): one few-row launch for both at decode sizes."""
+        a, b = _weight_of(first), _weight_of(self.kv_a_proj_with_mqa)
+        if a is not None and b is not None:
+            both = kernels.skinny_linear_pair(x2, *a, *b)
+            if both is not None:
+                return both
+        return first(x2), self.kv_a_proj_with_mqa(x2)
 
 
 class EngineRouter(Router):
@@ -81,15 +116,27 @@ class EngineRouter(Router):
         return self._weight_fp32[1]
 
     def forward(self, x: torch.Tensor):
-        logits = F.linear(x.float(), self.weight_fp32()).contiguous()
+        w = self.weight
+        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype:
+            # 16-bit products are exact in fp32, so a GEMM accumulating and writing fp32 is the fp32 GEMM up
+            # to summation order, without the fp32 copies of x and the weight (at 8K tokens the copy and the
+            # fp32 GEMM took ~110 us a layer on an H200).
+            logits = torch.mm(x.reshape(-1, x.shape[-1]), w.t(), out_dtype=torch.float32)
+        else:
+            logits = F.linear(x.float(), self.weight_fp32()).contiguous()
         return kernels.softmax_topk(logits, self.top_k, self.norm_topk_prob, self.routed_scaling_factor)
 
 
 class EngineMLP(MLP):
-    """SwiGLU with silu(gate) * up in one kernel (the dense layers and the shared experts)."""
+    """SwiGLU with silu(gate) * up in one kernel (the dense layers and the shared experts); at decode sizes the
+    gate and up GEMMs and that product are one few-row launch."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(kernels.silu_mul(self.gate_proj(x), self.up_proj(x)))
+        g, u = _weight_of(self.gate_proj), _weight_of(self.up_proj)
+        h = kernels.skinny_swiglu(x, *g, *u) if g is not None and u is not None else None
+        if h is None:
+            h = kernels.silu_mul(self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(h)
 
 
 class EngineMoE(MoE):
@@ -135,6 +182,10 @@ class Fp8Linear(nn.Module):
         self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is None:
+            y = kernels.skinny_linear(x, self.weight, self.weight_scale_inv)
+            if y is not None:
+                return y
         return kernels.fp8_linear(x, self.weight, self.weight_scale_inv, self.bias)
 
 
@@ -187,6 +238,8 @@ def _engine_class(module: nn.Module, parent: nn.Module | None, fused_ops: bool, 
                   quantized: bool = False) -> type:
     """The class the engine builds `module` as: an engine subclass where one applies, else its own."""
     kind = type(module)
+    if fused_ops and kind is nn.Linear:
+        return EngineLinear
     if fused_ops and kind is RMSNorm:
         return EngineRMSNorm
     if fused_ops and kind is MLA:
@@ -221,7 +274,7 @@ def engine_model(model: nn.Module, *, fused_ops: bool = False, fused_experts: bo
                  quantization: str | None = None, fp8_weights: dict | None = None) -> nn.Module:
     """The engine's copy of `model` in eval mode: same parameters (the same objects unless `device`/`dtype`
     ask for a conversion; tied weights stay tied), the engine subclasses above where `fused_ops`
-    (RMSNorm, the block's residual add with its norm, MLA post-projection, greedy router, SwiGLU) and `fused_experts` (routed experts, and the MoE
+    (Linear, RMSNorm, the block's residual add with its norm, MLA post-projection, greedy router, SwiGLU) and `fused_experts` (routed experts, and the MoE
     layer adding the shared experts in their combine) choose them.
     `model` itself is not touched. For inference only (the fused kernels have no backward).
 
@@ -267,5 +320,5 @@ def engine_model(model: nn.Module, *, fused_ops: bool = False, fused_experts: bo
     return new_model
 
 
-__all__ = ["engine_model", "EngineRMSNorm", "EngineBlock", "EngineMLA", "EngineRouter", "EngineMLP", "EngineMoE", "EngineExperts",
+__all__ = ["engine_model", "EngineLinear", "EngineRMSNorm", "EngineBlock", "EngineMLA", "EngineRouter", "EngineMLP", "EngineMoE", "EngineExperts",
            "Fp8Linear", "Fp8Experts", "FP8_SKIP", "fp8_quantizable"]

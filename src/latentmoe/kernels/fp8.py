@@ -8,12 +8,14 @@ tile's precision (per-output-channel scales let it cost a whole row). On the tra
 tie (perplexity +0.09% vs +0.05% of fp32, benchmarks/results/fp8_quality.md); blocks win on format:
 DeepSeek's FP8 checkpoints load as stored.
 
-`fp8_linear` computes x @ w^T with these weights. Triton path: few rows (decode, bandwidth-bound)
-read the fp8 tiles and multiply in x's dtype (weights dequantised in registers); many rows (prefill,
-compute-bound) dequantise the weight in one pass and run an ordinary GEMM. The kernel's other branch
-quantises x per token and per 128 columns (`quantize_fp8_groups`) and runs the dot on fp8 tensor
-cores, scaling each 128-deep partial product by both scales (opt-in: slower than cuBLAS bf16 as
-measured). Elsewhere the reference dequantises the weight and calls F.linear.
+`fp8_linear` computes x @ w^T with these weights. Few rows (decode, bandwidth-bound) read the fp8 tiles and
+multiply in x's dtype (weights dequantised in registers; up to 4 rows kernels/skinny.py does it better). Many
+rows (prefill, compute-bound) quantise x per token and 128 columns (`quantize_fp8_groups`) and run torch's
+blockwise-scaled GEMM on fp8 tensor cores, DeepSeek's recipe, where the widths are whole 128-blocks; between
+the two, or without that GEMM, the weight is dequantised in one pass for an ordinary GEMM. The Triton GEMM's
+own fp8-activation branch (each 128-deep partial product scaled) measured slower than cuBLAS bf16 and is
+opt-in. Elsewhere the reference dequantises the weight and calls F.linear, rounding x through fp8 at the
+sizes where the GPU would.
 """
 import torch
 import torch.nn.functional as F
@@ -96,7 +98,7 @@ def to_fp8(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
 
 
 @jit(do_not_specialize=("M",))
-def _quantize_groups_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm, ROWS: tl.constexpr,
+def _quantize_groups_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_sg, ROWS: tl.constexpr,
                             GROUP: tl.constexpr, GROUPS: tl.constexpr, FP8_MAX_C: tl.constexpr,
                             INTERPRETED: tl.constexpr):
     """ROWS whole rows per program, seen as [ROWS, GROUPS, GROUP]: one pass, a scale per row and group."""
@@ -109,25 +111,30 @@ def _quantize_groups_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, str
     scale = tl.maximum(tl.max(tl.abs(x), 2) / FP8_MAX_C, 1e-12)                       # [ROWS, GROUPS]
     q = tl.minimum(tl.maximum(x / scale[:, :, None], -FP8_MAX_C), FP8_MAX_C)
     tl.store(q_ptr + rows * stride_qm + offs[None, :, :], to_fp8(q, q_ptr.dtype.element_ty, INTERPRETED), mask=mask)
-    tl.store(s_ptr + r[:, None] * stride_sm + gi[None, :], scale,
+    tl.store(s_ptr + r[:, None] * stride_sm + gi[None, :] * stride_sg, scale,
              mask=(r[:, None] < M) & (gi[None, :] * GROUP < K))
 
 
-def quantize_fp8_groups(x: torch.Tensor, group: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (fp8 [M, K], scale [M, ceil(K/group)]), one kernel on the Triton path."""
+def quantize_fp8_groups(x: torch.Tensor, group: int = BLOCK,
+                        scale_outer_major: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (fp8 [M, K], scale [M, ceil(K/group)]), one kernel on the Triton path.
+    `scale_outer_major`: the scale's storage is [ceil(K/group), M] (strides (1, M)), as torch's blockwise
+    scaled GEMM reads it."""
     if not use_triton(x):
-        return quantize_fp8_groups_ref(x, group)
+        q, s = quantize_fp8_groups_ref(x, group)
+        return q, (s.t().contiguous().t() if scale_outer_major else s)
     M, K = x.shape
     x = x if x.stride(-1) == 1 else x.contiguous()
     g = triton.cdiv(K, group)
     q = new_buffer((M, K), FP8, x.device)
-    s = new_buffer((M, g), torch.float32, x.device)
+    s = new_buffer((g, M), torch.float32, x.device).t() if scale_outer_major else \
+        new_buffer((M, g), torch.float32, x.device)
     groups = triton.next_power_of_2(g)
     rows = max(1, min(16, 8192 // (groups * group)))       # about 8K elements a program
     if M:
         _quantize_groups_kernel[(triton.cdiv(M, rows),)](x, q, s, M, K, x.stride(0), q.stride(0), s.stride(0),
-                                                         ROWS=rows, GROUP=group, GROUPS=groups, FP8_MAX_C=FP8_MAX,
-                                                         INTERPRETED=INTERPRET, num_warps=4)
+                                                         s.stride(1), ROWS=rows, GROUP=group, GROUPS=groups,
+                                                         FP8_MAX_C=FP8_MAX, INTERPRETED=INTERPRET, num_warps=4)
     return q, s
 
 
@@ -228,21 +235,57 @@ def fp8_linear_triton(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Te
     return out.view(*shape[:-1], N)
 
 
+# From this many rows (prefill) a GEMM whose N and K are whole 128-blocks runs on FP8 tensor cores through
+# torch's blockwise scaled GEMM, x quantised per token and 128 columns (DeepSeek's own recipe): on an H200 it
+# measured 1.18-1.27x of cuBLAS bf16 at 8,192 rows, quantisation included, and 0.92-0.98x at 256.
+FP8_SCALED_MM_MIN_ROWS = 2048
+
+
+def uses_fp8_dense_activations(rows: int, weight_shape) -> bool:
+    """Whether fp8_linear quantises x for this many rows and this weight: the rule the GPU path follows, which
+    the CPU reference path mirrors (so a CPU run rounds where a GPU would)."""
+    N, K = weight_shape
+    return rows >= FP8_SCALED_MM_MIN_ROWS and N % BLOCK == 0 and K % BLOCK == 0
+
+
+def _blockwise_scaled_mm(x2: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor,
+                         bias: torch.Tensor | None) -> torch.Tensor | None:
+    """torch's blockwise-scaled FP8 GEMM (1 x 128 activation groups, 128 x 128 weight tiles), or None where this
+    torch or GPU lacks it."""
+    if not (x2.is_cuda and hasattr(F, "scaled_mm") and hasattr(F, "ScalingType")
+            and torch.cuda.get_device_capability(x2.device) >= (9, 0)):
+        return None
+    a, a_scale = quantize_fp8_groups(x2, scale_outer_major=True)
+    # b = W^T [K, N] (column-major view of the stored weight); its tile scales [K/128, N/128] as a view too.
+    y = F.scaled_mm(a, weight.t(), a_scale, F.ScalingType.BlockWise1x128, scale_inv.t(),
+                    F.ScalingType.BlockWise128x128, output_dtype=x2.dtype)
+    return y if bias is None else y + bias
+
+
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor,
                bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ W^T (+ bias) for a block-FP8 W (weight [N, K] e4m3, scale_inv [N/128, K/128]) -> x's dtype.
 
-    Triton on CUDA (CPU under TRITON_INTERPRET=1): the FP8 GEMM for up to FP8_ACTIVATION_MIN_ROWS rows,
-    above them the weight dequantised by one kernel and an ordinary GEMM. The dequantising reference
-    elsewhere."""
+    Triton on CUDA (CPU under TRITON_INTERPRET=1): the FP8 GEMM for up to FP8_ACTIVATION_MIN_ROWS rows; from
+    FP8_SCALED_MM_MIN_ROWS rows (uses_fp8_dense_activations) x quantised and torch's blockwise scaled GEMM
+    where this GPU and torch have it; otherwise the weight dequantised by one kernel and an ordinary GEMM.
+    The dequantising reference elsewhere, rounding x through fp8 where the GPU path would."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    fp8_acts = uses_fp8_dense_activations(rows, weight.shape)
     if not use_triton(x):
-        return fp8_linear_ref(x, weight, scale_inv, bias)
-    if x.numel() // x.shape[-1] <= FP8_ACTIVATION_MIN_ROWS:
+        return fp8_linear_ref(x, weight, scale_inv, bias, quantize_input=fp8_acts)
+    if rows <= FP8_ACTIVATION_MIN_ROWS:
         return fp8_linear_triton(x, weight, scale_inv, bias, quantize_input=False)
+    if fp8_acts:
+        x2 = x.reshape(rows, x.shape[-1])
+        y = _blockwise_scaled_mm(x2 if x2.stride(-1) == 1 else x2.contiguous(), weight, scale_inv, bias)
+        if y is not None:
+            return y.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, dequantize_fp8_blocks_triton(weight, scale_inv, x.dtype), bias)
 
 
 __all__ = ["FP8", "FP8_MAX", "BLOCK", "quantize_fp8_blocks", "dequantize_fp8_blocks", "quantize_fp8_rows",
            "quantize_fp8_groups", "quantize_fp8_groups_ref", "round_through_fp8_groups", "fp8_linear",
            "fp8_linear_ref", "fp8_linear_triton",
-           "FP8_ACTIVATION_MIN_ROWS", "to_fp8", "dequantize_fp8_blocks_triton"]
+           "FP8_ACTIVATION_MIN_ROWS", "FP8_SCALED_MM_MIN_ROWS", "uses_fp8_dense_activations", "to_fp8",
+           "dequantize_fp8_blocks_triton"]

@@ -1,0 +1,195 @@
+"""GEMMs of a few rows (decode at batch 1-4): x [M, K] @ W^T with W in the compute dtype or in block FP8,
+reading each weight once, and two weights that share an input in one launch.
+
+At batch 1 a decode step is a chain of small GEMMs, each too short for cuBLAS's tiles to reach the memory's
+bandwidth: on an H200 a V2-Lite q_proj (12.6 MB of bf16) took 6.0 us, 2.4x its bytes' time, and the FP8
+GEMM's tensor-core tiles (16 rows, 15 of them padding) took 7.5 us for half those bytes. Here one program
+owns BLOCK_N output columns for all M rows and streams their weight rows in wide K slices, multiplying on
+the CUDA cores in fp32: nothing is padded, and each byte of weight is read once whatever M is.
+
+Two weights reading the same x go in one launch (the programs split between them): MLA's q and kv_a
+projections (`skinny_linear_pair`), and the shared experts' gate and up projections, whose programs own the
+same columns of both and write silu(gate) * up directly (`skinny_swiglu`, rounding where the model's
+`F.silu(gate) * up` of two bf16 GEMM outputs rounds). FP8 weights (e4m3 with a fp32 scale per 128 x 128
+tile, kernels/fp8.py) are dequantised in registers: the scale multiplies x's slice, not the tile.
+
+References: `skinny_linear_ref` (F.linear on the dequantised weight, fp32 accumulation) and the
+compositions in `skinny_linear_pair` / `skinny_swiglu` when Triton does not run.
+"""
+import torch
+import torch.nn.functional as F
+
+from ._triton import INTERPRET, cast, jit, new_buffer, tl, triton, use_triton
+from .fp8 import BLOCK, dequantize_fp8_blocks
+
+# Up to this many rows the kernels below run; more rows go to cuBLAS (or the FP8 GEMM), where the weight
+# tile is reused across rows on tensor cores.
+SKINNY_MAX_ROWS = 4
+
+
+def _weight_fp32(w: torch.Tensor, scale_inv: torch.Tensor | None) -> torch.Tensor:
+    return w.float() if scale_inv is None else dequantize_fp8_blocks(w, scale_inv, torch.float32)
+
+
+def skinny_linear_ref(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ W^T in fp32, rounded once to x's dtype (W dequantised when `scale_inv` is given)."""
+    return F.linear(x.float(), _weight_fp32(w, scale_inv)).to(x.dtype)
+
+
+@jit
+def _rows_dot(x_ptr, w_ptr, s_ptr, M, N, K, stride_xm, stride_wn, stride_sn, n0,
+              ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALED: tl.constexpr,
+              SCALE_BLOCK: tl.constexpr):
+    """[ROWS, BLOCK_N] fp32: rows 0..M-1 of x times weight rows n0..n0+BLOCK_N-1, over all of K.
+
+    SCALED: w is e4m3 and its 128 x 128 tiles' scales multiply x's slice (BLOCK_N divides 128, so a
+    program's columns share one row of scales)."""
+    offs_r = tl.arange(0, ROWS)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_r = offs_r < M
+    mask_n = offs_n < N
+    x_ptrs = x_ptr + offs_r[:, None] * stride_xm + offs_k[None, :]
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    s_row = s_ptr + (n0 // SCALE_BLOCK) * stride_sn
+    acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k0
+        w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+        x = tl.load(x_ptrs, mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+        if SCALED:
+            x = x * tl.load(s_row + (k0 + offs_k) // SCALE_BLOCK, mask=mask_k, other=0.0)[None, :]
+        acc += tl.sum(x[:, None, :] * w[None, :, :], 2)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    return acc
+
+
+@jit
+def _store_rows(y_ptr, val, M, N, stride_ym, n0, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_r = tl.arange(0, ROWS)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    tl.store(y_ptr + offs_r[:, None] * stride_ym + offs_n[None, :], val,
+             mask=(offs_r[:, None] < M) & (offs_n[None, :] < N))
+
+
+@jit
+def _skinny_kernel(x_ptr, w1_ptr, s1_ptr, y1_ptr, w2_ptr, s2_ptr, y2_ptr, M, N1, N2, K, stride_xm,
+                   stride_w1, stride_s1, stride_y1, stride_w2, stride_s2, stride_y2, n1_programs,
+                   MODE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   SCALED: tl.constexpr, SCALE_BLOCK: tl.constexpr, INTERPRETED: tl.constexpr):
+    """MODE 0: y1 = x W1^T. MODE 1: y1 = x W1^T by the first n1_programs programs, y2 = x W2^T by the rest.
+    MODE 2: y1 = silu(x W1^T) * (x W2^T), both rounded to y1's dtype first as two GEMMs' outputs would be."""
+    pid = tl.program_id(0)
+    dtype = y1_ptr.dtype.element_ty
+    if MODE == 2:
+        n0 = pid * BLOCK_N
+        g = _rows_dot(x_ptr, w1_ptr, s1_ptr, M, N1, K, stride_xm, stride_w1, stride_s1, n0,
+                      ROWS, BLOCK_N, BLOCK_K, SCALED, SCALE_BLOCK)
+        u = _rows_dot(x_ptr, w2_ptr, s2_ptr, M, N1, K, stride_xm, stride_w2, stride_s2, n0,
+                      ROWS, BLOCK_N, BLOCK_K, SCALED, SCALE_BLOCK)
+        g = cast(g, dtype, INTERPRETED).to(tl.float32)
+        u = cast(u, dtype, INTERPRETED).to(tl.float32)
+        a = cast(g / (1.0 + tl.exp(-g)), dtype, INTERPRETED).to(tl.float32)
+        _store_rows(y1_ptr, cast(a * u, dtype, INTERPRETED), M, N1, stride_y1, n0, ROWS, BLOCK_N)
+    else:
+        if pid < n1_programs:
+            n0 = pid * BLOCK_N
+            y = _rows_dot(x_ptr, w1_ptr, s1_ptr, M, N1, K, stride_xm, stride_w1, stride_s1, n0,
+                          ROWS, BLOCK_N, BLOCK_K, SCALED, SCALE_BLOCK)
+            _store_rows(y1_ptr, cast(y, dtype, INTERPRETED), M, N1, stride_y1, n0, ROWS, BLOCK_N)
+        else:
+            n0 = (pid - n1_programs) * BLOCK_N
+            y = _rows_dot(x_ptr, w2_ptr, s2_ptr, M, N2, K, stride_xm, stride_w2, stride_s2, n0,
+                          ROWS, BLOCK_N, BLOCK_K, SCALED, SCALE_BLOCK)
+            _store_rows(y2_ptr, cast(y, dtype, INTERPRETED), M, N2, stride_y2, n0, ROWS, BLOCK_N)
+
+
+def choose_skinny_config(M: int, N: int, K: int, fp8: bool) -> dict:
+    """Tile for M rows of x against an [N, K] weight (N: all the launch's columns)."""
+    rows = triton.next_power_of_2(max(M, 1))
+    block_n = 8 if N >= 2048 else 4
+    block_k = min(triton.next_power_of_2(K), (1024 if fp8 else 512) // rows)
+    return dict(rows=rows, block_n=block_n, block_k=max(block_k, 16), num_warps=4, num_stages=1)
+
+
+def _usable(x: torch.Tensor, weights) -> bool:
+    """Whether the kernel takes these operands (else the callers compose torch ops)."""
+    M = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if not use_triton(x) or not 0 < M <= SKINNY_MAX_ROWS or x.dtype not in (torch.bfloat16, torch.float16,
+                                                                              torch.float32):
+        return False
+    scaled = {s is not None for _, s in weights}
+    if len(scaled) != 1:
+        return False
+    for w, s in weights:
+        if w.dim() != 2 or w.shape[1] != x.shape[-1] or w.stride(1) != 1 or w.device != x.device:
+            return False
+        if s is None and w.dtype != x.dtype:
+            return False
+        if s is not None and s.shape != (triton.cdiv(w.shape[0], BLOCK), triton.cdiv(w.shape[1], BLOCK)):
+            return False
+    return True
+
+
+def _launch(x, w1, s1, w2, s2, mode: int, config: dict | None):
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    M = x2.shape[0]
+    N1 = w1.shape[0]
+    N2 = w2.shape[0] if w2 is not None else 0
+    scaled = s1 is not None
+    cfg = config or choose_skinny_config(M, N1 + N2 if mode == 1 else N1 * (2 if mode == 2 else 1), K, scaled)
+    bn = cfg["block_n"]
+    y1 = new_buffer((M, N1), x.dtype, x.device)
+    y2 = new_buffer((M, N2), x.dtype, x.device) if mode == 1 else y1
+    n1_programs = triton.cdiv(N1, bn)
+    grid = (n1_programs + (triton.cdiv(N2, bn) if mode == 1 else 0),)
+    w2_, s2_ = (w2, s2) if w2 is not None else (w1, s1)
+    s1_, s2_ = (s1, s2_) if scaled else (w1, w2_)       # unread placeholders when unscaled
+    _skinny_kernel[grid](x2, w1, s1_, y1, w2_, s2_, y2, M, N1, N2, K, x2.stride(0),
+                         w1.stride(0), s1_.stride(0), y1.stride(0), w2_.stride(0), s2_.stride(0), y2.stride(0),
+                         n1_programs, MODE=mode, ROWS=cfg["rows"], BLOCK_N=bn, BLOCK_K=cfg["block_k"],
+                         SCALED=scaled, SCALE_BLOCK=BLOCK, INTERPRETED=INTERPRET,
+                         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    lead = x.shape[:-1]
+    return y1.view(*lead, N1), (y2.view(*lead, N2) if mode == 1 else None)
+
+
+def skinny_linear(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor | None = None,
+                  config: dict | None = None) -> torch.Tensor | None:
+    """x [..., K] @ W^T for up to SKINNY_MAX_ROWS rows of x, W [N, K] in x's dtype or e4m3 with `scale_inv`
+    [N/128, K/128]; None where the kernel does not apply (the caller's own GEMM runs instead)."""
+    if not _usable(x, [(w, scale_inv)]):
+        return None
+    return _launch(x, w, scale_inv, None, None, 0, config)[0]
+
+
+def skinny_linear_pair(x: torch.Tensor, w1: torch.Tensor, s1: torch.Tensor | None, w2: torch.Tensor,
+                       s2: torch.Tensor | None, config: dict | None = None):
+    """(x @ W1^T, x @ W2^T) in one launch, or None where the kernel does not apply."""
+    if not _usable(x, [(w1, s1), (w2, s2)]):
+        return None
+    return _launch(x, w1, s1, w2, s2, 1, config)
+
+
+def skinny_swiglu(x: torch.Tensor, w_gate: torch.Tensor, s_gate: torch.Tensor | None, w_up: torch.Tensor,
+                  s_up: torch.Tensor | None, config: dict | None = None) -> torch.Tensor | None:
+    """silu(x @ Wg^T) * (x @ Wu^T) in one launch (both products rounded to x's dtype first, as the model's
+    two GEMMs would leave them), or None where the kernel does not apply."""
+    if w_gate.shape != w_up.shape or not _usable(x, [(w_gate, s_gate), (w_up, s_up)]):
+        return None
+    return _launch(x, w_gate, s_gate, w_up, s_up, 2, config)[0]
+
+
+def skinny_swiglu_ref(x: torch.Tensor, w_gate: torch.Tensor, s_gate: torch.Tensor | None, w_up: torch.Tensor,
+                      s_up: torch.Tensor | None) -> torch.Tensor:
+    """The composition skinny_swiglu fuses: two GEMMs rounded to x's dtype, silu rounded, the product rounded."""
+    g = skinny_linear_ref(x, w_gate, s_gate)
+    u = skinny_linear_ref(x, w_up, s_up)
+    return F.silu(g) * u
+
+
+__all__ = ["SKINNY_MAX_ROWS", "skinny_linear", "skinny_linear_pair", "skinny_swiglu", "skinny_linear_ref",
+           "skinny_swiglu_ref", "choose_skinny_config"]
