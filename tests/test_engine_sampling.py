@@ -181,3 +181,16 @@ def test_logprobs_are_the_models(model):
             assert math.isclose(v, row[t].item(), abs_tol=1e-4)
     out = llm.generate(prompt, SamplingParams(max_tokens=3))[0].outputs[0]
     assert out.logprobs is None
+
+
+def test_argmax_rows_is_argmax_with_ties():
+    from latentmoe.engine.sampling import _argmax_chunk, argmax_rows
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 5, (64, 1024), generator=g).float()     # many equal maxima in every row
+    x[3] = 7.0                                                     # one row all equal: index 0
+    x[5, 1000] = 9.0                                               # the maximum in the last chunk
+    for chunk in (None, 256, 512):
+        assert torch.equal(argmax_rows(x, chunk), x.argmax(-1))
+    assert argmax_rows(x, 256)[3] == 0 and argmax_rows(x, 256)[5] == 1000
+    assert argmax_rows(x[:, :1000], 300).tolist() == x[:, :1000].argmax(-1).tolist()   # not a divisor: one pass
+    assert _argmax_chunk(102400) == 2048 and _argmax_chunk(32000) == 2000 and _argmax_chunk(509) is None

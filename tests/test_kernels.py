@@ -492,3 +492,22 @@ def test_skinny_declines_what_it_does_not_cover(K):
     assert skinny_linear(torch.randn(1, 32).to(DEV), w.t().contiguous().t()) is None      # column-major weight
     q, s = K.quantize_fp8_blocks(w)
     assert skinny_linear_pair(torch.randn(1, 32).to(DEV), w, None, q.to(DEV), s.to(DEV)) is None  # mixed kinds
+
+
+@pytest.mark.parametrize("B,H,N,V,C", [(1, 4, 8, 12, 16), (3, 2, 32, 24, 160)])
+def test_absorbed_projections_match_einsum(K, B, H, N, V, C):
+    # kv_b_proj's weight [H * (N + V), C], read in place as W_UK (each head's first N rows) and W_UV (the rest)
+    g = torch.Generator().manual_seed(B * H + C)
+    dtype = torch.float32 if not CUDA else torch.bfloat16
+    w = (torch.randn(H * (N + V), C, generator=g) * 0.1).to(dtype).to(DEV)
+    heads = w.view(H, N + V, C)
+    q_nope = torch.randn(B, H, N, generator=g).to(dtype).to(DEV)
+    o_lat = torch.randn(B, H, C, generator=g).to(dtype).to(DEV)
+    q_lat = K.absorbed_query(q_nope, w)
+    o = K.absorbed_output(o_lat, w, N)
+    assert q_lat.shape == (B, H, C) and o.shape == (B, H, V)
+    want_q = torch.einsum("bhn,hnc->bhc", q_nope.float(), heads[:, :N].float())
+    want_o = torch.einsum("bhc,hvc->bhv", o_lat.float(), heads[:, N:].float())
+    assert rel_err(q_lat.float(), want_q) < (1e-2 if CUDA else 1e-6)
+    assert rel_err(o.float(), want_o) < (1e-2 if CUDA else 1e-6)
+    assert K.absorbed_query(torch.randn(5, H, N).to(dtype).to(DEV), w) is None    # more rows than the kernel's

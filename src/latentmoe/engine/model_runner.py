@@ -21,7 +21,7 @@ from ..config import ModelConfig
 from .attention import AttentionMetadata, PrefillMetadata
 from .block_manager import NULL_BLOCK
 from .config import EngineConfig
-from .sampling import SamplingBatch, sample
+from .sampling import SamplingBatch, argmax_rows, sample
 from .scheduler import ScheduledBatch
 
 log = logging.getLogger("latentmoe.engine")
@@ -149,7 +149,7 @@ class ModelRunner:
         if all(s.params.temperature == 0 and not s.params.uses_penalties and s.params.logprobs is None
                for s in samplers):
             # All greedy, nothing else asked: the arg-max is the whole of sampling (no per-step tensors).
-            tokens = logits.argmax(dim=-1)
+            tokens = argmax_rows(logits)
             self._launched()
             return tokens.tolist(), [None] * len(samplers)
         # Token histories travel to the device only when some row applies penalties.

@@ -162,6 +162,27 @@ def apply_penalties(logits: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:
     return logits - frequency[:, None] * out_counts - presence[:, None] * (out_counts > 0).float()
 
 
+def _argmax_chunk(V: int) -> int | None:
+    """The largest divisor of V in [256, 2048], or None (then one pass is as good as any)."""
+    return next((c for c in range(min(V // 2, 2048), 255, -1) if V % c == 0), None)
+
+
+def argmax_rows(x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """x [B, V] -> the index of each row's maximum (the first, where several are equal), as x.argmax(-1).
+
+    On CUDA, torch's arg-max of a few long rows reduces each row in one thread block: 24 us for V = 102,400 at
+    batch 1 on an H200, every decode step. Here each row is cut into chunks of `chunk` columns (by default a
+    divisor of V), each chunk's maximum taken in parallel, then the best chunk: the first maximum of the
+    first best chunk is the row's first maximum."""
+    B, V = x.shape
+    chunk = chunk if chunk is not None else (_argmax_chunk(V) if x.is_cuda else None)
+    if not chunk or V % chunk:
+        return x.argmax(dim=-1)
+    vals, idx = x.view(B, V // chunk, chunk).max(dim=-1)
+    best = vals.argmax(dim=-1, keepdim=True)
+    return (best * chunk + idx.gather(1, best)).squeeze(1)
+
+
 def sample(logits: torch.Tensor, sb: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """logits [B, V] -> (tokens [B] int64, top logprobs [B, k] | None, their ids [B, k] | None,
     sampled-token logprob included as column 0). All on device; nothing here waits for the GPU."""
@@ -170,7 +191,7 @@ def sample(logits: torch.Tensor, sb: SamplingBatch) -> tuple[torch.Tensor, torch
     raw_logprobs = logits.log_softmax(dim=-1) if sb.max_logprobs >= 0 else None
     if sb.penalties is not None:
         logits = apply_penalties(logits, sb)
-    greedy_tok = logits.argmax(dim=-1)
+    greedy_tok = argmax_rows(logits)
     if sb.all_greedy:
         tokens = greedy_tok
     else:
@@ -191,7 +212,7 @@ def sample(logits: torch.Tensor, sb: SamplingBatch) -> tuple[torch.Tensor, torch
             for i, g in enumerate(sb.generators):
                 if g is not None:  # seeded rows: a fixed draw from their own generator
                     q[i].exponential_(generator=g)
-        sampled = (probs / q).argmax(dim=-1)
+        sampled = argmax_rows(probs / q)
         tokens = torch.where(sb.temperature > 0, sampled, greedy_tok)
     if raw_logprobs is not None:
         chosen = raw_logprobs.gather(1, tokens[:, None])

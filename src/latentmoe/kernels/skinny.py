@@ -37,10 +37,11 @@ def skinny_linear_ref(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor 
 
 
 @jit
-def _rows_dot(x_ptr, w_ptr, s_ptr, M, N, K, stride_xm, stride_wn, stride_sn, n0,
+def _rows_dot(x_ptr, w_ptr, s_ptr, M, N, K, stride_xm, stride_wn, stride_wk, stride_sn, n0,
               ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALED: tl.constexpr,
               SCALE_BLOCK: tl.constexpr):
-    """[ROWS, BLOCK_N] fp32: rows 0..M-1 of x times weight rows n0..n0+BLOCK_N-1, over all of K.
+    """[ROWS, BLOCK_N] fp32: rows 0..M-1 of x times weight rows n0..n0+BLOCK_N-1, over all of K (the weight's
+    element [n, k] at n * stride_wn + k * stride_wk: a transposed weight is read in place).
 
     SCALED: w is e4m3 and its 128 x 128 tiles' scales multiply x's slice (BLOCK_N divides 128, so a
     program's columns share one row of scales)."""
@@ -50,7 +51,7 @@ def _rows_dot(x_ptr, w_ptr, s_ptr, M, N, K, stride_xm, stride_wn, stride_sn, n0,
     mask_r = offs_r < M
     mask_n = offs_n < N
     x_ptrs = x_ptr + offs_r[:, None] * stride_xm + offs_k[None, :]
-    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :] * stride_wk
     s_row = s_ptr + (n0 // SCALE_BLOCK) * stride_sn
     acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -61,7 +62,7 @@ def _rows_dot(x_ptr, w_ptr, s_ptr, M, N, K, stride_xm, stride_wn, stride_sn, n0,
             x = x * tl.load(s_row + (k0 + offs_k) // SCALE_BLOCK, mask=mask_k, other=0.0)[None, :]
         acc += tl.sum(x[:, None, :] * w[None, :, :], 2)
         x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * stride_wk
     return acc
 
 
@@ -84,9 +85,9 @@ def _skinny_kernel(x_ptr, w1_ptr, s1_ptr, y1_ptr, w2_ptr, s2_ptr, y2_ptr, M, N1,
     dtype = y1_ptr.dtype.element_ty
     if MODE == 2:
         n0 = pid * BLOCK_N
-        g = _rows_dot(x_ptr, w1_ptr, s1_ptr, M, N1, K, stride_xm, stride_w1, stride_s1, n0,
+        g = _rows_dot(x_ptr, w1_ptr, s1_ptr, M, N1, K, stride_xm, stride_w1, 1, stride_s1, n0,
                       ROWS, BLOCK_N, BLOCK_K, SCALED, SCALE_BLOCK)
-        u = _rows_dot(x_ptr, w2_ptr, s2_ptr, M, N1, K, stride_xm, stride_w2, stride_s2, n0,
+        u = _rows_dot(x_ptr, w2_ptr, s2_ptr, M, N1, K, stride_xm, stride_w2, 1, stride_s2, n0,
                       ROWS, BLOCK_N, BLOCK_K, SCALED, SCALE_BLOCK)
         g = cast(g, dtype, INTERPRETED).to(tl.float32)
         u = cast(u, dtype, INTERPRETED).to(tl.float32)
@@ -95,14 +96,61 @@ def _skinny_kernel(x_ptr, w1_ptr, s1_ptr, y1_ptr, w2_ptr, s2_ptr, y2_ptr, M, N1,
     else:
         if pid < n1_programs:
             n0 = pid * BLOCK_N
-            y = _rows_dot(x_ptr, w1_ptr, s1_ptr, M, N1, K, stride_xm, stride_w1, stride_s1, n0,
+            y = _rows_dot(x_ptr, w1_ptr, s1_ptr, M, N1, K, stride_xm, stride_w1, 1, stride_s1, n0,
                           ROWS, BLOCK_N, BLOCK_K, SCALED, SCALE_BLOCK)
             _store_rows(y1_ptr, cast(y, dtype, INTERPRETED), M, N1, stride_y1, n0, ROWS, BLOCK_N)
         else:
             n0 = (pid - n1_programs) * BLOCK_N
-            y = _rows_dot(x_ptr, w2_ptr, s2_ptr, M, N2, K, stride_xm, stride_w2, stride_s2, n0,
+            y = _rows_dot(x_ptr, w2_ptr, s2_ptr, M, N2, K, stride_xm, stride_w2, 1, stride_s2, n0,
                           ROWS, BLOCK_N, BLOCK_K, SCALED, SCALE_BLOCK)
             _store_rows(y2_ptr, cast(y, dtype, INTERPRETED), M, N2, stride_y2, n0, ROWS, BLOCK_N)
+
+
+@jit
+def _skinny_heads_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_xh, stride_wn, stride_wk, stride_wh,
+                         stride_ym, stride_yh, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         INTERPRETED: tl.constexpr):
+    """Per head h (program axis 1): y[:, h] = x[:, h] @ W_h^T, W_h the weight at w_ptr + h * stride_wh."""
+    h = tl.program_id(1)
+    n0 = tl.program_id(0) * BLOCK_N
+    y = _rows_dot(x_ptr + h * stride_xh, w_ptr + h * stride_wh, w_ptr, M, N, K, stride_xm, stride_wn, stride_wk,
+                  0, n0, ROWS, BLOCK_N, BLOCK_K, False, 1)
+    _store_rows(y_ptr + h * stride_yh, cast(y, y_ptr.dtype.element_ty, INTERPRETED), M, N, stride_ym, n0,
+                ROWS, BLOCK_N)
+
+
+def _absorb(x_BHK: torch.Tensor, w: torch.Tensor, n_out: int, first_row: int, transposed: bool):
+    """The per-head GEMMs of absorbed MLA decode, reading kv_b_proj's weight [H * (nope + v), C] in place."""
+    B, H, K = x_BHK.shape
+    if (not use_triton(x_BHK) or not 0 < B <= SKINNY_MAX_ROWS or w.dtype != x_BHK.dtype or w.dim() != 2
+            or not w.is_contiguous() or x_BHK.stride(-1) != 1 or w.shape[0] % H):
+        return None
+    head_rows = w.shape[0] // H
+    y = new_buffer((B, H, n_out), x_BHK.dtype, x_BHK.device)
+    C = w.shape[1]
+    rows = triton.next_power_of_2(B)
+    if transposed:   # y[b, h, c] = sum_n x[b, h, n] W[h * head_rows + n, c]: columns c contiguous
+        block_n, block_k, stride_wn, stride_wk = 64, min(triton.next_power_of_2(K), 128), 1, C
+    else:            # y[b, h, v] = sum_c x[b, h, c] W[h * head_rows + first_row + v, c]
+        block_n, block_k, stride_wn, stride_wk = 8, min(triton.next_power_of_2(K), 512 // rows), C, 1
+    grid = (triton.cdiv(n_out, block_n), H)
+    _skinny_heads_kernel[grid](x_BHK, w[first_row:], y, B, n_out, K, x_BHK.stride(0), x_BHK.stride(1),
+                               stride_wn, stride_wk, head_rows * C, y.stride(0), y.stride(1), ROWS=rows,
+                               BLOCK_N=block_n, BLOCK_K=block_k, INTERPRETED=INTERPRET, num_warps=4)
+    return y
+
+
+def absorbed_query(q_nope: torch.Tensor, kv_b_weight: torch.Tensor) -> torch.Tensor | None:
+    """q_lat [B, H, C] = per head q_nope [B, H, N] @ W_UK,h ([N, C], the first N of the head's kv_b_proj rows),
+    the einsum 'bhn,hnc->bhc' in one launch; None where the kernel does not apply."""
+    return _absorb(q_nope, kv_b_weight, kv_b_weight.shape[1], 0, transposed=True)
+
+
+def absorbed_output(o_lat: torch.Tensor, kv_b_weight: torch.Tensor, nope_dim: int) -> torch.Tensor | None:
+    """o [B, H, V] = per head o_lat [B, H, C] @ W_UV,h^T ([V, C], the head's kv_b_proj rows after its N nope
+    rows), the einsum 'bhc,hvc->bhv' in one launch; None where the kernel does not apply."""
+    H = o_lat.shape[1]
+    return _absorb(o_lat, kv_b_weight, kv_b_weight.shape[0] // H - nope_dim, nope_dim, transposed=False)
 
 
 def choose_skinny_config(M: int, N: int, K: int, fp8: bool) -> dict:
@@ -191,5 +239,5 @@ def skinny_swiglu_ref(x: torch.Tensor, w_gate: torch.Tensor, s_gate: torch.Tenso
     return F.silu(g) * u
 
 
-__all__ = ["SKINNY_MAX_ROWS", "skinny_linear", "skinny_linear_pair", "skinny_swiglu", "skinny_linear_ref",
+__all__ = ["SKINNY_MAX_ROWS", "absorbed_query", "absorbed_output", "skinny_linear", "skinny_linear_pair", "skinny_swiglu", "skinny_linear_ref",
            "skinny_swiglu_ref", "choose_skinny_config"]
