@@ -127,7 +127,8 @@ def fused_moe_fp8_triton(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scal
     assert gate_up_proj.stride(-1) == 1 and down_proj.stride(-1) == 1
     x_MD = x_MD if x_MD.stride(-1) == 1 else x_MD.contiguous()
     if few_token_layout is not None and M <= FEW_TOKENS:
-        cfg = DECODE_CONFIG
+        cfg = config or DECODE_CONFIG
+        assert cfg["block_m"] == DECODE_CONFIG["block_m"], "the few-token layout has DECODE_CONFIG's row blocks"
         assert few_token_layout.numel() >= A * cfg["block_m"], "the layout was built for fewer assignments"
         sorted_ids, block_expert = few_token_layout, topk_idx_MK.reshape(-1)   # block a = assignment a
     else:
