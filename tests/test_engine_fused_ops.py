@@ -56,8 +56,8 @@ def test_fused_modules_match_model(dev, over):
         assert torch.equal(a.topk_idx.gather(-1, order_a), b.topk_idx.gather(-1, order_b))
         assert torch.allclose(a.topk_weight.gather(-1, order_a), b.topk_weight.gather(-1, order_b), atol=1e-6)
         assert torch.allclose(a.scores, b.scores, atol=1e-6)
-    # Decode sizes (up to kernels.SKINNY_MAX_ROWS rows): the projections take the few-row GEMMs.
-    for rows in (1, 3):
+    # Decode sizes (up to kernels.SKINNY_MAX_ROWS rows: the few-row GEMMs) and a few more.
+    for rows in (1, 2):
         step_ids, step_pos = ids[:rows, :1], pos[:rows, :1]
         assert rel(fused(step_ids, positions=step_pos), model(step_ids, positions=step_pos)) < (1e-2 if CUDA else 1e-5)
     # The model itself still runs its own code. (On CUDA the model's fp32 expert loop sums with atomic

@@ -72,14 +72,15 @@ def test_dense_activations_rounded_where_the_gpu_rounds():
     # x goes through per-token fp8 groups; fewer rows, or other widths, keep x as it is.
     from latentmoe.kernels.fp8 import FP8_SCALED_MM_MIN_ROWS, uses_fp8_dense_activations
     g = torch.Generator().manual_seed(4)
-    w, s = kernels.quantize_fp8_blocks(torch.randn(128, 256, generator=g) * 0.05)
+    w, s = kernels.quantize_fp8_blocks(torch.randn(128, 512, generator=g) * 0.05)
     n = FP8_SCALED_MM_MIN_ROWS
-    x = torch.randn(n, 256, generator=g)
+    x = torch.randn(n, 512, generator=g)
     rounded = kernels.fp8_linear_ref(x, w, s, quantize_input=True)
     assert torch.equal(kernels.fp8_linear(x, w, s), rounded)
     assert torch.equal(kernels.fp8_linear(x[:n - 1], w, s), kernels.fp8_linear_ref(x[:n - 1], w, s))
     assert not torch.equal(rounded[:n - 1], kernels.fp8_linear_ref(x[:n - 1], w, s))
     assert not uses_fp8_dense_activations(n, (576, 2048)) and uses_fp8_dense_activations(n, (3072, 2048))
+    assert not uses_fp8_dense_activations(n, (2048, 2816))   # K: 22 blocks of 128, not whole groups of 4
 
 
 # ----------------------------------------------------------------------------- the FP8 engine

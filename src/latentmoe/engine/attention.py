@@ -88,14 +88,9 @@ class PagedLatentAttention(PagedAttention):
 
     def decode(self, layer, cache, q_nope, q_pe, block_table, seq_lens):
         rows, scales = self.rows_and_scales(cache)
-        # W_UK and W_UV read in place from kv_b_proj: one few-row launch each at small batches, einsum otherwise.
-        w = layer.kv_b_proj.weight
-        q_lat = kernels.absorbed_query(q_nope, w)
-        if q_lat is None:
-            q_lat = torch.einsum("bhn,hnc->bhc", q_nope, layer.w_uk)
+        q_lat = torch.einsum("bhn,hnc->bhc", q_nope, layer.w_uk)
         o_lat = kernels.mla_decode(q_lat, q_pe, rows, block_table, seq_lens, layer.softmax_scale, kv_scale=scales)
-        o = kernels.absorbed_output(o_lat, w, layer.nope_dim)
-        return o if o is not None else torch.einsum("bhc,hvc->bhv", o_lat, layer.w_uv)
+        return torch.einsum("bhc,hvc->bhv", o_lat, layer.w_uv)
 
     def prefill(self, layer, cache, q_nope, q_pe, meta):
         # Every chunk's context decompressed in one GEMM (the prefix once per step, not per chunk).

@@ -23,7 +23,7 @@ from .prefill import prefill_attention, prefill_attention_triton
 from .reference import (fused_moe_ref, mha_decode_ref, mla_decode_einsum, mla_decode_ref, mla_post_projection_ref,
                         prefill_attention_ref, rms_norm_ref, softmax_topk_ref, write_latent_cache_ref)
 from .router import softmax_topk
-from .skinny import SKINNY_MAX_ROWS, absorbed_output, absorbed_query, skinny_linear, skinny_linear_pair, skinny_linear_ref, skinny_swiglu
+from .skinny import SKINNY_MAX_ROWS, skinny_linear, skinny_linear_pair, skinny_linear_ref, skinny_swiglu
 
 __all__ = [
     "HAS_TRITON", "poisoned_outputs",
@@ -36,6 +36,6 @@ __all__ = [
     "write_latent_cache_fp8", "write_latent_cache_fp8_ref",
     "rms_norm", "rms_norm_ref", "add_rms_norm", "add_rms_norm_ref", "mla_post_projection", "mla_post_projection_ref", "softmax_topk", "softmax_topk_ref",
     "prefill_attention", "prefill_attention_ref", "prefill_attention_triton",
-    "absorbed_query", "absorbed_output", "skinny_linear", "skinny_linear_pair", "skinny_swiglu", "skinny_linear_ref", "SKINNY_MAX_ROWS",
+    "skinny_linear", "skinny_linear_pair", "skinny_swiglu", "skinny_linear_ref", "SKINNY_MAX_ROWS",
     "compilations",
 ]

@@ -1,9 +1,10 @@
-"""GEMMs of a few rows (decode at batch 1-4): x [M, K] @ W^T with W in the compute dtype or in block FP8,
+"""GEMMs of a few rows (decode at batch 1): x [M, K] @ W^T with W in the compute dtype or in block FP8,
 reading each weight once, and two weights that share an input in one launch.
 
 At batch 1 a decode step is a chain of small GEMMs, each too short for cuBLAS's tiles to reach the memory's
-bandwidth: on an H200 a V2-Lite q_proj (12.6 MB of bf16) took 6.0 us, 2.4x its bytes' time, and the FP8
-GEMM's tensor-core tiles (16 rows, 15 of them padding) took 7.5 us for half those bytes. Here one program
+bandwidth: in a V2-Lite decode step on an H200, q_proj, o_proj and the shared experts' gate and up (8-13 MB
+of bf16 each) took 6.0 us on average, about 2.6x their bytes' time, and the FP8 GEMM's tensor-core tiles
+(16 rows, 15 of them padding) took 7.5 us on average for half those bytes. Here one program
 owns BLOCK_N output columns for all M rows and streams their weight rows in wide K slices, multiplying on
 the CUDA cores in fp32: nothing is padded, and each byte of weight is read once whatever M is.
 
@@ -23,8 +24,9 @@ from ._triton import INTERPRET, cast, jit, new_buffer, tl, triton, use_triton
 from .fp8 import BLOCK, dequantize_fp8_blocks
 
 # Up to this many rows the kernels below run; more rows go to cuBLAS (or the FP8 GEMM), where the weight
-# tile is reused across rows on tensor cores.
-SKINNY_MAX_ROWS = 4
+# tile is reused across rows on tensor cores. On an H200 at 4 rows the best tiles here only matched cuBLAS
+# (and lost to the FP8 tensor-core GEMM), so only batch-1 decode takes them.
+SKINNY_MAX_ROWS = 1
 
 
 def _weight_fp32(w: torch.Tensor, scale_inv: torch.Tensor | None) -> torch.Tensor:
@@ -106,65 +108,21 @@ def _skinny_kernel(x_ptr, w1_ptr, s1_ptr, y1_ptr, w2_ptr, s2_ptr, y2_ptr, M, N1,
             _store_rows(y2_ptr, cast(y, dtype, INTERPRETED), M, N2, stride_y2, n0, ROWS, BLOCK_N)
 
 
-@jit
-def _skinny_heads_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_xh, stride_wn, stride_wk, stride_wh,
-                         stride_ym, stride_yh, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         INTERPRETED: tl.constexpr):
-    """Per head h (program axis 1): y[:, h] = x[:, h] @ W_h^T, W_h the weight at w_ptr + h * stride_wh."""
-    h = tl.program_id(1)
-    n0 = tl.program_id(0) * BLOCK_N
-    y = _rows_dot(x_ptr + h * stride_xh, w_ptr + h * stride_wh, w_ptr, M, N, K, stride_xm, stride_wn, stride_wk,
-                  0, n0, ROWS, BLOCK_N, BLOCK_K, False, 1)
-    _store_rows(y_ptr + h * stride_yh, cast(y, y_ptr.dtype.element_ty, INTERPRETED), M, N, stride_ym, n0,
-                ROWS, BLOCK_N)
-
-
-def _absorb(x_BHK: torch.Tensor, w: torch.Tensor, n_out: int, first_row: int, transposed: bool):
-    """The per-head GEMMs of absorbed MLA decode, reading kv_b_proj's weight [H * (nope + v), C] in place."""
-    B, H, K = x_BHK.shape
-    if (not use_triton(x_BHK) or not 0 < B <= SKINNY_MAX_ROWS or w.dtype != x_BHK.dtype or w.dim() != 2
-            or not w.is_contiguous() or x_BHK.stride(-1) != 1 or w.shape[0] % H):
-        return None
-    head_rows = w.shape[0] // H
-    y = new_buffer((B, H, n_out), x_BHK.dtype, x_BHK.device)
-    C = w.shape[1]
-    rows = triton.next_power_of_2(B)
-    if transposed:   # y[b, h, c] = sum_n x[b, h, n] W[h * head_rows + n, c]: columns c contiguous
-        block_n, block_k, stride_wn, stride_wk = 64, min(triton.next_power_of_2(K), 128), 1, C
-    else:            # y[b, h, v] = sum_c x[b, h, c] W[h * head_rows + first_row + v, c]
-        block_n, block_k, stride_wn, stride_wk = 8, min(triton.next_power_of_2(K), 512 // rows), C, 1
-    grid = (triton.cdiv(n_out, block_n), H)
-    _skinny_heads_kernel[grid](x_BHK, w[first_row:], y, B, n_out, K, x_BHK.stride(0), x_BHK.stride(1),
-                               stride_wn, stride_wk, head_rows * C, y.stride(0), y.stride(1), ROWS=rows,
-                               BLOCK_N=block_n, BLOCK_K=block_k, INTERPRETED=INTERPRET, num_warps=4)
-    return y
-
-
-def absorbed_query(q_nope: torch.Tensor, kv_b_weight: torch.Tensor) -> torch.Tensor | None:
-    """q_lat [B, H, C] = per head q_nope [B, H, N] @ W_UK,h ([N, C], the first N of the head's kv_b_proj rows),
-    the einsum 'bhn,hnc->bhc' in one launch; None where the kernel does not apply."""
-    return _absorb(q_nope, kv_b_weight, kv_b_weight.shape[1], 0, transposed=True)
-
-
-def absorbed_output(o_lat: torch.Tensor, kv_b_weight: torch.Tensor, nope_dim: int) -> torch.Tensor | None:
-    """o [B, H, V] = per head o_lat [B, H, C] @ W_UV,h^T ([V, C], the head's kv_b_proj rows after its N nope
-    rows), the einsum 'bhc,hvc->bhv' in one launch; None where the kernel does not apply."""
-    H = o_lat.shape[1]
-    return _absorb(o_lat, kv_b_weight, kv_b_weight.shape[0] // H - nope_dim, nope_dim, transposed=False)
-
-
 def choose_skinny_config(M: int, N: int, K: int, fp8: bool) -> dict:
-    """Tile for M rows of x against an [N, K] weight (N: all the launch's columns)."""
+    """Tile for M rows of x against an [N, K] weight (N: all the launch's columns). From a sweep on an H200 at
+    one row over V2-Lite's projections: wide K slices (1,024 columns of bf16, 512 of e4m3), narrow column
+    blocks for narrow weights (kv_a's 576 rows: enough programs), 8 warps for bf16 below the output head."""
     rows = triton.next_power_of_2(max(M, 1))
-    block_n = 8 if N >= 2048 else 4
-    block_k = min(triton.next_power_of_2(K), (1024 if fp8 else 512) // rows)
-    return dict(rows=rows, block_n=block_n, block_k=max(block_k, 16), num_warps=4, num_stages=1)
+    block_n = 4 if N < 1024 else 8
+    block_k = max(16, min(triton.next_power_of_2(K), (512 if fp8 else 1024) // rows))
+    warps = 8 if not fp8 and N < 16384 else 4
+    return dict(rows=rows, block_n=block_n, block_k=block_k, num_warps=warps, num_stages=1)
 
 
-def _usable(x: torch.Tensor, weights) -> bool:
+def _usable(x: torch.Tensor, weights, max_rows: int) -> bool:
     """Whether the kernel takes these operands (else the callers compose torch ops)."""
     M = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if not use_triton(x) or not 0 < M <= SKINNY_MAX_ROWS or x.dtype not in (torch.bfloat16, torch.float16,
+    if not use_triton(x) or not 0 < M <= max_rows or x.dtype not in (torch.bfloat16, torch.float16,
                                                                               torch.float32):
         return False
     scaled = {s is not None for _, s in weights}
@@ -206,27 +164,29 @@ def _launch(x, w1, s1, w2, s2, mode: int, config: dict | None):
 
 
 def skinny_linear(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor | None = None,
-                  config: dict | None = None) -> torch.Tensor | None:
-    """x [..., K] @ W^T for up to SKINNY_MAX_ROWS rows of x, W [N, K] in x's dtype or e4m3 with `scale_inv`
-    [N/128, K/128]; None where the kernel does not apply (the caller's own GEMM runs instead)."""
-    if not _usable(x, [(w, scale_inv)]):
+                  config: dict | None = None, max_rows: int = SKINNY_MAX_ROWS) -> torch.Tensor | None:
+    """x [..., K] @ W^T for up to `max_rows` rows of x, W [N, K] in x's dtype or e4m3 with `scale_inv`
+    [N/128, K/128]; None where the kernel does not apply (the caller's own GEMM runs instead). The kernel
+    serves any few rows; the default limit is where it measured faster than the alternatives."""
+    if not _usable(x, [(w, scale_inv)], max_rows):
         return None
     return _launch(x, w, scale_inv, None, None, 0, config)[0]
 
 
 def skinny_linear_pair(x: torch.Tensor, w1: torch.Tensor, s1: torch.Tensor | None, w2: torch.Tensor,
-                       s2: torch.Tensor | None, config: dict | None = None):
+                       s2: torch.Tensor | None, config: dict | None = None, max_rows: int = SKINNY_MAX_ROWS):
     """(x @ W1^T, x @ W2^T) in one launch, or None where the kernel does not apply."""
-    if not _usable(x, [(w1, s1), (w2, s2)]):
+    if not _usable(x, [(w1, s1), (w2, s2)], max_rows):
         return None
     return _launch(x, w1, s1, w2, s2, 1, config)
 
 
 def skinny_swiglu(x: torch.Tensor, w_gate: torch.Tensor, s_gate: torch.Tensor | None, w_up: torch.Tensor,
-                  s_up: torch.Tensor | None, config: dict | None = None) -> torch.Tensor | None:
+                  s_up: torch.Tensor | None, config: dict | None = None,
+                  max_rows: int = SKINNY_MAX_ROWS) -> torch.Tensor | None:
     """silu(x @ Wg^T) * (x @ Wu^T) in one launch (both products rounded to x's dtype first, as the model's
     two GEMMs would leave them), or None where the kernel does not apply."""
-    if w_gate.shape != w_up.shape or not _usable(x, [(w_gate, s_gate), (w_up, s_up)]):
+    if w_gate.shape != w_up.shape or not _usable(x, [(w_gate, s_gate), (w_up, s_up)], max_rows):
         return None
     return _launch(x, w_gate, s_gate, w_up, s_up, 2, config)[0]
 
@@ -239,5 +199,5 @@ def skinny_swiglu_ref(x: torch.Tensor, w_gate: torch.Tensor, s_gate: torch.Tenso
     return F.silu(g) * u
 
 
-__all__ = ["SKINNY_MAX_ROWS", "absorbed_query", "absorbed_output", "skinny_linear", "skinny_linear_pair", "skinny_swiglu", "skinny_linear_ref",
+__all__ = ["SKINNY_MAX_ROWS", "skinny_linear", "skinny_linear_pair", "skinny_swiglu", "skinny_linear_ref",
            "skinny_swiglu_ref", "choose_skinny_config"]
