@@ -257,10 +257,14 @@ def _blockwise_scaled_mm(x2: torch.Tensor, weight: torch.Tensor, scale_inv: torc
     if not (x2.is_cuda and hasattr(F, "scaled_mm") and hasattr(F, "ScalingType")
             and torch.cuda.get_device_capability(x2.device) >= (9, 0)):
         return None
-    a, a_scale = quantize_fp8_groups(x2, scale_outer_major=True)
+    M = x2.shape[0]
+    # cuBLAS refused (NOT_SUPPORTED) a row count that was not a multiple of 16 where multiples ran: zero rows
+    # pad x, and their outputs are dropped.
+    pad = -M % 16
+    a, a_scale = quantize_fp8_groups(F.pad(x2, (0, 0, 0, pad)) if pad else x2, scale_outer_major=True)
     # b = W^T [K, N] (column-major view of the stored weight); its tile scales [K/128, N/128] as a view too.
     y = F.scaled_mm(a, weight.t(), a_scale, F.ScalingType.BlockWise1x128, scale_inv.t(),
-                    F.ScalingType.BlockWise128x128, output_dtype=x2.dtype)
+                    F.ScalingType.BlockWise128x128, output_dtype=x2.dtype)[:M]
     return y if bias is None else y + bias
 
 
