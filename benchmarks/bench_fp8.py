@@ -111,72 +111,87 @@ def speed_table(rows, p) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- kernels
-def torch_blockwise_row(x, q, s, ref, t_bf16, median_seconds) -> str | None:
-    """torch's own scaled GEMM with DeepSeek's scaling (activations per token and 128 columns, weights per
-    128 x 128 tile) where this torch has it: a candidate for the FP8 GEMM. Its rules for the scales'
-    layouts have changed between versions, so the layouts are tried in turn; the row says which ran."""
-    import torch.nn.functional as F
-    if not hasattr(F, "scaled_mm") or not hasattr(F, "ScalingType"):
-        return "| torch scaled_mm, blockwise | {shape} | - | not in this torch | - | - |"
-
-    def outer_major(t):
-        return t.t().contiguous().t()
-
-    def keep(t):
-        return t
-
-    layouts = {"a_s outer-major, s as stored": (outer_major, s), "a_s row-major, s as stored": (keep, s),
-               "a_s outer-major, s transposed": (outer_major, s.t().contiguous()),
-               "a_s outer-major, s transposed view": (outer_major, s.t())}
-    errors = []
-    for name, (a_layout, sb) in layouts.items():
-        def call():   # timed with the activation quantisation, as it would run
-            a, a_s = kernels.quantize_fp8_groups(x)
-            return F.scaled_mm(a, q.t(), a_layout(a_s), F.ScalingType.BlockWise1x128, sb,
-                               F.ScalingType.BlockWise128x128, output_dtype=torch.bfloat16)
-        try:
-            err = ((call().float() - ref).norm() / ref.norm()).item()
-            t = median_seconds(call, graph=True) * 1e6
-        except Exception as e:   # noqa: BLE001 - a layout this torch refuses: try the next
-            errors.append(f"{name}: {str(e).splitlines()[0][:80]}")
-            continue
-        return f"| torch scaled_mm, blockwise ({name}) | {{shape}} | {t_bf16:.1f} | {t:.1f} | {t_bf16 / t:.2f}x | {err:.1e} |"
-    return "| torch scaled_mm, blockwise | {shape} | - | refused: " + "; ".join(errors).replace("|", "/") + " | - | - |"
+V2_LITE_KERNEL_SHAPES = dict(q=3072, kv_a=576, hidden=2048, shared=2816, rows=(256, 8192), experts=64, moe_inter=1408,
+                             top_k=6, tokens=(1, 16, 64, 128, 256, 1024, 8192))
 
 
-def kernel_rows(device, log) -> list[str]:
-    """FP8 GEMM vs cuBLAS bf16, FP8 fused MoE vs the bf16 fused MoE, V2-Lite shapes; references checked first."""
+def kernel_rows(device, log, dims: dict = V2_LITE_KERNEL_SHAPES) -> list[str]:
+    """FP8 GEMM vs cuBLAS bf16, FP8 fused MoE vs the bf16 fused MoE, V2-Lite shapes; references checked first.
+    (`dims` scales the shapes down for a check of this code under Triton's interpreter.)"""
     from timing import median_seconds
     import torch.nn.functional as F
+    from latentmoe.kernels.fp8 import fp8_linear_triton, uses_fp8_dense_activations
     g = torch.Generator(device=device).manual_seed(0)
-    out = ["| kernel | shape | bf16 us | fp8 us | fp8 speed-up | rel err vs reference |", "|---|---|---|---|---|---|"]
-    for (N, K) in ((3072, 2048), (2048, 2048), (2816, 2048)):
+    out = ["Dense GEMMs: `fp8_linear` as dispatched (one row: the few-row kernel; 256: the FP8 GEMM's tiles; "
+           "8,192: fp8 activations through torch's blockwise scaled GEMM, quantisation included). Rel err "
+           "against the reference of the route taken.", "",
+           "| kernel | shape | bf16 us | fp8 us | fp8 speed-up | rel err vs reference |", "|---|---|---|---|---|---|"]
+    Q, KV, D2, S = dims["q"], dims["kv_a"], dims["hidden"], dims["shared"]
+    shapes = ((Q, D2), (KV, D2), (D2, D2), (S, D2), (D2, S))
+    for (N, K) in shapes:
         w = torch.randn(N, K, device=device, generator=g, dtype=torch.bfloat16) * 0.02
         q, s = kernels.quantize_fp8_blocks(w)
-        for M in (1, 256, 8192):
+        for M in dims["rows"]:
             x = torch.randn(M, K, device=device, generator=g, dtype=torch.bfloat16)
-            ref = kernels.fp8_linear_ref(x.float(), q, s)
+            ref = kernels.fp8_linear_ref(x.float(), q, s, quantize_input=uses_fp8_dense_activations(M, q.shape))
             err = ((kernels.fp8_linear(x, q, s).float() - ref).norm() / ref.norm()).item()
             tb = median_seconds(lambda: F.linear(x, w), graph=True) * 1e6
             tf = median_seconds(lambda: kernels.fp8_linear(x, q, s), graph=True) * 1e6
             out.append(f"| GEMM | M={M} N={N} K={K} | {tb:.1f} | {tf:.1f} | {tb / tf:.2f}x | {err:.1e} |")
             log(out[-1])
-            row = torch_blockwise_row(x, q, s, ref, tb, median_seconds)
-            if row:
-                out.append(row.format(shape=f"M={M} N={N} K={K}"))
-                log(out[-1])
-    E, D, I, TOPK = 64, 2048, 1408, 6
+    # One row (batch-1 decode): every variant, 20 calls per graph (as inside a decode step's graph).
+    out += ["", "One row (batch-1 decode), 20 calls per CUDA graph: cuBLAS bf16, the few-row kernel on bf16 and "
+            "e4m3 weights (kernels/skinny.py), the FP8 GEMM's tensor-core tiles, and the floor (the weight's "
+            "bytes at 4.8 TB/s). MLA's q and kv_a projections in one launch, and the shared experts' gate, up "
+            "and silu*up in one, against their unfused bf16 ops.", "",
+            "| op | shape | cuBLAS bf16 us | few-row bf16 us | FP8 tensor-core GEMM us | few-row fp8 us | "
+            "floor bf16 / fp8 us | rel err (few-row fp8) |", "|---|---|---|---|---|---|---|---|"]
+
+    def one_row(fn):
+        return median_seconds(fn, graph=True, calls_per_graph=20) * 1e6
+
+    ws = {}
+    for (N, K) in shapes:
+        w = torch.randn(N, K, device=device, generator=g, dtype=torch.bfloat16) * 0.02
+        q, s = kernels.quantize_fp8_blocks(w)
+        ws[(N, K)] = (w, q, s)
+        x = torch.randn(1, K, device=device, generator=g, dtype=torch.bfloat16)
+        ref = kernels.fp8_linear_ref(x.float(), q, s)
+        err = ((kernels.skinny_linear(x, q, s).float() - ref).norm() / ref.norm()).item()
+        row = (one_row(lambda: F.linear(x, w)), one_row(lambda: kernels.skinny_linear(x, w)),
+               one_row(lambda: fp8_linear_triton(x, q, s)), one_row(lambda: kernels.skinny_linear(x, q, s)))
+        out.append(f"| linear | N={N} K={K} | " + " | ".join(f"{t:.2f}" for t in row) +
+                   f" | {2 * N * K / 4.8e6:.2f} / {N * K / 4.8e6:.2f} | {err:.1e} |")
+        log(out[-1])
+    x = torch.randn(1, D2, device=device, generator=g, dtype=torch.bfloat16)
+    (wq, qq, sq), (wk, qk, sk), (wg, qg, sg) = ws[(Q, D2)], ws[(KV, D2)], ws[(S, D2)]
+    wu = torch.randn(S, D2, device=device, generator=g, dtype=torch.bfloat16) * 0.02
+    qu, su = kernels.quantize_fp8_blocks(wu)
+    pair = (one_row(lambda: (F.linear(x, wq), F.linear(x, wk))),
+            one_row(lambda: kernels.skinny_linear_pair(x, wq, None, wk, None)),
+            one_row(lambda: (fp8_linear_triton(x, qq, sq), fp8_linear_triton(x, qk, sk))),
+            one_row(lambda: kernels.skinny_linear_pair(x, qq, sq, qk, sk)))
+    out.append(f"| q + kv_a, one launch | N={Q}+{KV} K={D2} | " + " | ".join(f"{t:.2f}" for t in pair) +
+               f" | {2 * (Q + KV) * D2 / 4.8e6:.2f} / {(Q + KV) * D2 / 4.8e6:.2f} | - |")
+    swiglu = (one_row(lambda: kernels.silu_mul(F.linear(x, wg), F.linear(x, wu))),
+              one_row(lambda: kernels.skinny_swiglu(x, wg, None, wu, None)),
+              one_row(lambda: kernels.silu_mul(fp8_linear_triton(x, qg, sg), fp8_linear_triton(x, qu, su))),
+              one_row(lambda: kernels.skinny_swiglu(x, qg, sg, qu, su)))
+    out.append(f"| gate, up, silu*up, one launch | N=2x{S} K={D2} | " + " | ".join(f"{t:.2f}" for t in swiglu) +
+               f" | {4 * S * D2 / 4.8e6:.2f} / {2 * S * D2 / 4.8e6:.2f} | - |")
+    log("\n".join(out[-2:]))
+    E, D, I, TOPK = dims["experts"], D2, dims["moe_inter"], dims["top_k"]
     gu = torch.randn(E, 2 * I, D, device=device, generator=g, dtype=torch.bfloat16) * 0.02
     dn = torch.randn(E, D, I, device=device, generator=g, dtype=torch.bfloat16) * 0.02
     gq, gs = kernels.quantize_fp8_blocks(gu)
     dq, ds = kernels.quantize_fp8_blocks(dn)
     layout = kernels.few_token_layout(kernels.FEW_TOKENS * TOPK, device)
-    out += ["", "Fused MoE (E=64, top-6, D=2048, I=1408): the bf16 kernels, `fused_moe_fp8` as dispatched, and its two "
+    out += ["", f"Fused MoE (E={E}, top-{TOPK}, D={D}, I={I}): the bf16 kernels, `fused_moe_fp8` as dispatched, and its two "
             "kernel pairs forced (weight-only: fp8 weights, activations in bf16; fp8 activations: both operands on "
             "FP8 tensor cores). Rel err against the reference of the path taken.", "",
             "| tokens | path taken | bf16 us | fp8 us | fp8 speed-up | weight-only us | fp8 activations us | rel err |",
             "|---|---|---|---|---|---|---|---|"]
-    for M in (1, 16, 64, 128, 256, 1024, 8192):
+    for M in dims["tokens"]:
         x = torch.randn(M, D, device=device, generator=g, dtype=torch.bfloat16)
         w, idx = torch.randn(M, E, device=device, generator=g).softmax(-1).topk(TOPK, -1)
         w8a8 = fp8_moe.uses_fp8_activations(M * TOPK, dn.shape, few_tokens=M <= kernels.FEW_TOKENS)
@@ -360,7 +375,14 @@ def main():
         cfg, rows, p = speed(args, device, log)
         table = speed_table(rows, p)
         base, both = rows["bf16"], rows["fp8 weights + cache"]
+        weights = rows["fp8 weights"]
         summary = summary_block(provenance.format(device_name), [
+            f"| decode B=1, fp8 weights | {1 / weights['dec1']:,.1f} tok/s | {1 / base['dec1']:,.1f} tok/s (bf16) "
+            f"| {base['dec1'] / weights['dec1']:.2f}x |",
+            f"| decode B={p['B']}, fp8 weights | {p['B'] / weights['decB']:,.0f} tok/s | "
+            f"{p['B'] / base['decB']:,.0f} tok/s | {base['decB'] / weights['decB']:.2f}x |",
+            f"| prefill {p['L_pre']}, fp8 weights | {weights['prefill']:,.0f} tok/s | {base['prefill']:,.0f} tok/s | "
+            f"{weights['prefill'] / base['prefill']:.2f}x |",
             f"| decode B=1, fp8 weights + cache | {1 / both['dec1']:,.1f} tok/s | {1 / base['dec1']:,.1f} tok/s (bf16) "
             f"| {base['dec1'] / both['dec1']:.2f}x |",
             f"| decode B={p['B']} | {p['B'] / both['decB']:,.0f} tok/s | {p['B'] / base['decB']:,.0f} tok/s | "
