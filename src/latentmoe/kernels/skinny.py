@@ -108,8 +108,8 @@ def _skinny_kernel(x_ptr, w1_ptr, s1_ptr, y1_ptr, w2_ptr, s2_ptr, y2_ptr, M, N1,
             _store_rows(y2_ptr, cast(y, dtype, INTERPRETED), M, N2, stride_y2, n0, ROWS, BLOCK_N)
 
 
-def choose_skinny_config(M: int, N: int, K: int, fp8: bool) -> dict:
-    """Tile for M rows of x against an [N, K] weight (N: all the launch's columns). From a sweep on an H200 at
+def choose_skinny_config(M: int, K: int, fp8: bool) -> dict:
+    """Tile for M rows of x against weights K wide. From a sweep on an H200 at
     one row over V2-Lite's projections (20 calls per CUDA graph, so launch latency is amortised): K slices of
     2,048 columns and 4 warps won for every shape, 4-row column blocks for bf16 and 8 for e4m3."""
     rows = triton.next_power_of_2(max(M, 1))
@@ -144,16 +144,18 @@ def _launch(x, w1, s1, w2, s2, mode: int, config: dict | None):
     N1 = w1.shape[0]
     N2 = w2.shape[0] if w2 is not None else 0
     scaled = s1 is not None
-    cfg = config or choose_skinny_config(M, N1 + N2 if mode == 1 else N1 * (2 if mode == 2 else 1), K, scaled)
+    cfg = config or choose_skinny_config(M, K, scaled)
     bn = cfg["block_n"]
     y1 = new_buffer((M, N1), x.dtype, x.device)
     y2 = new_buffer((M, N2), x.dtype, x.device) if mode == 1 else y1
     n1_programs = triton.cdiv(N1, bn)
     grid = (n1_programs + (triton.cdiv(N2, bn) if mode == 1 else 0),)
-    w2_, s2_ = (w2, s2) if w2 is not None else (w1, s1)
-    s1_, s2_ = (s1, s2_) if scaled else (w1, w2_)       # unread placeholders when unscaled
-    _skinny_kernel[grid](x2, w1, s1_, y1, w2_, s2_, y2, M, N1, N2, K, x2.stride(0),
-                         w1.stride(0), s1_.stride(0), y1.stride(0), w2_.stride(0), s2_.stride(0), y2.stride(0),
+    if w2 is None:                  # one weight: the second operand is never read
+        w2, s2 = w1, s1
+    if not scaled:                  # nor are the scales of unscaled weights
+        s1, s2 = w1, w2
+    _skinny_kernel[grid](x2, w1, s1, y1, w2, s2, y2, M, N1, N2, K, x2.stride(0),
+                         w1.stride(0), s1.stride(0), y1.stride(0), w2.stride(0), s2.stride(0), y2.stride(0),
                          n1_programs, MODE=mode, ROWS=cfg["rows"], BLOCK_N=bn, BLOCK_K=cfg["block_k"],
                          SCALED=scaled, SCALE_BLOCK=BLOCK, INTERPRETED=INTERPRET,
                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
