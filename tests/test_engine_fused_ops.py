@@ -80,6 +80,21 @@ def test_fused_experts_match_model(dev):
 
 
 @torch.inference_mode()
+def test_fused_blocks_add_the_residual_in_the_combine(dev):
+    """Fused ops and fused experts together: the MoE blocks' residual add happens in the experts' combine,
+    rounded where the model's `h + (experts + shared)` rounds (bf16: equal within the GEMMs' own differences)."""
+    from latentmoe.engine.layers import EngineBlock, EngineMoE, engine_model
+    cfg = get_config("tiny", vocab_size=256, num_hidden_layers=3, topk_method="greedy", n_group=1, topk_group=1)
+    model = build_model(cfg, device=dev, dtype=torch.float32, seed=3, std=0.1).eval()
+    fused = engine_model(model, fused_ops=True, fused_experts=True)
+    blocks = [m for m in fused.modules() if isinstance(m, EngineBlock)]
+    assert sum(type(b.mlp) is EngineMoE for b in blocks) == sum(b.is_moe for b in model.model.layers) > 0
+    for shape in ((1, 1), (2, 7)):
+        ids = torch.randint(0, 256, shape, device=dev)
+        assert rel(fused(ids), model(ids)) < (5e-3 if CUDA else 1e-5)
+
+
+@torch.inference_mode()
 def test_engine_greedy_with_fused_ops_matches_plain(dev):
     from latentmoe.engine import LLM, SamplingParams
     cfg = get_config("tiny", vocab_size=256, num_hidden_layers=2, topk_method="greedy", n_group=1, topk_group=1)

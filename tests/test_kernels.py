@@ -73,6 +73,13 @@ def test_mla_decode_fp16_odd_widths_and_many_splits(K):
     check_mla(K, [5, 100], H=3, C=40, R=24, page=32, dtype=torch.float16, num_splits=8, block_n=16)
 
 
+def test_mla_decode_uses_only_the_pieces_a_sequence_fills(K):
+    """A graph's piece count is sized for its longest context: a long sequence fills 19 of 32 pieces (the merge
+    walks them in chunks of 8), short ones fill one; the pieces left unwritten (NaN under the kernel tests'
+    poisoned buffers) must not reach the result, whatever the merge reads."""
+    check_mla(K, [300, 5, 1, 17], H=4, C=32, R=16, page=16, dtype=torch.bfloat16, num_splits=32, block_n=16)
+
+
 def test_mla_decode_dispatch_handles_narrow_rope(K):
     """R = 8 is below tl.dot's minimum width on a GPU: the dispatcher must still answer correctly."""
     gen = torch.Generator().manual_seed(9)
@@ -229,14 +236,19 @@ def test_fused_moe_skips_negative_ids(K, M):
                                              (5, 2, 40, torch.float32)])
 def test_moe_combine_equals_sum_then_shared_add(K, M, top_k, D, dtype):
     """The combine kernel against the model's order of operations: the K rows summed in fp32 and rounded,
-    then the shared experts' output added in the activations' dtype (bit for bit), and without an add."""
+    then the shared experts' output added in the activations' dtype (bit for bit), then the block's residual
+    stream (`h + moe(x)` in the model), and without adds."""
     gen = torch.Generator().manual_seed(M + D)
     y = torch.randn(M * top_k, D, generator=gen).to(dtype).to(DEV)
     shared = torch.randn(M, 2 * D, generator=gen).to(dtype).to(DEV)[:, :D]   # strided rows, as a view may come
+    h = (torch.randn(M, D, generator=gen) * 8).to(dtype).to(DEV)
     expected = y.view(M, top_k, D).sum(1, dtype=torch.float32).to(dtype)
     assert torch.equal(K.moe_combine_ref(y, top_k, shared), expected + shared)
     assert torch.equal(K.moe_combine(y, top_k), expected)
     assert torch.equal(K.moe_combine(y, top_k, shared), expected + shared)
+    assert torch.equal(K.moe_combine_ref(y, top_k, shared, h), h + (expected + shared))
+    assert torch.equal(K.moe_combine(y, top_k, shared, h), h + (expected + shared))
+    assert torch.equal(K.moe_combine(y, top_k, None, h), h + expected)
 
 
 @pytest.mark.parametrize("shape,dtype", [((3, 40), torch.float32), ((2, 5, 1408), torch.bfloat16)])

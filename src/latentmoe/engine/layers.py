@@ -57,12 +57,15 @@ class EngineRMSNorm(RMSNorm):
 
 
 class EngineBlock(Block):
-    """The decoder block with the attention's residual add and the next norm in one kernel (kernels.add_rms_norm)."""
+    """The decoder block with the attention's residual add and the next norm in one kernel (kernels.add_rms_norm),
+    and, where the MoE layer is the engine's, the MoE's residual add in the experts' combine."""
 
     def forward(self, h, cos, sin, mask=None, backend=None):
         a = self.self_attn(self.input_layernorm(h), cos, sin, mask, backend)
         norm = self.post_attention_layernorm
         h, x = kernels.add_rms_norm(h, a, norm.weight, norm.eps)
+        if type(self.mlp) is EngineMoE:
+            return self.mlp(x, residual=h)
         if self.is_moe:
             out, router = self.mlp(x)
             return h + out, router
@@ -116,7 +119,12 @@ class EngineRouter(Router):
 
     def forward(self, x: torch.Tensor):
         w = self.weight
-        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype:
+        # At decode sizes the few-row kernel, summing the exact products in fp32 (cuBLAS took 4.9 us here in
+        # a batch-1 step on an H200, for a 256 KB weight).
+        logits = kernels.skinny_linear(x, w, out_dtype=torch.float32) if w.dtype == x.dtype else None
+        if logits is not None:
+            logits = logits.reshape(-1, w.shape[0])
+        elif x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype:
             # 16-bit products are exact in fp32, so a GEMM accumulating and writing fp32 is the fp32 GEMM up
             # to summation order, without the fp32 copies of x and the weight (at 8K tokens the fp32 GEMM alone
             # took 59 us a layer on an H200, the copy of x besides).
@@ -139,15 +147,17 @@ class EngineMLP(MLP):
 
 
 class EngineMoE(MoE):
-    """The MoE layer with the shared experts' output added in the routed experts' final pass (their combine),
-    instead of a separate add. Only built where the experts are the engine's (they take `add_MD`)."""
+    """The MoE layer with the shared experts' output, and the block's residual stream when given, added in the
+    routed experts' final pass (their combine) instead of separate adds. Only built where the experts are the
+    engine's (they take `add_MD` and `residual_MD`); never under expert parallelism, whose all-reduce follows."""
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         shape = x.shape
         x_MD = x.reshape(-1, shape[-1])
         scores, topk_weight, topk_idx = self.gate(x_MD)
         shared = self.shared_experts(x_MD) if self.shared_experts is not None else None
-        y = self.experts(x_MD, topk_idx, topk_weight, add_MD=shared)
+        res = residual.reshape(x_MD.shape) if residual is not None else None
+        y = self.experts(x_MD, topk_idx, topk_weight, add_MD=shared, residual_MD=res)
         return y.view(shape), RouterOutput(scores, topk_idx, topk_weight, None)
 
 
@@ -163,10 +173,10 @@ class EngineExperts(Experts):
                                                          self.gate_up_proj.device)
 
     def forward(self, x_MD: torch.Tensor, topk_idx_MK: torch.Tensor, topk_weight_MK: torch.Tensor,
-                add_MD: torch.Tensor | None = None) -> torch.Tensor:
+                add_MD: torch.Tensor | None = None, residual_MD: torch.Tensor | None = None) -> torch.Tensor:
         return kernels.fused_moe(x_MD, self.gate_up_proj, self.down_proj, topk_idx_MK, topk_weight_MK,
                                  few_token_layout=self.few_token_layout, skip_negative=self.skip_negative,
-                                 add_MD=add_MD)
+                                 add_MD=add_MD, residual_MD=residual_MD)
 
 
 class Fp8Linear(nn.Module):
@@ -205,10 +215,11 @@ class Fp8Experts(Experts):
     prepare = EngineExperts.prepare
 
     def forward(self, x_MD: torch.Tensor, topk_idx_MK: torch.Tensor, topk_weight_MK: torch.Tensor,
-                add_MD: torch.Tensor | None = None) -> torch.Tensor:
+                add_MD: torch.Tensor | None = None, residual_MD: torch.Tensor | None = None) -> torch.Tensor:
         return kernels.fused_moe_fp8(x_MD, self.gate_up_proj, self.gate_up_proj_scale_inv, self.down_proj,
                                      self.down_proj_scale_inv, topk_idx_MK, topk_weight_MK,
-                                     few_token_layout=self.few_token_layout, add_MD=add_MD)
+                                     few_token_layout=self.few_token_layout, add_MD=add_MD,
+                                     residual_MD=residual_MD)
 
 
 # Linears that stay in the compute dtype under FP8: the output head (as in DeepSeek's FP8 releases) and

@@ -71,6 +71,53 @@ def jit(fn=None, *, do_not_specialize=()):
     return triton.jit(fn, do_not_specialize=list(do_not_specialize)) if do_not_specialize else triton.jit(fn)
 
 
+def _pdl_in_triton() -> bool:
+    """This Triton launches with programmatic dependent launch (the `launch_pdl` option) and has gdc_wait."""
+    if not HAS_TRITON or INTERPRET:
+        return False
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+        from triton.language.extra import cuda as cuda_lang
+    except ImportError:
+        return False
+    return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {}) and hasattr(cuda_lang, "gdc_wait")
+
+
+if _pdl_in_triton():
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+else:   # never traced: the kernels only call them under PDL=True, which pdl_launch never asks for here
+    gdc_launch_dependents = gdc_wait = None
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_device(index: int) -> bool:
+    return _pdl_in_triton() and torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl_launch(t: torch.Tensor) -> dict:
+    """Launch options for a kernel on t's device that calls `wait_for_inputs(PDL)` before it reads anything an
+    earlier kernel wrote: {"PDL": True, "launch_pdl": True} on sm90+ with a Triton that has programmatic
+    dependent launch, else {"PDL": False}.
+
+    Why: a batch-1 decode step is a chain of ~500 kernels of a few microseconds, and each one's launch,
+    rasterisation and first loads otherwise start only when the previous kernel has fully drained. Launched
+    this way a kernel's programs may start while the previous kernel finishes (CUDA graphs keep the
+    dependency), load what does not depend on it (weights), and wait at `wait_for_inputs`."""
+    on = t.is_cuda and _pdl_device(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+
+
+@jit
+def wait_for_inputs(PDL: tl.constexpr):
+    """Under programmatic dependent launch: let the next kernel's programs start launching, then wait until
+    the previous kernel has finished and its writes are visible. Every program of a kernel launched with
+    `pdl_launch` calls it before its first load of an earlier kernel's output and before its first store
+    (so the chain stays ordered: a kernel finishes only after the one before it has). A no-op otherwise."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+
+
 @jit
 def dot(a, b, UPCAST: tl.constexpr):
     """tl.dot with fp32 accumulation; UPCAST feeds it fp32 operands (the CPU interpreter's bf16 dot is wrong).

@@ -1,7 +1,7 @@
 """Store the new tokens' latent rows into the paged cache: kv_cache[slot] = [c_kv | k_pe] (Triton, in place)."""
 import torch
 
-from ._triton import jit, tl, triton, use_triton
+from ._triton import jit, pdl_launch, tl, triton, use_triton, wait_for_inputs
 from .reference import write_latent_cache_ref
 
 
@@ -9,7 +9,8 @@ from .reference import write_latent_cache_ref
 def _write_latent_cache_kernel(kv_ptr, slot_ptr, c_kv_ptr, k_pe_ptr,
                                stride_kv_blk, stride_kv_tok, stride_c, stride_r,
                                C: tl.constexpr, R: tl.constexpr, PAGE: tl.constexpr,
-                               BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+                               BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     m = tl.program_id(0)
     slot = tl.load(slot_ptr + m)
     if slot >= 0:  # negative slots are padding tokens (e.g. a CUDA-graph batch filled up)
@@ -39,4 +40,4 @@ def write_latent_cache(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, c_kv:
     _write_latent_cache_kernel[(M,)](
         kv_cache, slot_mapping, c_kv, k_pe, kv_cache.stride(0), kv_cache.stride(1), c_kv.stride(0), k_pe.stride(0),
         C=C, R=R, PAGE=kv_cache.shape[1], BLOCK_C=triton.next_power_of_2(C), BLOCK_R=triton.next_power_of_2(R),
-        num_warps=1)
+        num_warps=1, **pdl_launch(kv_cache))

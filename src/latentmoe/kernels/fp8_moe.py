@@ -19,7 +19,7 @@ released model). Legend as in moe.py.
 """
 import torch
 
-from ._triton import INTERPRET, dot, dot_acc, jit, new_buffer, tl, triton, use_triton
+from ._triton import INTERPRET, dot, dot_acc, jit, new_buffer, pdl_launch, tl, triton, use_triton, wait_for_inputs
 from .fp8 import BLOCK, FP8_MAX, dequantize_fp8_blocks, quantize_fp8_groups, round_through_fp8_groups, to_fp8
 from .moe import DECODE_CONFIG, FEW_TOKENS, choose_moe_config, moe_align, moe_combine
 from .reference import fused_moe_ref
@@ -44,8 +44,10 @@ def fused_moe_fp8_w8a8_ref(x_MD, gate_up_proj, gate_up_scale, down_proj, down_sc
 def _moe_fp8_gate_up_kernel(x_ptr, w_ptr, s_ptr, h_ptr, sorted_ids_ptr, block_expert_ptr,
                             stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm, A, D, I, E,
                             TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, SCALE_BLOCK: tl.constexpr, UPCAST: tl.constexpr):
+                            BLOCK_K: tl.constexpr, SCALE_BLOCK: tl.constexpr, UPCAST: tl.constexpr,
+                            PDL: tl.constexpr):
     """h[p, n] = silu(x[tok(p)] . w_gate[e, n]) * (x[tok(p)] . w_up[e, n]), weights dequantised per tile."""
+    wait_for_inputs(PDL)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
@@ -87,8 +89,9 @@ def _moe_fp8_gate_up_kernel(x_ptr, w_ptr, s_ptr, h_ptr, sorted_ids_ptr, block_ex
 def _moe_fp8_down_kernel(h_ptr, w_ptr, s_ptr, y_ptr, sorted_ids_ptr, block_expert_ptr, topk_weight_ptr,
                          stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_ym, A, I, D, E,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         SCALE_BLOCK: tl.constexpr, UPCAST: tl.constexpr):
+                         SCALE_BLOCK: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
     """y[id(p), n] = weight[id(p)] * (h[p] . w_down[e, n]), weights dequantised per tile."""
+    wait_for_inputs(PDL)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
@@ -118,7 +121,7 @@ def _moe_fp8_down_kernel(h_ptr, w_ptr, s_ptr, y_ptr, sorted_ids_ptr, block_exper
 
 def fused_moe_fp8_triton(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scale, topk_idx_MK, topk_weight_MK,
                          few_token_layout: torch.Tensor | None = None, config: dict | None = None,
-                         add_MD: torch.Tensor | None = None) -> torch.Tensor:
+                         add_MD: torch.Tensor | None = None, residual_MD: torch.Tensor | None = None) -> torch.Tensor:
     M, D = x_MD.shape
     K = topk_idx_MK.shape[1]
     E, I = down_proj.shape[0], down_proj.shape[2]
@@ -143,7 +146,7 @@ def fused_moe_fp8_triton(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scal
         x_MD.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), gate_up_scale.stride(0),
         gate_up_scale.stride(1), h_PI.stride(0), A, D, I, E,
         TOP_K=K, BLOCK_M=bm, BLOCK_N=cfg["block_n1"], BLOCK_K=bk, SCALE_BLOCK=BLOCK, UPCAST=INTERPRET,
-        num_warps=nw, num_stages=ns)
+        num_warps=nw, num_stages=ns, **pdl_launch(x_MD))
     y_AD = new_buffer((A, D), x_MD.dtype, x_MD.device)
     weight_A = topk_weight_MK.reshape(-1).contiguous()
     _moe_fp8_down_kernel[(triton.cdiv(D, cfg["block_n2"]), n_blocks)](
@@ -151,8 +154,8 @@ def fused_moe_fp8_triton(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scal
         h_PI.stride(0), down_proj.stride(0), down_proj.stride(1), down_scale.stride(0), down_scale.stride(1),
         y_AD.stride(0), A, I, D, E,
         BLOCK_M=bm, BLOCK_N=cfg["block_n2"], BLOCK_K=bk, SCALE_BLOCK=BLOCK, UPCAST=INTERPRET,
-        num_warps=nw, num_stages=ns)
-    return moe_combine(y_AD, K, add_MD)
+        num_warps=nw, num_stages=ns, **pdl_launch(x_MD))
+    return moe_combine(y_AD, K, add_MD, residual_MD)
 
 
 @jit
@@ -256,7 +259,8 @@ def choose_w8a8_config(n_assignments: int, n_experts: int) -> dict:
 
 def fused_moe_fp8_w8a8_triton(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scale, topk_idx_MK,
                               topk_weight_MK, config: dict | None = None,
-                              add_MD: torch.Tensor | None = None) -> torch.Tensor:
+                              add_MD: torch.Tensor | None = None,
+                              residual_MD: torch.Tensor | None = None) -> torch.Tensor:
     """The fp8-activation kernels: x quantised per token and 128 columns, both GEMMs on FP8 tensor cores.
     D and I must be multiples of 128 (every released model's are)."""
     M, D = x_MD.shape
@@ -286,7 +290,7 @@ def fused_moe_fp8_w8a8_triton(x_MD, gate_up_proj, gate_up_scale, down_proj, down
         h_PI.stride(0), hs_PG.stride(0), down_proj.stride(0), down_proj.stride(1), down_scale.stride(0),
         down_scale.stride(1), y_AD.stride(0), A, I, D, E,
         BLOCK_M=bm, BLOCK=BLOCK, UPCAST=INTERPRET, num_warps=nw, num_stages=ns)
-    return moe_combine(y_AD, K, add_MD)
+    return moe_combine(y_AD, K, add_MD, residual_MD)
 
 
 # From this many assignments per expert the fp8-activation kernels run (each weight tile then serves enough
@@ -305,11 +309,11 @@ def uses_fp8_activations(n_assignments: int, down_proj_shape: tuple[int, ...], f
 def fused_moe_fp8(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, gate_up_scale: torch.Tensor,
                   down_proj: torch.Tensor, down_scale: torch.Tensor, topk_idx_MK: torch.Tensor,
                   topk_weight_MK: torch.Tensor, few_token_layout: torch.Tensor | None = None,
-                  add_MD: torch.Tensor | None = None) -> torch.Tensor:
+                  add_MD: torch.Tensor | None = None, residual_MD: torch.Tensor | None = None) -> torch.Tensor:
     """`fused_moe` over block-FP8 expert weights -> [M, D] in x's dtype. From FP8_ACTIVATIONS_MIN_PER_EXPERT
     assignments per expert the activations are quantised too (FP8 tensor cores); fewer run the weight-only
     kernels. Triton on CUDA (CPU under TRITON_INTERPRET=1); elsewhere the matching reference, so a CPU run
-    rounds the activations where a GPU would. `add_MD` as in `fused_moe`."""
+    rounds the activations where a GPU would. `add_MD` and `residual_MD` as in `fused_moe`."""
     M = x_MD.shape[0]
     if M == 0:
         return x_MD.clone()
@@ -318,12 +322,13 @@ def fused_moe_fp8(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, gate_up_scale:
     if not use_triton(x_MD):
         ref = fused_moe_fp8_w8a8_ref if w8a8 else fused_moe_fp8_ref
         y = ref(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scale, topk_idx_MK, topk_weight_MK)
-        return y if add_MD is None else y + add_MD
+        y = y if add_MD is None else y + add_MD
+        return y if residual_MD is None else residual_MD + y
     if w8a8:
         return fused_moe_fp8_w8a8_triton(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scale, topk_idx_MK,
-                                         topk_weight_MK, add_MD=add_MD)
+                                         topk_weight_MK, add_MD=add_MD, residual_MD=residual_MD)
     return fused_moe_fp8_triton(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scale, topk_idx_MK,
-                                topk_weight_MK, few_token_layout, add_MD=add_MD)
+                                topk_weight_MK, few_token_layout, add_MD=add_MD, residual_MD=residual_MD)
 
 
 __all__ = ["fused_moe_fp8", "fused_moe_fp8_ref", "fused_moe_fp8_triton", "fused_moe_fp8_w8a8_ref",

@@ -8,7 +8,7 @@ from types import MappingProxyType
 
 import torch
 
-from ._triton import jit, new_buffer, sm_count, tl, triton, use_triton
+from ._triton import jit, new_buffer, pdl_launch, sm_count, tl, triton, use_triton, wait_for_inputs
 from .mla_decode import LOG2E, merge_splits, split_outputs, split_range
 from .reference import mha_decode_ref
 
@@ -19,13 +19,14 @@ def _mha_decode_split_kernel(
     stride_qb, stride_qh, stride_k_blk, stride_k_tok, stride_k_h, stride_v_blk, stride_v_tok, stride_v_h,
     stride_bt, stride_ob, stride_oh, stride_os, H, qk_scale,
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     # One head of one sequence per program: each K/V row of the cache is read by exactly one program.
     h = tl.program_id(0)
     split = tl.program_id(1)
     b = tl.program_id(2)
-    start, end = split_range(seq_lens_ptr, b, split, NUM_SPLITS, BLOCK_N)
+    start, end, _ = split_range(seq_lens_ptr, b, split, NUM_SPLITS, BLOCK_N)
 
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -56,10 +57,11 @@ def _mha_decode_split_kernel(
         acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
         m_i = m_new
 
-    # An empty piece (sequence shorter than the split count) leaves o = 0 and lse = -inf.
+    # A piece past the sequence's end writes no output (the merge does not read it; its lse is one float).
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    used = tl.full([BLOCK_DV], 1, tl.int1) & ((start < end) | (split == 0))   # as a vector: the interpreter wants one
     tl.store(o_ptr + b * stride_ob + h * stride_oh + split * stride_os + offs_dv,
-             (acc / l_safe).to(o_ptr.dtype.element_ty), mask=mask_dv)
+             (acc / l_safe).to(o_ptr.dtype.element_ty), mask=mask_dv & used)
     if NUM_SPLITS > 1:
         lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
         tl.store(lse_ptr + (b * H + h) * NUM_SPLITS + split, lse)
@@ -94,9 +96,9 @@ def mha_decode_triton(q, k_cache, v_cache, block_table, seq_lens, softmax_scale,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
         block_table.stride(0), *so, H, softmax_scale * LOG2E,
         DK=DK, DV=DV, BLOCK_DK=triton.next_power_of_2(DK), BLOCK_DV=triton.next_power_of_2(DV),
-        PAGE=PAGE, BLOCK_N=block_n, NUM_SPLITS=num_splits, num_warps=num_warps)
+        PAGE=PAGE, BLOCK_N=block_n, NUM_SPLITS=num_splits, num_warps=num_warps, **pdl_launch(q))
     if num_splits > 1:
-        merge_splits(o_part, lse, out)
+        merge_splits(o_part, lse, out, seq_lens, block_n)
     return out
 
 

@@ -2,12 +2,17 @@
 
 Absorbed decode is an MQA: every head of a sequence attends to the same rows [c_kv (C) | k_pe (R)],
 so one program takes BLOCK_H heads and loads each latent tile once for all of them. A sequence is
-cut into NUM_SPLITS equal pieces, one program per piece, so that small batches still fill the chip;
+cut into at most NUM_SPLITS equal pieces, one program per piece, so that small batches still fill the chip;
 each piece leaves its normalised output and log-sum-exp, and a second kernel merges them.
+
+The piece count is fixed when a decode graph is captured (for the longest context it serves), but pieces
+are whole BLOCK_N tiles, so a short sequence uses only the first few: the others write nothing and the
+merge reads only the pieces in use (`split_range`). A graph sized for 128K contexts then costs a 1K
+context no more than one sized for 1K.
 """
 import torch
 
-from ._triton import INTERPRET, dot, jit, new_buffer, sm_count, tl, triton, use_triton
+from ._triton import INTERPRET, dot, jit, new_buffer, pdl_launch, sm_count, tl, triton, use_triton, wait_for_inputs
 from .reference import mla_decode_ref
 
 LOG2E = 1.4426950408889634
@@ -15,12 +20,13 @@ LOG2E = 1.4426950408889634
 
 @jit
 def split_range(seq_lens_ptr, b, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Tokens [start, end) of sequence b that piece `split` of NUM_SPLITS walks: equal pieces rounded up
-    to whole BLOCK_N tiles (shared by the latent and per-head decode kernels; the merge relies on it)."""
+    """Tokens [start, end) of sequence b that piece `split` of NUM_SPLITS walks, and how many pieces the
+    sequence uses: equal pieces rounded up to whole BLOCK_N tiles, so a sequence shorter than NUM_SPLITS
+    tiles leaves the last pieces empty (shared by the latent and per-head decode kernels and the merge)."""
     seq_len = tl.load(seq_lens_ptr + b)
-    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N), 1) * BLOCK_N
     start = split * split_len
-    return start, tl.minimum(start + split_len, seq_len)
+    return start, tl.minimum(start + split_len, seq_len), tl.cdiv(seq_len, split_len)
 
 
 @jit
@@ -31,15 +37,16 @@ def _mla_decode_split_kernel(
     H, qk_scale,
     C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    UPCAST: tl.constexpr, KV_FP8: tl.constexpr,
+    UPCAST: tl.constexpr, KV_FP8: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     # Head groups vary fastest, so the programs sharing one (sequence, split) run side by side
     # and all but the first find its latent tiles in L2.
     pid_h = tl.program_id(0)
     split = tl.program_id(1)
     b = tl.program_id(2)
 
-    start, end = split_range(seq_lens_ptr, b, split, NUM_SPLITS, BLOCK_N)
+    start, end, _ = split_range(seq_lens_ptr, b, split, NUM_SPLITS, BLOCK_N)
 
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_c = tl.arange(0, BLOCK_C)
@@ -88,35 +95,46 @@ def _mla_decode_split_kernel(
             acc = acc * alpha[:, None] + dot(p.to(k_lat.dtype), k_lat, UPCAST)
         m_i = m_new
 
-    # An empty piece (sequence shorter than the split count) leaves o = 0 and lse = -inf.
+    # A piece past the sequence's end writes nothing (the merge does not read it); an empty sequence's
+    # only piece leaves o = 0.
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
+    used = tl.full([BLOCK_H], 1, tl.int1) & ((start < end) | (split == 0))   # as a vector: the interpreter wants one
     tl.store(o_ptr + b * stride_ob + offs_h[:, None] * stride_oh + split * stride_os + offs_c[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=mask_h[:, None] & mask_c[None, :])
+             out.to(o_ptr.dtype.element_ty), mask=(mask_h & used)[:, None] & mask_c[None, :])
     if NUM_SPLITS > 1:
         lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
-        tl.store(lse_ptr + (b * H + offs_h) * NUM_SPLITS + split, lse, mask=mask_h)
+        tl.store(lse_ptr + (b * H + offs_h) * NUM_SPLITS + split, lse, mask=mask_h & used)
 
 
 @jit
 def _mla_decode_merge_kernel(
-    o_part_ptr, lse_ptr, out_ptr, stride_ob, stride_oh, H,
+    o_part_ptr, lse_ptr, seq_lens_ptr, out_ptr, stride_ob, stride_oh, H,
     C: tl.constexpr, BLOCK_C: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_N: tl.constexpr, CHUNK_S: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_inputs(PDL)
     pid = tl.program_id(0)  # = b * H + h; o_part is [B, H, NUM_SPLITS, C] contiguous
     b = pid // H
     h = pid % H
+    _, _, n_used = split_range(seq_lens_ptr, b, 0, NUM_SPLITS, BLOCK_N)
     offs_s = tl.arange(0, BLOCK_S)
     offs_c = tl.arange(0, BLOCK_C)
-    mask_s = offs_s < NUM_SPLITS
     mask_c = offs_c < C
-    lse = tl.load(lse_ptr + pid * NUM_SPLITS + offs_s, mask=mask_s, other=float("-inf"))
+    lse = tl.load(lse_ptr + pid * NUM_SPLITS + offs_s, mask=offs_s < n_used, other=float("-inf"))
     m = tl.max(lse, 0)
     m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2(lse - m)                                   # empty pieces weigh 0
-    o = tl.load(o_part_ptr + (pid * NUM_SPLITS + offs_s[:, None]) * C + offs_c[None, :],
-                mask=mask_s[:, None] & mask_c[None, :], other=0.0)
-    out = tl.sum(o * w[:, None], 0) / tl.maximum(tl.sum(w, 0), 1e-30)
+    total = tl.sum(tl.exp2(lse - m), 0)                    # empty pieces weigh 0
+    # The pieces in use only, CHUNK_S at a time (a [NUM_SPLITS, C] tile would not fit in registers).
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    offs_k = tl.arange(0, CHUNK_S)
+    for s0 in range(0, n_used, CHUNK_S):
+        mask_k = s0 + offs_k < n_used
+        w = tl.exp2(tl.load(lse_ptr + pid * NUM_SPLITS + s0 + offs_k, mask=mask_k, other=float("-inf")) - m)
+        o = tl.load(o_part_ptr + (pid * NUM_SPLITS + s0 + offs_k[:, None]) * C + offs_c[None, :],
+                    mask=mask_k[:, None] & mask_c[None, :], other=0.0)
+        acc += tl.sum(o * w[:, None], 0)
+    out = acc / tl.maximum(total, 1e-30)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_c, out.to(out_ptr.dtype.element_ty), mask=mask_c)
 
 
@@ -132,18 +150,21 @@ def split_outputs(out: torch.Tensor, num_splits: int):
     return o_part, lse, o_part.stride()[:3]
 
 
-def merge_splits(o_part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> None:
+def merge_splits(o_part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, seq_lens: torch.Tensor,
+                 block_n: int) -> None:
     """out[b, h] = the log-sum-exp weighted mean of the partials o_part [B, H, S, X] (lse [B, H, S], log2
-    units); shared by the latent and the per-head decode kernels."""
+    units) of the pieces sequence b uses (`split_range` with the split kernel's `block_n`); shared by the
+    latent and the per-head decode kernels."""
     B, H, num_splits, X = o_part.shape
     _mla_decode_merge_kernel[(B * H,)](
-        o_part, lse, out, out.stride(0), out.stride(1), H,
+        o_part, lse, seq_lens, out, out.stride(0), out.stride(1), H,
         C=X, BLOCK_C=triton.next_power_of_2(X), NUM_SPLITS=num_splits,
-        BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4)
+        BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_N=block_n, CHUNK_S=min(8, triton.next_power_of_2(num_splits)),
+        num_warps=4, **pdl_launch(out))
 
 
 def choose_num_splits(batch: int, head_groups: int, max_seq_len: int, device: torch.device, ctas_per_sm: int = 2,
-                      min_tokens_per_split: int = 32, max_splits: int = 64, piece_overhead: int = 64) -> int:
+                      min_tokens_per_split: int = 32, max_splits: int = 128, piece_overhead: int = 64) -> int:
     """Pieces per sequence, from a wave model of the launch.
 
     With s pieces the grid has batch * head_groups * s programs, run in ceil(programs / slots) waves
@@ -153,9 +174,10 @@ def choose_num_splits(batch: int, head_groups: int, max_seq_len: int, device: to
     fills the wave (measured on an H100: 4 pieces of B=64 ran 1.4x faster than 5, whose second wave
     was nearly empty); above it, it trims the last wave's idle slots (B=298: 7 pieces, not 1).
     Pieces stay at least `min_tokens_per_split` long (one 32-token tile: at batch 1 every tile a
-    program walks is a dependent DRAM round trip, so short pieces win). At most 64 pieces: 256 (to fill
-    an H200 at batch 1) took B=1 decode at 128K from 8.1 to 7.5 ms a step, but at 1K from 3.8 to 5.9 ms
-    (the graph's count is chosen for the longest context; merging 256 partials per head is not free).
+    program walks is a dependent DRAM round trip, so short pieces win). At most 128 pieces: on an H200 at
+    batch 1 and 128K context the kernel took 160 us with 64 pieces, 112 us with 128 and 124 us with 256
+    (the model's estimate prefers 256). A short context in a graph sized for 128K uses only the pieces
+    it fills, so the count costs it nothing (1K context: 10 us with 64 pieces either way).
     """
     programs = batch * head_groups
     slots = ctas_per_sm * sm_count(device)
@@ -215,9 +237,9 @@ def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.T
         H, softmax_scale * LOG2E,
         C=C, R=R, BLOCK_C=triton.next_power_of_2(C), BLOCK_R=triton.next_power_of_2(R),
         PAGE=PAGE, BLOCK_H=block_h, BLOCK_N=block_n, NUM_SPLITS=num_splits, UPCAST=INTERPRET, KV_FP8=fp8,
-        num_warps=num_warps, num_stages=num_stages)
+        num_warps=num_warps, num_stages=num_stages, **pdl_launch(q_lat))
     if num_splits > 1:
-        merge_splits(o_part, lse, out)
+        merge_splits(o_part, lse, out, seq_lens, block_n)
     return out
 
 

@@ -12,7 +12,7 @@ P padded assignment rows (a multiple of BLOCK_M).
 """
 import torch
 
-from ._triton import INTERPRET, cast, dot, jit, new_buffer, tl, triton, use_triton
+from ._triton import INTERPRET, cast, dot, jit, new_buffer, pdl_launch, tl, triton, use_triton, wait_for_inputs
 from .reference import fused_moe_ref
 
 
@@ -168,11 +168,12 @@ def moe_align(topk_idx_MK: torch.Tensor, n_experts: int, block_m: int,
 def _moe_gate_up_kernel(x_ptr, w_ptr, h_ptr, gu_ptr, sorted_ids_ptr, block_expert_ptr,
                         stride_xm, stride_we, stride_wn, stride_hm, stride_gm, A, D, I, E,
                         TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, STORE_GU: tl.constexpr):
+                        BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, STORE_GU: tl.constexpr, PDL: tl.constexpr):
     """h[p, n] = silu(x[tok(p)] . w_gate[e, n]) * (x[tok(p)] . w_up[e, n]) for the rows p of one block.
 
     STORE_GU (training) also keeps the SwiGLU inputs gu[p] = [gate | up] for the backward; inference
     passes any pointer there and the stores compile away."""
+    wait_for_inputs(PDL)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
@@ -211,8 +212,10 @@ def _moe_gate_up_kernel(x_ptr, w_ptr, h_ptr, gu_ptr, sorted_ids_ptr, block_exper
 @jit
 def _moe_down_kernel(h_ptr, w_ptr, y_ptr, sorted_ids_ptr, block_expert_ptr, topk_weight_ptr,
                      stride_hm, stride_we, stride_wn, stride_ym, A, I, D, E,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+                     PDL: tl.constexpr):
     """y[id(p), n] = weight[id(p)] * (h[p] . w_down[e, n]), written at the assignment's own row."""
+    wait_for_inputs(PDL)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
@@ -277,14 +280,15 @@ def run_moe_gemms(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: tor
         x_MD.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), h_PI.stride(0),
         gu_P2I.stride(0) if store_gu else 0, A, D, I, E,
         TOP_K=top_k, BLOCK_M=bm, BLOCK_N=cfg["block_n1"], BLOCK_K=bk, UPCAST=INTERPRET, STORE_GU=store_gu,
-        num_warps=nw, num_stages=ns)
+        num_warps=nw, num_stages=ns, **pdl_launch(x_MD))
     y_AD = torch.zeros((A, D), dtype=x_MD.dtype, device=x_MD.device) if zero_y else new_buffer((A, D), x_MD.dtype,
                                                                                                  x_MD.device)
     weight_A = topk_weight_MK.reshape(-1).contiguous()
     _moe_down_kernel[(triton.cdiv(D, cfg["block_n2"]), n_blocks)](
         h_PI, down_proj, y_AD, sorted_ids, block_expert, weight_A,
         h_PI.stride(0), down_proj.stride(0), down_proj.stride(1), y_AD.stride(0), A, I, D, E,
-        BLOCK_M=bm, BLOCK_N=cfg["block_n2"], BLOCK_K=bk, UPCAST=INTERPRET, num_warps=nw, num_stages=ns)
+        BLOCK_M=bm, BLOCK_N=cfg["block_n2"], BLOCK_K=bk, UPCAST=INTERPRET, num_warps=nw, num_stages=ns,
+        **pdl_launch(x_MD))
     return h_PI, y_AD
 
 
@@ -300,18 +304,22 @@ def _skipped_to_phantom(topk_idx_MK: torch.Tensor, n_experts: int) -> torch.Tens
     return torch.where(topk_idx_MK < 0, n_experts, topk_idx_MK)
 
 
-def moe_combine_ref(y_AD: torch.Tensor, top_k: int, add_MD: torch.Tensor | None = None) -> torch.Tensor:
+def moe_combine_ref(y_AD: torch.Tensor, top_k: int, add_MD: torch.Tensor | None = None,
+                    residual_MD: torch.Tensor | None = None) -> torch.Tensor:
     """Each token's K weighted expert rows summed in fp32, rounded to y's dtype, then `add_MD` added in that
-    dtype: what `experts(x) + shared_experts(x)` computes in the model."""
+    dtype, then `residual_MD`: what `h + (experts(x) + shared_experts(x))` computes in the model."""
     A, D = y_AD.shape
     y = y_AD.view(A // top_k, top_k, D).sum(dim=1, dtype=torch.promote_types(y_AD.dtype, torch.float32))
     y = y.to(y_AD.dtype)
-    return y if add_MD is None else y + add_MD
+    y = y if add_MD is None else y + add_MD
+    return y if residual_MD is None else residual_MD + y
 
 
 @jit
-def _moe_combine_kernel(y_ptr, add_ptr, out_ptr, D, stride_add, TOP_K: tl.constexpr, HAS_ADD: tl.constexpr,
-                        BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr):
+def _moe_combine_kernel(y_ptr, add_ptr, res_ptr, out_ptr, D, stride_add, stride_res, TOP_K: tl.constexpr,
+                        HAS_ADD: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_D: tl.constexpr,
+                        INTERPRETED: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     m = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = offs < D
@@ -321,30 +329,41 @@ def _moe_combine_kernel(y_ptr, add_ptr, out_ptr, D, stride_add, TOP_K: tl.conste
     if HAS_ADD:
         acc = cast(acc, out_ptr.dtype.element_ty, INTERPRETED).to(tl.float32)
         acc += tl.load(add_ptr + m * stride_add + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        acc = cast(acc, out_ptr.dtype.element_ty, INTERPRETED).to(tl.float32)
+        acc += tl.load(res_ptr + m * stride_res + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + m * D + offs, cast(acc, out_ptr.dtype.element_ty, INTERPRETED), mask=mask)
 
 
-def moe_combine(y_AD: torch.Tensor, top_k: int, add_MD: torch.Tensor | None = None) -> torch.Tensor:
+def moe_combine(y_AD: torch.Tensor, top_k: int, add_MD: torch.Tensor | None = None,
+                residual_MD: torch.Tensor | None = None) -> torch.Tensor:
     """[M*K, D] weighted expert outputs (a token's K rows adjacent) -> [M, D]: their sum, plus `add_MD` (the
-    shared experts' output) when given, in one pass (torch needs a reduction, a cast and an add). Summing
-    adjacent rows is deterministic, unlike atomics in the GEMM. Triton where it runs, the reference elsewhere."""
+    shared experts' output) when given, plus `residual_MD` (the decoder block's residual stream) when given,
+    each add rounded as the model rounds it, in one pass (torch needs a reduction, a cast and an add for each).
+    Summing adjacent rows is deterministic, unlike atomics in the GEMM. Triton where it runs, the reference
+    elsewhere."""
     if not use_triton(y_AD):
-        return moe_combine_ref(y_AD, top_k, add_MD)
+        return moe_combine_ref(y_AD, top_k, add_MD, residual_MD)
     A, D = y_AD.shape
     M = A // top_k
-    assert y_AD.is_contiguous() and (add_MD is None or (add_MD.shape == (M, D) and add_MD.stride(-1) == 1))
+    for t in (add_MD, residual_MD):
+        assert t is None or (t.shape == (M, D) and t.stride(-1) == 1 and t.dtype == y_AD.dtype)
+    assert y_AD.is_contiguous()
     out = new_buffer((M, D), y_AD.dtype, y_AD.device)
     if M:
         block = min(1024, triton.next_power_of_2(D))
         _moe_combine_kernel[(M, triton.cdiv(D, block))](
-            y_AD, add_MD if add_MD is not None else y_AD, out, D, add_MD.stride(0) if add_MD is not None else 0,
-            TOP_K=top_k, HAS_ADD=add_MD is not None, BLOCK_D=block, INTERPRETED=INTERPRET, num_warps=4)
+            y_AD, add_MD if add_MD is not None else y_AD, residual_MD if residual_MD is not None else y_AD, out, D,
+            add_MD.stride(0) if add_MD is not None else 0, residual_MD.stride(0) if residual_MD is not None else 0,
+            TOP_K=top_k, HAS_ADD=add_MD is not None, HAS_RES=residual_MD is not None, BLOCK_D=block,
+            INTERPRETED=INTERPRET, num_warps=4, **pdl_launch(y_AD))
     return out
 
 
 def fused_moe_triton(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
                      topk_idx_MK: torch.Tensor, topk_weight_MK: torch.Tensor, config: dict | None = None,
-                     skip_negative: bool = False, add_MD: torch.Tensor | None = None) -> torch.Tensor:
+                     skip_negative: bool = False, add_MD: torch.Tensor | None = None,
+                     residual_MD: torch.Tensor | None = None) -> torch.Tensor:
     M, D = x_MD.shape
     K = topk_idx_MK.shape[1]
     E, I = down_proj.shape[0], down_proj.shape[2]
@@ -357,7 +376,7 @@ def fused_moe_triton(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: 
         sorted_ids, block_expert = moe_align(topk_idx_MK, E, cfg["block_m"])
     _, y_AD = run_moe_gemms(x_MD, gate_up_proj, down_proj, topk_weight_MK, sorted_ids, block_expert, cfg, K,
                             zero_y=skip_negative)
-    return moe_combine(y_AD, K, add_MD)
+    return moe_combine(y_AD, K, add_MD, residual_MD)
 
 
 # Up to this many tokens the unsorted layout pays: 2 tokens x 6 of 64 experts repeat an expert read ~0.6
@@ -382,7 +401,8 @@ def few_token_layout(max_assignments: int, device: torch.device | str) -> torch.
 def fused_moe_few_tokens_triton(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
                                 topk_idx_MK: torch.Tensor, topk_weight_MK: torch.Tensor,
                                 layout: torch.Tensor, skip_negative: bool = False,
-                                add_MD: torch.Tensor | None = None) -> torch.Tensor:
+                                add_MD: torch.Tensor | None = None,
+                                residual_MD: torch.Tensor | None = None) -> torch.Tensor:
     """The fused-MoE kernels over `few_token_layout` rows: same kernels, same arithmetic per assignment."""
     M, D = x_MD.shape
     K = topk_idx_MK.shape[1]
@@ -396,13 +416,13 @@ def fused_moe_few_tokens_triton(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, 
     # The grid has A row blocks, so only layout[:A * block_m] is read: no slice needed.
     _, y_AD = run_moe_gemms(x_MD, gate_up_proj, down_proj, topk_weight_MK, layout, block_expert, cfg, K,
                             zero_y=skip_negative)
-    return moe_combine(y_AD, K, add_MD)
+    return moe_combine(y_AD, K, add_MD, residual_MD)
 
 
 def fused_moe(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
               topk_idx_MK: torch.Tensor, topk_weight_MK: torch.Tensor,
               few_token_layout: torch.Tensor | None = None, skip_negative: bool = False,
-              add_MD: torch.Tensor | None = None) -> torch.Tensor:
+              add_MD: torch.Tensor | None = None, residual_MD: torch.Tensor | None = None) -> torch.Tensor:
     """Routed experts: y[m] = sum_k w[m,k] down_e(silu(gate_e x[m]) * up_e x[m]), e = topk_idx[m,k].
 
     x_MD [M,D], gate_up_proj [E,2I,D] rows [gate | up], down_proj [E,D,I] -> [M,D] in x's dtype.
@@ -410,16 +430,19 @@ def fused_moe(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.T
     With a `few_token_layout` (the caller's buffer), up to FEW_TOKENS tokens skip the expert sort.
     With `skip_negative`, assignments whose id is negative are skipped (they add nothing and cost no
     GEMM rows): an expert-parallel rank passes the assignments to other ranks' experts that way.
-    `add_MD` [M, D] (the shared experts' output) is added to the result in the same final pass.
+    `add_MD` [M, D] (the shared experts' output) is added to the result in the same final pass, then
+    `residual_MD` [M, D] (the residual stream the block adds the MoE output to), each rounded as the model
+    rounds its adds.
     """
     M = x_MD.shape[0]
     if M == 0:
         return x_MD.clone()
     if not use_triton(x_MD):
         y = fused_moe_ref(x_MD, gate_up_proj, down_proj, topk_idx_MK, topk_weight_MK)
-        return y if add_MD is None else y + add_MD
+        y = y if add_MD is None else y + add_MD
+        return y if residual_MD is None else residual_MD + y
     if few_token_layout is not None and M <= FEW_TOKENS:
         return fused_moe_few_tokens_triton(x_MD, gate_up_proj, down_proj, topk_idx_MK, topk_weight_MK,
-                                           few_token_layout, skip_negative, add_MD)
+                                           few_token_layout, skip_negative, add_MD, residual_MD)
     return fused_moe_triton(x_MD, gate_up_proj, down_proj, topk_idx_MK, topk_weight_MK, skip_negative=skip_negative,
-                            add_MD=add_MD)
+                            add_MD=add_MD, residual_MD=residual_MD)

@@ -7,7 +7,7 @@ and rotation, the reference's rounding order) in one launch per call. Forward on
 """
 import torch
 
-from ._triton import INTERPRET, cast, jit, new_buffer, tl, triton, use_triton
+from ._triton import INTERPRET, cast, jit, new_buffer, pdl_launch, tl, triton, use_triton, wait_for_inputs
 from .reference import mla_post_projection_ref, rms_norm_ref
 
 
@@ -22,7 +22,8 @@ def _rms_norm_row(x_ptr, w_ptr, y_ptr, offs, mask, N, eps):
 
 
 @jit
-def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, stride_x, stride_y, N, eps, BLOCK: tl.constexpr):
+def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, stride_x, stride_y, N, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     _rms_norm_row(x_ptr + row * stride_x, w_ptr, y_ptr + row * stride_y, offs, offs < N, N, eps)
@@ -42,7 +43,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     y = new_buffer(x2.shape, torch.promote_types(x.dtype, weight.dtype), x.device)
     if x2.shape[0]:
         _rms_norm_kernel[(x2.shape[0],)](x2, weight, y, x2.stride(0), y.stride(0), N, eps,
-                                         BLOCK=triton.next_power_of_2(N), num_warps=4 if N >= 1024 else 1)
+                                         BLOCK=triton.next_power_of_2(N), num_warps=4 if N >= 1024 else 1,
+                                         **pdl_launch(x2))
     return y.view(shape)
 
 
@@ -54,7 +56,8 @@ def add_rms_norm_ref(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
 
 @jit
 def _add_rms_norm_kernel(h_ptr, d_ptr, w_ptr, s_ptr, y_ptr, stride_h, stride_d, stride_s, stride_y, N, eps,
-                         BLOCK: tl.constexpr, INTERPRETED: tl.constexpr):
+                         BLOCK: tl.constexpr, INTERPRETED: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
@@ -80,7 +83,7 @@ def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
     if h2.shape[0]:
         _add_rms_norm_kernel[(h2.shape[0],)](h2, d2, weight, s, y, h2.stride(0), d2.stride(0), s.stride(0), y.stride(0),
                                              N, eps, BLOCK=triton.next_power_of_2(N), INTERPRETED=INTERPRET,
-                                             num_warps=4 if N >= 1024 else 1)
+                                             num_warps=4 if N >= 1024 else 1, **pdl_launch(h2))
     return s.view(shape), y.view(shape)
 
 
@@ -97,8 +100,9 @@ def _rope_pairs(ptr, offs_pair, mask, cos, sin):
 def _mla_post_kernel(q_ptr, kv_ptr, w_ptr, ckv_ptr, cos_ptr, sin_ptr,
                      stride_q, stride_kv, stride_ckv, eps,
                      H: tl.constexpr, DQ: tl.constexpr, N: tl.constexpr, C: tl.constexpr, R: tl.constexpr,
-                     BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+                     BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, PDL: tl.constexpr):
     """One token: c_kv = RMSNorm(kv[:C]) into ckv; RoPE on kv[C:C+R] and on every head's q[N:N+R], in place."""
+    wait_for_inputs(PDL)
     m = tl.program_id(0)
     offs_c = tl.arange(0, BLOCK_C)
     _rms_norm_row(kv_ptr + m * stride_kv, w_ptr, ckv_ptr + m * stride_ckv, offs_c, offs_c < C, C, eps)
@@ -134,7 +138,8 @@ def mla_post_projection(q: torch.Tensor, kv: torch.Tensor, norm_weight: torch.Te
     if M:
         _mla_post_kernel[(M,)](q, kv, norm_weight, c_kv, cos, sin, q.stride(0), kv.stride(0), c_kv.stride(0), eps,
                                H=n_heads, DQ=DQ, N=N, C=C, R=R, BLOCK_H=triton.next_power_of_2(n_heads),
-                               BLOCK_C=triton.next_power_of_2(C), BLOCK_P=triton.next_power_of_2(R // 2), num_warps=4)
+                               BLOCK_C=triton.next_power_of_2(C), BLOCK_P=triton.next_power_of_2(R // 2), num_warps=4,
+                               **pdl_launch(q))
     return q3[..., :N], q3[..., N:], c_kv, kv[:, C:]
 
 

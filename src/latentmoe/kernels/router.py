@@ -5,14 +5,16 @@ their bytes, are the cost. Same formulas in fp32; top-K by repeated arg-max, low
 """
 import torch
 
-from ._triton import jit, new_buffer, tl, triton, use_triton
+from ._triton import jit, new_buffer, pdl_launch, tl, triton, use_triton, wait_for_inputs
 from .reference import softmax_topk_ref
 
 
 @jit
 def _softmax_topk_kernel(logits_ptr, scores_ptr, topw_ptr, topi_ptr, scale,
-                         E: tl.constexpr, K: tl.constexpr, NORM: tl.constexpr, BLOCK_E: tl.constexpr):
+                         E: tl.constexpr, K: tl.constexpr, NORM: tl.constexpr, BLOCK_E: tl.constexpr,
+                         PDL: tl.constexpr):
     """One token: scores = softmax(logits) in fp32, greedy top-K, weights normalised or scaled."""
+    wait_for_inputs(PDL)
     m = tl.program_id(0)
     offs_e = tl.arange(0, BLOCK_E)
     me = offs_e < E
@@ -57,7 +59,7 @@ def softmax_topk(logits_ME: torch.Tensor, top_k: int, norm_topk_prob: bool, rout
     if M:
         _softmax_topk_kernel[(M,)](logits_ME, scores, topw, topi, float(routed_scaling_factor),
                                    E=E, K=top_k, NORM=bool(top_k > 1 and norm_topk_prob),
-                                   BLOCK_E=triton.next_power_of_2(E), num_warps=1)
+                                   BLOCK_E=triton.next_power_of_2(E), num_warps=1, **pdl_launch(logits_ME))
     return scores, topw, topi
 
 

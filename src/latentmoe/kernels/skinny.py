@@ -20,7 +20,7 @@ compositions in `skinny_linear_pair` / `skinny_swiglu` when Triton does not run.
 import torch
 import torch.nn.functional as F
 
-from ._triton import INTERPRET, cast, jit, new_buffer, tl, triton, use_triton
+from ._triton import INTERPRET, cast, jit, new_buffer, pdl_launch, tl, triton, use_triton, wait_for_inputs
 from .fp8 import BLOCK, dequantize_fp8_blocks
 
 # Up to this many rows the kernels below run; more rows go to cuBLAS (or the FP8 GEMM), where the weight
@@ -41,12 +41,13 @@ def skinny_linear_ref(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor 
 @jit
 def _rows_dot(x_ptr, w_ptr, s_ptr, M, N, K, stride_xm, stride_wn, stride_wk, stride_sn, n0,
               ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALED: tl.constexpr,
-              SCALE_BLOCK: tl.constexpr):
+              SCALE_BLOCK: tl.constexpr, PDL: tl.constexpr):
     """[ROWS, BLOCK_N] fp32: rows 0..M-1 of x times weight rows n0..n0+BLOCK_N-1, over all of K (the weight's
     element [n, k] at n * stride_wn + k * stride_wk: a transposed weight is read in place).
 
     SCALED: w is e4m3 and its 128 x 128 tiles' scales multiply x's slice (BLOCK_N divides 128, so a
-    program's columns share one row of scales)."""
+    program's columns share one row of scales). Each weight slice is loaded one step ahead, the first before
+    `wait_for_inputs(PDL)`: under programmatic dependent launch it streams while the previous kernel ends."""
     offs_r = tl.arange(0, ROWS)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -56,15 +57,17 @@ def _rows_dot(x_ptr, w_ptr, s_ptr, M, N, K, stride_xm, stride_wn, stride_wk, str
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :] * stride_wk
     s_row = s_ptr + (n0 // SCALE_BLOCK) * stride_sn
     acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_k[None, :] < K), other=0.0)
+    wait_for_inputs(PDL)
     for k0 in range(0, K, BLOCK_K):
         mask_k = offs_k < K - k0
-        w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
         x = tl.load(x_ptrs, mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
         if SCALED:
             x = x * tl.load(s_row + (k0 + offs_k) // SCALE_BLOCK, mask=mask_k, other=0.0)[None, :]
-        acc += tl.sum(x[:, None, :] * w[None, :, :], 2)
+        acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], 2)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * stride_wk
+        w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_k[None, :] < K - k0 - BLOCK_K), other=0.0)
     return acc
 
 
@@ -80,17 +83,18 @@ def _store_rows(y_ptr, val, M, N, stride_ym, n0, ROWS: tl.constexpr, BLOCK_N: tl
 def _skinny_kernel(x_ptr, w1_ptr, s1_ptr, y1_ptr, w2_ptr, s2_ptr, y2_ptr, M, N1, N2, K, stride_xm,
                    stride_w1, stride_s1, stride_y1, stride_w2, stride_s2, stride_y2, n1_programs,
                    MODE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   SCALED: tl.constexpr, SCALE_BLOCK: tl.constexpr, INTERPRETED: tl.constexpr):
+                   SCALED: tl.constexpr, SCALE_BLOCK: tl.constexpr, INTERPRETED: tl.constexpr, PDL: tl.constexpr):
     """MODE 0: y1 = x W1^T. MODE 1: y1 = x W1^T by the first n1_programs programs, y2 = x W2^T by the rest.
-    MODE 2: y1 = silu(x W1^T) * (x W2^T), both rounded to y1's dtype first as two GEMMs' outputs would be."""
+    MODE 2: y1 = silu(x W1^T) * (x W2^T), both rounded to y1's dtype first as two GEMMs' outputs would be.
+    Every program's first _rows_dot waits for the previous kernel (PDL), so all of them do."""
     pid = tl.program_id(0)
     dtype = y1_ptr.dtype.element_ty
     if MODE == 2:
         n0 = pid * BLOCK_N
         g = _rows_dot(x_ptr, w1_ptr, s1_ptr, M, N1, K, stride_xm, stride_w1, 1, stride_s1, n0,
-                      ROWS, BLOCK_N, BLOCK_K, SCALED, SCALE_BLOCK)
+                      ROWS, BLOCK_N, BLOCK_K, SCALED, SCALE_BLOCK, PDL)
         u = _rows_dot(x_ptr, w2_ptr, s2_ptr, M, N1, K, stride_xm, stride_w2, 1, stride_s2, n0,
-                      ROWS, BLOCK_N, BLOCK_K, SCALED, SCALE_BLOCK)
+                      ROWS, BLOCK_N, BLOCK_K, SCALED, SCALE_BLOCK, False)
         g = cast(g, dtype, INTERPRETED).to(tl.float32)
         u = cast(u, dtype, INTERPRETED).to(tl.float32)
         a = cast(g / (1.0 + tl.exp(-g)), dtype, INTERPRETED).to(tl.float32)
@@ -99,12 +103,12 @@ def _skinny_kernel(x_ptr, w1_ptr, s1_ptr, y1_ptr, w2_ptr, s2_ptr, y2_ptr, M, N1,
         if pid < n1_programs:
             n0 = pid * BLOCK_N
             y = _rows_dot(x_ptr, w1_ptr, s1_ptr, M, N1, K, stride_xm, stride_w1, 1, stride_s1, n0,
-                          ROWS, BLOCK_N, BLOCK_K, SCALED, SCALE_BLOCK)
+                          ROWS, BLOCK_N, BLOCK_K, SCALED, SCALE_BLOCK, PDL)
             _store_rows(y1_ptr, cast(y, dtype, INTERPRETED), M, N1, stride_y1, n0, ROWS, BLOCK_N)
         else:
             n0 = (pid - n1_programs) * BLOCK_N
             y = _rows_dot(x_ptr, w2_ptr, s2_ptr, M, N2, K, stride_xm, stride_w2, 1, stride_s2, n0,
-                          ROWS, BLOCK_N, BLOCK_K, SCALED, SCALE_BLOCK)
+                          ROWS, BLOCK_N, BLOCK_K, SCALED, SCALE_BLOCK, PDL)
             _store_rows(y2_ptr, cast(y, dtype, INTERPRETED), M, N2, stride_y2, n0, ROWS, BLOCK_N)
 
 
@@ -136,7 +140,7 @@ def _usable(x: torch.Tensor, weights, max_rows: int) -> bool:
     return True
 
 
-def _launch(x, w1, s1, w2, s2, mode: int, config: dict | None):
+def _launch(x, w1, s1, w2, s2, mode: int, config: dict | None, out_dtype: torch.dtype | None = None):
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
@@ -146,7 +150,7 @@ def _launch(x, w1, s1, w2, s2, mode: int, config: dict | None):
     scaled = s1 is not None
     cfg = config or choose_skinny_config(M, K, scaled)
     bn = cfg["block_n"]
-    y1 = new_buffer((M, N1), x.dtype, x.device)
+    y1 = new_buffer((M, N1), out_dtype or x.dtype, x.device)
     y2 = new_buffer((M, N2), x.dtype, x.device) if mode == 1 else y1
     n1_programs = triton.cdiv(N1, bn)
     grid = (n1_programs + (triton.cdiv(N2, bn) if mode == 1 else 0),)
@@ -158,19 +162,21 @@ def _launch(x, w1, s1, w2, s2, mode: int, config: dict | None):
                          w1.stride(0), s1.stride(0), y1.stride(0), w2.stride(0), s2.stride(0), y2.stride(0),
                          n1_programs, MODE=mode, ROWS=cfg["rows"], BLOCK_N=bn, BLOCK_K=cfg["block_k"],
                          SCALED=scaled, SCALE_BLOCK=BLOCK, INTERPRETED=INTERPRET,
-                         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(x2))
     lead = x.shape[:-1]
     return y1.view(*lead, N1), (y2.view(*lead, N2) if mode == 1 else None)
 
 
 def skinny_linear(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor | None = None,
-                  config: dict | None = None, max_rows: int = SKINNY_MAX_ROWS) -> torch.Tensor | None:
+                  config: dict | None = None, max_rows: int = SKINNY_MAX_ROWS,
+                  out_dtype: torch.dtype | None = None) -> torch.Tensor | None:
     """x [..., K] @ W^T for up to `max_rows` rows of x, W [N, K] in x's dtype or e4m3 with `scale_inv`
     [N/128, K/128]; None where the kernel does not apply (the caller's own GEMM runs instead). The kernel
-    serves any few rows; the default limit is where it measured faster than the alternatives."""
+    serves any few rows; the default limit is where it measured faster than the alternatives. The result
+    is rounded once to `out_dtype` (default x's; torch.float32 keeps the fp32 sums, as a router wants)."""
     if not _usable(x, [(w, scale_inv)], max_rows):
         return None
-    return _launch(x, w, scale_inv, None, None, 0, config)[0]
+    return _launch(x, w, scale_inv, None, None, 0, config, out_dtype)[0]
 
 
 def skinny_linear_pair(x: torch.Tensor, w1: torch.Tensor, s1: torch.Tensor | None, w2: torch.Tensor,
