@@ -19,7 +19,7 @@ released model). Legend as in moe.py.
 """
 import torch
 
-from ._triton import INTERPRET, dot, dot_acc, jit, new_buffer, pdl_launch, tl, triton, use_triton, wait_for_inputs
+from ._triton import INTERPRET, dot, dot_acc, jit, new_buffer, tl, triton, use_triton
 from .fp8 import BLOCK, FP8_MAX, dequantize_fp8_blocks, quantize_fp8_groups, round_through_fp8_groups, to_fp8
 from .moe import DECODE_CONFIG, FEW_TOKENS, choose_moe_config, moe_align, moe_combine
 from .reference import fused_moe_ref
@@ -44,10 +44,8 @@ def fused_moe_fp8_w8a8_ref(x_MD, gate_up_proj, gate_up_scale, down_proj, down_sc
 def _moe_fp8_gate_up_kernel(x_ptr, w_ptr, s_ptr, h_ptr, sorted_ids_ptr, block_expert_ptr,
                             stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm, A, D, I, E,
                             TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, SCALE_BLOCK: tl.constexpr, UPCAST: tl.constexpr,
-                            PDL: tl.constexpr):
+                            BLOCK_K: tl.constexpr, SCALE_BLOCK: tl.constexpr, UPCAST: tl.constexpr):
     """h[p, n] = silu(x[tok(p)] . w_gate[e, n]) * (x[tok(p)] . w_up[e, n]), weights dequantised per tile."""
-    wait_for_inputs(PDL)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
@@ -89,9 +87,8 @@ def _moe_fp8_gate_up_kernel(x_ptr, w_ptr, s_ptr, h_ptr, sorted_ids_ptr, block_ex
 def _moe_fp8_down_kernel(h_ptr, w_ptr, s_ptr, y_ptr, sorted_ids_ptr, block_expert_ptr, topk_weight_ptr,
                          stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_ym, A, I, D, E,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         SCALE_BLOCK: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
+                         SCALE_BLOCK: tl.constexpr, UPCAST: tl.constexpr):
     """y[id(p), n] = weight[id(p)] * (h[p] . w_down[e, n]), weights dequantised per tile."""
-    wait_for_inputs(PDL)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
@@ -146,7 +143,7 @@ def fused_moe_fp8_triton(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scal
         x_MD.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), gate_up_scale.stride(0),
         gate_up_scale.stride(1), h_PI.stride(0), A, D, I, E,
         TOP_K=K, BLOCK_M=bm, BLOCK_N=cfg["block_n1"], BLOCK_K=bk, SCALE_BLOCK=BLOCK, UPCAST=INTERPRET,
-        num_warps=nw, num_stages=ns, **pdl_launch(x_MD))
+        num_warps=nw, num_stages=ns)
     y_AD = new_buffer((A, D), x_MD.dtype, x_MD.device)
     weight_A = topk_weight_MK.reshape(-1).contiguous()
     _moe_fp8_down_kernel[(triton.cdiv(D, cfg["block_n2"]), n_blocks)](
@@ -154,7 +151,7 @@ def fused_moe_fp8_triton(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scal
         h_PI.stride(0), down_proj.stride(0), down_proj.stride(1), down_scale.stride(0), down_scale.stride(1),
         y_AD.stride(0), A, I, D, E,
         BLOCK_M=bm, BLOCK_N=cfg["block_n2"], BLOCK_K=bk, SCALE_BLOCK=BLOCK, UPCAST=INTERPRET,
-        num_warps=nw, num_stages=ns, **pdl_launch(x_MD))
+        num_warps=nw, num_stages=ns)
     return moe_combine(y_AD, K, add_MD, residual_MD)
 
 

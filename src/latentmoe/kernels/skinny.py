@@ -162,7 +162,8 @@ def _launch(x, w1, s1, w2, s2, mode: int, config: dict | None, out_dtype: torch.
                          w1.stride(0), s1.stride(0), y1.stride(0), w2.stride(0), s2.stride(0), y2.stride(0),
                          n1_programs, MODE=mode, ROWS=cfg["rows"], BLOCK_N=bn, BLOCK_K=cfg["block_k"],
                          SCALED=scaled, SCALE_BLOCK=BLOCK, INTERPRETED=INTERPRET,
-                         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(x2))
+                         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                         **(pdl_launch(x2) if not scaled else {"PDL": False}))   # (see pdl_launch: FP8 without)
     lead = x.shape[:-1]
     return y1.view(*lead, N1), (y2.view(*lead, N2) if mode == 1 else None)
 
