@@ -46,8 +46,9 @@ def _rows_dot(x_ptr, w_ptr, s_ptr, M, N, K, stride_xm, stride_wn, stride_wk, str
     element [n, k] at n * stride_wn + k * stride_wk: a transposed weight is read in place).
 
     SCALED: w is e4m3 and its 128 x 128 tiles' scales multiply x's slice (BLOCK_N divides 128, so a
-    program's columns share one row of scales). Each weight slice is loaded one step ahead, the first before
-    `wait_for_inputs(PDL)`: under programmatic dependent launch it streams while the previous kernel ends."""
+    program's columns share one row of scales). Under programmatic dependent launch (PDL) each weight slice
+    is loaded one step ahead, the first before `wait_for_inputs`, so it streams while the previous kernel
+    ends; without it the loop is the one the tiles were swept with."""
     offs_r = tl.arange(0, ROWS)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -57,17 +58,28 @@ def _rows_dot(x_ptr, w_ptr, s_ptr, M, N, K, stride_xm, stride_wn, stride_wk, str
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :] * stride_wk
     s_row = s_ptr + (n0 // SCALE_BLOCK) * stride_sn
     acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-    w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_k[None, :] < K), other=0.0)
-    wait_for_inputs(PDL)
-    for k0 in range(0, K, BLOCK_K):
-        mask_k = offs_k < K - k0
-        x = tl.load(x_ptrs, mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-        if SCALED:
-            x = x * tl.load(s_row + (k0 + offs_k) // SCALE_BLOCK, mask=mask_k, other=0.0)[None, :]
-        acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], 2)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K * stride_wk
-        w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_k[None, :] < K - k0 - BLOCK_K), other=0.0)
+    if PDL:
+        w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_k[None, :] < K), other=0.0)
+        wait_for_inputs(PDL)
+        for k0 in range(0, K, BLOCK_K):
+            mask_k = offs_k < K - k0
+            x = tl.load(x_ptrs, mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+            if SCALED:
+                x = x * tl.load(s_row + (k0 + offs_k) // SCALE_BLOCK, mask=mask_k, other=0.0)[None, :]
+            acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], 2)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K * stride_wk
+            w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_k[None, :] < K - k0 - BLOCK_K), other=0.0)
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            mask_k = offs_k < K - k0
+            w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+            x = tl.load(x_ptrs, mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+            if SCALED:
+                x = x * tl.load(s_row + (k0 + offs_k) // SCALE_BLOCK, mask=mask_k, other=0.0)[None, :]
+            acc += tl.sum(x[:, None, :] * w[None, :, :], 2)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K * stride_wk
     return acc
 
 
