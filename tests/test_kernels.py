@@ -478,6 +478,20 @@ def test_skinny_linear_matches_reference(K, M, N, Kd, fp8):
         assert rel_err(out.float(), ref.float()) < (1e-2 if CUDA else 1e-6)
 
 
+def test_skinny_linear_keeps_fp32_sums_when_asked(K):
+    """The router's use: bf16 x and weight, fp32 logits. Products of bf16 values are exact in fp32, so the
+    result is the fp32 GEMM up to summation order, and not rounded to bf16 afterwards."""
+    from latentmoe.kernels.skinny import skinny_linear
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(1, 256, generator=gen).to(torch.bfloat16).to(DEV)
+    w = torch.randn(64, 256, generator=gen).to(torch.bfloat16).to(DEV)
+    out = skinny_linear(x, w, out_dtype=torch.float32)
+    assert out.dtype == torch.float32 and out.shape == (1, 64)
+    ref = x.double() @ w.double().t()
+    assert (out.double() - ref).abs().max() < 1e-4
+    assert not torch.equal(out, out.to(torch.bfloat16).float())       # not rounded to bf16
+
+
 def test_skinny_pair_and_swiglu_match_reference(K):
     from latentmoe.kernels.skinny import skinny_linear_pair, skinny_linear_ref, skinny_swiglu, skinny_swiglu_ref
     g = torch.Generator().manual_seed(11)
