@@ -224,6 +224,9 @@ def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.T
         num_splits = choose_num_splits(B, head_groups, max_seq_len, q_lat.device, ctas)
     if num_stages is None:
         # H100 sweep (results/kernels.md): 3 stages 8% faster for 16-head programs; 64-head ones have no room.
+        # Compiled for sm90, the block-table lookup takes a pipeline stage of its own: the latent tile gets a
+        # second buffer only from 5 stages (at 2-4 each tile waits for its own load; an H200 timed 2, 3 and 4
+        # stages alike at 128K). 5-6 stages are in bench_kernels' sweep, not yet timed.
         num_stages = 3 if block_h <= 16 else 2
     if out is None:
         out = new_buffer(q_lat.shape, q_lat.dtype, q_lat.device)
