@@ -21,7 +21,7 @@ import torch
 
 from ._triton import INTERPRET, dot, dot_acc, jit, new_buffer, tl, triton, use_triton
 from .fp8 import BLOCK, FP8_MAX, dequantize_fp8_blocks, quantize_fp8_groups, round_through_fp8_groups, to_fp8
-from .moe import DECODE_CONFIG, FEW_TOKENS, choose_moe_config, moe_align, moe_combine
+from .moe import DECODE_CONFIG, FEW_TOKENS, choose_moe_config, moe_align, moe_combine, program_expert, row_block
 from .reference import fused_moe_ref
 
 
@@ -46,16 +46,9 @@ def _moe_fp8_gate_up_kernel(x_ptr, w_ptr, s_ptr, h_ptr, sorted_ids_ptr, block_ex
                             TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, SCALE_BLOCK: tl.constexpr, UPCAST: tl.constexpr):
     """h[p, n] = silu(x[tok(p)] . w_gate[e, n]) * (x[tok(p)] . w_up[e, n]), weights dequantised per tile."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    pid_m, pid_n, e = program_expert(block_expert_ptr)
     if e < E:
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        ids = tl.load(sorted_ids_ptr + offs_m)
-        valid = ids < A
-        tok = (ids // TOP_K).to(tl.int64)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < I
+        offs_m, ids, valid, tok, offs_n, mask_n = row_block(sorted_ids_ptr, pid_m, pid_n, A, I, TOP_K, BLOCK_M, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         x_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :]
         wg_ptrs = w_ptr + e * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
@@ -89,15 +82,9 @@ def _moe_fp8_down_kernel(h_ptr, w_ptr, s_ptr, y_ptr, sorted_ids_ptr, block_exper
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          SCALE_BLOCK: tl.constexpr, UPCAST: tl.constexpr):
     """y[id(p), n] = weight[id(p)] * (h[p] . w_down[e, n]), weights dequantised per tile."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    pid_m, pid_n, e = program_expert(block_expert_ptr)
     if e < E:
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        ids = tl.load(sorted_ids_ptr + offs_m)
-        valid = ids < A
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < D
+        offs_m, ids, valid, _, offs_n, mask_n = row_block(sorted_ids_ptr, pid_m, pid_n, A, D, 1, BLOCK_M, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         h_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hm + offs_k[None, :]
         w_ptrs = w_ptr + e * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]   # [BLOCK_K, BLOCK_N]
@@ -174,15 +161,10 @@ def _moe_w8a8_gate_up_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, h_ptr, hs_ptr, sorted_
     """h[p, n] = silu(x[tok(p)] . w_gate[e, n]) * (x[tok(p)] . w_up[e, n]) on fp8 operands, stored as fp8 with
     one scale per row of the tile. Tiles are BLOCK (the scale block) wide and deep; D and I are multiples of it,
     so nothing but padding rows is masked and each weight tile has one scale."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    pid_m, pid_n, e = program_expert(block_expert_ptr)
     if e < E:
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        ids = tl.load(sorted_ids_ptr + offs_m)
-        valid = ids < A
-        tok = (ids // TOP_K).to(tl.int64)
-        offs_n = pid_n * BLOCK + tl.arange(0, BLOCK)
+        # (I is whole BLOCK columns: the mask row_block returns is not needed)
+        offs_m, ids, valid, tok, offs_n, _ = row_block(sorted_ids_ptr, pid_m, pid_n, A, I, TOP_K, BLOCK_M, BLOCK)
         offs_k = tl.arange(0, BLOCK)
         x_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :]
         xs_ptrs = xs_ptr + tok * stride_xsm
@@ -221,14 +203,9 @@ def _moe_w8a8_down_kernel(h_ptr, hs_ptr, w_ptr, s_ptr, y_ptr, sorted_ids_ptr, bl
                           stride_hm, stride_hsm, stride_we, stride_wn, stride_se, stride_sn, stride_ym, A, I, D, E,
                           BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, UPCAST: tl.constexpr):
     """y[id(p), n] = weight[id(p)] * (h[p] . w_down[e, n]) on fp8 operands (tiles as in the first kernel)."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    pid_m, pid_n, e = program_expert(block_expert_ptr)
     if e < E:
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        ids = tl.load(sorted_ids_ptr + offs_m)
-        valid = ids < A
-        offs_n = pid_n * BLOCK + tl.arange(0, BLOCK)
+        offs_m, ids, valid, _, offs_n, _ = row_block(sorted_ids_ptr, pid_m, pid_n, A, D, 1, BLOCK_M, BLOCK)
         offs_k = tl.arange(0, BLOCK)
         h_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hm + offs_k[None, :]
         hs_ptrs = hs_ptr + offs_m.to(tl.int64) * stride_hsm

@@ -165,6 +165,27 @@ def moe_align(topk_idx_MK: torch.Tensor, n_experts: int, block_m: int,
 
 
 @jit
+def program_expert(block_expert_ptr):
+    """(pid_m, pid_n, expert) of a grouped-GEMM program: row block pid_m (grid axis 1) belongs to one expert
+    (block_expert[pid_m]; >= E for blocks past the used ones, which the kernels skip); pid_n is its column tile."""
+    pid_m = tl.program_id(1)
+    return pid_m, tl.program_id(0), tl.load(block_expert_ptr + pid_m).to(tl.int64)
+
+
+@jit
+def row_block(sorted_ids_ptr, pid_m, pid_n, A, N, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Where program (pid_m, pid_n) of a grouped GEMM over expert-sorted rows works (shared by the forward,
+    backward and FP8 kernels): its padded rows offs_m, their assignment ids (>= A for padding rows), which
+    rows are valid, the tokens they gather (id // TOP_K), and its output columns offs_n with their mask < N."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ids = tl.load(sorted_ids_ptr + offs_m)
+    valid = ids < A
+    tok = (ids // TOP_K).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, ids, valid, tok, offs_n, offs_n < N
+
+
+@jit
 def _moe_gate_up_kernel(x_ptr, w_ptr, h_ptr, gu_ptr, sorted_ids_ptr, block_expert_ptr,
                         stride_xm, stride_we, stride_wn, stride_hm, stride_gm, A, D, I, E,
                         TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -174,16 +195,9 @@ def _moe_gate_up_kernel(x_ptr, w_ptr, h_ptr, gu_ptr, sorted_ids_ptr, block_exper
     STORE_GU (training) also keeps the SwiGLU inputs gu[p] = [gate | up] for the backward; inference
     passes any pointer there and the stores compile away."""
     wait_for_inputs(PDL)
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    pid_m, pid_n, e = program_expert(block_expert_ptr)
     if e < E:
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        ids = tl.load(sorted_ids_ptr + offs_m)
-        valid = ids < A
-        tok = (ids // TOP_K).to(tl.int64)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < I
+        offs_m, ids, valid, tok, offs_n, mask_n = row_block(sorted_ids_ptr, pid_m, pid_n, A, I, TOP_K, BLOCK_M, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         x_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :]
         wg_ptrs = w_ptr + e * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
@@ -216,15 +230,9 @@ def _moe_down_kernel(h_ptr, w_ptr, y_ptr, sorted_ids_ptr, block_expert_ptr, topk
                      PDL: tl.constexpr):
     """y[id(p), n] = weight[id(p)] * (h[p] . w_down[e, n]), written at the assignment's own row."""
     wait_for_inputs(PDL)
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    pid_m, pid_n, e = program_expert(block_expert_ptr)
     if e < E:
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        ids = tl.load(sorted_ids_ptr + offs_m)
-        valid = ids < A
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < D
+        offs_m, ids, valid, _, offs_n, mask_n = row_block(sorted_ids_ptr, pid_m, pid_n, A, D, 1, BLOCK_M, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         h_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hm + offs_k[None, :]
         w_ptrs = w_ptr + e * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]   # [BLOCK_K, BLOCK_N]

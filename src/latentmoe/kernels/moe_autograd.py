@@ -12,7 +12,7 @@ P padded rows, NT tiles of I.
 import torch
 
 from ._triton import INTERPRET, dot, jit, new_buffer, tl, triton, use_triton
-from .moe import choose_moe_config, moe_align, run_moe_gemms
+from .moe import choose_moe_config, moe_align, program_expert, row_block, run_moe_gemms
 from .reference import fused_moe_ref
 
 
@@ -22,16 +22,9 @@ def _down_swiglu_bwd_kernel(dy_ptr, w_ptr, gu_ptr, h_ptr, weight_ptr, dgu_ptr, d
                             stride_dwp, A, D, I, E, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
     """dh'[p] = dy[tok(p)] @ w_down[e] (tile of I); dwp[tile, id(p)] = dh'.h; dgu[p] = SwiGLU backward of w*dh'."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    pid_m, pid_n, e = program_expert(block_expert_ptr)
     if e < E:
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        ids = tl.load(sorted_ids_ptr + offs_m)
-        valid = ids < A
-        tok = (ids // TOP_K).to(tl.int64)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < I
+        offs_m, ids, valid, tok, offs_n, mask_n = row_block(sorted_ids_ptr, pid_m, pid_n, A, I, TOP_K, BLOCK_M, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         dy_ptrs = dy_ptr + tok[:, None] * stride_dym + offs_k[None, :]
         # w_down[e, d, i] as a [BLOCK_K, BLOCK_N] tile (d along K)
@@ -67,15 +60,9 @@ def _dx_bwd_kernel(dgu_ptr, w_ptr, dx_ptr, sorted_ids_ptr, block_expert_ptr, str
                    stride_dxm, A, J, D, E, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    UPCAST: tl.constexpr):
     """dx[id(p), n] = dgu[p] . w_gate_up[e, :, n] (J = 2I), written at the assignment's own row."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    pid_m, pid_n, e = program_expert(block_expert_ptr)
     if e < E:
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        ids = tl.load(sorted_ids_ptr + offs_m)
-        valid = ids < A
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < D
+        offs_m, ids, valid, _, offs_n, mask_n = row_block(sorted_ids_ptr, pid_m, pid_n, A, D, 1, BLOCK_M, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         a_ptrs = dgu_ptr + offs_m[:, None].to(tl.int64) * stride_gm + offs_k[None, :]
         w_ptrs = w_ptr + e * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :]   # [BLOCK_K, BLOCK_N]
