@@ -106,8 +106,9 @@ def pdl_launch(t: torch.Tensor) -> dict:
 
     Measured on an H200 (V2-Lite shape, batch-1 decode, both engines in one process): bf16 3.05-3.21 ms a
     step against 3.26-3.32 without; with FP8 weights 3.13 against 2.96, so the kernels that dequantise FP8
-    weights (ALU-heavy, and sharing their multiprocessors with the next kernel's waiting programs) launch
-    without it. Letting the next kernel launch only at exit (no early trigger) measured the same as off."""
+    weights launch without it (a guess at why, not verified: they are ALU-heavy, and the next kernel's
+    waiting programs share their multiprocessors). Letting the next kernel launch only at exit (no early
+    trigger) measured the same as off."""
     on = t.is_cuda and _pdl_device(t.device.index if t.device.index is not None else torch.cuda.current_device())
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
