@@ -118,19 +118,19 @@ class EngineRouter(Router):
         return self._weight_fp32[1]
 
     def forward(self, x: torch.Tensor):
-        w = self.weight
-        # At decode sizes the few-row kernel, summing the exact products in fp32 (cuBLAS took 4.9 us here in
-        # a batch-1 step on an H200, for a 256 KB weight).
-        logits = kernels.skinny_linear(x, w, out_dtype=torch.float32) if w.dtype == x.dtype else None
-        if logits is not None:
-            logits = logits.reshape(-1, w.shape[0])
-        elif x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype:
-            # 16-bit products are exact in fp32, so a GEMM accumulating and writing fp32 is the fp32 GEMM up
-            # to summation order, without the fp32 copies of x and the weight (at 8K tokens the fp32 GEMM alone
-            # took 59 us a layer on an H200, the copy of x besides).
-            logits = torch.mm(x.reshape(-1, x.shape[-1]), w.t(), out_dtype=torch.float32)
-        else:
-            logits = F.linear(x.float(), self.weight_fp32()).contiguous()
+        w, x2 = self.weight, x.reshape(-1, x.shape[-1])
+        logits = None
+        if w.dtype == x.dtype:
+            # At decode sizes the few-row kernel, summing the exact products in fp32 (cuBLAS took 4.9 us here in
+            # a batch-1 step on an H200, for a 256 KB weight).
+            logits = kernels.skinny_linear(x2, w, out_dtype=torch.float32)
+            if logits is None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+                # 16-bit products are exact in fp32, so a GEMM accumulating and writing fp32 is the fp32 GEMM up
+                # to summation order, without the fp32 copies of x and the weight (at 8K tokens the fp32 GEMM
+                # alone took 59 us a layer on an H200, the copy of x besides).
+                logits = torch.mm(x2, w.t(), out_dtype=torch.float32)
+        if logits is None:
+            logits = F.linear(x2.float(), self.weight_fp32()).contiguous()
         return kernels.softmax_topk(logits, self.top_k, self.norm_topk_prob, self.routed_scaling_factor)
 
 

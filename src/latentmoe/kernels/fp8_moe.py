@@ -21,7 +21,8 @@ import torch
 
 from ._triton import INTERPRET, dot, dot_acc, jit, new_buffer, tl, triton, use_triton
 from .fp8 import BLOCK, FP8_MAX, dequantize_fp8_blocks, quantize_fp8_groups, round_through_fp8_groups, to_fp8
-from .moe import DECODE_CONFIG, FEW_TOKENS, choose_moe_config, moe_align, moe_combine, program_expert, row_block
+from .moe import (DECODE_CONFIG, FEW_TOKENS, choose_moe_config, moe_align, moe_combine, moe_shapes, program_expert,
+                  row_block)
 from .reference import fused_moe_ref
 
 
@@ -106,11 +107,8 @@ def _moe_fp8_down_kernel(h_ptr, w_ptr, s_ptr, y_ptr, sorted_ids_ptr, block_exper
 def fused_moe_fp8_triton(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scale, topk_idx_MK, topk_weight_MK,
                          few_token_layout: torch.Tensor | None = None, config: dict | None = None,
                          add_MD: torch.Tensor | None = None, residual_MD: torch.Tensor | None = None) -> torch.Tensor:
-    M, D = x_MD.shape
-    K = topk_idx_MK.shape[1]
-    E, I = down_proj.shape[0], down_proj.shape[2]
+    M, D, K, E, I = moe_shapes(x_MD, gate_up_proj, down_proj, topk_idx_MK)
     A = M * K
-    assert gate_up_proj.shape == (E, 2 * I, D) and down_proj.shape == (E, D, I)
     assert gate_up_proj.stride(-1) == 1 and down_proj.stride(-1) == 1
     x_MD = x_MD if x_MD.stride(-1) == 1 else x_MD.contiguous()
     if few_token_layout is not None and M <= FEW_TOKENS:
@@ -241,11 +239,8 @@ def fused_moe_fp8_w8a8_triton(x_MD, gate_up_proj, gate_up_scale, down_proj, down
                               residual_MD: torch.Tensor | None = None) -> torch.Tensor:
     """The fp8-activation kernels: x quantised per token and 128 columns, both GEMMs on FP8 tensor cores.
     D and I must be multiples of 128 (every released model's are)."""
-    M, D = x_MD.shape
-    K = topk_idx_MK.shape[1]
-    E, I = down_proj.shape[0], down_proj.shape[2]
+    M, D, K, E, I = moe_shapes(x_MD, gate_up_proj, down_proj, topk_idx_MK)
     A = M * K
-    assert gate_up_proj.shape == (E, 2 * I, D) and down_proj.shape == (E, D, I)
     assert gate_up_proj.stride(-1) == 1 and down_proj.stride(-1) == 1
     assert D % BLOCK == 0 and I % BLOCK == 0, "the fp8-activation kernels need whole 128-wide scale blocks"
     cfg = config or choose_w8a8_config(A, E)

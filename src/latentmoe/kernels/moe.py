@@ -265,6 +265,16 @@ def choose_moe_config(n_assignments: int, n_experts: int) -> dict:
     return PREFILL_CONFIG
 
 
+def moe_shapes(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+               topk_idx_MK: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """(M, D, K, E, I) of a routed-experts call (legend above), checking that the weights agree with x:
+    gate_up_proj [E, 2I, D], down_proj [E, D, I]."""
+    M, D = x_MD.shape
+    E, I = down_proj.shape[0], down_proj.shape[2]
+    assert gate_up_proj.shape == (E, 2 * I, D) and down_proj.shape == (E, D, I)
+    return M, D, topk_idx_MK.shape[1], E, I
+
+
 def run_moe_gemms(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
                   topk_weight_MK: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor, cfg: dict,
                   top_k: int, gu_P2I: torch.Tensor | None = None, zero_y: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -372,10 +382,7 @@ def fused_moe_triton(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: 
                      topk_idx_MK: torch.Tensor, topk_weight_MK: torch.Tensor, config: dict | None = None,
                      skip_negative: bool = False, add_MD: torch.Tensor | None = None,
                      residual_MD: torch.Tensor | None = None) -> torch.Tensor:
-    M, D = x_MD.shape
-    K = topk_idx_MK.shape[1]
-    E, I = down_proj.shape[0], down_proj.shape[2]
-    assert gate_up_proj.shape == (E, 2 * I, D) and down_proj.shape == (E, D, I)
+    M, D, K, E, I = moe_shapes(x_MD, gate_up_proj, down_proj, topk_idx_MK)
     x_MD, gate_up_proj, down_proj = _inference_inputs(x_MD, gate_up_proj, down_proj)
     cfg = config or choose_moe_config(M * K, E)
     if skip_negative:

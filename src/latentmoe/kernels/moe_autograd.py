@@ -12,7 +12,7 @@ P padded rows, NT tiles of I.
 import torch
 
 from ._triton import INTERPRET, dot, jit, new_buffer, tl, triton, use_triton
-from .moe import choose_moe_config, moe_align, program_expert, row_block, run_moe_gemms
+from .moe import choose_moe_config, moe_align, moe_shapes, program_expert, row_block, run_moe_gemms
 from .reference import fused_moe_ref
 
 
@@ -133,11 +133,8 @@ class FusedMoEFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_MD, gate_up_proj, down_proj, topk_idx_MK, topk_weight_MK, config=None):
-        M, D = x_MD.shape
-        K = topk_idx_MK.shape[1]
-        E, I = down_proj.shape[0], down_proj.shape[2]
+        M, D, K, E, I = moe_shapes(x_MD, gate_up_proj, down_proj, topk_idx_MK)
         A = M * K
-        assert gate_up_proj.shape == (E, 2 * I, D) and down_proj.shape == (E, D, I)
         assert gate_up_proj.dtype == down_proj.dtype == x_MD.dtype
         x_MD, gate_up_proj, down_proj = x_MD.contiguous(), gate_up_proj.contiguous(), down_proj.contiguous()
         cfg = config or choose_moe_config(A, E)
