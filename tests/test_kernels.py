@@ -68,6 +68,12 @@ def test_mla_decode_head_groups(K, H, block_h):
     check_mla(K, [50, 9], H=H, C=32, R=16, page=16, dtype=torch.bfloat16, block_h=block_h, num_splits=2)
 
 
+def test_mla_decode_merges_wide_latents_in_column_blocks(K):
+    # A latent wider than one merge program's 128 columns (the last block partly masked), pieces in use
+    # differing by sequence, and tiles that straddle cache blocks (page 16, 32-token tiles).
+    check_mla(K, [3, 200, 64], H=2, C=288, R=16, page=16, dtype=torch.bfloat16, num_splits=4, block_n=32)
+
+
 def test_mla_decode_fp16_odd_widths_and_many_splits(K):
     # C, R not powers of two; more pieces than some sequences have tiles (empty pieces must weigh 0).
     check_mla(K, [5, 100], H=3, C=40, R=24, page=32, dtype=torch.float16, num_splits=8, block_n=16)

@@ -30,6 +30,13 @@ def split_range(seq_lens_ptr, b, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.co
 
 
 @jit
+def _lookup(block_table_ptr, b, stride_bt, n0, end, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The cache block of each token of the tile starting at n0 (0 past the sequence's end)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    return tl.load(block_table_ptr + b * stride_bt + offs_n // PAGE, mask=offs_n < end, other=0)
+
+
+@jit
 def _mla_decode_split_kernel(
     q_lat_ptr, q_pe_ptr, kv_ptr, kv_scale_ptr, block_table_ptr, seq_lens_ptr, o_ptr, lse_ptr,
     stride_qb, stride_qh, stride_pb, stride_ph, stride_kv_blk, stride_kv_tok, stride_s_blk, stride_s_tok, stride_bt,
@@ -47,6 +54,8 @@ def _mla_decode_split_kernel(
     b = tl.program_id(2)
 
     start, end, _ = split_range(seq_lens_ptr, b, split, NUM_SPLITS, BLOCK_N)
+    if (start >= end) & (split > 0):
+        return   # past the sequence's end: nothing to write (the merge does not read this piece)
 
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_c = tl.arange(0, BLOCK_C)
@@ -62,12 +71,17 @@ def _mla_decode_split_kernel(
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)  # running max, log2 units
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)                 # running sum of exp2
     acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
+    # Token t of the sequence lives in cache block block_table[b, t // PAGE], row t % PAGE. The next tile's
+    # blocks are looked up one iteration ahead: looked up inside the iteration, the lookup took a pipeline
+    # stage of its own (compiled for sm90, the latent tile then had one buffer up to 4 stages); ahead, 3
+    # stages double-buffer it and 4 triple-buffer it.
+    page = _lookup(block_table_ptr, b, stride_bt, start, end, PAGE, BLOCK_N)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
-        # Token t of the sequence lives in cache block block_table[b, t // PAGE], row t % PAGE.
-        page = tl.load(block_table_ptr + b * stride_bt + offs_n // PAGE, mask=mask_n, other=0).to(tl.int64)
-        row = page * stride_kv_blk + (offs_n % PAGE) * stride_kv_tok
+        blk = page.to(tl.int64)
+        row = blk * stride_kv_blk + (offs_n % PAGE) * stride_kv_tok
+        page = _lookup(block_table_ptr, b, stride_bt, n0 + BLOCK_N, end, PAGE, BLOCK_N)
         k_lat = tl.load(kv_ptr + row[:, None] + offs_c[None, :],
                         mask=mask_n[:, None] & mask_c[None, :], other=0.0)      # [BLOCK_N, BLOCK_C]
         k_pe = tl.load(kv_ptr + row[:, None] + C + offs_r[None, :],
@@ -76,10 +90,11 @@ def _mla_decode_split_kernel(
             # e4m3 rows with a scale per token for each part. e4m3 values are exact in the queries' dtype, so
             # the tiles are only converted; each row's scale multiplies its score column (and its
             # probability for the values) instead: BLOCK_N x BLOCK_H products, not BLOCK_N x (C + R).
-            # Compiled for sm90 the e4m3 tile's load is not pipelined at any stage count (the conversion sits
-            # between it and the dots, so it is a plain load each tile waits for): the likely reason this path
-            # decodes at 0.82x the bf16 cache's speed at B=256 despite reading half the bytes.
-            srow = page * stride_s_blk + (offs_n % PAGE) * stride_s_tok
+            # Compiled for sm90 the e4m3 latent tile's load is not pipelined at any stage count (the
+            # conversion sits between it and the dots, so each tile waits for it): the likely reason this path
+            # decodes at 0.8x the bf16 cache's speed at B=256 despite reading half the bytes. Prefetching the
+            # next tile into registers by hand instead measured slower on an H200 (B=1 at 128K: 196 us).
+            srow = blk * stride_s_blk + (offs_n % PAGE) * stride_s_tok
             s_lat = tl.load(kv_scale_ptr + srow, mask=mask_n, other=0.0)
             s_pe = tl.load(kv_scale_ptr + srow + 1, mask=mask_n, other=0.0)
             k_lat = k_lat.to(q_lat_ptr.dtype.element_ty)
@@ -98,16 +113,14 @@ def _mla_decode_split_kernel(
             acc = acc * alpha[:, None] + dot(p.to(k_lat.dtype), k_lat, UPCAST)
         m_i = m_new
 
-    # A piece past the sequence's end writes nothing (the merge does not read it); an empty sequence's
-    # only piece leaves o = 0.
+    # An empty sequence's only piece leaves o = 0.
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
-    used = tl.full([BLOCK_H], 1, tl.int1) & ((start < end) | (split == 0))   # as a vector: the interpreter wants one
     tl.store(o_ptr + b * stride_ob + offs_h[:, None] * stride_oh + split * stride_os + offs_c[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=(mask_h & used)[:, None] & mask_c[None, :])
+             out.to(o_ptr.dtype.element_ty), mask=mask_h[:, None] & mask_c[None, :])
     if NUM_SPLITS > 1:
         lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
-        tl.store(lse_ptr + (b * H + offs_h) * NUM_SPLITS + split, lse, mask=mask_h & used)
+        tl.store(lse_ptr + (b * H + offs_h) * NUM_SPLITS + split, lse, mask=mask_h)
 
 
 @jit
@@ -122,13 +135,13 @@ def _mla_decode_merge_kernel(
     h = pid % H
     _, _, n_used = split_range(seq_lens_ptr, b, 0, NUM_SPLITS, BLOCK_N)
     offs_s = tl.arange(0, BLOCK_S)
-    offs_c = tl.arange(0, BLOCK_C)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)   # this program's columns
     mask_c = offs_c < C
     lse = tl.load(lse_ptr + pid * NUM_SPLITS + offs_s, mask=offs_s < n_used, other=float("-inf"))
     m = tl.max(lse, 0)
     m = tl.where(m == float("-inf"), 0.0, m)
     total = tl.sum(tl.exp2(lse - m), 0)                    # empty pieces weigh 0
-    # The pieces in use only, CHUNK_S at a time (a [NUM_SPLITS, C] tile would not fit in registers).
+    # The pieces in use only, CHUNK_S at a time (a [NUM_SPLITS, BLOCK_C] tile would not fit in registers).
     acc = tl.zeros([BLOCK_C], dtype=tl.float32)
     offs_k = tl.arange(0, CHUNK_S)
     for s0 in range(0, n_used, CHUNK_S):
@@ -159,11 +172,13 @@ def merge_splits(o_part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, seq
     units) of the pieces sequence b uses (`split_range` with the split kernel's `block_n`); shared by the
     latent and the per-head decode kernels."""
     B, H, num_splits, X = o_part.shape
-    _mla_decode_merge_kernel[(B * H,)](
+    # Columns in blocks of 128, one program each: at batch 1 one program per head left 16 programs to read
+    # up to 128 pieces each, a chain of dependent loads as long as the split kernel's own.
+    block_x = min(128, triton.next_power_of_2(X))
+    _mla_decode_merge_kernel[(B * H, triton.cdiv(X, block_x))](
         o_part, lse, seq_lens, out, out.stride(0), out.stride(1), H,
-        C=X, BLOCK_C=triton.next_power_of_2(X), NUM_SPLITS=num_splits,
-        BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_N=block_n, CHUNK_S=min(8, triton.next_power_of_2(num_splits)),
-        num_warps=4, **pdl_launch(out))
+        C=X, BLOCK_C=block_x, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_N=block_n,
+        CHUNK_S=min(32, triton.next_power_of_2(num_splits)), num_warps=4, **pdl_launch(out))
 
 
 def choose_num_splits(batch: int, head_groups: int, max_seq_len: int, device: torch.device, ctas_per_sm: int = 2,
@@ -226,11 +241,13 @@ def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.T
         ctas = 2 if block_h <= 16 and num_warps == 4 else 1
         num_splits = choose_num_splits(B, head_groups, max_seq_len, q_lat.device, ctas)
     if num_stages is None:
-        # H100 sweep (results/kernels.md): 3 stages 8% faster for 16-head programs; 64-head ones have no room.
-        # Compiled for sm90, the block-table lookup takes a pipeline stage of its own: the latent tile gets a
-        # second buffer only from 5 stages (at 2-4 each tile waits for its own load; an H200 timed 2, 3 and 4
-        # stages alike at 128K). 5-6 stages are in bench_kernels' sweep, not yet timed.
-        num_stages = 3 if block_h <= 16 else 2
+        # The next tile's cache blocks are looked up a tile ahead, so 3 stages double-buffer the latent tile and
+        # 4 triple-buffer it (130 KB of shared memory: one program a multiprocessor). On an H200, one program
+        # per multiprocessor (B=1, 128K context, 128 pieces) took 62.6 us with 4 stages and 85.6 with 3; with
+        # more programs than multiprocessors two of 3 stages share one (B=4 at 32K: 59.2 us, 4 stages 65.1;
+        # B=64 at 4K: 97.0 us with 3). 64-head programs have room for 2 stages only.
+        one_wave = B * head_groups * num_splits <= sm_count(q_lat.device)
+        num_stages = (4 if one_wave else 3) if block_h <= 16 else 2
     if out is None:
         out = new_buffer(q_lat.shape, q_lat.dtype, q_lat.device)
     assert out.shape == q_lat.shape and out.stride(-1) == 1

@@ -39,6 +39,23 @@ def skinny_linear_ref(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor 
 
 
 @jit
+def _scale_slice(x, s_row, k0, K, BLOCK_K: tl.constexpr, SCALE_BLOCK: tl.constexpr):
+    """x's K slice [ROWS, BLOCK_K] times its 128-column blocks' weight scales. A slice of whole blocks loads
+    one scale per block and broadcasts it (compiled for sm90, the per-column gather it replaces was 32 scalar
+    loads a thread for each 2,048-wide slice); a narrower slice gathers a scale per column."""
+    if BLOCK_K % SCALE_BLOCK == 0:
+        NB: tl.constexpr = BLOCK_K // SCALE_BLOCK
+        offs_b = tl.arange(0, NB)
+        s = tl.load(s_row + k0 // SCALE_BLOCK + offs_b, mask=offs_b < tl.cdiv(K - k0, SCALE_BLOCK), other=0.0)
+        ROWS: tl.constexpr = x.shape[0]
+        x3 = tl.reshape(x, [ROWS, NB, SCALE_BLOCK]) * s[None, :, None]
+        return tl.reshape(x3, [ROWS, BLOCK_K])
+    else:
+        offs_k = tl.arange(0, BLOCK_K)
+        return x * tl.load(s_row + (k0 + offs_k) // SCALE_BLOCK, mask=offs_k < K - k0, other=0.0)[None, :]
+
+
+@jit
 def _rows_dot(x_ptr, w_ptr, s_ptr, M, N, K, stride_xm, stride_wn, stride_wk, stride_sn, n0,
               ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALED: tl.constexpr,
               SCALE_BLOCK: tl.constexpr, PDL: tl.constexpr):
@@ -65,7 +82,7 @@ def _rows_dot(x_ptr, w_ptr, s_ptr, M, N, K, stride_xm, stride_wn, stride_wk, str
             mask_k = offs_k < K - k0
             x = tl.load(x_ptrs, mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
             if SCALED:
-                x = x * tl.load(s_row + (k0 + offs_k) // SCALE_BLOCK, mask=mask_k, other=0.0)[None, :]
+                x = _scale_slice(x, s_row, k0, K, BLOCK_K, SCALE_BLOCK)
             acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], 2)
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K * stride_wk
@@ -76,7 +93,7 @@ def _rows_dot(x_ptr, w_ptr, s_ptr, M, N, K, stride_xm, stride_wn, stride_wk, str
             w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
             x = tl.load(x_ptrs, mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
             if SCALED:
-                x = x * tl.load(s_row + (k0 + offs_k) // SCALE_BLOCK, mask=mask_k, other=0.0)[None, :]
+                x = _scale_slice(x, s_row, k0, K, BLOCK_K, SCALE_BLOCK)
             acc += tl.sum(x[:, None, :] * w[None, :, :], 2)
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K * stride_wk
