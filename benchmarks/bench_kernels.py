@@ -88,12 +88,12 @@ def mla_rows(copy_gbs, tflops, sweep):
         configs = [dict()]
         if sweep and B in (64, 128):
             if H <= 16:
-                # 5 and 6 stages: compiled for sm90 (Triton 3.9), the latent tile gets a second buffer only from 5
-                # stages (the block-table lookup takes a stage of its own); at 2-4 each tile waits for its load.
+                # 3 and 4 stages double- and triple-buffer the latent tile (4: one program a multiprocessor);
+                # fewer pieces at 4 stages fill one wave of one-program multiprocessors.
                 configs += [dict(block_n=bn, num_stages=st, num_splits=ns, num_warps=nw)
-                            for bn, st, ns, nw in [(32, 3, None, 4), (16, 2, None, 4), (32, 2, 3 * 64 // B, 4),
-                                                   (64, 3, 8 * 64 // B, 8), (32, 2, 5 * 64 // B, 4),
-                                                   (32, 5, None, 4), (32, 6, None, 4), (16, 5, None, 4)]]
+                            for bn, st, ns, nw in [(32, 3, None, 4), (32, 4, None, 4), (32, 4, 2 * 64 // B, 4),
+                                                   (16, 3, None, 4), (64, 3, 8 * 64 // B, 8), (32, 2, None, 4),
+                                                   (64, 3, None, 8)]]
             else:
                 configs += [dict(block_h=bh, block_n=bn, num_warps=nw, num_stages=st, num_splits=ns)
                             for bh, bn, nw, st, ns in [(64, 64, 8, 2, 2), (64, 64, 8, 2, 3), (64, 32, 8, 2, 1),
