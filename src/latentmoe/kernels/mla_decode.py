@@ -44,7 +44,7 @@ def _mla_decode_split_kernel(
     H, qk_scale,
     C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    UPCAST: tl.constexpr, KV_FP8: tl.constexpr, PDL: tl.constexpr,
+    UPCAST: tl.constexpr, KV_FP8: tl.constexpr, FP8_RELOAD: tl.constexpr, PDL: tl.constexpr,
 ):
     wait_for_inputs(PDL)
     # Head groups vary fastest, so the programs sharing one (sequence, split) run side by side
@@ -94,6 +94,8 @@ def _mla_decode_split_kernel(
             # conversion sits between it and the dots, so each tile waits for it): the likely reason this path
             # decodes at 0.8x the bf16 cache's speed at B=256 despite reading half the bytes. Prefetching the
             # next tile into registers by hand instead measured slower on an H200 (B=1 at 128K: 196 us).
+            # FP8_RELOAD (not yet timed): the values' dot reads the tile by a second load (its cache hint keeps
+            # the two loads apart); each then has one use, and compiled for sm90 both are pipelined.
             srow = blk * stride_s_blk + (offs_n % PAGE) * stride_s_tok
             s_lat = tl.load(kv_scale_ptr + srow, mask=mask_n, other=0.0)
             s_pe = tl.load(kv_scale_ptr + srow + 1, mask=mask_n, other=0.0)
@@ -108,6 +110,9 @@ def _mla_decode_split_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if KV_FP8:
+            if FP8_RELOAD:
+                k_lat = tl.load(kv_ptr + row[:, None] + offs_c[None, :], mask=mask_n[:, None] & mask_c[None, :],
+                                other=0.0, cache_modifier=".cg").to(q_lat_ptr.dtype.element_ty)
             acc = acc * alpha[:, None] + dot((p * s_lat[None, :]).to(k_lat.dtype), k_lat, UPCAST)
         else:
             acc = acc * alpha[:, None] + dot(p.to(k_lat.dtype), k_lat, UPCAST)
@@ -214,7 +219,8 @@ def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.T
                       seq_lens: torch.Tensor, softmax_scale: float, *, max_seq_len: int | None = None,
                       num_splits: int | None = None, block_h: int | None = None, block_n: int | None = None,
                       num_warps: int | None = None, num_stages: int | None = None,
-                      out: torch.Tensor | None = None, kv_scale: torch.Tensor | None = None) -> torch.Tensor:
+                      out: torch.Tensor | None = None, kv_scale: torch.Tensor | None = None,
+                      fp8_reload: bool = False) -> torch.Tensor:
     B, H, C = q_lat.shape
     R = q_pe.shape[-1]
     NB, PAGE, X = kv_cache.shape
@@ -260,6 +266,7 @@ def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.T
         H, softmax_scale * LOG2E,
         C=C, R=R, BLOCK_C=triton.next_power_of_2(C), BLOCK_R=triton.next_power_of_2(R),
         PAGE=PAGE, BLOCK_H=block_h, BLOCK_N=block_n, NUM_SPLITS=num_splits, UPCAST=INTERPRET, KV_FP8=fp8,
+        FP8_RELOAD=fp8 and fp8_reload,
         num_warps=num_warps, num_stages=num_stages, **pdl_launch(q_lat))
     if num_splits > 1:
         merge_splits(o_part, lse, out, seq_lens, block_n)
@@ -273,8 +280,8 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, 
 
     Triton on CUDA (and on CPU under TRITON_INTERPRET=1), the torch reference elsewhere. fp32
     accumulation (fp32 inputs multiply as tf32 on a GPU); the result has q_lat's dtype. `tuning`
-    (max_seq_len, num_splits, block_h, block_n, num_warps, num_stages, out) reaches the Triton path
-    only; max_seq_len (an upper bound, default the block table's capacity) picks the split count
+    (max_seq_len, num_splits, block_h, block_n, num_warps, num_stages, out, fp8_reload) reaches the Triton
+    path only; max_seq_len (an upper bound, default the block table's capacity) picks the split count
     without a host sync. An FP8 cache (e4m3 rows) comes with `kv_scale` [NB,BS,2] (kernels/fp8_cache.py).
     """
     # tl.dot on a GPU needs inner dims of at least 16: narrower latents/rope keys take the reference.
