@@ -21,8 +21,8 @@ import torch
 
 from ._triton import INTERPRET, dot, dot_acc, jit, new_buffer, tl, triton, use_triton
 from .fp8 import BLOCK, FP8_MAX, dequantize_fp8_blocks, quantize_fp8_groups, round_through_fp8_groups, to_fp8
-from .moe import (DECODE_CONFIG, FEW_TOKENS, choose_moe_config, moe_align, moe_combine, moe_shapes, program_expert,
-                  row_block)
+from .moe import (DECODE_CONFIG, FEW_TOKENS, add_to_routed, choose_moe_config, moe_align, moe_combine, moe_shapes,
+                  program_expert, row_block)
 from .reference import fused_moe_ref
 
 
@@ -295,8 +295,7 @@ def fused_moe_fp8(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, gate_up_scale:
     if not use_triton(x_MD):
         ref = fused_moe_fp8_w8a8_ref if w8a8 else fused_moe_fp8_ref
         y = ref(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scale, topk_idx_MK, topk_weight_MK)
-        y = y if add_MD is None else y + add_MD
-        return y if residual_MD is None else residual_MD + y
+        return add_to_routed(y, add_MD, residual_MD)
     if w8a8:
         return fused_moe_fp8_w8a8_triton(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scale, topk_idx_MK,
                                          topk_weight_MK, add_MD=add_MD, residual_MD=residual_MD)

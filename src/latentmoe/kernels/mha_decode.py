@@ -9,7 +9,7 @@ from types import MappingProxyType
 import torch
 
 from ._triton import jit, new_buffer, pdl_launch, sm_count, tl, triton, use_triton, wait_for_inputs
-from .mla_decode import LOG2E, merge_splits, split_outputs, split_range
+from .mla_decode import LOG2E, merge_splits, past_the_end, split_outputs, split_range
 from .reference import mha_decode_ref
 
 
@@ -27,6 +27,8 @@ def _mha_decode_split_kernel(
     split = tl.program_id(1)
     b = tl.program_id(2)
     start, end, _ = split_range(seq_lens_ptr, b, split, NUM_SPLITS, BLOCK_N)
+    if past_the_end(start, end, split):
+        return
 
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -57,11 +59,9 @@ def _mha_decode_split_kernel(
         acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
         m_i = m_new
 
-    # A piece past the sequence's end writes no output (the merge does not read it; its lse is one float).
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-    used = tl.full([BLOCK_DV], 1, tl.int1) & ((start < end) | (split == 0))   # as a vector: the interpreter wants one
     tl.store(o_ptr + b * stride_ob + h * stride_oh + split * stride_os + offs_dv,
-             (acc / l_safe).to(o_ptr.dtype.element_ty), mask=mask_dv & used)
+             (acc / l_safe).to(o_ptr.dtype.element_ty), mask=mask_dv)
     if NUM_SPLITS > 1:
         lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
         tl.store(lse_ptr + (b * H + h) * NUM_SPLITS + split, lse)

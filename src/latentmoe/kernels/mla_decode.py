@@ -30,6 +30,13 @@ def split_range(seq_lens_ptr, b, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.co
 
 
 @jit
+def past_the_end(start, end, split):
+    """Whether piece `split` lies past its sequence's end: such a piece writes nothing and the merge does not
+    read it, so its program exits at once (piece 0 always runs: an empty sequence's output is 0)."""
+    return (start >= end) & (split > 0)
+
+
+@jit
 def _lookup(block_table_ptr, b, stride_bt, n0, end, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
     """The cache block of each token of the tile starting at n0 (0 past the sequence's end)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -54,8 +61,8 @@ def _mla_decode_split_kernel(
     b = tl.program_id(2)
 
     start, end, _ = split_range(seq_lens_ptr, b, split, NUM_SPLITS, BLOCK_N)
-    if (start >= end) & (split > 0):
-        return   # past the sequence's end: nothing to write (the merge does not read this piece)
+    if past_the_end(start, end, split):
+        return
 
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_c = tl.arange(0, BLOCK_C)

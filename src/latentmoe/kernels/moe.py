@@ -322,15 +322,20 @@ def _skipped_to_phantom(topk_idx_MK: torch.Tensor, n_experts: int) -> torch.Tens
     return torch.where(topk_idx_MK < 0, n_experts, topk_idx_MK)
 
 
+def add_to_routed(y_MD: torch.Tensor, add_MD: torch.Tensor | None = None,
+                  residual_MD: torch.Tensor | None = None) -> torch.Tensor:
+    """The routed experts' output plus `add_MD`, then plus `residual_MD`, each add in y's dtype: the model's
+    `h + (experts(x) + shared_experts(x))` (what the combine kernel fuses; the torch paths' last step)."""
+    y = y_MD if add_MD is None else y_MD + add_MD
+    return y if residual_MD is None else residual_MD + y
+
+
 def moe_combine_ref(y_AD: torch.Tensor, top_k: int, add_MD: torch.Tensor | None = None,
                     residual_MD: torch.Tensor | None = None) -> torch.Tensor:
-    """Each token's K weighted expert rows summed in fp32, rounded to y's dtype, then `add_MD` added in that
-    dtype, then `residual_MD`: what `h + (experts(x) + shared_experts(x))` computes in the model."""
+    """Each token's K weighted expert rows summed in fp32, rounded to y's dtype, then `add_to_routed`."""
     A, D = y_AD.shape
     y = y_AD.view(A // top_k, top_k, D).sum(dim=1, dtype=torch.promote_types(y_AD.dtype, torch.float32))
-    y = y.to(y_AD.dtype)
-    y = y if add_MD is None else y + add_MD
-    return y if residual_MD is None else residual_MD + y
+    return add_to_routed(y.to(y_AD.dtype), add_MD, residual_MD)
 
 
 @jit
@@ -453,9 +458,8 @@ def fused_moe(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.T
     if M == 0:
         return x_MD.clone()
     if not use_triton(x_MD):
-        y = fused_moe_ref(x_MD, gate_up_proj, down_proj, topk_idx_MK, topk_weight_MK)
-        y = y if add_MD is None else y + add_MD
-        return y if residual_MD is None else residual_MD + y
+        return add_to_routed(fused_moe_ref(x_MD, gate_up_proj, down_proj, topk_idx_MK, topk_weight_MK), add_MD,
+                             residual_MD)
     if few_token_layout is not None and M <= FEW_TOKENS:
         return fused_moe_few_tokens_triton(x_MD, gate_up_proj, down_proj, topk_idx_MK, topk_weight_MK,
                                            few_token_layout, skip_negative, add_MD, residual_MD)
