@@ -106,6 +106,52 @@ def profile_prefill(llm, L: int, out_path: str) -> str:
     return text
 
 
+def trace_decode(llm, B: int, L: int, out_path: str) -> str:
+    """Where a decode step's time goes, as the engine runs it (CUDA-graph replays): one step's kernels in
+    launch order with their durations and the idle time before each, grouped by name, and one middle
+    layer's sequence in full. Idle time is what a kernel's launch and ramp-up cost beyond its own run."""
+    from torch.profiler import ProfilerActivity, profile
+    engine_decode(llm, B, L, 2)   # warm (graph for this bucket)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        engine_decode(llm, B, L, 4)
+    ks = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                key=lambda e: e.time_range.start)
+    if len(ks) < 12:
+        return f"decode B={B} at {L}: no CUDA kernels recorded\n"
+    # Steps: runs of kernels separated by the host's work between steps (the longest idle stretches).
+    idle = [b.time_range.start - a.time_range.end for a, b in zip(ks, ks[1:])]
+    per_step = len(ks) // 6
+    cuts = sorted(sorted(range(len(idle)), key=lambda i: -idle[i])[:5])
+    steps = [ks[a + 1:b + 1] for a, b in zip([-1] + cuts, cuts + [len(ks) - 1])]
+    step = sorted(steps, key=len)[len(steps) // 2]
+    span = step[-1].time_range.end - step[0].time_range.start
+    busy = sum(e.time_range.elapsed_us() for e in step)
+    groups: dict[str, list[float]] = {}
+    for a, b in zip([None] + step[:-1], step):
+        gap = 0.0 if a is None else b.time_range.start - a.time_range.end
+        g = groups.setdefault(b.name[:60], [0, 0.0, 0.0])
+        g[0] += 1
+        g[1] += b.time_range.elapsed_us()
+        g[2] += gap
+    lines = [f"## decode B={B} at context {L:,} (graph replay, under the profiler): {len(step)} kernels a step "
+             f"(~{per_step} by count), {span:.0f} us from first start to last end, {busy:.0f} us busy, "
+             f"{span - busy:.0f} us idle between kernels", "",
+             "| kernel | per step | us busy | us idle before |", "|---|---|---|---|"]
+    for name, (c, t, gap) in sorted(groups.items(), key=lambda kv: -(kv[1][1] + kv[1][2])):
+        lines.append(f"| {name} | {c} | {t:.1f} | {gap:.1f} |")
+    third = len(step) // 3
+    i0 = next((i for i in range(third, len(step)) if "mla_post" in step[i].name), third)
+    i1 = next((i for i in range(i0 + 1, len(step)) if "mla_post" in step[i].name), min(len(step), i0 + 25))
+    lines += ["", "One layer in launch order (from one MLA post-projection to the next):", "",
+              "| kernel | us | us idle before |", "|---|---|---|"]
+    for a, b in zip(step[i0 - 1:i1], step[i0:i1 + 1]):
+        lines.append(f"| {b.name[:80]} | {b.time_range.elapsed_us():.1f} | {b.time_range.start - a.time_range.end:.1f} |")
+    text = "\n".join(lines) + "\n\n"
+    with open(out_path, "a") as f:
+        f.write(text)
+    return text
+
+
 def checks(device, log):
     cfg = get_config("tiny", vocab_size=512, num_hidden_layers=3, topk_method="greedy", n_group=1, topk_group=1)
     for dtype in (torch.bfloat16, torch.float32):
@@ -132,6 +178,8 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile-prefill", default=None, metavar="PATH",
                     help="append a kernel profile of the first long prompt's prefill to PATH")
+    ap.add_argument("--trace-decode", default=None, metavar="PATH",
+                    help="append the kernel timeline of decode steps (B=1 at 1K and 128K, B=4 at 32K) to PATH")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -183,6 +231,8 @@ def main():
         fl = decode_floor_s(cfg, B, L)
         res.setdefault("decode", {})[name] = dict(ms_per_step=step * 1e3, floor_ms=fl * 1e3, share=fl / step)
         log(f"decode {name}: {step * 1e3:.2f} ms/step, floor {fl * 1e3:.2f} ms ({fl / step:.0%} of the floor)")
+        if args.trace_decode:
+            print(trace_decode(llm, B, L, args.trace_decode))
     p = torch.randint(3, cfg.vocab_size, (lin if args.smoke else 1024,), generator=g).tolist()
     s = timed_generate(llm, [p], 128 if not args.smoke else 8)
     res["b1_with_prefill_tok_s"] = (128 if not args.smoke else 8) / s

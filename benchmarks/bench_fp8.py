@@ -117,17 +117,15 @@ V2_LITE_KERNEL_SHAPES = dict(q=3072, kv_a=576, hidden=2048, shared=2816, rows=(2
 
 
 def cache_decode_rows(device, log, dims: dict = V2_LITE_KERNEL_SHAPES) -> list[str]:
-    """MLA decode over a bf16 latent cache against an FP8 one (as dispatched, and with the values' second tile
-    load, `fp8_reload`), one layer, 64-token cache blocks in shuffled order. Floor: the cache's bytes at 4.8 TB/s."""
+    """MLA decode over a bf16 latent cache against an FP8 one, one layer, 64-token cache blocks in shuffled
+    order. Floor: the cache's bytes at 4.8 TB/s."""
     from timing import median_seconds
     H, C, R, page = dims["heads"], dims["latent"], dims["rope"], 64
     g = torch.Generator(device=device).manual_seed(1)
     out = ["", f"MLA decode, one layer ({H} heads, latent {C} + rope {R}), bf16 cache against the FP8 cache (e4m3 rows, "
-           "a scale per row and part), CUDA-graph replays, 5 calls a graph. `fp8_reload`: the values' dot reads the "
-           "latent tile by a second load, so that both loads are pipelined. Rel err: FP8 against the bf16 cache's "
-           "output (the cache's quantisation), and the reload against the FP8 default (same arithmetic).", "",
-           "| B | context | bf16 us | fp8 us | fp8 speed-up | fp8 reload us | reload speed-up | floor bf16 / fp8 us "
-           "| rel err fp8 / reload |", "|---|---|---|---|---|---|---|---|---|"]
+           "a scale per row and part), CUDA-graph replays, 5 calls a graph. Rel err: FP8 against the bf16 cache's "
+           "output (the cache's quantisation).", "",
+           "| B | context | bf16 us | fp8 us | fp8 speed-up | floor bf16 / fp8 us | rel err |", "|---|---|---|---|---|---|---|"]
     for B, L in dims["decode"]:
         nb = B * L // page
         rows = torch.randn(nb * page, C + R, device=device, generator=g, dtype=torch.bfloat16)
@@ -137,18 +135,15 @@ def cache_decode_rows(device, log, dims: dict = V2_LITE_KERNEL_SHAPES) -> list[s
         lens = torch.full((B,), L, device=device, dtype=torch.int32)
         q_lat = torch.randn(B, H, C, device=device, generator=g, dtype=torch.bfloat16)
         q_pe = torch.randn(B, H, R, device=device, generator=g, dtype=torch.bfloat16)
-        args = (q_lat, q_pe)
 
-        def run(kv, sc=None, **tuning):
-            return lambda: kernels.mla_decode(*args, kv, table, lens, 0.1147, kv_scale=sc, **tuning)
-        o16, o8, o8r = run(cache)(), run(cache8, scale)(), run(cache8, scale, fp8_reload=True)()
+        def run(kv, sc=None):
+            return lambda: kernels.mla_decode(q_lat, q_pe, kv, table, lens, 0.1147, kv_scale=sc)
+        o16, o8 = run(cache)(), run(cache8, scale)()
         err8 = ((o8.float() - o16.float()).norm() / o16.float().norm()).item()
-        errr = ((o8r.float() - o8.float()).norm() / o8.float().norm()).item()
-        t16, t8, t8r = (median_seconds(fn, graph=True, calls_per_graph=5) * 1e6
-                        for fn in (run(cache), run(cache8, scale), run(cache8, scale, fp8_reload=True)))
+        t16, t8 = (median_seconds(fn, graph=True, calls_per_graph=5) * 1e6 for fn in (run(cache), run(cache8, scale)))
         byts = B * L * (C + R)
-        out.append(f"| {B} | {L:,} | {t16:.1f} | {t8:.1f} | {t16 / t8:.2f}x | {t8r:.1f} | {t16 / t8r:.2f}x | "
-                   f"{2 * byts / 4.8e6:.1f} / {byts / 4.8e6:.1f} | {err8:.1e} / {errr:.1e} |")
+        out.append(f"| {B} | {L:,} | {t16:.1f} | {t8:.1f} | {t16 / t8:.2f}x | {2 * byts / 4.8e6:.1f} / "
+                   f"{byts / 4.8e6:.1f} | {err8:.1e} |")
         log(out[-1])
         del rows, q8, cache, cache8, scale
     return out

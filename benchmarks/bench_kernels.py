@@ -336,6 +336,28 @@ def sdpa_rows():
     return rows
 
 
+def per_head_rows():
+    """Absorbed decode's per-head products (q_nope by W_UK, the latent output by W_UV, views of one kv_b_proj
+    weight): kernels.per_head_matmul's few-row kernel against cuBLAS's batched GEMM, CUDA-graph replays of
+    20 calls (a decode step runs them back to back with its other kernels). Floor: the weight's bytes."""
+    from latentmoe.kernels.skinny import PER_HEAD_MAX_ROWS, per_head_matmul
+    rows = []
+    for model, H in (("deepseek-v2-lite", 16), ("deepseek-v2", 128)):
+        w = torch.randn(H * 256, 512, device="cuda", dtype=torch.bfloat16).view(H, 256, 512) * 0.05
+        for name, K, m in (("W_UK", 128, w[:, :128]), ("W_UV", 512, w[:, 128:].transpose(1, 2))):
+            for B in (1, 2, 4, 8):
+                x = torch.randn(B, H, K, device="cuda", dtype=torch.bfloat16)
+                t_k = median_seconds(lambda: per_head_matmul(x, m, max_rows=8), graph=True, calls_per_graph=20)
+                t_b = median_seconds(lambda: per_head_matmul(x, m, max_rows=0), graph=True, calls_per_graph=20)
+                err = ((per_head_matmul(x, m, max_rows=8).float() - per_head_matmul(x, m, max_rows=0).float()).norm()
+                       / per_head_matmul(x, m, max_rows=0).float().norm()).item()
+                floor = H * 128 * 512 * 2 / 4.8e12
+                rows.append(f"| {model} | {name} | {B} | {t_k * 1e6:.2f} | {t_b * 1e6:.2f} | {t_b / t_k:.2f}x | "
+                            f"{floor * 1e6:.2f} | {'kernel' if B <= PER_HEAD_MAX_ROWS else 'batched GEMM'} | {err:.1e} |")
+                print(rows[-1], flush=True)
+    return rows
+
+
 def md_table(caption, columns, rows):
     return [caption, "", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|", *rows, ""]
 
@@ -355,6 +377,8 @@ def main():
                       help="only the training table: routed experts forward + backward, Triton vs torch._grouped_mm")
     only.add_argument("--moe-prefill", action="store_true",
                       help="only the fused-MoE prefill tile table (V2 and V2-Lite shapes, 4K and 8K tokens)")
+    only.add_argument("--per-head", action="store_true",
+                      help="only absorbed decode's per-head products: the few-row kernel vs cuBLAS's batched GEMM")
     only.add_argument("--profile-one", type=int, default=0, metavar="HEADS",
                       help="only run the B=64 decode 3 times (for a profiler)")
     ap.add_argument("--sweep", action="store_true", help="also time candidate tile configs and report the best")
@@ -368,7 +392,7 @@ def main():
         return
     torch.manual_seed(0)
     flags = "".join(f" --{f}" for f, on in (("moe-backward", args.moe_backward), ("moe-prefill", args.moe_prefill),
-                                            ("sweep", args.sweep)) if on)
+                                            ("per-head", args.per_head), ("sweep", args.sweep)) if on)
     provenance = (f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; device: "
                   f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).multi_processor_count} SMs); "
                   f"torch {torch.__version__}; command: `python benchmarks/bench_kernels.py{flags}`")
@@ -386,6 +410,15 @@ def main():
             "with torch's backward; rel err = each gradient against grouped_mm's (x, gate_up, down, weight).",
             ["model", "M tokens", "path", "fwd us", "fwd+bwd us", "TFLOP/s (% of matmul)", "floor us",
              "peak extra MiB", "speedup vs grouped_mm", "rel err of grads"], rows)
+    elif args.per_head:
+        rows, notes, summary = per_head_rows(), [], []
+        title = "Absorbed decode's per-head products"
+        tables = md_table(
+            "x [B, H, K] times each head's own matrix (W_UK: K=128 -> 512; W_UV: K=512 -> 128, a transposed view), "
+            "bf16, CUDA-graph replays of 20 calls. dispatch = what kernels.per_head_matmul runs at that B; rel err = "
+            "kernel against batched GEMM.",
+            ["model", "product", "B", "kernel us", "batched GEMM us", "kernel speed-up", "floor us", "dispatch",
+             "rel err"], rows)
     elif args.moe_prefill:
         rows, notes, summary = moe_prefill_rows(tflops, args.sweep)
         title = "Fused-MoE prefill tiles"

@@ -69,9 +69,9 @@ def test_mla_decode_head_groups(K, H, block_h):
 
 
 def test_mla_decode_merges_wide_latents_in_column_blocks(K):
-    # A latent wider than one merge program's 128 columns (the last block partly masked), pieces in use
+    # A latent over several of the merge's 32-column programs (the last block partly masked), pieces in use
     # differing by sequence, and tiles that straddle cache blocks (page 16, 32-token tiles).
-    check_mla(K, [3, 200, 64], H=2, C=288, R=16, page=16, dtype=torch.bfloat16, num_splits=4, block_n=32)
+    check_mla(K, [3, 200, 64], H=2, C=280, R=16, page=16, dtype=torch.bfloat16, num_splits=4, block_n=32)
 
 
 def test_mla_decode_fp16_odd_widths_and_many_splits(K):
@@ -526,3 +526,25 @@ def test_skinny_declines_what_it_does_not_cover(K):
     q, s = K.quantize_fp8_blocks(w)
     assert skinny_linear_pair(torch.randn(1, 32).to(DEV), w, None, q.to(DEV), s.to(DEV)) is None  # mixed kinds
 
+
+
+@pytest.mark.parametrize("B", [1, 3, 4])
+def test_per_head_matmul_matches_reference(K, B):
+    """Absorbed decode's two per-head products on views of one kv_b_proj weight: W_UK [H, N, C] as stored
+    (columns contiguous) and W_UV transposed (rows contiguous); widths that are not multiples of the tiles."""
+    from latentmoe.kernels.skinny import per_head_matmul, per_head_matmul_ref
+    g = torch.Generator().manual_seed(B)
+    dtype = torch.float32 if not CUDA else torch.bfloat16
+    H, N, V, C = 3, 24, 20, 72
+    w = (torch.randn(H * (N + V), C, generator=g) * 0.1).to(dtype).to(DEV).view(H, N + V, C)
+    w_uk, w_uv = w[:, :N], w[:, N:]
+    q_nope = torch.randn(B, H, N, generator=g).to(dtype).to(DEV)
+    o_lat = torch.randn(B, H, C, generator=g).to(dtype).to(DEV)
+    for x, m in ((q_nope, w_uk), (o_lat, w_uv.transpose(1, 2))):
+        want = per_head_matmul_ref(x, m)
+        for max_rows in (4, 0):   # the kernel, then the batched GEMM
+            got = per_head_matmul(x, m, max_rows=max_rows)
+            assert got.shape == want.shape and got.is_contiguous() and got.dtype == dtype
+            assert rel_err(got.float(), want.float()) < (1e-2 if CUDA else 1e-6), (B, max_rows, tuple(m.shape))
+    with pytest.raises(ValueError):
+        per_head_matmul(q_nope, w_uv)   # K of x (N) is not the weight's

@@ -88,14 +88,11 @@ class PagedLatentAttention(PagedAttention):
 
     def decode(self, layer, cache, q_nope, q_pe, block_table, seq_lens):
         rows, scales = self.rows_and_scales(cache)
-        q_lat = torch.einsum("bhn,hnc->bhc", q_nope, layer.w_uk)
+        # W_UK and W_UV per head (kernels.per_head_matmul), the result in [nd, H, .] order: o_proj's flatten
+        # then reads it as is (an einsum's transposed view cost a copy kernel every layer).
+        q_lat = kernels.per_head_matmul(q_nope, layer.w_uk)
         o_lat = kernels.mla_decode(q_lat, q_pe, rows, block_table, seq_lens, layer.softmax_scale, kv_scale=scales)
-        # W_UV per head as one batched GEMM written straight in [nd, H, V] order: the einsum's result is a
-        # transposed view, and o_proj's flatten then copied it (a separate kernel every layer). Inference only
-        # (as the decode kernel): out= takes no autograd inputs.
-        out = q_nope.new_empty(o_lat.shape[0], o_lat.shape[1], layer.w_uv.shape[1])
-        torch.bmm(o_lat.detach().transpose(0, 1), layer.w_uv.detach().transpose(1, 2), out=out.transpose(0, 1))
-        return out
+        return kernels.per_head_matmul(o_lat, layer.w_uv.transpose(1, 2))
 
     def prefill(self, layer, cache, q_nope, q_pe, meta):
         # Every chunk's context decompressed in one GEMM (the prefix once per step, not per chunk).

@@ -1,6 +1,6 @@
 """Fast kernels (Triton on CUDA) with their plain-PyTorch references, one module per op:
 MLA decode and the latent-cache write, per-head (MHA baseline) decode, routed experts and their
-combine, SwiGLU's silu * up, RMSNorm and MLA's post-projection, the greedy router, batched (varlen) prefill attention, GEMMs of a few rows (decode's projections); FP8 weights (block-scaled
+combine, SwiGLU's silu * up, RMSNorm and MLA's post-projection, the greedy router, batched (varlen) prefill attention, GEMMs of a few rows (decode's projections, absorbed MLA's per-head products); FP8 weights (block-scaled
 GEMM, routed experts) and the FP8 latent cache. The references live in `reference.py` (the FP8 ones
 beside their kernels).
 
@@ -23,7 +23,8 @@ from .prefill import prefill_attention, prefill_attention_triton
 from .reference import (fused_moe_ref, mha_decode_ref, mla_decode_einsum, mla_decode_ref, mla_post_projection_ref,
                         prefill_attention_ref, rms_norm_ref, softmax_topk_ref, write_latent_cache_ref)
 from .router import softmax_topk
-from .skinny import SKINNY_MAX_ROWS, skinny_linear, skinny_linear_pair, skinny_linear_ref, skinny_swiglu
+from .skinny import (SKINNY_MAX_ROWS, per_head_matmul, per_head_matmul_ref, skinny_linear, skinny_linear_pair,
+                     skinny_linear_ref, skinny_swiglu)
 
 __all__ = [
     "HAS_TRITON", "poisoned_outputs",
@@ -37,5 +38,6 @@ __all__ = [
     "rms_norm", "rms_norm_ref", "add_rms_norm", "add_rms_norm_ref", "mla_post_projection", "mla_post_projection_ref", "softmax_topk", "softmax_topk_ref",
     "prefill_attention", "prefill_attention_ref", "prefill_attention_triton",
     "skinny_linear", "skinny_linear_pair", "skinny_swiglu", "skinny_linear_ref", "SKINNY_MAX_ROWS",
+    "per_head_matmul", "per_head_matmul_ref",
     "compilations",
 ]

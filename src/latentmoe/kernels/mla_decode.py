@@ -51,7 +51,7 @@ def _mla_decode_split_kernel(
     H, qk_scale,
     C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    UPCAST: tl.constexpr, KV_FP8: tl.constexpr, FP8_RELOAD: tl.constexpr, PDL: tl.constexpr,
+    UPCAST: tl.constexpr, KV_FP8: tl.constexpr, PDL: tl.constexpr,
 ):
     wait_for_inputs(PDL)
     # Head groups vary fastest, so the programs sharing one (sequence, split) run side by side
@@ -100,9 +100,9 @@ def _mla_decode_split_kernel(
             # Compiled for sm90 the e4m3 latent tile's load is not pipelined at any stage count (the
             # conversion sits between it and the dots, so each tile waits for it): the likely reason this path
             # decodes at 0.8x the bf16 cache's speed at B=256 despite reading half the bytes. Prefetching the
-            # next tile into registers by hand instead measured slower on an H200 (B=1 at 128K: 196 us).
-            # FP8_RELOAD (not yet timed): the values' dot reads the tile by a second load (its cache hint keeps
-            # the two loads apart); each then has one use, and compiled for sm90 both are pipelined.
+            # next tile into registers by hand instead measured slower on an H200 (B=1 at 128K: 196 us), and so
+            # did a second load of the tile for the values' dot (pipelined then, compiled for sm90): 128 us
+            # against 111 at B=4 and 32K, 209 against 191 at B=256 and 1K.
             srow = blk * stride_s_blk + (offs_n % PAGE) * stride_s_tok
             s_lat = tl.load(kv_scale_ptr + srow, mask=mask_n, other=0.0)
             s_pe = tl.load(kv_scale_ptr + srow + 1, mask=mask_n, other=0.0)
@@ -117,9 +117,6 @@ def _mla_decode_split_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if KV_FP8:
-            if FP8_RELOAD:
-                k_lat = tl.load(kv_ptr + row[:, None] + offs_c[None, :], mask=mask_n[:, None] & mask_c[None, :],
-                                other=0.0, cache_modifier=".cg").to(q_lat_ptr.dtype.element_ty)
             acc = acc * alpha[:, None] + dot((p * s_lat[None, :]).to(k_lat.dtype), k_lat, UPCAST)
         else:
             acc = acc * alpha[:, None] + dot(p.to(k_lat.dtype), k_lat, UPCAST)
@@ -153,7 +150,7 @@ def _mla_decode_merge_kernel(
     m = tl.max(lse, 0)
     m = tl.where(m == float("-inf"), 0.0, m)
     total = tl.sum(tl.exp2(lse - m), 0)                    # empty pieces weigh 0
-    # The pieces in use only, CHUNK_S at a time (a [NUM_SPLITS, BLOCK_C] tile would not fit in registers).
+    # The pieces in use only, CHUNK_S at a time (one chunk up to 128 pieces).
     acc = tl.zeros([BLOCK_C], dtype=tl.float32)
     offs_k = tl.arange(0, CHUNK_S)
     for s0 in range(0, n_used, CHUNK_S):
@@ -184,13 +181,14 @@ def merge_splits(o_part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, seq
     units) of the pieces sequence b uses (`split_range` with the split kernel's `block_n`); shared by the
     latent and the per-head decode kernels."""
     B, H, num_splits, X = o_part.shape
-    # Columns in blocks of 128, one program each: at batch 1 one program per head left 16 programs to read
-    # up to 128 pieces each, a chain of dependent loads as long as the split kernel's own.
-    block_x = min(128, triton.next_power_of_2(X))
+    # Columns in blocks of 32, one program each, reading up to 128 pieces in one load: at batch 1 and 128
+    # pieces, 64 programs of 128 columns looping over 32 pieces at a time finished 11 us after the split
+    # kernel on an H200 (a dependent chain of loads per program), for 4 MB of partials.
+    block_x = min(32, triton.next_power_of_2(X))
     _mla_decode_merge_kernel[(B * H, triton.cdiv(X, block_x))](
         o_part, lse, seq_lens, out, out.stride(0), out.stride(1), H,
         C=X, BLOCK_C=block_x, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_N=block_n,
-        CHUNK_S=min(32, triton.next_power_of_2(num_splits)), num_warps=4, **pdl_launch(out))
+        CHUNK_S=min(128, triton.next_power_of_2(num_splits)), num_warps=4, **pdl_launch(out))
 
 
 def choose_num_splits(batch: int, head_groups: int, max_seq_len: int, device: torch.device, ctas_per_sm: int = 2,
@@ -226,8 +224,7 @@ def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.T
                       seq_lens: torch.Tensor, softmax_scale: float, *, max_seq_len: int | None = None,
                       num_splits: int | None = None, block_h: int | None = None, block_n: int | None = None,
                       num_warps: int | None = None, num_stages: int | None = None,
-                      out: torch.Tensor | None = None, kv_scale: torch.Tensor | None = None,
-                      fp8_reload: bool = False) -> torch.Tensor:
+                      out: torch.Tensor | None = None, kv_scale: torch.Tensor | None = None) -> torch.Tensor:
     B, H, C = q_lat.shape
     R = q_pe.shape[-1]
     NB, PAGE, X = kv_cache.shape
@@ -273,7 +270,6 @@ def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.T
         H, softmax_scale * LOG2E,
         C=C, R=R, BLOCK_C=triton.next_power_of_2(C), BLOCK_R=triton.next_power_of_2(R),
         PAGE=PAGE, BLOCK_H=block_h, BLOCK_N=block_n, NUM_SPLITS=num_splits, UPCAST=INTERPRET, KV_FP8=fp8,
-        FP8_RELOAD=fp8 and fp8_reload,
         num_warps=num_warps, num_stages=num_stages, **pdl_launch(q_lat))
     if num_splits > 1:
         merge_splits(o_part, lse, out, seq_lens, block_n)
@@ -287,7 +283,7 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, 
 
     Triton on CUDA (and on CPU under TRITON_INTERPRET=1), the torch reference elsewhere. fp32
     accumulation (fp32 inputs multiply as tf32 on a GPU); the result has q_lat's dtype. `tuning`
-    (max_seq_len, num_splits, block_h, block_n, num_warps, num_stages, out, fp8_reload) reaches the Triton
+    (max_seq_len, num_splits, block_h, block_n, num_warps, num_stages, out) reaches the Triton
     path only; max_seq_len (an upper bound, default the block table's capacity) picks the split count
     without a host sync. An FP8 cache (e4m3 rows) comes with `kv_scale` [NB,BS,2] (kernels/fp8_cache.py).
     """
