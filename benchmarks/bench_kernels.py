@@ -340,20 +340,23 @@ def per_head_rows():
     """Absorbed decode's per-head products (q_nope by W_UK, the latent output by W_UV, views of one kv_b_proj
     weight): kernels.per_head_matmul's few-row kernel against cuBLAS's batched GEMM, CUDA-graph replays of
     20 calls (a decode step runs them back to back with its other kernels). Floor: the weight's bytes."""
-    from latentmoe.kernels.skinny import PER_HEAD_MAX_ROWS, per_head_matmul
+    from latentmoe.kernels.skinny import PER_HEAD_MAX_BYTES, PER_HEAD_MAX_ROWS, per_head_matmul
     rows = []
     for model, H in (("deepseek-v2-lite", 16), ("deepseek-v2", 128)):
         w = torch.randn(H * 256, 512, device="cuda", dtype=torch.bfloat16).view(H, 256, 512) * 0.05
         for name, K, m in (("W_UK", 128, w[:, :128]), ("W_UV", 512, w[:, 128:].transpose(1, 2))):
             for B in (1, 2, 4, 8):
                 x = torch.randn(B, H, K, device="cuda", dtype=torch.bfloat16)
-                t_k = median_seconds(lambda: per_head_matmul(x, m, max_rows=8), graph=True, calls_per_graph=20)
+
+                def kernel():
+                    return per_head_matmul(x, m, max_rows=8, max_bytes=1 << 40)
+                t_k = median_seconds(kernel, graph=True, calls_per_graph=20)
                 t_b = median_seconds(lambda: per_head_matmul(x, m, max_rows=0), graph=True, calls_per_graph=20)
-                err = ((per_head_matmul(x, m, max_rows=8).float() - per_head_matmul(x, m, max_rows=0).float()).norm()
+                err = ((kernel().float() - per_head_matmul(x, m, max_rows=0).float()).norm()
                        / per_head_matmul(x, m, max_rows=0).float().norm()).item()
                 floor = H * 128 * 512 * 2 / 4.8e12
                 rows.append(f"| {model} | {name} | {B} | {t_k * 1e6:.2f} | {t_b * 1e6:.2f} | {t_b / t_k:.2f}x | "
-                            f"{floor * 1e6:.2f} | {'kernel' if B <= PER_HEAD_MAX_ROWS else 'batched GEMM'} | {err:.1e} |")
+                            f"{floor * 1e6:.2f} | {'kernel' if B <= PER_HEAD_MAX_ROWS and H * 128 * 512 * 2 <= PER_HEAD_MAX_BYTES else 'batched GEMM'} | {err:.1e} |")
                 print(rows[-1], flush=True)
     return rows
 

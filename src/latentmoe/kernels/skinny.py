@@ -267,9 +267,12 @@ def _per_head_kernel(x_ptr, w_ptr, y_ptr, B, K, N, stride_xb, stride_xh, stride_
              cast(acc, y_ptr.dtype.element_ty, INTERPRETED), mask=mask_b[:, None] & mask_n[None, :])
 
 
-# Up to this many rows per_head_matmul runs the kernel above (each weight element is reused B times on the
-# CUDA cores); more go to cuBLAS's batched GEMM.
-PER_HEAD_MAX_ROWS = 4
+# Where per_head_matmul runs the kernel above: up to 2 rows, on up to 4 MB of weight. On an H200
+# (`bench_kernels.py --per-head`, CUDA-graph replays) V2-Lite's 2 MB products took 1.9 us against cuBLAS's
+# 2.9-3.3 at one row, 2.2-2.5 against 3.0-3.3 at two, but 3.3-4.7 against 2.9-3.2 at four (the weight reused
+# on CUDA cores, not tensor cores); V2's 16 MB ones (128 heads) were faster in cuBLAS at every row count.
+PER_HEAD_MAX_ROWS = 2
+PER_HEAD_MAX_BYTES = 4 << 20
 
 
 def per_head_matmul_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -277,16 +280,19 @@ def per_head_matmul_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bhk,hkn->bhn", x.float(), w.float()).to(x.dtype)
 
 
-def per_head_matmul(x: torch.Tensor, w: torch.Tensor, max_rows: int = PER_HEAD_MAX_ROWS) -> torch.Tensor:
+def per_head_matmul(x: torch.Tensor, w: torch.Tensor, max_rows: int = PER_HEAD_MAX_ROWS,
+                    max_bytes: int = PER_HEAD_MAX_BYTES) -> torch.Tensor:
     """x [B, H, K] @ w [H, K, N] per head -> [B, H, N] contiguous, in x's dtype; `w` may be any strided view
     (absorbed decode passes W_UK [H, N, C] as is and W_UV [H, V, C] transposed). Inference only: up to
-    `max_rows` rows the few-row kernel, else one batched GEMM writing straight into [B, H, N] order."""
+    `max_rows` rows of a weight of at most `max_bytes` the few-row kernel, else one batched GEMM
+    writing straight into [B, H, N] order."""
     B, H, K = x.shape
     N = w.shape[2]
     if w.shape[:2] != (H, K):
         raise ValueError(f"per_head_matmul: x {tuple(x.shape)} does not match w {tuple(w.shape)}")
     out = new_buffer((B, H, N), x.dtype, x.device)
-    if use_triton(x) and 0 < B <= max_rows and w.dtype == x.dtype and w.device == x.device:
+    if (use_triton(x) and 0 < B <= max_rows and w.dtype == x.dtype and w.device == x.device
+            and w.numel() * w.element_size() <= max_bytes):
         x = x if x.stride(-1) == 1 else x.contiguous()
         rows = triton.next_power_of_2(B)
         tile = 8192 // rows    # weight elements a program multiplies per K slice (64 fp32 a thread at 4 warps)
@@ -303,5 +309,5 @@ def per_head_matmul(x: torch.Tensor, w: torch.Tensor, max_rows: int = PER_HEAD_M
     return out
 
 
-__all__ = ["SKINNY_MAX_ROWS", "PER_HEAD_MAX_ROWS", "per_head_matmul", "per_head_matmul_ref", "skinny_linear", "skinny_linear_pair", "skinny_swiglu", "skinny_linear_ref",
+__all__ = ["SKINNY_MAX_ROWS", "PER_HEAD_MAX_ROWS", "PER_HEAD_MAX_BYTES", "per_head_matmul", "per_head_matmul_ref", "skinny_linear", "skinny_linear_pair", "skinny_swiglu", "skinny_linear_ref",
            "skinny_swiglu_ref", "choose_skinny_config"]
