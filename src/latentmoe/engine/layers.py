@@ -149,16 +149,48 @@ class EngineMLP(MLP):
 class EngineMoE(MoE):
     """The MoE layer with the shared experts' output, and the block's residual stream when given, added in the
     routed experts' final pass (their combine) instead of separate adds. Only built where the experts are the
-    engine's (they take `add_MD` and `residual_MD`); never under expert parallelism, whose all-reduce follows."""
+    engine's (they take `add_MD` and `residual_MD`); never under expert parallelism, whose all-reduce follows.
+
+    On CUDA, up to SIDE_STREAM_MAX_TOKENS tokens (decode), the shared experts run on a second stream beside
+    the router and the routed experts, joining at the combine (a CUDA graph keeps both branches): at batch 1
+    each of these kernels reads its weights at 2-3 TB/s, not the memory's 4.8, so two at once overlap."""
+
+    SIDE_STREAM_MAX_TOKENS = 16
+
+    def prepare(self, cfg: ModelConfig) -> None:
+        # One side stream per device, shared by the layers (they run one after another); built here, before
+        # any CUDA-graph capture.
+        dev = next(self.parameters()).device
+        self._side = _side_stream(dev) if dev.type == "cuda" and self.shared_experts is not None else None
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         shape = x.shape
         x_MD = x.reshape(-1, shape[-1])
+        side = getattr(self, "_side", None) if 0 < x_MD.shape[0] <= self.SIDE_STREAM_MAX_TOKENS else None
+        shared = ready = None
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side):
+                shared = self.shared_experts(x_MD)
+                ready = torch.cuda.Event()
+                ready.record(side)
+            shared.record_stream(torch.cuda.current_stream(x.device))   # read on this stream: not reused early
         scores, topk_weight, topk_idx = self.gate(x_MD)
-        shared = self.shared_experts(x_MD) if self.shared_experts is not None else None
+        if side is None and self.shared_experts is not None:
+            shared = self.shared_experts(x_MD)
         res = residual.reshape(x_MD.shape) if residual is not None else None
-        y = self.experts(x_MD, topk_idx, topk_weight, add_MD=shared, residual_MD=res)
+        y = self.experts(x_MD, topk_idx, topk_weight, add_MD=shared, residual_MD=res, add_ready=ready)
         return y.view(shape), RouterOutput(scores, topk_idx, topk_weight, None)
+
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
 
 
 class EngineExperts(Experts):
@@ -173,10 +205,11 @@ class EngineExperts(Experts):
                                                          self.gate_up_proj.device)
 
     def forward(self, x_MD: torch.Tensor, topk_idx_MK: torch.Tensor, topk_weight_MK: torch.Tensor,
-                add_MD: torch.Tensor | None = None, residual_MD: torch.Tensor | None = None) -> torch.Tensor:
+                add_MD: torch.Tensor | None = None, residual_MD: torch.Tensor | None = None,
+                add_ready=None) -> torch.Tensor:
         return kernels.fused_moe(x_MD, self.gate_up_proj, self.down_proj, topk_idx_MK, topk_weight_MK,
                                  few_token_layout=self.few_token_layout, skip_negative=self.skip_negative,
-                                 add_MD=add_MD, residual_MD=residual_MD)
+                                 add_MD=add_MD, residual_MD=residual_MD, add_ready=add_ready)
 
 
 class Fp8Linear(nn.Module):
@@ -215,11 +248,12 @@ class Fp8Experts(Experts):
     prepare = EngineExperts.prepare
 
     def forward(self, x_MD: torch.Tensor, topk_idx_MK: torch.Tensor, topk_weight_MK: torch.Tensor,
-                add_MD: torch.Tensor | None = None, residual_MD: torch.Tensor | None = None) -> torch.Tensor:
+                add_MD: torch.Tensor | None = None, residual_MD: torch.Tensor | None = None,
+                add_ready=None) -> torch.Tensor:
         return kernels.fused_moe_fp8(x_MD, self.gate_up_proj, self.gate_up_proj_scale_inv, self.down_proj,
                                      self.down_proj_scale_inv, topk_idx_MK, topk_weight_MK,
                                      few_token_layout=self.few_token_layout, add_MD=add_MD,
-                                     residual_MD=residual_MD)
+                                     residual_MD=residual_MD, add_ready=add_ready)
 
 
 # Linears that stay in the compute dtype under FP8: the output head (as in DeepSeek's FP8 releases) and
@@ -325,7 +359,7 @@ def engine_model(model: nn.Module, *, fused_ops: bool = False, fused_experts: bo
     new_model = rebuild(model, None).eval()
     cfg = model.config
     for m in new_model.modules():
-        if isinstance(m, (EngineRouter, EngineExperts, Fp8Experts)):
+        if isinstance(m, (EngineRouter, EngineExperts, Fp8Experts, EngineMoE)):
             m.prepare(cfg)
     return new_model
 

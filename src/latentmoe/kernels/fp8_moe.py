@@ -22,7 +22,7 @@ import torch
 from ._triton import INTERPRET, dot, dot_acc, jit, new_buffer, tl, triton, use_triton
 from .fp8 import BLOCK, FP8_MAX, dequantize_fp8_blocks, quantize_fp8_groups, round_through_fp8_groups, to_fp8
 from .moe import (DECODE_CONFIG, FEW_TOKENS, add_to_routed, choose_moe_config, moe_align, moe_combine, moe_shapes,
-                  program_expert, row_block)
+                  program_expert, row_block, wait_for_add)
 from .reference import fused_moe_ref
 
 
@@ -106,7 +106,8 @@ def _moe_fp8_down_kernel(h_ptr, w_ptr, s_ptr, y_ptr, sorted_ids_ptr, block_exper
 
 def fused_moe_fp8_triton(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scale, topk_idx_MK, topk_weight_MK,
                          few_token_layout: torch.Tensor | None = None, config: dict | None = None,
-                         add_MD: torch.Tensor | None = None, residual_MD: torch.Tensor | None = None) -> torch.Tensor:
+                         add_MD: torch.Tensor | None = None, residual_MD: torch.Tensor | None = None,
+                         add_ready=None) -> torch.Tensor:
     M, D, K, E, I = moe_shapes(x_MD, gate_up_proj, down_proj, topk_idx_MK)
     A = M * K
     assert gate_up_proj.stride(-1) == 1 and down_proj.stride(-1) == 1
@@ -137,7 +138,7 @@ def fused_moe_fp8_triton(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scal
         y_AD.stride(0), A, I, D, E,
         BLOCK_M=bm, BLOCK_N=cfg["block_n2"], BLOCK_K=bk, SCALE_BLOCK=BLOCK, UPCAST=INTERPRET,
         num_warps=nw, num_stages=ns)
-    return moe_combine(y_AD, K, add_MD, residual_MD)
+    return moe_combine(y_AD, K, add_MD, residual_MD, add_ready)
 
 
 @jit
@@ -236,7 +237,7 @@ def choose_w8a8_config(n_assignments: int, n_experts: int) -> dict:
 def fused_moe_fp8_w8a8_triton(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scale, topk_idx_MK,
                               topk_weight_MK, config: dict | None = None,
                               add_MD: torch.Tensor | None = None,
-                              residual_MD: torch.Tensor | None = None) -> torch.Tensor:
+                              residual_MD: torch.Tensor | None = None, add_ready=None) -> torch.Tensor:
     """The fp8-activation kernels: x quantised per token and 128 columns, both GEMMs on FP8 tensor cores.
     D and I must be multiples of 128 (every released model's are)."""
     M, D, K, E, I = moe_shapes(x_MD, gate_up_proj, down_proj, topk_idx_MK)
@@ -263,7 +264,7 @@ def fused_moe_fp8_w8a8_triton(x_MD, gate_up_proj, gate_up_scale, down_proj, down
         h_PI.stride(0), hs_PG.stride(0), down_proj.stride(0), down_proj.stride(1), down_scale.stride(0),
         down_scale.stride(1), y_AD.stride(0), A, I, D, E,
         BLOCK_M=bm, BLOCK=BLOCK, UPCAST=INTERPRET, num_warps=nw, num_stages=ns)
-    return moe_combine(y_AD, K, add_MD, residual_MD)
+    return moe_combine(y_AD, K, add_MD, residual_MD, add_ready)
 
 
 # From this many assignments per expert the fp8-activation kernels run (each weight tile then serves enough
@@ -282,11 +283,12 @@ def uses_fp8_activations(n_assignments: int, down_proj_shape: tuple[int, ...], f
 def fused_moe_fp8(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, gate_up_scale: torch.Tensor,
                   down_proj: torch.Tensor, down_scale: torch.Tensor, topk_idx_MK: torch.Tensor,
                   topk_weight_MK: torch.Tensor, few_token_layout: torch.Tensor | None = None,
-                  add_MD: torch.Tensor | None = None, residual_MD: torch.Tensor | None = None) -> torch.Tensor:
+                  add_MD: torch.Tensor | None = None, residual_MD: torch.Tensor | None = None,
+                  add_ready=None) -> torch.Tensor:
     """`fused_moe` over block-FP8 expert weights -> [M, D] in x's dtype. From FP8_ACTIVATIONS_MIN_PER_EXPERT
     assignments per expert the activations are quantised too (FP8 tensor cores); fewer run the weight-only
     kernels. Triton on CUDA (CPU under TRITON_INTERPRET=1); elsewhere the matching reference, so a CPU run
-    rounds the activations where a GPU would. `add_MD` and `residual_MD` as in `fused_moe`."""
+    rounds the activations where a GPU would. `add_MD`, `residual_MD` and `add_ready` as in `fused_moe`."""
     M = x_MD.shape[0]
     if M == 0:
         return x_MD.clone()
@@ -295,12 +297,14 @@ def fused_moe_fp8(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, gate_up_scale:
     if not use_triton(x_MD):
         ref = fused_moe_fp8_w8a8_ref if w8a8 else fused_moe_fp8_ref
         y = ref(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scale, topk_idx_MK, topk_weight_MK)
+        wait_for_add(add_ready, x_MD.device)
         return add_to_routed(y, add_MD, residual_MD)
     if w8a8:
         return fused_moe_fp8_w8a8_triton(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scale, topk_idx_MK,
-                                         topk_weight_MK, add_MD=add_MD, residual_MD=residual_MD)
+                                         topk_weight_MK, add_MD=add_MD, residual_MD=residual_MD, add_ready=add_ready)
     return fused_moe_fp8_triton(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scale, topk_idx_MK,
-                                topk_weight_MK, few_token_layout, add_MD=add_MD, residual_MD=residual_MD)
+                                topk_weight_MK, few_token_layout, add_MD=add_MD, residual_MD=residual_MD,
+                                add_ready=add_ready)
 
 
 __all__ = ["fused_moe_fp8", "fused_moe_fp8_ref", "fused_moe_fp8_triton", "fused_moe_fp8_w8a8_ref",

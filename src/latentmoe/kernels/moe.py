@@ -358,13 +358,21 @@ def _moe_combine_kernel(y_ptr, add_ptr, res_ptr, out_ptr, D, stride_add, stride_
     tl.store(out_ptr + m * D + offs, cast(acc, out_ptr.dtype.element_ty, INTERPRETED), mask=mask)
 
 
+def wait_for_add(add_ready, device: torch.device) -> None:
+    """Make the current stream wait for `add_ready` (a CUDA event, or None: nothing to wait for)."""
+    if add_ready is not None:
+        torch.cuda.current_stream(device).wait_event(add_ready)
+
+
 def moe_combine(y_AD: torch.Tensor, top_k: int, add_MD: torch.Tensor | None = None,
-                residual_MD: torch.Tensor | None = None) -> torch.Tensor:
+                residual_MD: torch.Tensor | None = None, add_ready=None) -> torch.Tensor:
     """[M*K, D] weighted expert outputs (a token's K rows adjacent) -> [M, D]: their sum, plus `add_MD` (the
     shared experts' output) when given, plus `residual_MD` (the decoder block's residual stream) when given,
     each add rounded as the model rounds it, in one pass (torch needs a reduction, a cast and an add for each).
     Summing adjacent rows is deterministic, unlike atomics in the GEMM. Triton where it runs, the reference
-    elsewhere."""
+    elsewhere. `add_ready` (a CUDA event): `add_MD` is written on another stream, finished at that event (the
+    shared experts running beside the routed ones); the current stream waits for it here, just before the read."""
+    wait_for_add(add_ready, y_AD.device)
     if not use_triton(y_AD):
         return moe_combine_ref(y_AD, top_k, add_MD, residual_MD)
     A, D = y_AD.shape
@@ -386,7 +394,7 @@ def moe_combine(y_AD: torch.Tensor, top_k: int, add_MD: torch.Tensor | None = No
 def fused_moe_triton(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
                      topk_idx_MK: torch.Tensor, topk_weight_MK: torch.Tensor, config: dict | None = None,
                      skip_negative: bool = False, add_MD: torch.Tensor | None = None,
-                     residual_MD: torch.Tensor | None = None) -> torch.Tensor:
+                     residual_MD: torch.Tensor | None = None, add_ready=None) -> torch.Tensor:
     M, D, K, E, I = moe_shapes(x_MD, gate_up_proj, down_proj, topk_idx_MK)
     x_MD, gate_up_proj, down_proj = _inference_inputs(x_MD, gate_up_proj, down_proj)
     cfg = config or choose_moe_config(M * K, E)
@@ -396,7 +404,7 @@ def fused_moe_triton(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: 
         sorted_ids, block_expert = moe_align(topk_idx_MK, E, cfg["block_m"])
     _, y_AD = run_moe_gemms(x_MD, gate_up_proj, down_proj, topk_weight_MK, sorted_ids, block_expert, cfg, K,
                             zero_y=skip_negative)
-    return moe_combine(y_AD, K, add_MD, residual_MD)
+    return moe_combine(y_AD, K, add_MD, residual_MD, add_ready)
 
 
 # Up to this many tokens the unsorted layout pays: 2 tokens x 6 of 64 experts repeat an expert read ~0.6
@@ -422,7 +430,7 @@ def fused_moe_few_tokens_triton(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, 
                                 topk_idx_MK: torch.Tensor, topk_weight_MK: torch.Tensor,
                                 layout: torch.Tensor, skip_negative: bool = False,
                                 add_MD: torch.Tensor | None = None,
-                                residual_MD: torch.Tensor | None = None) -> torch.Tensor:
+                                residual_MD: torch.Tensor | None = None, add_ready=None) -> torch.Tensor:
     """The fused-MoE kernels over `few_token_layout` rows: same kernels, same arithmetic per assignment."""
     M, D = x_MD.shape
     K = topk_idx_MK.shape[1]
@@ -436,13 +444,14 @@ def fused_moe_few_tokens_triton(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, 
     # The grid has A row blocks, so only layout[:A * block_m] is read: no slice needed.
     _, y_AD = run_moe_gemms(x_MD, gate_up_proj, down_proj, topk_weight_MK, layout, block_expert, cfg, K,
                             zero_y=skip_negative)
-    return moe_combine(y_AD, K, add_MD, residual_MD)
+    return moe_combine(y_AD, K, add_MD, residual_MD, add_ready)
 
 
 def fused_moe(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
               topk_idx_MK: torch.Tensor, topk_weight_MK: torch.Tensor,
               few_token_layout: torch.Tensor | None = None, skip_negative: bool = False,
-              add_MD: torch.Tensor | None = None, residual_MD: torch.Tensor | None = None) -> torch.Tensor:
+              add_MD: torch.Tensor | None = None, residual_MD: torch.Tensor | None = None,
+              add_ready=None) -> torch.Tensor:
     """Routed experts: y[m] = sum_k w[m,k] down_e(silu(gate_e x[m]) * up_e x[m]), e = topk_idx[m,k].
 
     x_MD [M,D], gate_up_proj [E,2I,D] rows [gate | up], down_proj [E,D,I] -> [M,D] in x's dtype.
@@ -452,16 +461,17 @@ def fused_moe(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.T
     GEMM rows): an expert-parallel rank passes the assignments to other ranks' experts that way.
     `add_MD` [M, D] (the shared experts' output) is added to the result in the same final pass, then
     `residual_MD` [M, D] (the residual stream the block adds the MoE output to), each rounded as the model
-    rounds its adds.
+    rounds its adds. `add_ready`: the CUDA event after which `add_MD` may be read (see moe_combine).
     """
     M = x_MD.shape[0]
     if M == 0:
         return x_MD.clone()
     if not use_triton(x_MD):
-        return add_to_routed(fused_moe_ref(x_MD, gate_up_proj, down_proj, topk_idx_MK, topk_weight_MK), add_MD,
-                             residual_MD)
+        y = fused_moe_ref(x_MD, gate_up_proj, down_proj, topk_idx_MK, topk_weight_MK)
+        wait_for_add(add_ready, x_MD.device)
+        return add_to_routed(y, add_MD, residual_MD)
     if few_token_layout is not None and M <= FEW_TOKENS:
         return fused_moe_few_tokens_triton(x_MD, gate_up_proj, down_proj, topk_idx_MK, topk_weight_MK,
-                                           few_token_layout, skip_negative, add_MD, residual_MD)
+                                           few_token_layout, skip_negative, add_MD, residual_MD, add_ready)
     return fused_moe_triton(x_MD, gate_up_proj, down_proj, topk_idx_MK, topk_weight_MK, skip_negative=skip_negative,
-                            add_MD=add_MD, residual_MD=residual_MD)
+                            add_MD=add_MD, residual_MD=residual_MD, add_ready=add_ready)
