@@ -111,6 +111,8 @@ def trace_decode(llm, B: int, L: int, out_path: str) -> str:
     launch order with their durations and the idle time before each, grouped by name, and one middle
     layer's sequence in full. Idle time is what a kernel's launch and ramp-up cost beyond its own run."""
     from torch.profiler import ProfilerActivity, profile
+    if llm.device.type != "cuda":
+        return f"decode B={B} at {L}: the timeline needs CUDA\n"
     engine_decode(llm, B, L, 2)   # warm (graph for this bucket)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         engine_decode(llm, B, L, 4)
