@@ -153,7 +153,9 @@ class EngineMoE(MoE):
 
     On CUDA, up to SIDE_STREAM_MAX_TOKENS tokens (decode), the shared experts run on a second stream beside
     the router and the routed experts, joining at the combine (a CUDA graph keeps both branches): at batch 1
-    each of these kernels reads its weights at 2-3 TB/s, not the memory's 4.8, so two at once overlap."""
+    each of these kernels reads its weights at 2-3 TB/s, not the memory's 4.8, so two at once overlap.
+    Measured on an H200 at V2-Lite's shape, 1K context, graph replays: 2.38 ms a step against 2.62 without
+    (batch 1), 4.64 against 5.11 (batch 4)."""
 
     SIDE_STREAM_MAX_TOKENS = 16
 
