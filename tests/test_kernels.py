@@ -116,21 +116,32 @@ def test_mla_decode_matches_dense_attention(K):
 
 
 def test_choose_num_splits(K):
-    cpu = torch.device("cpu")  # nominal 8 multiprocessors there: 16 program slots at 2 per multiprocessor
-    # Below one wave: fill it (1 x 16 pieces). Counts are powers of two: for 3 sequences 16 pieces (3 full
-    # waves of 256 + 64 tokens = 960) beat 4 (one wave of 12/16 programs, 1,088) and 8 (2 waves, 1,152).
+    # CPU: nominal 8 multiprocessors, 16 program slots at 2 each; 1.4 programs each (11.2) reach the
+    # bandwidth with 1,152-byte rows, so a piece's 64 KB of partials costs 65,536 / (11.2 * 1,152) = 5.08
+    # tokens' time and the merge 100 more.
+    cpu = torch.device("cpu")
+    # Below one wave: fill it. 1 x 4,096: 16 pieces = one wave of 256 + 64 tokens, under the bandwidth
+    # floor of 4,096 / 11.2 = 366, + merge 100 + 16 x 5.08 = 547; 8 pieces 576 + 141; 32 pieces 366 + 263.
     assert K.choose_num_splits(batch=1, head_groups=1, max_seq_len=4096, device=cpu) == 16
-    assert K.choose_num_splits(batch=3, head_groups=1, max_seq_len=4096, device=cpu) == 16
-    # 6 programs on 8 slots: 1 piece = one wave of 4,096 tokens with 2 slots idle; 4 pieces = 3 waves
-    # of 1,024 (+64) tokens = 3,264: all slots busy, faster.
+    # 3 sequences: 4 pieces = one wave of 1,088 -> floor 1,097 + 161 = 1,258; 8 = 2 waves of 576
+    # (1,152 + 222); 16 = 3 waves of 320 (floor 1,097 + 344): no more pieces than the bandwidth uses.
+    assert K.choose_num_splits(batch=3, head_groups=1, max_seq_len=4096, device=cpu) == 4
+    # 6 programs on 8 slots: 1 piece = one wave of 4,160 with 2 slots idle; 4 pieces = 3 waves of 1,088
+    # = 3,264 + 222 of merge: all slots busy, faster.
     assert K.choose_num_splits(batch=3, head_groups=2, max_seq_len=4096, device=cpu, ctas_per_sm=1) == 4
     # 64 programs fill 16 slots in exactly 4 waves: splitting only adds overhead.
     assert K.choose_num_splits(batch=64, head_groups=1, max_seq_len=4096, device=cpu) == 1
-    # 20 programs: 1 piece = 2 waves, the second 4/16 busy (8,320); 4 pieces = 5 full waves of 1,088 (5,440).
-    assert K.choose_num_splits(batch=20, head_groups=1, max_seq_len=4096, device=cpu) == 4
-    # Pieces of at least 32 tokens: 4 of 200 (1 x (50 + 64)) beat 1 of 200 (264).
+    # 12 programs, one wave of 4,160, are already past the bandwidth (floor 4,389): 1 piece; waves alone
+    # (3 waves of 1,088 with 4 pieces) would have cut them, for nothing but a merge.
+    assert K.choose_num_splits(batch=12, head_groups=1, max_seq_len=4096, device=cpu) == 1
+    # 20 programs: 1 piece = 2 waves, the second 4/16 busy (8,320); 2 pieces = 3 waves of 2,112 = 6,336,
+    # under the floor of 7,314, + 303 of merge; 4 pieces reach the same floor with a dearer merge (506).
+    assert K.choose_num_splits(batch=20, head_groups=1, max_seq_len=4096, device=cpu) == 2
+    # Pieces of at least 32 tokens: 4 of 200 (1 x (50 + 64) + 120 of merge) beat 1 of 200 (264).
     assert K.choose_num_splits(batch=1, head_groups=1, max_seq_len=200, device=cpu) == 4
     assert K.choose_num_splits(batch=1, head_groups=1, max_seq_len=40, device=cpu) == 1
+    # Half the bytes a row (FP8): twice the programs before the bandwidth binds, so 12 sequences split.
+    assert K.choose_num_splits(batch=12, head_groups=1, max_seq_len=4096, device=cpu, row_bytes=576) == 4
 
 
 def test_dispatch_without_triton_uses_the_references(K, monkeypatch):

@@ -176,43 +176,64 @@ def split_outputs(out: torch.Tensor, num_splits: int):
 
 
 def merge_splits(o_part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, seq_lens: torch.Tensor,
-                 block_n: int) -> None:
+                 block_n: int, block_x: int | None = None) -> None:
     """out[b, h] = the log-sum-exp weighted mean of the partials o_part [B, H, S, X] (lse [B, H, S], log2
     units) of the pieces sequence b uses (`split_range` with the split kernel's `block_n`); shared by the
     latent and the per-head decode kernels."""
     B, H, num_splits, X = o_part.shape
-    # Columns in blocks of 32, one program each, reading up to 128 pieces in one load: at batch 1 and 128
-    # pieces, 64 programs of 128 columns looping over 32 pieces at a time finished 11 us after the split
-    # kernel on an H200 (a dependent chain of loads per program), for 4 MB of partials.
-    block_x = min(32, triton.next_power_of_2(X))
+    if block_x is None:
+        # Columns in blocks of 32 where the rows are few: at batch 1 and 128 pieces, 64 programs of 128
+        # columns looping over 32 pieces at a time finished 11 us after the split kernel on an H200 (a
+        # dependent chain of loads per program). Wider blocks where the rows alone give every multiprocessor
+        # four programs: 32-column programs for 200 sequences of 16 heads are 51,200 tiny programs.
+        block_x = 32
+        while block_x < X and B * H * triton.cdiv(X, 2 * block_x) >= 4 * sm_count(out.device):
+            block_x *= 2
+    block_x = min(block_x, triton.next_power_of_2(X))
+    block_s = triton.next_power_of_2(num_splits)
+    # Up to 128 pieces in one load, at most 8K partial values in registers at once.
+    chunk_s = max(1, min(128, block_s, 8192 // block_x))
     _mla_decode_merge_kernel[(B * H, triton.cdiv(X, block_x))](
         o_part, lse, seq_lens, out, out.stride(0), out.stride(1), H,
-        C=X, BLOCK_C=block_x, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_N=block_n,
-        CHUNK_S=min(128, triton.next_power_of_2(num_splits)), num_warps=4, **pdl_launch(out))
+        C=X, BLOCK_C=block_x, NUM_SPLITS=num_splits, BLOCK_S=block_s, BLOCK_N=block_n,
+        CHUNK_S=chunk_s, num_warps=4, **pdl_launch(out))
 
 
 def choose_num_splits(batch: int, head_groups: int, max_seq_len: int, device: torch.device, ctas_per_sm: int = 2,
-                      min_tokens_per_split: int = 32, max_splits: int = 128, piece_overhead: int = 64) -> int:
-    """Pieces per sequence, from a wave model of the launch.
+                      min_tokens_per_split: int = 32, max_splits: int = 128, piece_overhead: int = 64,
+                      row_bytes: int = 1152, saturating_per_sm: float = 1.4, merge_overhead: int = 100,
+                      partial_bytes: int = 16 * 512 * 4 * 2) -> int:
+    """Pieces per sequence, from a model of the launch in units of the time one program takes per token.
 
     With s pieces the grid has batch * head_groups * s programs, run in ceil(programs / slots) waves
     (slots = ctas_per_sm per multiprocessor); each program walks max_seq_len / s tokens plus a fixed
-    cost (query load, partial write, merge) worth about `piece_overhead` tokens. The time is
-    waves * (max_seq_len / s + piece_overhead): minimise it, fewest pieces on ties. Below one wave this
-    fills the wave (measured on an H100: 4 pieces of B=64 ran 1.4x faster than 5, whose second wave
-    was nearly empty); above it, it trims the last wave's idle slots (B=298: 7 pieces, not 1).
-    Pieces stay at least `min_tokens_per_split` long (one 32-token tile: at batch 1 every tile a
-    program walks is a dependent DRAM round trip, so short pieces win). At most 128 pieces: on an H200 at
-    batch 1 and 128K context the kernel (4 stages) took 96.8 us with 64 pieces, 62.6 us with 128 and 83.9 us
-    with 256 (the model's estimate prefers 256). A short context in a graph sized for 128K uses only the
+    cost (query load, partial write) worth about `piece_overhead` tokens. A program's walk is a chain of
+    dependent DRAM round trips, so programs add up until `saturating_per_sm` of them per multiprocessor
+    reach the memory bandwidth (for rows of `row_bytes`; fewer bytes a row, more programs): no
+    launch is faster than batch * head_groups * max_seq_len tokens over that many programs. More than one
+    piece adds the merge: a launch (`merge_overhead`) and the partials (`partial_bytes` a program, written
+    and read again) at that bandwidth. Minimise the total, fewest pieces on ties.
+
+    Measured on an H200 (16 heads, launches sized for 128K contexts): one program walks a token in about
+    53 ns, and 200 sequences of 1,050 tokens in one piece each took 96 us, near the bandwidth (hence 1.4
+    programs a multiprocessor). Without the bandwidth bound the model gave those 200 sequences 64 pieces,
+    33 of them used (310 us with the merge); with it, 1 (96 us). Likewise B=64 at 1K: 4 pieces, 38 us
+    (was 8, 57 us); B=128 at 2K: 2 pieces, 100 us (was 138). Below one wave the count fills the wave (on an H100 4 pieces of B=64 ran 1.4x faster than 5, whose
+    second wave was nearly empty). Pieces stay at least `min_tokens_per_split` long (one 32-token tile).
+    At most 128 pieces: at batch 1 and 128K context the kernel (4 stages) took 96.8 us with 64 pieces,
+    62.6 us with 128 and 83.9 us with 256. A short context in a graph sized for 128K uses only the
     pieces it fills and the others exit at once (1K context: 9-11 us with 32 to 256 pieces).
     """
     programs = batch * head_groups
     slots = ctas_per_sm * sm_count(device)
+    saturating = saturating_per_sm * sm_count(device) * 1152 / row_bytes
+    floor = programs * max_seq_len / saturating
     cap = max(1, min(max_splits, max_seq_len // min_tokens_per_split))
 
     def cost(s: int) -> float:
-        return -(-programs * s // slots) * (max_seq_len / s + piece_overhead)
+        walk = max(-(-programs * s // slots) * (max_seq_len / s + piece_overhead), floor)
+        merge = 0 if s == 1 else merge_overhead + programs * s * partial_bytes / (saturating * row_bytes)
+        return walk + merge
 
     # Powers of two only: each count is a compiled variant, and seven of them can all be compiled at
     # start-up (engine warm-up), so no batch the engine forms later compiles anything.
@@ -249,7 +270,9 @@ def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.T
     if num_splits is None:
         # Registers allow two 4-warp programs of 16 heads per multiprocessor, one of the 64-head kind.
         ctas = 2 if block_h <= 16 and num_warps == 4 else 1
-        num_splits = choose_num_splits(B, head_groups, max_seq_len, q_lat.device, ctas)
+        row_bytes = X * kv_cache.element_size() + (kv_scale.shape[-1] * kv_scale.element_size() if fp8 else 0)
+        num_splits = choose_num_splits(B, head_groups, max_seq_len, q_lat.device, ctas, row_bytes=row_bytes,
+                                       partial_bytes=min(H, block_h) * C * 4 * 2)
     if num_stages is None:
         # The next tile's cache blocks are looked up a tile ahead, so 3 stages double-buffer the latent tile and
         # 4 triple-buffer it (130 KB of shared memory: one program a multiprocessor). On an H200, one program
