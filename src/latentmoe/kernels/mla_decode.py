@@ -185,7 +185,9 @@ def merge_splits(o_part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, seq
         # Columns in blocks of 32 where the rows are few: at batch 1 and 128 pieces, 64 programs of 128
         # columns looping over 32 pieces at a time finished 11 us after the split kernel on an H200 (a
         # dependent chain of loads per program). Wider blocks where the rows alone give every multiprocessor
-        # four programs: 32-column programs for 200 sequences of 16 heads are 51,200 tiny programs.
+        # four programs: 32-column programs for 200 sequences of 16 heads are 51,200 tiny programs. With the
+        # same pieces, split + merge at B=64 and 1K (4 pieces) took 38 us, 57 with 32 columns; B=128 at 2K
+        # (2 pieces) 100 us, 138 (H200, launches sized for 128K).
         block_x = 32
         while block_x < X and B * H * triton.cdiv(X, 2 * block_x) >= 4 * sm_count(out.device):
             block_x *= 2
@@ -217,8 +219,7 @@ def choose_num_splits(batch: int, head_groups: int, max_seq_len: int, device: to
     Measured on an H200 (16 heads, launches sized for 128K contexts): one program walks a token in about
     53 ns, and 200 sequences of 1,050 tokens in one piece each took 96 us, near the bandwidth (hence 1.4
     programs a multiprocessor). Without the bandwidth bound the model gave those 200 sequences 64 pieces,
-    33 of them used (310 us with the merge); with it, 1 (96 us). Likewise B=64 at 1K: 4 pieces, 38 us
-    (was 8, 57 us); B=128 at 2K: 2 pieces, 100 us (was 138). Below one wave the count fills the wave (on an H100 4 pieces of B=64 ran 1.4x faster than 5, whose
+    33 of them used (310 us with the merge); with it, 1 (96 us). Below one wave the count fills the wave (on an H100 4 pieces of B=64 ran 1.4x faster than 5, whose
     second wave was nearly empty). Pieces stay at least `min_tokens_per_split` long (one 32-token tile).
     At most 128 pieces: at batch 1 and 128K context the kernel (4 stages) took 96.8 us with 64 pieces,
     62.6 us with 128 and 83.9 us with 256. A short context in a graph sized for 128K uses only the
