@@ -74,6 +74,25 @@ def test_mla_decode_merges_wide_latents_in_column_blocks(K):
     check_mla(K, [3, 200, 64], H=2, C=280, R=16, page=16, dtype=torch.bfloat16, num_splits=4, block_n=32)
 
 
+def test_mla_decode_merge_widens_its_column_blocks_when_rows_are_many(K):
+    """32 (sequence, head) rows: the merge doubles its 32 columns while the rows alone give every (nominal)
+    multiprocessor four programs, up to one 512-column block (C = 280, partly masked), reading 19 pieces in
+    chunks of 16 (8K values in registers). End to end against the reference, and the same partials merged
+    with 32-column blocks (the narrow path the other tests check) must agree."""
+    check_mla(K, [600, 3, 64, 250, 1, 33, 512, 97], H=4, C=280, R=16, page=16, dtype=torch.bfloat16,
+              num_splits=32, block_n=16)
+    from latentmoe.kernels.mla_decode import merge_splits
+    gen = torch.Generator().manual_seed(3)
+    B, H, S, X = 8, 4, 32, 280
+    o_part = torch.randn(B, H, S, X, generator=gen).to(DEV)
+    lse = torch.randn(B, H, S, generator=gen).to(DEV)
+    lens = torch.tensor([600, 3, 64, 250, 1, 33, 512, 97], dtype=torch.int32, device=DEV)
+    narrow, wide = (torch.full((B, H, X), float("nan"), device=DEV) for _ in range(2))
+    merge_splits(o_part, lse, narrow, lens, 16, block_x=32)
+    merge_splits(o_part, lse, wide, lens, 16, block_x=512)
+    assert torch.isfinite(wide).all() and rel_err(wide, narrow) < 1e-6
+
+
 def test_mla_decode_fp16_odd_widths_and_many_splits(K):
     # C, R not powers of two; more pieces than some sequences have tiles (empty pieces must weigh 0).
     check_mla(K, [5, 100], H=3, C=40, R=24, page=32, dtype=torch.float16, num_splits=8, block_n=16)
