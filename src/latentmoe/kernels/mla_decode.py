@@ -188,8 +188,8 @@ def merge_splits(o_part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, seq
         # four programs: 32-column programs for 200 sequences of 16 heads are 51,200 tiny programs. With the
         # same pieces, split + merge at B=64 and 1K (4 pieces) took 38 us, 57 with 32 columns; B=128 at 2K
         # (2 pieces) 100 us, 138 (H200, launches sized for 128K).
-        block_x = 32
-        while block_x < X and B * H * triton.cdiv(X, 2 * block_x) >= 4 * sm_count(out.device):
+        block_x, enough = 32, 4 * sm_count(out.device)
+        while block_x < X and B * H * triton.cdiv(X, 2 * block_x) >= enough:
             block_x *= 2
     block_x = min(block_x, triton.next_power_of_2(X))
     block_s = triton.next_power_of_2(num_splits)
@@ -201,9 +201,13 @@ def merge_splits(o_part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, seq
         CHUNK_S=chunk_s, num_warps=4, **pdl_launch(out))
 
 
+# The cache rows `choose_num_splits`' saturating_per_sm was measured with: bf16, 512 latent + 64 RoPE columns.
+MEASURED_ROW_BYTES = (512 + 64) * 2
+
+
 def choose_num_splits(batch: int, head_groups: int, max_seq_len: int, device: torch.device, ctas_per_sm: int = 2,
                       min_tokens_per_split: int = 32, max_splits: int = 128, piece_overhead: int = 64,
-                      row_bytes: int = 1152, saturating_per_sm: float = 1.4, merge_overhead: int = 100,
+                      row_bytes: int = MEASURED_ROW_BYTES, saturating_per_sm: float = 1.4, merge_overhead: int = 100,
                       partial_bytes: int = 16 * 512 * 4 * 2) -> int:
     """Pieces per sequence, from a model of the launch in units of the time one program takes per token.
 
@@ -219,21 +223,24 @@ def choose_num_splits(batch: int, head_groups: int, max_seq_len: int, device: to
     Measured on an H200 (16 heads, launches sized for 128K contexts): one program walks a token in about
     53 ns, and 200 sequences of 1,050 tokens in one piece each took 96 us, near the bandwidth (hence 1.4
     programs a multiprocessor). Without the bandwidth bound the model gave those 200 sequences 64 pieces,
-    33 of them used (310 us with the merge); with it, 1 (96 us). Below one wave the count fills the wave (on an H100 4 pieces of B=64 ran 1.4x faster than 5, whose
-    second wave was nearly empty). Pieces stay at least `min_tokens_per_split` long (one 32-token tile).
+    33 of them used (310 us with the merge); with it, 1 (96 us). Below one wave the count fills the wave
+    (on an H100 4 pieces of B=64 ran 1.4x faster than 5, whose second wave was nearly empty). Pieces stay
+    at least `min_tokens_per_split` long (one 32-token tile).
     At most 128 pieces: at batch 1 and 128K context the kernel (4 stages) took 96.8 us with 64 pieces,
     62.6 us with 128 and 83.9 us with 256. A short context in a graph sized for 128K uses only the
     pieces it fills and the others exit at once (1K context: 9-11 us with 32 to 256 pieces).
     """
     programs = batch * head_groups
-    slots = ctas_per_sm * sm_count(device)
-    saturating = saturating_per_sm * sm_count(device) * 1152 / row_bytes
-    floor = programs * max_seq_len / saturating
+    sms = sm_count(device)
+    slots = ctas_per_sm * sms
+    # Bytes the memory moves in one token's time of one program, and the programs that reach it.
+    bytes_per_token_time = saturating_per_sm * sms * MEASURED_ROW_BYTES
+    floor = programs * max_seq_len * row_bytes / bytes_per_token_time
     cap = max(1, min(max_splits, max_seq_len // min_tokens_per_split))
 
     def cost(s: int) -> float:
         walk = max(-(-programs * s // slots) * (max_seq_len / s + piece_overhead), floor)
-        merge = 0 if s == 1 else merge_overhead + programs * s * partial_bytes / (saturating * row_bytes)
+        merge = 0 if s == 1 else merge_overhead + programs * s * partial_bytes / bytes_per_token_time
         return walk + merge
 
     # Powers of two only: each count is a compiled variant, and seven of them can all be compiled at
