@@ -203,8 +203,9 @@ def test_write_latent_cache_fp8(K):
     assert ((rows - want).abs() <= want.abs() / 16 + 1e-6 + 2 ** -10 * want.abs().amax(-1, keepdim=True)).all()
 
 
-@pytest.mark.parametrize("num_splits", [1, 3])
-def test_mla_decode_fp8_cache(K, num_splits):
+@pytest.mark.parametrize("num_splits,q_size", [(1, 1.0), (3, 1.0), (2, 1e5)])
+def test_mla_decode_fp8_cache(K, num_splits, q_size):
+    """The FP8 cache's dots run in fp16: queries of 1e5 (past fp16's 65504) must not overflow there."""
     g = torch.Generator().manual_seed(8 + num_splits)
     H, C, R, page = 4, 64, 16, 16
     seq_lens = [5, 40, 17]
@@ -221,15 +222,16 @@ def test_mla_decode_fp8_cache(K, num_splits):
         table[b, :nb] = perm[used:used + nb].int()
         used += nb
     lens = torch.tensor(seq_lens, dtype=torch.int32)
-    q_lat = torch.randn(3, H, C, generator=g).to(torch.bfloat16)
-    q_pe = torch.randn(3, H, R, generator=g).to(torch.bfloat16)
-    out = K.mla_decode(q_lat.to(DEV), q_pe.to(DEV), cache.to(DEV), table.to(DEV), lens.to(DEV), 0.1,
+    q_lat = (torch.randn(3, H, C, generator=g) * q_size).to(torch.bfloat16)
+    q_pe = (torch.randn(3, H, R, generator=g) * q_size).to(torch.bfloat16)
+    sm_scale = 0.1 / q_size
+    out = K.mla_decode(q_lat.to(DEV), q_pe.to(DEV), cache.to(DEV), table.to(DEV), lens.to(DEV), sm_scale,
                        kv_scale=scale.to(DEV), num_splits=num_splits)
-    ref = K.mla_decode_ref(q_lat.double(), q_pe.double(), cache, table, lens, 0.1, kv_scale=scale)
-    assert rel_err(out.cpu(), ref) < 1.5e-2   # bf16 queries, keys rounded to bf16 after dequantisation
+    ref = K.mla_decode_ref(q_lat.double(), q_pe.double(), cache, table, lens, sm_scale, kv_scale=scale)
+    assert rel_err(out.cpu(), ref) < 1e-2   # probabilities (times the row scales) rounded to fp16, output to bf16
     # the reference reads the cache as its dequantised rows
     dense = K.dequantize_latent_rows(cache, scale, C, torch.float64)
-    assert torch.allclose(ref, K.mla_decode_ref(q_lat.double(), q_pe.double(), dense, table, lens, 0.1))
+    assert torch.allclose(ref, K.mla_decode_ref(q_lat.double(), q_pe.double(), dense, table, lens, sm_scale))
 
 
 # ----------------------------------------------------------------------------- full size (GPU)

@@ -16,6 +16,7 @@ from ._triton import INTERPRET, dot, jit, new_buffer, pdl_launch, sm_count, tl, 
 from .reference import mla_decode_ref
 
 LOG2E = 1.4426950408889634
+Q16_SCALE = tl.constexpr(1.0 / 256.0)   # queries' scale in the FP8 cache's fp16 dots (a power of two: exact)
 
 
 @jit
@@ -74,6 +75,12 @@ def _mla_decode_split_kernel(
                     mask=mask_h[:, None] & mask_c[None, :], other=0.0)          # [BLOCK_H, BLOCK_C]
     q_pe = tl.load(q_pe_ptr + b * stride_pb + offs_h[:, None] * stride_ph + offs_r[None, :],
                    mask=mask_h[:, None] & mask_r[None, :], other=0.0)           # [BLOCK_H, BLOCK_R]
+    if KV_FP8:
+        # The FP8 cache's dots run in fp16: e4m3 -> fp16 is one exact conversion instruction per two values
+        # (to bf16 it takes three), and fp16 holds the bf16 queries exactly within its range. The queries
+        # are scaled by 2^-8 on the way (every score scale by 2^8) so that none overflows fp16 below 2^24.
+        q_lat = (q_lat.to(tl.float32) * Q16_SCALE).to(tl.float16)
+        q_pe = (q_pe.to(tl.float32) * Q16_SCALE).to(tl.float16)
 
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)  # running max, log2 units
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)                 # running sum of exp2
@@ -94,21 +101,19 @@ def _mla_decode_split_kernel(
         k_pe = tl.load(kv_ptr + row[:, None] + C + offs_r[None, :],
                        mask=mask_n[:, None] & mask_r[None, :], other=0.0)       # [BLOCK_N, BLOCK_R]
         if KV_FP8:
-            # e4m3 rows with a scale per token for each part. e4m3 values are exact in the queries' dtype, so
-            # the tiles are only converted; each row's scale multiplies its score column (and its
-            # probability for the values) instead: BLOCK_N x BLOCK_H products, not BLOCK_N x (C + R).
-            # Compiled for sm90 the e4m3 latent tile's load is not pipelined at any stage count (the
-            # conversion sits between it and the dots, so each tile waits for it): the likely reason this path
-            # decodes at 0.8x the bf16 cache's speed at B=256 despite reading half the bytes. Prefetching the
-            # next tile into registers by hand instead measured slower on an H200 (B=1 at 128K: 196 us), and so
-            # did a second load of the tile for the values' dot (pipelined then, compiled for sm90): 128 us
-            # against 111 at B=4 and 32K, 209 against 191 at B=256 and 1K.
+            # e4m3 rows with a scale per token for each part. e4m3 values are exact in fp16, so the tiles are
+            # only converted; each row's scale multiplies its score column (and its probability for the
+            # values) instead: BLOCK_N x BLOCK_H products, not BLOCK_N x (C + R). Compiled for sm90 the e4m3
+            # tile's load is not pipelined (the conversion sits between it and the dots), so this path is
+            # slower per token than the bf16 cache's despite reading half the bytes; see mla_decode_triton
+            # for the tiles that recover most of it.
             srow = blk * stride_s_blk + (offs_n % PAGE) * stride_s_tok
             s_lat = tl.load(kv_scale_ptr + srow, mask=mask_n, other=0.0)
             s_pe = tl.load(kv_scale_ptr + srow + 1, mask=mask_n, other=0.0)
-            k_lat = k_lat.to(q_lat_ptr.dtype.element_ty)
-            k_pe = k_pe.to(q_pe_ptr.dtype.element_ty)
-            s = dot(q_lat, tl.trans(k_lat), UPCAST) * s_lat[None, :] + dot(q_pe, tl.trans(k_pe), UPCAST) * s_pe[None, :]
+            k_lat = k_lat.to(tl.float16)
+            k_pe = k_pe.to(tl.float16)
+            s = (dot(q_lat, tl.trans(k_lat), UPCAST) * s_lat[None, :]
+                 + dot(q_pe, tl.trans(k_pe), UPCAST) * s_pe[None, :]) * (1.0 / Q16_SCALE)
         else:
             s = dot(q_lat, tl.trans(k_lat), UPCAST) + dot(q_pe, tl.trans(k_pe), UPCAST)  # fp32 [BLOCK_H, BLOCK_N]
         s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
@@ -268,13 +273,18 @@ def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.T
     q_pe = q_pe if q_pe.stride(-1) == 1 else q_pe.contiguous()
     seq_lens = seq_lens.contiguous()
     block_h = block_h or (16 if H <= 16 else 64)
-    block_n = block_n or (32 if block_h <= 16 else 64)
+    # The FP8 cache's 16-head programs take 64-token tiles and 8 warps: its conversions spread over twice the
+    # threads and each (unpipelined) load fetches twice the rows. On an H200 (launches sized for 128K, 16
+    # heads, fp16 dots): B=256 at 1K 151 us, B=64 at 1K 44, B=4 at 32K 86, B=1 at 128K 86; with 32 tokens
+    # and 4 warps 158 / 51 / 88 / 134, and so with bf16 dots (the conversion before) 194 / 60 / 105 / 168.
+    # The bf16 cache's kernel took 92 / 39 / 61 / 70 in the same run.
+    block_n = block_n or (32 if block_h <= 16 and not fp8 else 64)
     head_groups = triton.cdiv(H, block_h)
     # No host sync: the longest possible sequence comes from the block table's width unless given.
     if max_seq_len is None:
         max_seq_len = block_table.shape[1] * PAGE
     if num_warps is None:
-        num_warps = 4 if block_h <= 16 else 8
+        num_warps = 4 if block_h <= 16 and not fp8 else 8
     if num_splits is None:
         # Registers allow two 4-warp programs of 16 heads per multiprocessor, one of the 64-head kind.
         ctas = 2 if block_h <= 16 and num_warps == 4 else 1
