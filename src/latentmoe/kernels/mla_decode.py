@@ -16,7 +16,8 @@ from ._triton import INTERPRET, dot, jit, new_buffer, pdl_launch, sm_count, tl, 
 from .reference import mla_decode_ref
 
 LOG2E = 1.4426950408889634
-Q16_SCALE = tl.constexpr(1.0 / 256.0)   # queries' scale in the FP8 cache's fp16 dots (a power of two: exact)
+# The queries' scale in the FP8 cache's fp16 dots (a power of two: exact), so that none overflows fp16 below 2^24.
+Q16_SCALE = 1.0 / 256.0
 
 
 @jit
@@ -49,7 +50,7 @@ def _mla_decode_split_kernel(
     q_lat_ptr, q_pe_ptr, kv_ptr, kv_scale_ptr, block_table_ptr, seq_lens_ptr, o_ptr, lse_ptr,
     stride_qb, stride_qh, stride_pb, stride_ph, stride_kv_blk, stride_kv_tok, stride_s_blk, stride_s_tok, stride_bt,
     stride_ob, stride_oh, stride_os,
-    H, qk_scale,
+    H, qk_scale, q16_scale,
     C: tl.constexpr, R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     UPCAST: tl.constexpr, KV_FP8: tl.constexpr, PDL: tl.constexpr,
@@ -78,9 +79,11 @@ def _mla_decode_split_kernel(
     if KV_FP8:
         # The FP8 cache's dots run in fp16: e4m3 -> fp16 is one exact conversion instruction per two values
         # (to bf16 it takes three), and fp16 holds the bf16 queries exactly within its range. The queries
-        # are scaled by 2^-8 on the way (every score scale by 2^8) so that none overflows fp16 below 2^24.
-        q_lat = (q_lat.to(tl.float32) * Q16_SCALE).to(tl.float16)
-        q_pe = (q_pe.to(tl.float32) * Q16_SCALE).to(tl.float16)
+        # are scaled by q16_scale on the way (qk_scale undoes it). The scale is an argument, not a constant:
+        # compiled for sm90 with a constant 2^-8, bf16 -> fp32 -> x 2^-8 -> fp16 rounded to fp16 before the
+        # product (queries of 1e5 came out inf), which a runtime factor rules out.
+        q_lat = (q_lat.to(tl.float32) * q16_scale).to(tl.float16)
+        q_pe = (q_pe.to(tl.float32) * q16_scale).to(tl.float16)
 
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)  # running max, log2 units
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)                 # running sum of exp2
@@ -112,8 +115,7 @@ def _mla_decode_split_kernel(
             s_pe = tl.load(kv_scale_ptr + srow + 1, mask=mask_n, other=0.0)
             k_lat = k_lat.to(tl.float16)
             k_pe = k_pe.to(tl.float16)
-            s = (dot(q_lat, tl.trans(k_lat), UPCAST) * s_lat[None, :]
-                 + dot(q_pe, tl.trans(k_pe), UPCAST) * s_pe[None, :]) * (1.0 / Q16_SCALE)
+            s = dot(q_lat, tl.trans(k_lat), UPCAST) * s_lat[None, :] + dot(q_pe, tl.trans(k_pe), UPCAST) * s_pe[None, :]
         else:
             s = dot(q_lat, tl.trans(k_lat), UPCAST) + dot(q_pe, tl.trans(k_pe), UPCAST)  # fp32 [BLOCK_H, BLOCK_N]
         s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
@@ -308,7 +310,7 @@ def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.T
         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_scale.stride(0) if fp8 else 0, kv_scale.stride(1) if fp8 else 0,
         block_table.stride(0), *so,
-        H, softmax_scale * LOG2E,
+        H, softmax_scale * LOG2E / (Q16_SCALE if fp8 else 1.0), Q16_SCALE,
         C=C, R=R, BLOCK_C=triton.next_power_of_2(C), BLOCK_R=triton.next_power_of_2(R),
         PAGE=PAGE, BLOCK_H=block_h, BLOCK_N=block_n, NUM_SPLITS=num_splits, UPCAST=INTERPRET, KV_FP8=fp8,
         num_warps=num_warps, num_stages=num_stages, **pdl_launch(q_lat))
