@@ -78,7 +78,7 @@ def speed(args, device, log):
              "bpt": llm.engine_config.kv_cache.bytes_per_token(cfg, dtype)}
         r["dec1"] = engine_decode(llm, 1, L_dec, steps)[0]
         r["decB"] = engine_decode(llm, B_big, L_dec, steps)[0]
-        r["prefill"] = engine_prefill(llm, 1, L_pre)
+        r["prefill"] = engine_prefill(llm, 1, L_pre, repeats=args.repeats)
         cap_tokens = (llm.runner.num_blocks - 1) * llm.runner.block_size
         r["seqs_budget"] = cap_tokens // 4096
         r["seqs_device"] = max(0, int((0.9 * total_mem - r["weights"] - 4 * GiB) // (4096 * r["bpt"])))
@@ -375,6 +375,7 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="the speed part on CPU with a tiny model")
     ap.add_argument("--context", type=int, default=1024, help="decode context length")
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=5, help="prefill rounds (the median is reported)")
     ap.add_argument("--cache-gb", type=float, default=12.0)
     ap.add_argument("--no-kernels", action="store_true")
     ap.add_argument("--quality", default=None, metavar="CHECKPOINT", help="measure quality of this trained checkpoint")
