@@ -1,11 +1,11 @@
 """The OpenAI server under load beside the offline engine, one process, one engine, same run.
 
 One `LLM` (V2-Lite shape, random bf16 weights, the server's default token budget) first runs the workload
-offline (`generate`, the reference, asking logprobs=0 as the served requests do): all requests at once, and at
-each concurrency c with at most c sequences running (the offline cost of serving c clients at a time, so that
-the ratio to it is the server's own overhead). Then it serves the workload: the same engine behind
-`latentmoe`'s FastAPI app in uvicorn, loaded by `latentmoe.bench.serve_load` (what `latentmoe bench serve`
-runs) at each concurrency with new prompts (no prefix-cache hits). The load runs in its own process, as a
+offline (`generate`, the reference, asking logprobs=0 as the served requests do) with all requests at once.
+Then, at each concurrency c, `--rounds` times: the workload offline with at most c sequences running (the
+offline cost of serving c clients at a time, so that the ratio to it is the server's own overhead), then
+served: the same engine behind `latentmoe`'s FastAPI app in uvicorn, loaded by `latentmoe.bench.serve_load`
+(what `latentmoe bench serve` runs), new prompts each time (no prefix-cache hits). The load runs in its own process, as a
 client would: in the server's process its parsing of every stream would compete for the interpreter. Prompts
 are token ids, so both sides do the same work. Target: at concurrency 64, throughput within 10% of offline and
 no errors.
@@ -27,6 +27,7 @@ import datetime
 import multiprocessing
 import os
 import socket
+import statistics
 import sys
 import threading
 import time
@@ -97,6 +98,8 @@ def main():
     ap.add_argument("--prefill-hold-steps", default=str(EngineConfig.prefill_hold_steps),
                     help="comma list: each value serves every concurrency (0: arrivals admitted at once; "
                          "default: the engine's default)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="served runs at each concurrency, each after its own offline reference (medians reported)")
     ap.add_argument("--stand-in", default=None, metavar="MS,US",
                     help="a tiny CPU model whose steps sleep MS ms + US us per prefill token (the host's share)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "serve.md"))
@@ -126,39 +129,52 @@ def main():
     print(f"offline: {off['requests_per_s']:.1f} req/s, {off['output_tokens_per_s']:,.0f} output tok/s", flush=True)
     concurrencies = [int(x) for x in args.concurrency.split(",")]
     counts = {c: min(n, max(4 * c, 20)) for c in concurrencies}   # concurrency 1: fewer requests, the same rates
-    # The offline engine at each concurrency too (at most c sequences running): what serving c clients at a time
-    # costs without the server, so that the ratio to it is the server's own overhead.
-    same = {}
-    for c in concurrencies:
+
+    def offline_at(c: int) -> float:
+        """The offline engine with at most c sequences running: what serving c clients at a time costs without
+        the server, so that the ratio to it is the server's own overhead. Run while the server idles."""
         llm.scheduler.max_num_seqs = min(c, llm.engine_config.max_num_seqs)
-        same[c] = throughput(llm, [prompts(counts[c])], O, progress=False, logprobs=0)["runs"][-1]["requests_per_s"]
-        print(f"offline, at most {c} running: {same[c]:.1f} req/s", flush=True)
-    llm.scheduler.max_num_seqs = llm.engine_config.max_num_seqs
+        try:
+            return throughput(llm, [prompts(counts[c])], O, progress=False, logprobs=0)["runs"][-1]["requests_per_s"]
+        finally:
+            llm.scheduler.max_num_seqs = llm.engine_config.max_num_seqs
+
     base, server = start_server(llm)
     rows, lines = [], []
     client = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
     holds = [int(x) for x in args.prefill_hold_steps.split(",")]
     default_hold = EngineConfig.prefill_hold_steps if EngineConfig.prefill_hold_steps in holds else holds[0]
     for hold in holds:
-        # The scheduler reads it every step: one engine (one start-up) serves each setting in turn.
+        # The scheduler reads it every step: one engine (one start-up) serves each setting in turn, and the
+        # offline reference runs with the same setting.
         llm.scheduler.prefill_hold_steps = hold
         for c in concurrencies:
             count = counts[c]
-            # logprobs 0: a chunk per token though the random model has no tokenizer (no text to stream)
-            r = client.submit(serve_load, base, prompts(count), O, model="model", max_concurrency=c,
-                              progress=False, extra_body={"logprobs": 0}).result()
-            pct = lambda k: " / ".join("-" if r[k][p] is None else f"{r[k][p]:.1f}" for p in ("p50", "p99"))   # noqa: E731
-            line = (f"| {hold} | {c} | {r['completed']}/{count} | {r['errors']} | {r['requests_per_s']:.1f} | "
-                    f"{same[c]:.1f} | "
-                    f"{r['output_tokens_per_s']:,.0f} | {pct('ttft_ms')} | {pct('tpot_ms')} | {pct('itl_ms')} |")
-            print(line, flush=True)
-            lines.append(line)
+            served, offline = [], []
+            for _ in range(args.rounds):
+                # Offline and served runs alternate, so that a drift of the device's speed during the benchmark
+                # (runs of the same code in one process moved by a tenth) reaches both sides alike.
+                offline.append(offline_at(c))
+                # logprobs 0: a chunk per token though the random model has no tokenizer (no text to stream)
+                r = client.submit(serve_load, base, prompts(count), O, model="model", max_concurrency=c,
+                                  progress=False, extra_body={"logprobs": 0}).result()
+                served.append(r)
+                pct = lambda k: " / ".join("-" if r[k][p] is None else f"{r[k][p]:.1f}" for p in ("p50", "p99"))   # noqa: E731
+                line = (f"| {hold} | {c} | {r['completed']}/{count} | {r['errors']} | {r['requests_per_s']:.1f} | "
+                        f"{offline[-1]:.1f} | {r['requests_per_s'] / offline[-1]:.2f}x | "
+                        f"{r['output_tokens_per_s']:,.0f} | {pct('ttft_ms')} | {pct('tpot_ms')} | {pct('itl_ms')} |")
+                print(line, flush=True)
+                lines.append(line)
             if hold == default_hold:
                 hold_note = f", prefill hold {hold} steps" if hold else ""
-                rows.append(f"| server, concurrency {c}, {count} x ({L} in, {O} out){hold_note} | "
-                            f"{r['requests_per_s']:.1f} req/s, {r['errors']} errors | offline engine at most {c} "
-                            f"running {same[c]:.1f} req/s; all at once {off['requests_per_s']:.1f} | "
-                            f"{r['requests_per_s'] / same[c]:.2f}x; {r['requests_per_s'] / off['requests_per_s']:.2f}x |")
+                rounds_note = f", median of {args.rounds} rounds" if args.rounds > 1 else ""
+                rate = statistics.median(x["requests_per_s"] for x in served)
+                ratio = statistics.median(x["requests_per_s"] / o for x, o in zip(served, offline))
+                errors = sum(x["errors"] for x in served)
+                rows.append(f"| server, concurrency {c}, {count} x ({L} in, {O} out){hold_note}{rounds_note} | "
+                            f"{rate:.1f} req/s, {errors} errors | offline engine at most {c} running "
+                            f"{statistics.median(offline):.1f} req/s; all at once {off['requests_per_s']:.1f} | "
+                            f"{ratio:.2f}x; {rate / off['requests_per_s']:.2f}x |")
     client.shutdown()
     server.should_exit = True
     stats = llm.stats()
@@ -171,9 +187,11 @@ def main():
             f"{off['output_tokens_per_s']:,.0f} output tok/s.", "",
             "Prefill hold: steps a new request may wait while others decode, so that arrivals prefill together "
             "(`prefill_hold_steps`; 0 admits at once).", "",
-            "| prefill hold | concurrency | completed | errors | req/s | offline at most c running, req/s | "
-            "output tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | ITL p50 / p99 ms |",
-            "|---|---|---|---|---|---|---|---|---|---|", *lines, "",
+            "Each served run follows its offline reference (at most c running, same prefill hold) in the same "
+            "process; the summary's ratio is the median of the rounds' ratios.", "",
+            "| prefill hold | concurrency | completed | errors | req/s | offline at most c running, req/s | served / "
+            "offline | output tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | ITL p50 / p99 ms |",
+            "|---|---|---|---|---|---|---|---|---|---|---|", *lines, "",
             f"Compilations / graph captures after ready, over the whole run: "
             f"{stats.get('compilations_after_ready')} / {stats.get('graph_captures_after_ready')}.", ""]
     with open(args.out, "w") as f:
