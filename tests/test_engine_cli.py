@@ -122,3 +122,21 @@ def test_engine_options_reach_the_engine(ckpt):
     args = build_parser().parse_args(["generate", str(path), "--enable-prefix-caching"])
     assert args.enable_prefix_caching and not build_parser().parse_args(
         ["serve", str(path), "--no-prefix-caching"]).enable_prefix_caching
+
+
+def test_a_missing_tokenizer_fails_before_the_weights_load(tmp_path, capsys):
+    """Text prompts (generate) and chat need tokenizer.json: said before any weight is read. The weights here
+    are unreadable, so an error about them would mean the engine was built first."""
+    model = tiny_model()
+    save_model(model, tmp_path)
+    for f in tmp_path.glob("*.safetensors"):
+        f.write_bytes(b"not a safetensors file")
+    assert main(["generate", str(tmp_path), "--prompt", "hi", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "no tokenizer.json" in err and "--token-ids" in err and "Traceback" not in err
+    assert main(["chat", str(tmp_path), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "no tokenizer.json" in err and "Traceback" not in err
+    # token ids need no tokenizer: they get as far as the (broken) weights
+    assert main(["generate", str(tmp_path), "--prompt", "1,2", "--token-ids", "--device", "cpu"]) != 0
+    assert "no tokenizer.json" not in capsys.readouterr().err

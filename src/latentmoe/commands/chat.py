@@ -53,11 +53,15 @@ def chat_turn(llm, messages: list[dict], params, out=None) -> tuple[str, str | N
 
 def run(args) -> int:
     params = sampling_params(args)   # bad values fail before loading
-    llm = build_llm(args, prepare(args, args.path))
-    if llm.tokenizer is None:
+    from ..engine.llm_engine import load_tokenizer
+    path = prepare(args, args.path)
+    # The tokenizer is checked before the weights load (minutes for a large checkpoint).
+    tok = load_tokenizer(path)
+    if tok is None:
         raise ValueError(f"{args.path} has no tokenizer.json: chat needs one")
-    if llm.tokenizer.chat_template is None:
+    if tok.chat_template is None:
         raise ValueError(f"the tokenizer in {args.path} has no chat template")
+    llm = build_llm(args, path)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
     print(f"chatting with {args.path} (max_model_len {llm.max_model_len}). {HELP}", file=sys.stderr)

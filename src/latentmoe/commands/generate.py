@@ -78,7 +78,12 @@ def run(args) -> int:
     if args.stream and len(prompts) != 1:
         raise ValueError("--stream takes exactly one prompt")
     params = sampling_params(args, n=args.n, logprobs=args.logprobs)   # bad values fail before loading
-    llm = build_llm(args, prepare(args, args.path))
+    from ..engine.llm_engine import load_tokenizer
+    path = prepare(args, args.path)
+    if not args.token_ids and load_tokenizer(path) is None:   # before the weights load
+        raise ValueError(f"text prompts need a tokenizer and {args.path} has no tokenizer.json; pass token ids "
+                         "with --token-ids")
+    llm = build_llm(args, path)
     if args.stream:
         shown = 0
         for out in llm.generate_stream(prompts[0], params):
