@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from _server_helpers import make_checkpoint, server_thread
+from _server_helpers import free_port, make_checkpoint, server_thread
 
 from latentmoe.cli import main
 
@@ -98,3 +98,23 @@ def test_serve_token_ids_against_a_server_without_tokenizer(capsys):
                               "--output-len", "3", "--token-ids"])
     assert (r["completed"], r["errors"], r["output_tokens"], r["prompt_tokens"]) == (4, 0, 12, 24)
     assert 0 < r["ttft_ms"]["p50"] <= r["e2e_ms"]["p50"]
+
+
+def test_serve_without_a_usable_server_is_one_line(capsys):
+    """No server at the address, a server that is not OpenAI-compatible, one that refuses: each a one-line
+    error naming the URL (exit 2), not a traceback."""
+    from fastapi import FastAPI
+
+    argv = ["--num-prompts", "2", "--input-len", "4", "--output-len", "2", "--no-progress"]
+    assert main(["bench", "serve", "--base-url", f"http://127.0.0.1:{free_port()}", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "cannot reach" in err and "/v1/models" in err and "Traceback" not in err
+    app = FastAPI()
+    app.get("/v1/models")(lambda: {"models": ["x"]})
+    with server_thread(app) as base:
+        assert main(["bench", "serve", "--base-url", base, *argv]) == 2
+        err = capsys.readouterr().err
+        assert "did not list a model" in err and "--model" in err and "Traceback" not in err
+        assert main(["bench", "serve", "--base-url", base + "/nothing-here", *argv]) == 2
+        err = capsys.readouterr().err
+        assert "HTTP 404" in err and "--model" in err and "Traceback" not in err

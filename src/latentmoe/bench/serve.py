@@ -74,6 +74,26 @@ async def _one(client, url: str, headers: dict, body: dict, result: dict) -> Non
         result["error"] = f"{type(e).__name__}: {e}"
 
 
+async def _served_model(client, base_url: str, headers: dict) -> str:
+    """The first model /v1/models lists; a ValueError (one line for the user) when the server cannot be
+    reached or does not answer as an OpenAI-compatible one."""
+    import httpx
+
+    url = base_url + "/v1/models"
+    try:
+        r = await client.get(url, headers=headers)
+        r.raise_for_status()
+        return r.json()["data"][0]["id"]
+    except httpx.HTTPStatusError as e:
+        raise ValueError(f"{url} answered HTTP {e.response.status_code}; give the model's name with --model to "
+                         "skip this request") from None
+    except httpx.HTTPError as e:
+        raise ValueError(f"cannot reach {url} ({type(e).__name__}: {e}); is the server running?") from None
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise ValueError(f"{url} did not list a model as an OpenAI-compatible server does; give the model's "
+                         "name with --model") from None
+
+
 async def _run(base_url, model, prompts, output_len, max_concurrency, request_rate, api_key, timeout, seed,
                progress, extra_body):
     import httpx
@@ -82,9 +102,7 @@ async def _run(base_url, model, prompts, output_len, max_concurrency, request_ra
     limits = httpx.Limits(max_connections=max_concurrency or None, max_keepalive_connections=max_concurrency or None)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
         if model is None:
-            r = await client.get(base_url + "/v1/models", headers=headers)
-            r.raise_for_status()
-            model = r.json()["data"][0]["id"]
+            model = await _served_model(client, base_url, headers)
         sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
         rng = random.Random(seed)
         bar = None
