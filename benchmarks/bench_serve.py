@@ -5,9 +5,9 @@ offline (`generate`, the reference, asking logprobs=0 as the served requests do)
 Then, at each concurrency c, `--rounds` times: the workload offline with at most c sequences running (the
 offline cost of serving c clients at a time, so that the ratio to it is the server's own overhead), then
 served: the same engine behind `latentmoe`'s FastAPI app in uvicorn, loaded by `latentmoe.bench.serve_load`
-(what `latentmoe bench serve` runs), new prompts each time (no prefix-cache hits). The load runs in its own process, as a
-client would: in the server's process its parsing of every stream would compete for the interpreter. Prompts
-are token ids, so both sides do the same work. Target: at concurrency 64, throughput within 10% of offline and
+(what `latentmoe bench serve` runs), new prompts each time (no prefix-cache hits). The load runs in its own
+process, as a client would: in the server's process its parsing of every stream would compete for the
+interpreter. Prompts are token ids, so both sides do the same work. Target: at concurrency 64, throughput within 10% of offline and
 no errors.
 
     python benchmarks/bench_serve.py                             # GPU: writes benchmarks/results/serve.md

@@ -98,9 +98,10 @@ def checkpoint_dir(args, name: str) -> str:
     return resolve_checkpoint(name, getattr(args, "revision", None))
 
 
-def build_llm(args, path: str):
+def build_llm(args, path: str, tokenizer=None):
     """The engine for the checkpoint `path` (a directory; a hub model id also works, but `checkpoint_dir` first
-    applies --revision and fails before anything is loaded), from parsed `add_engine_args` arguments."""
+    applies --revision and fails before anything is loaded), from parsed `add_engine_args` arguments.
+    `tokenizer`: the checkpoint's, when the caller has loaded it already (else the engine loads it)."""
     import logging
 
     # The engine reports its cache (blocks, tokens, concurrency vs an MHA cache) at INFO on start.
@@ -108,7 +109,7 @@ def build_llm(args, path: str):
     from ..engine import LLM
 
     _check_attention(path)
-    return LLM(path, config=engine_config(args))
+    return LLM(path, tokenizer=tokenizer, config=engine_config(args))
 
 
 def _check_attention(path: str) -> None:

@@ -61,7 +61,7 @@ def run(args) -> int:
         raise ValueError(f"{args.path} has no tokenizer.json: chat needs one")
     if tok.chat_template is None:
         raise ValueError(f"the tokenizer in {args.path} has no chat template")
-    llm = build_llm(args, path)
+    llm = build_llm(args, path, tokenizer=tok)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
     print(f"chatting with {args.path} (max_model_len {llm.max_model_len}). {HELP}", file=sys.stderr)

@@ -80,10 +80,11 @@ def run(args) -> int:
     params = sampling_params(args, n=args.n, logprobs=args.logprobs)   # bad values fail before loading
     from ..engine.llm_engine import load_tokenizer
     path = prepare(args, args.path)
-    if not args.token_ids and load_tokenizer(path) is None:   # before the weights load
+    tok = load_tokenizer(path)   # checked before the weights load; the engine then uses it
+    if tok is None and not args.token_ids:
         raise ValueError(f"text prompts need a tokenizer and {args.path} has no tokenizer.json; pass token ids "
                          "with --token-ids")
-    llm = build_llm(args, path)
+    llm = build_llm(args, path, tokenizer=tok)
     if args.stream:
         shown = 0
         for out in llm.generate_stream(prompts[0], params):

@@ -282,13 +282,14 @@ def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.T
     # heads, fp16 dots): B=256 at 1K 151 us, B=64 at 1K 44, B=4 at 32K 86, B=1 at 128K 86; with 32 tokens
     # and 4 warps 158 / 51 / 88 / 134, and so with bf16 dots (the conversion before) 194 / 60 / 105 / 168.
     # The bf16 cache's kernel took 92 / 39 / 61 / 70 in the same run.
-    block_n = block_n or (32 if block_h <= 16 and not fp8 else 64)
+    wide = block_h > 16 or fp8   # 64-token tiles and 8 warps
+    block_n = block_n or (64 if wide else 32)
     head_groups = triton.cdiv(H, block_h)
     # No host sync: the longest possible sequence comes from the block table's width unless given.
     if max_seq_len is None:
         max_seq_len = block_table.shape[1] * PAGE
     if num_warps is None:
-        num_warps = 4 if block_h <= 16 and not fp8 else 8
+        num_warps = 8 if wide else 4
     if num_splits is None:
         # Registers allow two 4-warp programs of 16 heads per multiprocessor, one of the 64-head kind.
         ctas = 2 if block_h <= 16 and num_warps == 4 else 1
