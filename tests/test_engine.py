@@ -56,10 +56,10 @@ class EagerGraphRunner(ModelRunner):
         self.graph_buckets.append(b)
         return types.SimpleNamespace(replay=lambda: self.decode_body(b))
 
-    def execute(self, batch):
+    def launch(self, batch, after=None):
         if batch.num_decodes == len(batch.seqs):
             self.decode_batch_sizes.append(len(batch.seqs))
-        return super().execute(batch)
+        return super().launch(batch, after)
 
     def __init__(self, *args, **kwargs):
         self.graph_buckets, self.decode_batch_sizes = [], []

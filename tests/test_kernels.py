@@ -240,11 +240,13 @@ def make_moe(M, TOPK, E, D, I, dtype, gen, skew=False):
     return [t.to(DEV) for t in (x, gate_up, down, idx, weight)]
 
 
-@pytest.mark.parametrize("M,skew,block_m", [(1, False, 16), (37, False, 16), (40, True, 32)])
-def test_fused_moe(K, M, skew, block_m):
+@pytest.mark.parametrize("M,skew,block_m,merged", [(1, False, 16, False), (37, False, 16, False), (40, True, 32, False),
+                                                  (37, False, 16, True), (40, True, 32, True)])
+def test_fused_moe(K, M, skew, block_m, merged):
+    """merged: gate and up as one dot over 2 x 32 columns (I = 48: the second tile is half masked)."""
     gen = torch.Generator().manual_seed(3 + M)
     x, gate_up, down, idx, weight = make_moe(M, 3, 8, 64, 48, torch.bfloat16, gen, skew)
-    cfg = dict(block_m=block_m, block_n1=32, block_n2=32, block_k=32, num_warps=4, num_stages=2)
+    cfg = dict(block_m=block_m, block_n1=32, block_n2=32, block_k=32, num_warps=4, num_stages=2, merged=merged)
     out = K.fused_moe_triton(x, gate_up, down, idx, weight, cfg)
     ref = K.fused_moe_ref(x.double(), gate_up.double(), down.double(), idx, weight)
     assert out.dtype == x.dtype

@@ -32,6 +32,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help=argparse.SUPPRESS)
     g.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs (start-up still compiles the kernels)")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                   help="queue the next decode step before reading this one's tokens, so the host's work per "
+                        "step overlaps the device's (default: on; decode steps on CUDA graphs, one process)")
     g.add_argument("--experts", choices=["auto", "model", "fused"], default="auto",
                    help="routed-expert path: the Triton fused-MoE kernel ('fused', default on CUDA in bf16/fp16) "
                         "or the model's grouped GEMMs ('model')")
@@ -79,6 +82,7 @@ def engine_config(args):
                         block_size=args.block_size, cache_memory_gb=args.cache_memory_gb,
                         gpu_memory_utilization=args.gpu_memory_utilization,
                         enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
+                        async_scheduling=args.async_scheduling,
                         experts_impl=None if args.experts == "auto" else args.experts,
                         fused_ops=None if args.fused_ops == "auto" else args.fused_ops == "on",
                         kv_cache=args.kv_cache, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,

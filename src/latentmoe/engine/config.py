@@ -43,6 +43,10 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9        # share of the GPU's memory the engine may use (weights + cache + rest)
     enable_prefix_caching: bool = True
     enforce_eager: bool = False                # no CUDA graphs
+    # While a decode step runs on the device, queue the next one (its input ids are this step's sampled ids,
+    # still on the device), then read this step's tokens and do its host work (stops, outputs) while the
+    # next one runs: the host's share of a step leaves the critical path (llm_engine.py, "Looking ahead").
+    async_scheduling: bool = True
     # Routed experts: "fused" = the Triton fused-MoE kernel, "model" = the model's grouped GEMMs.
     # Default "fused" on CUDA: for bf16/fp16 its logits are as close to an fp32 reference as the model's
     # own path (bf16 rounding either way; results/engine.md), and it is faster; fp32 dots run in full
@@ -91,7 +95,7 @@ class EngineConfig:
             raise ValueError("give num_blocks or cache_memory_gb, not both")
         if not is_int(self.tensor_parallel_size) or self.tensor_parallel_size < 1:
             raise bad("tensor_parallel_size", "a positive integer")
-        for name in ("enable_prefix_caching", "enforce_eager", "enable_expert_parallel"):
+        for name in ("enable_prefix_caching", "enforce_eager", "enable_expert_parallel", "async_scheduling"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "True or False")
         if self.enable_expert_parallel and self.tensor_parallel_size == 1:

@@ -21,7 +21,7 @@ from .kv_cache import plan_cache
 from .layers import engine_model
 from .model_runner import ModelRunner
 from .sampling import SamplingParams
-from .scheduler import Scheduler
+from .scheduler import ScheduledBatch, Scheduler
 from .sequence import Request, RequestOutput, Sequence
 
 _request_counter = itertools.count()
@@ -86,6 +86,11 @@ class LLM:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.prefill_hold_steps)
         self.last_execute_seconds = 0.0   # the last step's time in the runner (inputs, forward, sampling)
+        # Looking ahead (step) needs the runner's launch/collect: the one-process runner with decode graphs.
+        self._looks_ahead = (config.async_scheduling and config.tensor_parallel_size == 1
+                             and self.runner.use_cuda_graphs)
+        self._ahead = None                # a step launched ahead, collected by the next step()
+        self.num_steps_ahead = 0
         self.requests: dict[str, Request] = {}
         self.eos_token_ids = set(self.config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -244,20 +249,41 @@ class LLM:
         """One scheduling + forward + sampling step; outputs of the requests that got a new token
         (only the finished ones with outputs=False: cumulative outputs cost O(length) each step).
         `on_launch()`, if given, is called from this thread once the step's device work is queued and
-        before the step waits for it (it may not be called, e.g. for a step that samples nothing)."""
-        batch = self.scheduler.schedule()
-        if not batch.seqs:
-            return []
+        before the step waits for it (it may not be called, e.g. for a step that samples nothing).
+
+        Looking ahead (async_scheduling): when this step is the running sequences' decode on a CUDA graph
+        and nothing waits to be admitted, the same sequences' next decode is queued before this step's
+        tokens are read (its input ids are this step's sampled ids, on the device), and returned by the
+        next call. The host's work (reading tokens, stop checks, outputs, the next step's inputs) then
+        runs while the device computes. A sequence that stops at this step's token has its next token
+        computed and dropped; a step that could end a sequence by length is not looked past."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            batch = self.scheduler.schedule()
+            if not batch.seqs:
+                return []
         t0 = time.perf_counter()
-        self.runner.on_launch = on_launch
-        try:
-            tokens, lps = self.runner.execute(batch)
-        finally:
-            self.runner.on_launch = None
+        if ahead is None and not self._looks_ahead:
+            self.runner.on_launch = on_launch
+            try:
+                tokens, lps = self.runner.execute(batch)
+            finally:
+                self.runner.on_launch = None
+        else:
+            launched = ahead or self.runner.launch(batch)
+            self._ahead = self._launch_next(launched)
+            if on_launch is not None:
+                on_launch()
+            tokens, lps = self.runner.collect(launched)
+            batch = launched.batch
         self.last_execute_seconds = time.perf_counter() - t0
         touched: dict[str, Request] = {}
         k = 0
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            if seq.is_finished:
+                # Stopped or aborted after this step was launched ahead of it (such steps sample every row).
+                k += 1
+                continue
             seq.num_computed_tokens += n
             self.block_manager.register_full_blocks(seq)
             if seq.num_computed_tokens < len(seq):
@@ -277,6 +303,23 @@ class LLM:
             elif outputs:
                 outs.append(req.output())
         return outs
+
+    def _launch_next(self, launched):
+        """Queue the next decode of `launched`'s sequences before its tokens are read (see step), or None
+        where the next step may differ: requests wait to be admitted, not every running sequence is in
+        this step, a sequence may end by length at this step's token, or the cache has no room for one
+        more position each (the scheduler then preempts)."""
+        seqs = launched.batch.seqs
+        if (self.scheduler.waiting or len(seqs) != len(self.scheduler.running)
+                or not self.runner.can_follow(launched)):
+            return None
+        if any(s.is_finished or s.num_output_tokens + 1 >= s.max_tokens for s in seqs):
+            return None
+        for s in seqs:   # positions up to num_computed_tokens + 1, the next step's
+            if not self.block_manager.allocate(s, s.num_computed_tokens + 2):
+                return None
+        self.num_steps_ahead += 1
+        return self.runner.launch(ScheduledBatch(list(seqs), [1] * len(seqs), len(seqs), []), after=launched)
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         p = seq.params
@@ -356,7 +399,7 @@ class LLM:
         return dict(num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
                     num_blocks_total=bm.num_usable_blocks, num_blocks_used=bm.num_used_blocks,
                     num_preemptions=self.scheduler.num_preemptions, num_held_steps=self.scheduler.num_held_steps,
-                    prefix_cache_hit_tokens=bm.num_prefix_hits,
+                    prefix_cache_hit_tokens=bm.num_prefix_hits, steps_launched_ahead=self.num_steps_ahead,
                     time_to_ready_seconds=self.time_to_ready, **self.runner.stats())
 
 

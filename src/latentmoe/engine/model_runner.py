@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -25,6 +26,20 @@ from .sampling import SamplingBatch, argmax_rows, sample
 from .scheduler import ScheduledBatch
 
 log = logging.getLogger("latentmoe.engine")
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose device work is queued: its sampled ids (and log-probabilities) are device tensors until
+    ModelRunner.collect reads them."""
+    batch: ScheduledBatch
+    samplers: list                        # the sequences that sample, in batch order
+    graph: bool = False                   # replayed a decode graph
+    tokens: torch.Tensor | None = None    # [len(samplers)] sampled ids
+    lp_vals: torch.Tensor | None = None
+    lp_ids: torch.Tensor | None = None
+    host: list | None = None              # on CUDA: their pinned host copies, complete once `ready` has passed
+    ready: "torch.cuda.Event | None" = None
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:
@@ -124,47 +139,85 @@ class ModelRunner:
         return table, self._to_device([s.num_computed_tokens + 1 for s in seqs], torch.int32)
 
     # ------------------------------------------------------------------ step
-    @torch.inference_mode()
     def execute(self, batch: ScheduledBatch):
         """Run the step; returns (tokens, logprob rows) for the sequences that sample, in batch order."""
+        step = self.launch(batch)
+        self._launched()
+        return self.collect(step)
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch, after: "LaunchedStep | None" = None) -> "LaunchedStep":
+        """Queue the step's device work (forward and sampling) without waiting for it.
+
+        `after` (a decode step launched before, not yet collected, over the same sequences in the same
+        order; see can_follow): this step decodes each sequence's next position, its input ids being
+        `after`'s sampled ids on the device; the sequences' host state is still as before `after`."""
         # Rows that reach their sequence's end sample (a prompt chunk short of the end samples nothing).
         keep = [i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))
-                if s.num_computed_tokens + n == len(s)]
+                if s.num_computed_tokens + n == len(s)] if after is None else list(range(len(batch.seqs)))
         samplers = [batch.seqs[i] for i in keep]
         all_decode = batch.num_decodes == len(batch.seqs)
         logits = None
         if all_decode and self.use_cuda_graphs and len(batch.seqs) <= self.buckets[-1]:
-            logits = self._run_graph(batch)
+            logits = self._run_graph(batch, after)
             if logits is not None and len(samplers) < len(batch.seqs):
                 logits = logits[self._to_device(keep, torch.int64)]
+        graph = logits is not None
         if logits is None:
+            if after is not None:
+                raise RuntimeError("a step after a launched one must replay a decode graph (see can_follow)")
             ids, pos, meta, sample_rows = self.prepare(batch)
             self.backend.meta = meta
             h, _ = self.model.forward_hidden(self._to_device(ids, torch.int64)[None],
                                              positions=self._to_device(pos, torch.int64)[None], backend=self.backend)
             self.backend.meta = None
             logits = self.model.compute_logits(h[0, self._to_device(sample_rows, torch.int64)]) if sample_rows else None
+        step = LaunchedStep(batch, samplers, graph=graph)
         if not samplers:
-            return [], []
+            return step
         if all(s.params.temperature == 0 and not s.params.uses_penalties and s.params.logprobs is None
                for s in samplers):
             # All greedy, nothing else asked: the arg-max is the whole of sampling (no per-step tensors).
-            tokens = argmax_rows(logits)
-            self._launched()
-            return tokens.tolist(), [None] * len(samplers)
-        # Token histories travel to the device only when some row applies penalties.
-        pen = any(s.params.uses_penalties for s in samplers)
-        sb = SamplingBatch.build([s.params for s in samplers], [s.generator for s in samplers],
-                                 [s.prompt_token_ids if pen else [] for s in samplers],
-                                 [s.output_token_ids if pen else [] for s in samplers], self.cfg.vocab_size, self.device)
-        tokens, lp_vals, lp_ids = sample(logits, sb)
-        self._launched()
+            step.tokens = argmax_rows(logits)
+        else:
+            # Token histories travel to the device only when some row applies penalties.
+            pen = any(s.params.uses_penalties for s in samplers)
+            sb = SamplingBatch.build([s.params for s in samplers], [s.generator for s in samplers],
+                                     [s.prompt_token_ids if pen else [] for s in samplers],
+                                     [s.output_token_ids if pen else [] for s in samplers], self.cfg.vocab_size,
+                                     self.device)
+            step.tokens, step.lp_vals, step.lp_ids = sample(logits, sb)
+        if self.device.type == "cuda":
+            # Results to the host now, in stream order: a step launched after this one must not delay them
+            # (a plain read in collect would queue behind it).
+            step.host = [None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(
+                t, non_blocking=True) for t in (step.tokens, step.lp_vals, step.lp_ids)]
+            step.ready = torch.cuda.Event()
+            step.ready.record()
+        return step
+
+    def can_follow(self, step: "LaunchedStep") -> bool:
+        """Whether the same sequences' next decode step can be launched before `step` is collected: `step`
+        replayed a decode graph, every row sampled, and no row's sampling reads the token history
+        (penalties: the history on the host lacks `step`'s tokens until it is collected)."""
+        return (step.graph and step.tokens is not None and len(step.samplers) == len(step.batch.seqs)
+                and not any(s.params.uses_penalties for s in step.samplers))
+
+    @staticmethod
+    def collect(step: "LaunchedStep"):
+        """Wait for a launched step: (tokens, logprob rows) of its sampling rows, in batch order."""
+        if step.tokens is None:
+            return [], []
         # The one host sync of the step: the scheduler needs the tokens.
+        tokens, lp_vals, lp_ids = step.tokens, step.lp_vals, step.lp_ids
+        if step.ready is not None:
+            step.ready.synchronize()
+            tokens, lp_vals, lp_ids = step.host
         tokens = tokens.tolist()
-        lps = [None] * len(samplers)
+        lps = [None] * len(step.samplers)
         if lp_vals is not None:
             vals, idx = lp_vals.tolist(), lp_ids.tolist()
-            for i, s in enumerate(samplers):
+            for i, s in enumerate(step.samplers):
                 if s.params.logprobs is not None:
                     k = s.params.logprobs + 1
                     lps[i] = dict(zip(idx[i][:k], vals[i][:k]))
@@ -195,6 +248,7 @@ class ModelRunner:
         # (each staged row is its whole width, NULL-padded, so any context bucket may slice it).
         self.h_block_table.fill_(NULL_BLOCK)
         self.h_rows: list[list[int] | None] = [None] * B
+        self._staged = None   # CUDA event after the last step's copies out of these buffers
 
     def decode_body(self, b: int) -> None:
         """One decode step of bucket b on the static buffers: what a graph captures. The block table is
@@ -223,14 +277,22 @@ class ModelRunner:
         log.debug("captured decode graph batch=%d", b)
         return graph
 
-    def _run_graph(self, batch: ScheduledBatch) -> torch.Tensor:
+    def _run_graph(self, batch: ScheduledBatch, after: LaunchedStep | None = None) -> torch.Tensor:
         n = len(batch.seqs)
         b = next(x for x in self.buckets if x >= n)
         mb = max(len(s.block_table) for s in batch.seqs)   # columns that can have changed
         bs = self.block_size
         pad = b - n
-        pos = [s.num_computed_tokens for s in batch.seqs]
-        ids = [s.token_ids[p] for s, p in zip(batch.seqs, pos)]
+        if after is None:
+            pos = [s.num_computed_tokens for s in batch.seqs]
+            ids = [s.token_ids[p] for s, p in zip(batch.seqs, pos)]
+        else:   # one position further; the ids are `after`'s sampled ones, copied on the device below
+            pos = [s.num_computed_tokens + 1 for s in batch.seqs]
+            ids = [0] * n
+        if self._staged is not None:
+            # The host buffers are rewritten below: the last step's copies out of them must have run (with a
+            # step launched ahead, they may still be queued behind the step before it).
+            self._staged.synchronize()
         slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(batch.seqs, pos)]
         rows, table = self.h_rows, self.h_block_table
         for i, s in enumerate(batch.seqs):
@@ -252,6 +314,11 @@ class ModelRunner:
         if graph is None:
             return None
         self._copy_graph_inputs(b, mb)
+        if after is not None:
+            self.g_ids[:n, 0].copy_(after.tokens)
+        if self.device.type == "cuda":
+            self._staged = torch.cuda.Event()
+            self._staged.record()
         graph.replay()
         return self.g_logits[:n]
 
@@ -393,4 +460,4 @@ class ModelRunner:
                     compilations_after_ready=kernels.compilations() - self.compilations_at_ready if self.ready else 0)
 
 
-__all__ = ["ModelRunner", "batch_buckets"]
+__all__ = ["LaunchedStep", "ModelRunner", "batch_buckets"]

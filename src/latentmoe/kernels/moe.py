@@ -189,9 +189,13 @@ def row_block(sorted_ids_ptr, pid_m, pid_n, A, N, TOP_K: tl.constexpr, BLOCK_M: 
 def _moe_gate_up_kernel(x_ptr, w_ptr, h_ptr, gu_ptr, sorted_ids_ptr, block_expert_ptr,
                         stride_xm, stride_we, stride_wn, stride_hm, stride_gm, A, D, I, E,
                         TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, STORE_GU: tl.constexpr, PDL: tl.constexpr):
+                        BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, STORE_GU: tl.constexpr, MERGED: tl.constexpr,
+                        PDL: tl.constexpr):
     """h[p, n] = silu(x[tok(p)] . w_gate[e, n]) * (x[tok(p)] . w_up[e, n]) for the rows p of one block.
 
+    MERGED loads the gate and up columns of a tile as one [BLOCK_K, 2 BLOCK_N] operand and runs one dot into
+    one accumulator, split in the epilogue: at prefill tiles on an H200 (128 rows, 2 x 128 columns) 9-12%
+    faster than two dots of 128 columns (fewer, wider tensor-core instructions per loaded x tile).
     STORE_GU (training) also keeps the SwiGLU inputs gu[p] = [gate | up] for the backward; inference
     passes any pointer there and the stores compile away."""
     wait_for_inputs(PDL)
@@ -200,20 +204,36 @@ def _moe_gate_up_kernel(x_ptr, w_ptr, h_ptr, gu_ptr, sorted_ids_ptr, block_exper
         offs_m, ids, valid, tok, offs_n, mask_n = row_block(sorted_ids_ptr, pid_m, pid_n, A, I, TOP_K, BLOCK_M, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         x_ptrs = x_ptr + tok[:, None] * stride_xm + offs_k[None, :]
-        wg_ptrs = w_ptr + e * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
-        wu_ptrs = wg_ptrs + I * stride_wn
-        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            mask_k = offs_k < D - k0
-            xa = tl.load(x_ptrs, mask=valid[:, None] & mask_k[None, :], other=0.0)
-            wg = tl.load(wg_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            wu = tl.load(wu_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            acc_g += dot(xa, wg, UPCAST)
-            acc_u += dot(xa, wu, UPCAST)
-            x_ptrs += BLOCK_K
-            wg_ptrs += BLOCK_K
-            wu_ptrs += BLOCK_K
+        if MERGED:
+            # Columns j < BLOCK_N are gate column offs_n[j], the rest up column offs_n[j - BLOCK_N] (row I + n).
+            j = tl.arange(0, 2 * BLOCK_N)
+            n2 = pid_n * BLOCK_N + j % BLOCK_N
+            mask_n2 = n2 < I
+            w_ptrs = w_ptr + e * stride_we + tl.where(j < BLOCK_N, n2, I + n2)[None, :] * stride_wn + offs_k[:, None]
+            acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, D, BLOCK_K):
+                mask_k = offs_k < D - k0
+                xa = tl.load(x_ptrs, mask=valid[:, None] & mask_k[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n2[None, :], other=0.0)
+                acc += dot(xa, w, UPCAST)
+                x_ptrs += BLOCK_K
+                w_ptrs += BLOCK_K
+            acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, BLOCK_N]), [0, 2, 1]))
+        else:
+            wg_ptrs = w_ptr + e * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N]
+            wu_ptrs = wg_ptrs + I * stride_wn
+            acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, D, BLOCK_K):
+                mask_k = offs_k < D - k0
+                xa = tl.load(x_ptrs, mask=valid[:, None] & mask_k[None, :], other=0.0)
+                wg = tl.load(wg_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+                wu = tl.load(wu_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+                acc_g += dot(xa, wg, UPCAST)
+                acc_u += dot(xa, wu, UPCAST)
+                x_ptrs += BLOCK_K
+                wg_ptrs += BLOCK_K
+                wu_ptrs += BLOCK_K
         rows = offs_m[:, None].to(tl.int64)
         if STORE_GU:
             gu_ptrs = gu_ptr + rows * stride_gm + offs_n[None, :]
@@ -257,7 +277,10 @@ DECODE_CONFIG = dict(block_m=16, block_n1=32, block_n2=32, block_k=128, num_warp
 # on an H200 at V2-Lite's shape (64 tile configs, graph replays): at 1 token gate_up 19.7 us against
 # 24.3 with DECODE_CONFIG and down 9.1 against 10.9; at 2 tokens 35.9 / 19.6 against 38.2 / 20.8.
 FEW_TOKEN_CONFIG = dict(DECODE_CONFIG, block_n1=64, block_n2=64)
-PREFILL_CONFIG = dict(block_m=128, block_n1=128, block_n2=128, block_k=64, num_warps=8, num_stages=3)
+# Prefill: gate_up as one dot over 2 x 128 columns (`merged`), down over 256 columns. On an H200 at V2-Lite's
+# shape (graph replays, 8K and 16K tokens) gate_up 2,112 against 2,320 us at 16K (two 128-column dots) and
+# down 1,146 against 1,244 (128 columns); 1.12x and 1.10x at 8K.
+PREFILL_CONFIG = dict(block_m=128, block_n1=128, block_n2=256, block_k=64, num_warps=8, num_stages=3, merged=True)
 
 
 def choose_moe_config(n_assignments: int, n_experts: int) -> dict:
@@ -265,7 +288,7 @@ def choose_moe_config(n_assignments: int, n_experts: int) -> dict:
     if per_expert < 32:
         return DECODE_CONFIG
     if per_expert < 256:
-        return dict(PREFILL_CONFIG, block_m=64, block_n1=64, num_warps=4)
+        return dict(PREFILL_CONFIG, block_m=64, block_n1=64, block_n2=128, num_warps=4, merged=False)
     return PREFILL_CONFIG
 
 
@@ -302,7 +325,7 @@ def run_moe_gemms(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: tor
         x_MD.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), h_PI.stride(0),
         gu_P2I.stride(0) if store_gu else 0, A, D, I, E,
         TOP_K=top_k, BLOCK_M=bm, BLOCK_N=cfg["block_n1"], BLOCK_K=bk, UPCAST=INTERPRET, STORE_GU=store_gu,
-        num_warps=nw, num_stages=ns, **pdl_launch(x_MD))
+        MERGED=cfg.get("merged", False), num_warps=nw, num_stages=ns, **pdl_launch(x_MD))
     y_AD = torch.zeros((A, D), dtype=x_MD.dtype, device=x_MD.device) if zero_y else new_buffer((A, D), x_MD.dtype,
                                                                                                  x_MD.device)
     weight_A = topk_weight_MK.reshape(-1).contiguous()

@@ -175,9 +175,11 @@ class FusedMoEFunction(torch.autograd.Function):
         d_x = None
         if need_x:
             dx_AD = new_buffer((A, D), dt, dev)
-            _dx_bwd_kernel[(triton.cdiv(D, cfg["block_n2"]), n_blocks)](
+            # The forward's down tile was measured up to 256 columns for the forward only; dx keeps 128.
+            bn_dx = min(cfg["block_n2"], 128)
+            _dx_bwd_kernel[(triton.cdiv(D, bn_dx), n_blocks)](
                 dgu_P2I, gate_up_proj, dx_AD, sorted_ids, block_expert, dgu_P2I.stride(0), gate_up_proj.stride(0),
-                gate_up_proj.stride(1), dx_AD.stride(0), A, 2 * I, D, E, BLOCK_M=bm, BLOCK_N=cfg["block_n2"],
+                gate_up_proj.stride(1), dx_AD.stride(0), A, 2 * I, D, E, BLOCK_M=bm, BLOCK_N=bn_dx,
                 BLOCK_K=bk, UPCAST=INTERPRET, num_warps=nw, num_stages=ns)
             d_x = dx_AD.view(M, K, D).sum(dim=1, dtype=torch.float32).to(dt)
 

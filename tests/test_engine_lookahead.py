@@ -1,0 +1,105 @@
+"""Looking ahead (EngineConfig.async_scheduling): a decode step queued before the previous step's tokens are
+read gives exactly the outputs of the engine without it, for every way a sequence can end (length, a stop
+token at the step just launched past, a stop string, an abort between steps) and every sampling mode; it
+is actually used, and nothing leaks. The decode-graph path runs eagerly here (test_engine.EagerGraphLLM)."""
+
+from __future__ import annotations
+
+import pytest
+from test_engine import EagerGraphLLM, assert_no_leak, random_prompts, tiny_model
+
+from latentmoe.engine import SamplingParams
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+def engine(model, async_scheduling, **kw):
+    return EagerGraphLLM(model, block_size=4, num_blocks=200, max_num_seqs=8, max_model_len=120,
+                         async_scheduling=async_scheduling, **kw)
+
+
+def run(model, prompts, params, async_scheduling, **kw):
+    llm = engine(model, async_scheduling, **kw)
+    outs = llm.generate(prompts, params)
+    assert_no_leak(llm)
+    return [(o.outputs[0].token_ids, o.outputs[0].finish_reason, o.outputs[0].logprobs) for o in outs], llm
+
+
+def test_same_outputs_and_steps_launched_ahead(model):
+    # Different lengths: some sequences end by length while others decode on (no look-ahead past those steps).
+    prompts = random_prompts([5, 17, 1, 30, 9, 12])
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (12, 3, 9, 12, 1, 7)]
+    on, llm_on = run(model, prompts, params, True)
+    off, llm_off = run(model, prompts, params, False)
+    assert on == off
+    assert [len(t) for t, _, _ in on] == [12, 3, 9, 12, 1, 7]
+    assert llm_on.stats()["steps_launched_ahead"] > 0
+    assert llm_off.stats()["steps_launched_ahead"] == 0
+
+
+def test_stop_token_at_a_step_launched_past(model):
+    """A sequence stops at a token the engine had already launched the next step after: that step's token
+    for it is dropped; the others continue as without looking ahead."""
+    prompts = random_prompts([6, 11, 4], seed=3)
+    free, _ = run(model, prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), False)
+    stop = free[0][0][4]    # the first sequence's fifth token stops it
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, stop_token_ids=[stop])
+    on, llm = run(model, prompts, params, True)
+    off, _ = run(model, prompts, params, False)
+    assert on == off
+    assert on[0][1] == "stop" and on[0][0][-1] == stop and len(on[0][0]) <= 5
+    assert llm.stats()["steps_launched_ahead"] > 0
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.9, top_p=0.9, max_tokens=8, ignore_eos=True, seed=5),
+    SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2),
+    SamplingParams(temperature=0.8, max_tokens=8, ignore_eos=True, repetition_penalty=1.3, seed=1),
+], ids=["seeded-sampling", "logprobs", "penalties"])
+def test_sampling_modes(model, params):
+    prompts = random_prompts([7, 3, 14], seed=4)
+    on, llm = run(model, prompts, params, True)
+    off, _ = run(model, prompts, params, False)
+    assert on == off
+    # Penalties read the token history, which lacks the launched step's tokens: never looked past.
+    assert (llm.stats()["steps_launched_ahead"] > 0) == (params.repetition_penalty == 1.0)
+
+
+def test_abort_between_steps_with_a_step_launched_ahead(model):
+    prompts = random_prompts([5, 9], seed=6)
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    llm = engine(model, True)
+    a, b = (llm.add_request(p, params) for p in prompts)
+    while len(a.seqs[0].output_token_ids) < 4 or llm._ahead is None:
+        llm.step()
+    llm.abort_request(a.request_id)            # its next token is already being computed
+    while llm.has_unfinished():
+        llm.step()
+    assert a.seqs[0].finish_reason == "abort" and len(a.seqs[0].output_token_ids) < 20
+    off, _ = run(model, prompts[1:], params, False)
+    assert b.seqs[0].output_token_ids == off[0][0]
+    llm.step()                                 # nothing left: the last launched step, if any, is dropped
+    assert llm._ahead is None
+    assert_no_leak(llm)
+
+
+def test_new_request_while_decoding(model):
+    """A request arriving while others decode is admitted at the next step the engine schedules (a launched
+    step ahead is collected first); all outputs as without looking ahead."""
+    prompts = random_prompts([5, 9, 13], seed=8)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    off, _ = run(model, prompts, params, False)
+    llm = engine(model, True)
+    reqs = [llm.add_request(p, params) for p in prompts[:2]]
+    for _ in range(5):
+        llm.step()
+    reqs.append(llm.add_request(prompts[2], params))
+    while llm.has_unfinished():
+        llm.step()
+    assert [r.seqs[0].output_token_ids for r in reqs] == [o[0] for o in off]
+    assert_no_leak(llm)
