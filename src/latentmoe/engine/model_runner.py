@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from array import array
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,7 @@ from .sampling import SamplingBatch, argmax_rows, sample
 from .scheduler import ScheduledBatch
 
 log = logging.getLogger("latentmoe.engine")
+_ARRAY_CODES = {torch.int64: "q", torch.int32: "i"}
 
 
 @dataclass
@@ -82,15 +84,22 @@ class ModelRunner:
         return device.type == "cuda"
 
     # ------------------------------------------------------------------ inputs
-    def _to_device(self, values, dtype) -> torch.Tensor:
-        t = torch.tensor(values, dtype=dtype)
+    def _to_device(self, values: list[int], dtype) -> torch.Tensor:
+        # Through a typed array: torch.tensor(list) checks every element (a prefill step's 16K ids and slots:
+        # ~1.4 ms a list against ~0.3), and a step's host work is on the critical path when it samples.
+        t = torch.frombuffer(array(_ARRAY_CODES[dtype], values), dtype=dtype) if values else torch.empty(0, dtype=dtype)
         if self.device.type == "cuda":
             return t.pin_memory().to(self.device, non_blocking=True)
         return t
 
     def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:
+        """Cache slots of positions start..end-1: a range per block (a per-token loop took ~1.2 ms for 16K)."""
         bs = self.block_size
-        return [block_table[p // bs] * bs + p % bs for p in range(start, end)]
+        slots: list[int] = []
+        for i in range(start // bs, (end - 1) // bs + 1):
+            first = block_table[i] * bs - i * bs
+            slots.extend(range(first + max(start, i * bs), first + min(end, (i + 1) * bs)))
+        return slots
 
     def prepare(self, batch: ScheduledBatch):
         """Host lists -> device tensors (pinned, non-blocking): ids, positions, metadata, sample rows."""
