@@ -453,7 +453,7 @@ def test_engine_converts_a_copy_for_another_dtype(model):
     (dict(device="tpu9"), "device"), (dict(enforce_eager=1), "enforce_eager"),
     (dict(gpu_memory_utilization=0), "gpu_memory_utilization"), (dict(gpu_memory_utilization=1.5), "gpu_memory"),
     (dict(num_blocks=10, cache_memory_gb=1.0), "num_blocks or cache_memory_gb"),
-    (dict(prefill_hold_steps=-1), "prefill_hold_steps"),
+    (dict(prefill_hold_steps=-1), "prefill_hold_steps"), (dict(async_scheduling="no"), "async_scheduling"),
 ])
 def test_engine_config_names_the_bad_field(model, options, field):
     with pytest.raises(ValueError, match=field):

@@ -112,14 +112,16 @@ def test_engine_options_reach_the_engine(ckpt):
         argv = [command, str(path), "--device", "cpu", "--max-model-len", "64", "--block-size", "8",
                 "--kv-cache", "mha", "--experts", "fused", "--fused-ops", "off", "--no-enable-prefix-caching",
                 "--max-num-batched-tokens", "100", "--gpu-memory-utilization", "0.5", "--enforce-eager",
-                "--prefill-hold-steps", "3"]
+                "--prefill-hold-steps", "3", "--no-async-scheduling"]
         args = build_parser().parse_args(argv)
         llm = build_llm(args, str(path))
         cfg = llm.engine_config
+        assert cfg.async_scheduling is False
         assert (cfg.block_size, cfg.kv_cache.name, cfg.experts_impl, cfg.fused_ops) == (8, "mha", "fused", False)
         assert (cfg.enable_prefix_caching, cfg.max_num_batched_tokens, llm.max_model_len) == (False, 100, 64)
         assert (cfg.gpu_memory_utilization, cfg.enforce_eager, cfg.prefill_hold_steps) == (0.5, True, 3)
     args = build_parser().parse_args(["generate", str(path), "--enable-prefix-caching"])
+    assert args.async_scheduling   # on unless turned off
     assert args.enable_prefix_caching and not build_parser().parse_args(
         ["serve", str(path), "--no-prefix-caching"]).enable_prefix_caching
 
