@@ -2,6 +2,11 @@
 step's inputs and attention metadata, runs the model (decode-only steps replay a CUDA graph, one
 per batch bucket whatever the context length), and samples on device.
 
+A step is launched (its device work queued, its samples copied to pinned host memory in stream order) and
+then collected (the host waits for those samples). Between the two the engine may launch the same
+sequences' next decode, its input ids taken from the launched step's samples on the device (`launch(...,
+after=)`; LLM.step, "Looking ahead").
+
 Start-up (`warm_up`) does every compilation and capture before the engine serves: prefill steps of
 every token-count class up to the token budget (each Triton specialisation and tile configuration
 the kernels pick), eager decodes of every split count the decode kernel can choose, and one decode
