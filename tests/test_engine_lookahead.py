@@ -103,3 +103,49 @@ def test_new_request_while_decoding(model):
         llm.step()
     assert [r.seqs[0].output_token_ids for r in reqs] == [o[0] for o in off]
     assert_no_leak(llm)
+
+
+def test_async_engine_streams_and_aborts_with_look_ahead(model):
+    """The server's loop over a looking-ahead engine: requests joining while others decode stream the tokens
+    of the engine without look-ahead, each stream one token at a time; an abort mid-stream (a step for it may
+    already be launched) ends its stream and frees its blocks at once."""
+    import asyncio
+
+    from latentmoe.engine import AsyncLLM
+
+    prompts = random_prompts([5, 14, 2, 9], seed=12)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    want = [o[0] for o in run(model, prompts, params, False)[0]]
+
+    async def main():
+        llm = engine(model, True)
+        eng = AsyncLLM(llm)
+        await eng.start()
+
+        async def collect(p, delay, rid=None):
+            await asyncio.sleep(delay)
+            return [o async for o in eng.generate(p, params, request_id=rid)]
+
+        seen = []
+
+        async def victim():
+            long = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+            async for out in eng.generate(random_prompts([7], seed=13)[0], long, request_id="victim"):
+                seen.append(out)
+
+        vt = asyncio.create_task(victim())
+        results = await asyncio.gather(*[collect(p, 0.01 * i) for i, p in enumerate(prompts)])
+        while len(seen) < 3:
+            await asyncio.sleep(0.005)
+        await eng.abort("victim")
+        await asyncio.wait_for(vt, 5)
+        assert llm.block_manager.num_used_blocks == 0
+        await eng.shutdown()
+        return results, llm, seen
+
+    results, llm, seen = asyncio.run(main())
+    assert seen[-1].finished and seen[-1].outputs[0].finish_reason == "abort"
+    assert [r[-1].outputs[0].token_ids for r in results] == want
+    assert all([len(o.outputs[0].token_ids) for o in r] == list(range(1, 13)) for r in results)
+    assert llm.stats()["steps_launched_ahead"] > 0
+    assert_no_leak(llm)
