@@ -83,6 +83,12 @@ def test_per_head_cache_preemption_and_prefix_hits(lite_style):
         assert llm.stats()["num_preemptions"] > 0
         assert greedy(llm, max_tokens=4) == [t[:4] for t in want]
         assert llm.stats()["prefix_cache_hit_tokens"] > 0
+        # The server's hand-out signal (LLM.step's on_launch) reaches rank 0's runner: once per sampling step.
+        llm.add_request([5, 6, 7], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+        calls = []
+        while llm.has_unfinished():
+            llm.step(on_launch=lambda: calls.append(1))
+        assert calls == [1, 1, 1] and llm.runner.local.on_launch is None
 
 
 def test_sizes_that_do_not_divide(lite_style):

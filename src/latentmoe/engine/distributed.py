@@ -263,6 +263,16 @@ class ParallelRunner:
         self._monitor = threading.Thread(target=self._watch, name="latentmoe-rank-monitor", daemon=True)
         self._monitor.start()
 
+    @property
+    def on_launch(self):
+        """The engine's hand-out signal (LLM.step), called by rank 0's runner: set on it, not on this wrapper
+        (whose attributes its runner never sees)."""
+        return self.local.on_launch
+
+    @on_launch.setter
+    def on_launch(self, callback) -> None:
+        self.local.on_launch = callback
+
     def __getattr__(self, name):
         if name == "local":   # not built (yet): no recursion
             raise AttributeError(name)
