@@ -263,7 +263,7 @@ class LLM:
             if not batch.seqs:
                 return []
         t0 = time.perf_counter()
-        if ahead is None and not self._looks_ahead:
+        if not self._looks_ahead:   # (then nothing is ever launched ahead)
             self.runner.on_launch = on_launch
             try:
                 tokens, lps = self.runner.execute(batch)

@@ -160,7 +160,7 @@ class ModelRunner:
         return self.collect(step)
 
     @torch.inference_mode()
-    def launch(self, batch: ScheduledBatch, after: "LaunchedStep | None" = None) -> "LaunchedStep":
+    def launch(self, batch: ScheduledBatch, after: LaunchedStep | None = None) -> LaunchedStep:
         """Queue the step's device work (forward and sampling) without waiting for it.
 
         `after` (a decode step launched before, not yet collected, over the same sequences in the same
@@ -210,7 +210,7 @@ class ModelRunner:
             step.ready.record()
         return step
 
-    def can_follow(self, step: "LaunchedStep") -> bool:
+    def can_follow(self, step: LaunchedStep) -> bool:
         """Whether the same sequences' next decode step can be launched before `step` is collected: `step`
         replayed a decode graph, every row sampled, and no row's sampling reads the token history
         (penalties: the history on the host lacks `step`'s tokens until it is collected)."""
@@ -218,7 +218,7 @@ class ModelRunner:
                 and not any(s.params.uses_penalties for s in step.samplers))
 
     @staticmethod
-    def collect(step: "LaunchedStep"):
+    def collect(step: LaunchedStep):
         """Wait for a launched step: (tokens, logprob rows) of its sampling rows, in batch order."""
         if step.tokens is None:
             return [], []
