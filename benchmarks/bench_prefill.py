@@ -1,9 +1,9 @@
 """Batched prefill attention (kernels.prefill_attention) at V2-Lite's heads, beside torch SDPA in the same run.
 
 Cases: one causal prompt of L tokens, and a 16K chunk over a long cached prefix (what chunked prefill of a
-128K prompt runs last). Timed (median of 5): the engine's entry (kernels.prefill_attention: varlen flash
-attention on CUDA), the Triton kernel at its default tiles (and, with --sweep, every tile configuration);
-the reference is torch's scaled_dot_product_attention (its fastest backend for these shapes) on the same
+128K prompt runs last). Timed (median of 5): the engine's entry (kernels.prefill_attention: cuDNN's fused
+attention for these one-chunk steps on sm90+), the Triton kernel at its default tiles (and, with --sweep,
+every tile configuration); the reference is torch's scaled_dot_product_attention (its fastest backend for these shapes) on the same
 q/k/v with k_pe repeated per head; the floor is the causal attention FLOPs at PEAK_FLOPS.
 
     python benchmarks/bench_prefill.py [--sweep]                 # GPU: writes benchmarks/results/prefill.md
@@ -91,7 +91,7 @@ def main():
             out(f"| {name} | dispatch (reference here) | {t * 1e3:.1f} | - | - |")
             continue
         t = timed(lambda: kernels.prefill_attention(q, qpe, k, kpe, v, cu_q, cu_k, q_len, 0.1, max_k=S))
-        out(f"| {name} | kernels.prefill_attention (varlen flash) | {t * 1e3:.1f} | {flops / t / 1e12:.0f} | "
+        out(f"| {name} | kernels.prefill_attention (one chunk: cuDNN) | {t * 1e3:.1f} | {flops / t / 1e12:.0f} | "
             f"{floor / t:.0%} |")
         summary.append(f"| {name}, kernels.prefill_attention | {t * 1e3:.1f} ms, {flops / t / 1e12:.0f} TFLOP/s | "
                        f"torch SDPA {ref_t * 1e3:.1f} ms, {flops / ref_t / 1e12:.0f} TFLOP/s | {ref_t / t:.2f}x |")

@@ -392,7 +392,8 @@ class ModelRunner:
         if kernels.HAS_TRITON and kernels._triton.use_triton(probe) and not kernels._triton.INTERPRET:
             budget = self._warmup_chunk(max_num_batched_tokens)
             plan += [("prefill", n) for n in self.prefill_warmup_sizes(budget)]
-            # A step of two chunks: the varlen attention path (every one-chunk step above takes the other).
+            # A step of two chunks: the Triton attention kernel (one-chunk steps of CUDNN_MIN_CHUNK tokens or
+            # more take cuDNN's where it runs: kernels/prefill.py).
             plan.append(("chunks", 2))
             # Long prompts: a full chunk after cached prefixes of 1, 2, 4... chunks. Attention libraries pick
             # kernels by shape (cuDNN generates one the first time it meets a shape class): the first 32K

@@ -44,8 +44,8 @@ def align_blocks(n_assignments: int, n_experts: int, block_m: int) -> int:
 
 @jit(do_not_specialize=("A", "n_chunks"))
 def _moe_align_count_kernel(idx_ptr, chunk_base_ptr, A, E, n_chunks, BLOCK_E: tl.constexpr, BLOCK_A: tl.constexpr):
-    """One program per chunk of BLOCK_A assignments: its count per expert, into chunk_base[c, :] (the layout
-    kernel turns the counts into each chunk's base in place)."""
+    """One program per chunk of BLOCK_A assignments: its count per expert, into chunk_base[c, :] (the prefix
+    kernel turns the counts into running counts in place)."""
     c = tl.program_id(0)
     offs_e = tl.arange(0, BLOCK_E)
     a = c * BLOCK_A + tl.arange(0, BLOCK_A)
@@ -53,26 +53,23 @@ def _moe_align_count_kernel(idx_ptr, chunk_base_ptr, A, E, n_chunks, BLOCK_E: tl
     tl.store(chunk_base_ptr + c * BLOCK_E + offs_e, tl.sum((e[:, None] == offs_e[None, :]).to(tl.int32), 0))
 
 
-@jit(do_not_specialize=("A", "n_blocks", "n_chunks"))
-def _moe_align_layout_kernel(idx_ptr, sorted_ids_ptr, block_expert_ptr, chunk_base_ptr, A, E, n_blocks, n_chunks,
-                             BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_A: tl.constexpr,
-                             BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr, COUNTED: tl.constexpr):
-    """One program: per-expert counts (and each chunk's running count), the padded group layout,
-    block_expert, the padding rows, and chunk_base[c, e] = where chunk c's first assignment to e goes.
+@jit(do_not_specialize=("A", "n_chunks"))
+def _moe_align_prefix_kernel(idx_ptr, chunk_base_ptr, A, n_chunks, E, BLOCK_E: tl.constexpr, BLOCK_A: tl.constexpr,
+                             BLOCK_C: tl.constexpr, COUNTED: tl.constexpr):
+    """One program, the only serial part: chunk_base[c, e] = assignments to e before chunk c, and in row
+    n_chunks each expert's total (everything else the scatter kernel's programs derive from these).
 
     COUNTED: chunk_base already holds each chunk's counts (_moe_align_count_kernel, one program per chunk),
-    and their running sums are taken BLOCK_C chunks at a time; otherwise this program counts the
-    assignments itself, BLOCK_A at a time (fewer launches, slower for many assignments)."""
+    whose running sums are taken BLOCK_C chunks at a time; otherwise this program counts the assignments
+    itself, BLOCK_A at a time (one launch fewer, slower for many assignments)."""
     offs_e = tl.arange(0, BLOCK_E)
-    mask_e = offs_e < E
     counts = tl.zeros([BLOCK_E], dtype=tl.int32)
-    offs_c = tl.arange(0, BLOCK_C)
     if COUNTED:
+        offs_c = tl.arange(0, BLOCK_C)
         for c0 in range(0, n_chunks, BLOCK_C):
             ptrs = chunk_base_ptr + (c0 + offs_c)[:, None] * BLOCK_E + offs_e[None, :]
             mask = (c0 + offs_c)[:, None] < n_chunks
             cnt = tl.load(ptrs, mask=mask, other=0)
-            # Running counts before each chunk, made absolute below once first_row is known.
             tl.store(ptrs, tl.cumsum(cnt, 0) - cnt + counts[None, :], mask=mask)
             counts += tl.sum(cnt, 0)
     else:
@@ -81,51 +78,55 @@ def _moe_align_layout_kernel(idx_ptr, sorted_ids_ptr, block_expert_ptr, chunk_ba
             tl.store(chunk_base_ptr + (a0 // BLOCK_A) * BLOCK_E + offs_e, counts)
             e = tl.load(idx_ptr + a0 + offs_a, mask=a0 + offs_a < A, other=E).to(tl.int32)
             counts += tl.sum((e[:, None] == offs_e[None, :]).to(tl.int32), 0)
-    tl.debug_barrier()
+    tl.store(chunk_base_ptr + n_chunks * BLOCK_E + offs_e, counts)
+
+
+@jit(do_not_specialize=("A", "n_blocks", "n_chunks", "blocks_per_program"))
+def _moe_align_scatter_kernel(idx_ptr, sorted_ids_ptr, block_expert_ptr, chunk_base_ptr, A, E, n_blocks, n_chunks,
+                              blocks_per_program, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
+                              BLOCK_A: tl.constexpr, BLOCK_J: tl.constexpr):
+    """One program per chunk of assignments. From the experts' totals, the padded group layout (each
+    expert's first row); then each assignment's row = its expert's first row + the assignments to that
+    expert before its chunk + its rank among the chunk's own (a one-hot prefix sum). Besides, the program
+    writes block_expert and the padding rows of its share of the row blocks (blocks_per_program of them):
+    spread over the programs, not left to the serial kernel (one program took 14 us for them at 1,536
+    assignments in 16-row blocks on an H200, 52 us at 98K in 128-row blocks)."""
+    c = tl.program_id(0)
+    offs_e = tl.arange(0, BLOCK_E)
+    counts = tl.load(chunk_base_ptr + n_chunks * BLOCK_E + offs_e)
     blocks = (counts + BLOCK_M - 1) // BLOCK_M
     block_end = tl.cumsum(blocks, 0)
     first_row = (block_end - blocks) * BLOCK_M
-    for c0 in range(0, n_chunks, BLOCK_C):
-        ptrs = chunk_base_ptr + (c0 + offs_c)[:, None] * BLOCK_E + offs_e[None, :]
-        mask = (c0 + offs_c)[:, None] < n_chunks
-        tl.store(ptrs, tl.load(ptrs, mask=mask, other=0) + first_row[None, :], mask=mask)
-    block_end = tl.where(mask_e, block_end, 1 << 30)
-    offs_j = tl.arange(0, BLOCK_J)
-    offs_r = tl.arange(0, BLOCK_M)
-    for j0 in range(0, n_blocks, BLOCK_J):
-        j = j0 + offs_j
-        # A block's expert = how many experts end at or before it (E past the last used block).
-        be = tl.sum((block_end[None, :] <= j[:, None]).to(tl.int32), 1)
-        tl.store(block_expert_ptr + j, be, mask=j < n_blocks)
-        # Padding: a block's rows past its expert's count, and every row of blocks past the last.
-        hot = offs_e[None, :] == be[:, None]
-        fr = tl.sum(tl.where(hot, first_row[None, :], 0), 1)
-        cnt = tl.sum(tl.where(hot, counts[None, :], 0), 1)
-        row = j[:, None] * BLOCK_M + offs_r[None, :]                                # [BLOCK_J, BLOCK_M]
-        pad = (be[:, None] >= E) | (row - fr[:, None] >= cnt[:, None])
-        tl.store(sorted_ids_ptr + row, tl.zeros([BLOCK_J, BLOCK_M], dtype=tl.int32) + A,
-                 mask=(j[:, None] < n_blocks) & pad)
-
-
-@jit(do_not_specialize=("A",))
-def _moe_align_scatter_kernel(idx_ptr, sorted_ids_ptr, chunk_base_ptr, A, E,
-                              BLOCK_E: tl.constexpr, BLOCK_A: tl.constexpr):
-    """One program per chunk: each assignment's rank among the chunk's assignments to its expert
-    (a one-hot prefix sum), plus the chunk's base for that expert, is its row."""
-    c = tl.program_id(0)
-    offs_e = tl.arange(0, BLOCK_E)
     a = c * BLOCK_A + tl.arange(0, BLOCK_A)
     e = tl.load(idx_ptr + a, mask=a < A, other=E).to(tl.int32)
     hot = (e[:, None] == offs_e[None, :]).to(tl.int32)                               # [BLOCK_A, BLOCK_E]
-    base = tl.load(chunk_base_ptr + c * BLOCK_E + offs_e)
+    base = tl.load(chunk_base_ptr + c * BLOCK_E + offs_e) + first_row
     dest = tl.sum((tl.cumsum(hot, 0) - 1 + base[None, :]) * hot, 1)
     tl.store(sorted_ids_ptr + dest, a, mask=(a < A) & (e < E))
+    block_end = tl.where(offs_e < E, block_end, 1 << 30)
+    offs_j = tl.arange(0, BLOCK_J)
+    offs_r = tl.arange(0, BLOCK_M)
+    j_end = tl.minimum((c + 1) * blocks_per_program, n_blocks)
+    for j0 in range(c * blocks_per_program, j_end, BLOCK_J):
+        j = j0 + offs_j
+        # A block's expert = how many experts end at or before it (E past the last used block).
+        be = tl.sum((block_end[None, :] <= j[:, None]).to(tl.int32), 1)
+        tl.store(block_expert_ptr + j, be, mask=j < j_end)
+        # Padding: a block's rows past its expert's count, and every row of blocks past the last.
+        hot_j = offs_e[None, :] == be[:, None]
+        fr = tl.sum(tl.where(hot_j, first_row[None, :], 0), 1)
+        cnt = tl.sum(tl.where(hot_j, counts[None, :], 0), 1)
+        row = j[:, None] * BLOCK_M + offs_r[None, :]                                # [BLOCK_J, BLOCK_M]
+        pad = (be[:, None] >= E) | (row - fr[:, None] >= cnt[:, None])
+        tl.store(sorted_ids_ptr + row, tl.zeros([BLOCK_J, BLOCK_M], dtype=tl.int32) + A,
+                 mask=(j[:, None] < j_end) & pad)
 
 
 # Up to this many assignments one program counts them (decode batches: one launch fewer); above, one
-# program per chunk counts first. On an H200 (graph replays): serial 10.5 / 13.9 / 17.8 / 41.7 us at 6 / 384 /
-# 1,536 / 8,190 assignments, parallel 12.2 / 14.0 / 13.8 / 16.1 us, and 38-123 us from 49K to 197K where the
-# torch path (a radix sort and a dozen small ops, used where Triton does not run) took 127-172 us.
+# program per chunk counts first. On an H200 (graph replays, before the block layout moved to the scatter
+# kernel): serial 10.5 / 13.9 / 17.8 / 41.7 us at 6 / 384 / 1,536 / 8,190 assignments, parallel 12.2 / 14.0 /
+# 13.8 / 16.1 us, and 38-123 us from 49K to 197K where the torch path (a radix sort and a dozen small ops,
+# used where Triton does not run) took 127-172 us.
 ALIGN_SERIAL_COUNT_MAX_ASSIGNMENTS = 1024
 
 
@@ -150,17 +151,17 @@ def moe_align(topk_idx_MK: torch.Tensor, n_experts: int, block_m: int,
     block_a = max(16, min(128, 8192 // block_e))
     n_chunks = triton.cdiv(A, block_a)
     idx_A = topk_idx_MK.reshape(-1).contiguous()
-    chunk_base = new_buffer((n_chunks, block_e), torch.int32, topk_idx_MK.device)
+    chunk_base = new_buffer((n_chunks + 1, block_e), torch.int32, topk_idx_MK.device)   # + the totals' row
     counted = A > ALIGN_SERIAL_COUNT_MAX_ASSIGNMENTS if parallel_count is None else parallel_count
     if counted:
         _moe_align_count_kernel[(n_chunks,)](idx_A, chunk_base, A, n_experts, n_chunks,
                                              BLOCK_E=block_e, BLOCK_A=block_a, num_warps=4)
-    _moe_align_layout_kernel[(1,)](idx_A, sorted_ids, block_expert, chunk_base, A, n_experts, n_blocks, n_chunks,
-                                   BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_A=block_a,
-                                   BLOCK_C=max(1, 4096 // block_e), BLOCK_J=max(1, 4096 // block_m),
-                                   COUNTED=counted, num_warps=4)
-    _moe_align_scatter_kernel[(n_chunks,)](idx_A, sorted_ids, chunk_base, A, n_experts,
-                                           BLOCK_E=block_e, BLOCK_A=block_a, num_warps=4)
+    _moe_align_prefix_kernel[(1,)](idx_A, chunk_base, A, n_chunks, n_experts, BLOCK_E=block_e, BLOCK_A=block_a,
+                                   BLOCK_C=max(1, 4096 // block_e), COUNTED=counted, num_warps=4)
+    per_program = triton.cdiv(n_blocks, n_chunks)   # a host int; BLOCK_J depends on block_m alone (no new variants)
+    _moe_align_scatter_kernel[(n_chunks,)](idx_A, sorted_ids, block_expert, chunk_base, A, n_experts, n_blocks,
+                                           n_chunks, per_program, BLOCK_M=block_m, BLOCK_E=block_e,
+                                           BLOCK_A=block_a, BLOCK_J=min(16, max(1, 1024 // block_m)), num_warps=4)
     return sorted_ids, block_expert
 
 

@@ -3,7 +3,7 @@
 Chunk p has q_len new queries and k_len keys: its cached prefix (k_len - q_len tokens) followed by
 itself. Query i of the chunk sits at position prefix + i and sees keys 0..prefix + i: full over the
 prefix, causal inside the chunk. No mask is ever materialised; the lengths arrive as cumulative
-offsets (cu_q, cu_k) like flash-attention's varlen form, so one call serves any mix of chunks.
+offsets (cu_q, cu_k), so one call serves any mix of chunks.
 
 MLA keys come in two parts: k_nope per head [S, H, N] (decompressed from the latent) and the rotated
 k_pe [S, R], shared by all heads (stride 0 over heads; a per-head cache passes its own [S, H, R]).
@@ -32,20 +32,16 @@ def joined(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
     return a.as_strided((*a.shape[:-1], n), a.stride())
 
 
-def concat_heads_ref(a: torch.Tensor, b: torch.Tensor | None, width: int | None = None) -> torch.Tensor:
-    """[S, H, A] with [S, H, B] or (shared by the heads) [S, B] or nothing -> [S, H, width] = [a | b | zeros]."""
+def concat_heads_ref(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[S, H, A] with [S, H, B] or (shared by the heads) [S, B] -> [S, H, A + B] = [a | b]."""
     S, H, A = a.shape
-    if b is None:
-        out = a
-    else:
-        out = torch.cat([a, b[:, None, :].expand(S, H, b.shape[-1]) if b.dim() == 2 else b], dim=-1)
-    return out if width is None or width == out.shape[-1] else torch.nn.functional.pad(out, (0, width - out.shape[-1]))
+    return torch.cat([a, b[:, None, :].expand(S, H, b.shape[-1]) if b.dim() == 2 else b], dim=-1)
 
 
 @jit
 def _concat_heads_kernel(a_ptr, b_ptr, o_ptr, H, stride_as, stride_ah, stride_bs, stride_bh, stride_os, stride_oh,
-                         A: tl.constexpr, B: tl.constexpr, W: tl.constexpr, BLOCK_H: tl.constexpr,
-                         BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_Z: tl.constexpr):
+                         A: tl.constexpr, B: tl.constexpr, BLOCK_H: tl.constexpr,
+                         BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
     s = tl.program_id(0).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mh = offs_h[:, None] < H
@@ -53,38 +49,29 @@ def _concat_heads_kernel(a_ptr, b_ptr, o_ptr, H, stride_as, stride_ah, stride_bs
     ma = mh & (offs_a[None, :] < A)
     x = tl.load(a_ptr + s * stride_as + offs_h[:, None] * stride_ah + offs_a[None, :], mask=ma, other=0.0)
     tl.store(o_ptr + s * stride_os + offs_h[:, None] * stride_oh + offs_a[None, :], x, mask=ma)
-    if B > 0:
-        offs_b = tl.arange(0, BLOCK_B)
-        mb = mh & (offs_b[None, :] < B)
-        y = tl.load(b_ptr + s * stride_bs + offs_h[:, None] * stride_bh + offs_b[None, :], mask=mb, other=0.0)
-        tl.store(o_ptr + s * stride_os + offs_h[:, None] * stride_oh + A + offs_b[None, :], y, mask=mb)
-    if W > A + B:
-        offs_z = tl.arange(0, BLOCK_Z)
-        mz = mh & (offs_z[None, :] < W - A - B)
-        tl.store(o_ptr + s * stride_os + offs_h[:, None] * stride_oh + A + B + offs_z[None, :],
-                 tl.zeros([BLOCK_H, BLOCK_Z], dtype=o_ptr.dtype.element_ty), mask=mz)
+    offs_b = tl.arange(0, BLOCK_B)
+    mb = mh & (offs_b[None, :] < B)
+    y = tl.load(b_ptr + s * stride_bs + offs_h[:, None] * stride_bh + offs_b[None, :], mask=mb, other=0.0)
+    tl.store(o_ptr + s * stride_os + offs_h[:, None] * stride_oh + A + offs_b[None, :], y, mask=mb)
 
 
-def concat_heads(a: torch.Tensor, b: torch.Tensor | None, width: int | None = None) -> torch.Tensor:
+def concat_heads(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """concat_heads_ref in one pass: the keys' [k_nope | k_pe] (k_pe broadcast over the heads, read once
-    per token), or v zero-padded to the keys' width (b None), for attention kernels that want whole heads.
-    On an H200 in a 32K prefill, torch.cat's q and k concatenations took 4% of the kernel time at about
-    0.7 TB/s; this kernel builds the keys at about 2.7 TB/s (3.4 ms in all, q needs no copy at all: see
-    `joined`). Triton where it runs, the reference elsewhere."""
+    per token) for cuDNN's attention, which wants whole heads. On an H200 in a 32K prefill, torch.cat's q
+    and k concatenations took 4% of the kernel time at about 0.7 TB/s; this kernel builds the keys at about
+    2.7 TB/s (3.4 ms in all, q needs no copy at all: see `joined`). Triton where it runs, the reference
+    elsewhere."""
     S, H, A = a.shape
-    B = 0 if b is None else b.shape[-1]
-    W = width or A + B
-    if not use_triton(a) or a.stride(-1) != 1 or (b is not None and b.stride(-1) != 1) or W < A + B:
-        return concat_heads_ref(a, b, width)
-    out = new_buffer((S, H, W), a.dtype, a.device)
+    B = b.shape[-1]
+    if not use_triton(a) or a.stride(-1) != 1 or b.stride(-1) != 1:
+        return concat_heads_ref(a, b)
+    out = new_buffer((S, H, A + B), a.dtype, a.device)
     if S:
-        b = a if b is None else b
         bs, bh = (b.stride(0), 0) if b.dim() == 2 else (b.stride(0), b.stride(1))
         block_h = min(16, triton.next_power_of_2(H))
         _concat_heads_kernel[(S, triton.cdiv(H, block_h))](
-            a, b, out, H, a.stride(0), a.stride(1), bs, bh, out.stride(0), out.stride(1), A=A, B=B, W=W,
-            BLOCK_H=block_h, BLOCK_A=triton.next_power_of_2(A), BLOCK_B=triton.next_power_of_2(max(B, 1)),
-            BLOCK_Z=triton.next_power_of_2(max(W - A - B, 1)), num_warps=4)
+            a, b, out, H, a.stride(0), a.stride(1), bs, bh, out.stride(0), out.stride(1), A=A, B=B,
+            BLOCK_H=block_h, BLOCK_A=triton.next_power_of_2(A), BLOCK_B=triton.next_power_of_2(B), num_warps=4)
     return out
 
 
@@ -206,37 +193,8 @@ def prefill_attention_triton(q_nope, q_pe, k_nope, k_pe, v, cu_q, cu_k, max_q: i
     return out
 
 
-def flash_supported(q_nope: torch.Tensor, q_pe: torch.Tensor, v: torch.Tensor) -> bool:
-    """torch's flash-attention kernel takes these inputs: CUDA, sm80+, bf16/fp16, head size <= 256."""
-    D = q_nope.shape[-1] + q_pe.shape[-1]
-    return (q_nope.is_cuda and q_nope.dtype in (torch.float16, torch.bfloat16) and D % 8 == 0 and D <= 256
-            and v.shape[-1] <= D and torch.cuda.get_device_capability(q_nope.device)[0] >= 8
-            and torch.backends.cuda.flash_sdp_enabled())
-
-
-def prefill_attention_flash(q_nope, q_pe, k_nope, k_pe, v, cu_q, cu_k, max_q: int, max_k: int,
-                            softmax_scale: float) -> torch.Tensor:
-    """The same attention through torch's varlen flash-attention kernel (one launch for every chunk).
-
-    Its causal mask is aligned to the bottom right when a chunk has fewer queries than keys, which is
-    exactly "full over the cached prefix, causal inside the chunk". It wants one head size for q, k and
-    v: the rope parts are concatenated (the shared k_pe broadcast over heads) and v is zero-padded to
-    N + R, the padded output columns dropped. On an H200 at 32K tokens torch's flash kernel ran 3x the
-    Triton kernel's FLOP rate (benchmarks/results/prefill.md), so it is the default where it applies.
-    """
-    T, H, N = q_nope.shape
-    R, V = q_pe.shape[-1], v.shape[-1]
-    q = joined(q_nope, q_pe)
-    q = torch.cat([q_nope, q_pe], dim=-1) if q is None else q
-    k = concat_heads(k_nope, k_pe)
-    v = concat_heads(v, None, N + R) if V < N + R else v.contiguous()
-    out = torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True,
-                                                  False, scale=softmax_scale)[0]
-    return out[..., :V].contiguous()
-
-
 def cudnn_supported(q_nope: torch.Tensor, q_pe: torch.Tensor, v: torch.Tensor) -> bool:
-    """cuDNN's fused attention takes these inputs: CUDA sm90+ (where it outruns the flash kernel), bf16/fp16,
+    """cuDNN's fused attention takes these inputs: CUDA sm90+, bf16/fp16,
     head sizes multiples of 8 up to 256 (q/k and v may differ: no padding)."""
     D, V = q_nope.shape[-1] + q_pe.shape[-1], v.shape[-1]
     return (q_nope.is_cuda and q_nope.dtype in (torch.float16, torch.bfloat16) and D % 8 == 0 and V % 8 == 0
@@ -295,7 +253,7 @@ def prefill_attention_cudnn(q_nope, q_pe, k_nope, k_pe, v, softmax_scale: float)
 
     Its causal mask is aligned to the top left, right for the chunk over itself but not over a prefix,
     so a chunk after a prefix takes two calls, over the prefix (no mask) and over itself (causal), merged
-    by their log-sum-exps. Unlike the flash kernel it takes v at its own head size. On an H200, torch's
+    by their log-sum-exps. It takes v at its own head size. On an H200, torch's
     attention through it ran 647 TFLOP/s on a 32K causal prompt against 314 for the masked long-prefix
     case (benchmarks/results/prefill.md); in the engine it took a 128K prompt's prefill from 10.8 to
     5.7 s (benchmarks/results/e2e.md): long prompts, one chunk per step, go here.
@@ -322,6 +280,12 @@ def prefill_attention_cudnn(q_nope, q_pe, k_nope, k_pe, v, softmax_scale: float)
     return out[0].transpose(0, 1).contiguous()
 
 
+# One chunk from this many tokens goes to cuDNN. On an H200 (V2-Lite heads) cuDNN against the Triton kernel:
+# 0.25 against 0.09 ms for 1,000 tokens (0.27 against 0.12 after 4,000 cached), even at 4,000, 2.3 against
+# 3.0 ms at 16K, 15.7 against 21.1 ms for 16K after 48K cached.
+CUDNN_MIN_CHUNK = 4096
+
+
 def prefill_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor,
                       v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int,
                       softmax_scale: float, max_k: int | None = None, **tuning) -> torch.Tensor:
@@ -330,20 +294,22 @@ def prefill_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Te
     its keys (cached prefix, then the chunk itself) rows cu_k[p]:cu_k[p+1] -> [T, H, V].
 
     `max_q` / `max_k` (the longest chunk and context, host ints) size the launch. On CUDA in bf16/fp16
-    a step of one chunk (a long prompt) goes through cuDNN's fused attention where it runs (sm90+), any
-    other step through torch's varlen flash attention; otherwise the Triton kernel on CUDA (CPU under
-    TRITON_INTERPRET=1) and the torch reference elsewhere; fp32 accumulation everywhere. Tuning
-    arguments select the Triton kernel.
+    a step of one chunk of at least CUDNN_MIN_CHUNK tokens (a long prompt) goes through cuDNN's fused
+    attention where it runs (sm90+), any other step through the Triton kernel (also on CPU under
+    TRITON_INTERPRET=1), the torch reference elsewhere; fp32 accumulation everywhere. Tuning arguments
+    select the Triton kernel.
+
+    Why not torch's varlen flash kernel for the steps of several chunks: it wants one head size, so the keys
+    are concatenated, v padded from 128 to 192 and the output sliced (three copies and 20% more work); on
+    an H200 (V2-Lite heads, 16K queries a step) the Triton kernel took 0.32 against 0.69 ms for 16 prompts of
+    1,000 tokens, 0.21 against 0.46 for 25 of 256-1,024, 1.52 against 2.91 for two of 8,000 and 5.5 against
+    10.4 for two chunks of 8,000 after 24,000 cached tokens, copies included.
     """
     if q_nope.shape[0] == 0:
         return q_nope.new_empty(0, q_nope.shape[1], v.shape[-1])
     one_chunk = max_k is not None and q_nope.shape[0] == max_q and k_nope.shape[0] == max_k
-    if not tuning and one_chunk and cudnn_supported(q_nope, q_pe, v):
+    if not tuning and one_chunk and max_q >= CUDNN_MIN_CHUNK and cudnn_supported(q_nope, q_pe, v):
         return prefill_attention_cudnn(q_nope, q_pe, k_nope, k_pe, v, softmax_scale)
-    if not tuning and flash_supported(q_nope, q_pe, v):
-        if max_k is None:
-            max_k = int((cu_k[1:] - cu_k[:-1]).max())
-        return prefill_attention_flash(q_nope, q_pe, k_nope, k_pe, v, cu_q, cu_k, max_q, max_k, softmax_scale)
     if use_triton(q_nope) and min(q_nope.shape[-1], q_pe.shape[-1], v.shape[-1]) >= 16:
         return prefill_attention_triton(q_nope, q_pe, k_nope, k_pe, v, cu_q, cu_k, max_q, softmax_scale, **tuning)
     return prefill_attention_ref(q_nope, q_pe, k_nope, k_pe, v, cu_q, cu_k, softmax_scale)
