@@ -31,7 +31,7 @@ def run(model, prompts, params, async_scheduling, **kw):
 
 
 def test_same_outputs_and_steps_launched_ahead(model):
-    # Different lengths: some sequences end by length while others decode on (no look-ahead past those steps).
+    # Different lengths: some sequences end by length while others decode on.
     prompts = random_prompts([5, 17, 1, 30, 9, 12])
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (12, 3, 9, 12, 1, 7)]
     on, llm_on = run(model, prompts, params, True)
@@ -40,6 +40,19 @@ def test_same_outputs_and_steps_launched_ahead(model):
     assert [len(t) for t, _, _ in on] == [12, 3, 9, 12, 1, 7]
     assert llm_on.stats()["steps_launched_ahead"] > 0
     assert llm_off.stats()["steps_launched_ahead"] == 0
+
+
+def test_sequences_ending_by_length_are_left_out_of_the_next_step(model):
+    """Four prompts admitted together, ending by length after 4, 6, 8 and 10 tokens: every decode step after
+    the first (tokens 3 to 10) is launched ahead, the sequence that ends at a step's token left out of the
+    step queued behind it, and the outputs are those of the engine without looking ahead."""
+    prompts = random_prompts([7, 7, 7, 7], seed=8)
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (4, 6, 8, 10)]
+    on, llm = run(model, prompts, params, True)
+    off, _ = run(model, prompts, params, False)
+    assert on == off
+    assert [len(t) for t, _, _ in on] == [4, 6, 8, 10]
+    assert llm.stats()["steps_launched_ahead"] == 8
 
 
 def test_stop_token_at_a_step_launched_past(model):

@@ -256,7 +256,7 @@ class LLM:
         tokens are read (its input ids are this step's sampled ids, on the device), and returned by the
         next call. The host's work (reading tokens, stop checks, outputs, the next step's inputs) then
         runs while the device computes. A sequence that stops at this step's token has its next token
-        computed and dropped; a step that could end a sequence by length is not looked past."""
+        computed and dropped; one that ends by length at this step's token is left out of the next."""
         ahead, self._ahead = self._ahead, None
         if ahead is None:
             batch = self.scheduler.schedule()
@@ -307,19 +307,20 @@ class LLM:
     def _launch_next(self, launched):
         """Queue the next decode of `launched`'s sequences before its tokens are read (see step), or None
         where the next step may differ: requests wait to be admitted, not every running sequence is in
-        this step, a sequence may end by length at this step's token, or the cache has no room for one
-        more position each (the scheduler then preempts)."""
+        this step, or the cache has no room for one more position each (the scheduler then preempts).
+        Sequences that end by length at this step's token are left out of it (the others keep their order)."""
         seqs = launched.batch.seqs
         if (self.scheduler.waiting or len(seqs) != len(self.scheduler.running)
                 or not self.runner.can_follow(launched)):
             return None
-        if any(s.is_finished or s.num_output_tokens + 1 >= s.max_tokens for s in seqs):
+        nxt = [s for s in seqs if not s.is_finished and s.num_output_tokens + 1 < s.max_tokens]
+        if not nxt:
             return None
-        for s in seqs:   # positions up to num_computed_tokens + 1, the next step's
+        for s in nxt:   # positions up to num_computed_tokens + 1, the next step's
             if not self.block_manager.allocate(s, s.num_computed_tokens + 2):
                 return None
         self.num_steps_ahead += 1
-        return self.runner.launch(ScheduledBatch(list(seqs), [1] * len(seqs), len(seqs), []), after=launched)
+        return self.runner.launch(ScheduledBatch(nxt, [1] * len(nxt), len(nxt), []), after=launched)
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         p = seq.params

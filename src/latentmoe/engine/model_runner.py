@@ -164,8 +164,9 @@ class ModelRunner:
         """Queue the step's device work (forward and sampling) without waiting for it.
 
         `after` (a decode step launched before, not yet collected, over the same sequences in the same
-        order; see can_follow): this step decodes each sequence's next position, its input ids being
-        `after`'s sampled ids on the device; the sequences' host state is still as before `after`."""
+        order or a subset of them; see can_follow): this step decodes each sequence's next position, its
+        input ids being `after`'s sampled ids on the device; the sequences' host state is still as before
+        `after`."""
         # Rows that reach their sequence's end sample (a prompt chunk short of the end samples nothing).
         keep = [i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))
                 if s.num_computed_tokens + n == len(s)] if after is None else list(range(len(batch.seqs)))
@@ -211,9 +212,9 @@ class ModelRunner:
         return step
 
     def can_follow(self, step: LaunchedStep) -> bool:
-        """Whether the same sequences' next decode step can be launched before `step` is collected: `step`
-        replayed a decode graph, every row sampled, and no row's sampling reads the token history
-        (penalties: the history on the host lacks `step`'s tokens until it is collected)."""
+        """Whether a next decode of `step`'s sequences (or of some of them) can be launched before `step` is
+        collected: `step` replayed a decode graph, every row sampled, and no row's sampling reads the token
+        history (penalties: the history on the host lacks `step`'s tokens until it is collected)."""
         return (step.graph and step.tokens is not None and len(step.samplers) == len(step.batch.seqs)
                 and not any(s.params.uses_penalties for s in step.samplers))
 
@@ -329,7 +330,11 @@ class ModelRunner:
             return None
         self._copy_graph_inputs(b, mb)
         if after is not None:
-            self.g_ids[:n, 0].copy_(after.tokens)
+            src = after.tokens
+            if n != len(after.batch.seqs):   # a subset (those ending at `after`'s token left out), in order
+                where = {id(s): i for i, s in enumerate(after.batch.seqs)}
+                src = src[self._to_device([where[id(s)] for s in batch.seqs], torch.int64)]
+            self.g_ids[:n, 0].copy_(src)
         if self.device.type == "cuda":
             self._staged = torch.cuda.Event()
             self._staged.record()
