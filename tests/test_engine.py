@@ -335,6 +335,11 @@ def test_errors_are_clear(model):
         llm.generate([list(range(3, 20))], SamplingParams(max_tokens=20))
     with pytest.raises(ValueError, match="vocabulary"):
         llm.generate([[5, 512]])
+    with pytest.raises(ValueError, match="vocabulary"):
+        llm.generate([[5, -1]])
+    for bad in ([True, 5], [5, 6.0], [5, "6"]):
+        with pytest.raises(ValueError, match="integer token ids"):
+            llm.generate([bad])
     with pytest.raises(ValueError, match="empty"):
         llm.generate([[]])
     with pytest.raises(ValueError, match="tokenizer"):
@@ -345,6 +350,19 @@ def test_errors_are_clear(model):
     with pytest.raises(ValueError):
         llm.generate([[5, 6], list(range(3, 40))])
     assert_no_leak(llm)
+
+
+def test_block_hash_is_blake2b_of_the_chain_and_little_endian_words():
+    import hashlib
+
+    from latentmoe.engine.block_manager import block_hash
+    ids = [0, 1, 255, 256, 70000, 2**32 - 1]
+    words = b"".join(t.to_bytes(4, "little") for t in ids)
+    first = hashlib.blake2b(words, digest_size=16).digest()
+    assert block_hash(None, ids) == first
+    assert block_hash(first, ids[:2]) == hashlib.blake2b(first + words[:8], digest_size=16).digest()
+    with pytest.raises(OverflowError):
+        block_hash(None, [-1])
 
 
 def test_max_tokens_none_runs_to_max_model_len(model):
