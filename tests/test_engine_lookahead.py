@@ -19,8 +19,8 @@ def model():
 
 
 def engine(model, async_scheduling, **kw):
-    return EagerGraphLLM(model, block_size=4, num_blocks=200, max_num_seqs=8, max_model_len=120,
-                         async_scheduling=async_scheduling, **kw)
+    return EagerGraphLLM(model, **{**dict(block_size=4, num_blocks=200, max_num_seqs=8, max_model_len=120), **kw},
+                         async_scheduling=async_scheduling)
 
 
 def run(model, prompts, params, async_scheduling, **kw):
@@ -43,16 +43,71 @@ def test_same_outputs_and_steps_launched_ahead(model):
 
 
 def test_sequences_ending_by_length_are_left_out_of_the_next_step(model):
-    """Four prompts admitted together, ending by length after 4, 6, 8 and 10 tokens: every decode step after
-    the first (tokens 3 to 10) is launched ahead, the sequence that ends at a step's token left out of the
-    step queued behind it, and the outputs are those of the engine without looking ahead."""
+    """Four prompts admitted together, ending by length after 4, 6, 8 and 10 tokens: every decode step (tokens
+    2 to 10) is launched ahead of the step before it, the sequence that ends at a step's token left out of
+    the step queued behind it, and the outputs are those of the engine without looking ahead."""
     prompts = random_prompts([7, 7, 7, 7], seed=8)
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (4, 6, 8, 10)]
     on, llm = run(model, prompts, params, True)
     off, _ = run(model, prompts, params, False)
     assert on == off
     assert [len(t) for t, _, _ in on] == [4, 6, 8, 10]
-    assert llm.stats()["steps_launched_ahead"] == 8
+    assert llm.stats()["steps_launched_ahead"] == 9
+
+
+def _record_launches(llm):
+    """Wrap the runner's launch: a list of (launched after another step, the step's rows include a prompt chunk)."""
+    seen, launch = [], llm.runner.launch
+
+    def recording(batch, after=None):
+        seen.append((after is not None, batch.num_decodes < len(batch.seqs)))
+        return launch(batch, after)
+    llm.runner.launch = recording
+    return seen
+
+
+@pytest.mark.parametrize("kw", [dict(max_num_batched_tokens=8, max_num_seqs=2),   # chunked prefill, requests wait
+                                dict(max_num_batched_tokens=16, max_num_seqs=8)],   # prompts and decodes mixed
+                         ids=["chunks-and-waiting", "mixed"])
+def test_prefill_and_mixed_steps_are_launched_ahead(model, kw):
+    """Steps with prompt chunks (eager), with requests waiting to be admitted, are scheduled and launched
+    before the step before them is read: a decode row after a prompt's last chunk takes its first token
+    from the device. Outputs as without looking ahead."""
+    prompts = random_prompts([13, 3, 21, 8, 30], seed=21)
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (6, 9, 4, 7, 5)]
+    off, _ = run(model, prompts, params, False, **kw)
+    llm = engine(model, True, **kw)
+    seen = _record_launches(llm)
+    outs = llm.generate(prompts, params)
+    assert [(o.outputs[0].token_ids, o.outputs[0].finish_reason, o.outputs[0].logprobs) for o in outs] == off
+    assert (True, True) in seen                   # a step with a prompt chunk, launched ahead
+    assert sum(a for a, _ in seen) == llm.stats()["steps_launched_ahead"] >= len(seen) - 3
+    assert_no_leak(llm)
+
+
+def test_preemption_while_a_step_is_launched_ahead(model):
+    """A cache too small for every sequence: the scheduler preempts (recompute) while the step before is
+    still unread, so a victim may hold a placeholder token; it is filled in, and the victim readmitted
+    later with its real tokens. Outputs as without looking ahead, nothing leaked."""
+    prompts = random_prompts([10, 7, 12, 9], seed=22)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    kw = dict(num_blocks=13, max_num_seqs=4)
+    res = {}
+    for ahead in (False, True):
+        llm = EagerGraphLLM(model, block_size=4, max_model_len=40, async_scheduling=ahead, **kw)
+        res[ahead] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        assert llm.stats()["num_preemptions"] > 0
+        assert_no_leak(llm)
+    assert res[True] == res[False]
+    assert llm.stats()["steps_launched_ahead"] > 0
+
+
+def test_several_samples_per_request(model):
+    prompts = random_prompts([6, 15], seed=23)
+    params = SamplingParams(temperature=0.9, max_tokens=7, ignore_eos=True, seed=3, n=3)
+    on, llm = run(model, prompts, params, True)
+    off, _ = run(model, prompts, params, False)
+    assert on == off and llm.stats()["steps_launched_ahead"] > 0
 
 
 def test_stop_token_at_a_step_launched_past(model):

@@ -86,9 +86,10 @@ class LLM:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.prefill_hold_steps)
         self.last_execute_seconds = 0.0   # the last step's time in the runner (inputs, forward, sampling)
-        # Looking ahead (step) needs the runner's launch/collect: the one-process runner with decode graphs.
+        # Looking ahead (step) needs the runner's launch/collect (the one-process runner) and a device that
+        # computes while the host works (on a CPU a launch computes at once: tests run the graph path eagerly).
         self._looks_ahead = (config.async_scheduling and config.tensor_parallel_size == 1
-                             and self.runner.use_cuda_graphs)
+                             and (config.device.type == "cuda" or self.runner.use_cuda_graphs))
         self._ahead = None                # a step launched ahead, collected by the next step()
         self.num_steps_ahead = 0
         self.requests: dict[str, Request] = {}
@@ -252,12 +253,15 @@ class LLM:
         `on_launch()`, if given, is called from this thread once the step's device work is queued and
         before the step waits for it (it may not be called, e.g. for a step that samples nothing).
 
-        Looking ahead (async_scheduling): when this step is the running sequences' decode on a CUDA graph
-        and nothing waits to be admitted, the same sequences' next decode is queued before this step's
-        tokens are read (its input ids are this step's sampled ids, on the device), and returned by the
-        next call. The host's work (reading tokens, stop checks, outputs, the next step's inputs) then
-        runs while the device computes. A sequence that stops at this step's token has its next token
-        computed and dropped; one that ends by length at this step's token is left out of the next."""
+        Looking ahead (async_scheduling): once a step is launched, its effect on the host state is applied
+        before its tokens are known (computed tokens advance; a sequence that samples gets a placeholder
+        token, Sequence.PENDING_TOKEN), the next step is scheduled and launched (a decode row whose input is
+        a placeholder takes the launched step's sampled id on the device), and only then are the first
+        step's tokens read, filled in and turned into outputs, while the device computes the next one.
+        That next step is returned by the next call. A sequence that stops (stop token or string) or is
+        aborted at a token already looked past has its next token computed and dropped; one that ends by
+        length at the launched step's token is left out of the next (Scheduler.schedule). Not with
+        penalties (they read the token history on the host)."""
         ahead, self._ahead = self._ahead, None
         if ahead is None:
             batch = self.scheduler.schedule()
@@ -270,32 +274,57 @@ class LLM:
                 tokens, lps = self.runner.execute(batch)
             finally:
                 self.runner.on_launch = None
+            pending = self._apply(batch)
         else:
-            launched = ahead or self.runner.launch(batch)
+            if ahead is None:
+                launched = self.runner.launch(batch)
+                pending = self._apply(batch)
+            else:
+                launched, pending = ahead
             self._ahead = self._launch_next(launched)
             if on_launch is not None:
                 on_launch()
             tokens, lps = self.runner.collect(launched)
             batch = launched.batch
         self.last_execute_seconds = time.perf_counter() - t0
+        return self._fill(batch, pending, tokens, lps, outputs)
+
+    def _apply(self, batch: ScheduledBatch) -> list[int | None]:
+        """A launched step's effect on the host state before its tokens are read: each sequence's computed
+        tokens advance, and each that samples gets a placeholder token. Per batch row: the placeholder's
+        index, or None (a prompt chunk short of the end samples nothing)."""
+        pending = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            samples = seq.num_computed_tokens + n == len(seq)
+            seq.num_computed_tokens += n
+            pending.append(seq.append_pending() if samples else None)
+        return pending
+
+    def _fill(self, batch: ScheduledBatch, pending: list[int | None], tokens: list[int], lps: list,
+              outputs: bool) -> list[RequestOutput]:
+        """The step's tokens in place of its placeholders; prefix-cache blocks, stop checks and outputs."""
         touched: dict[str, Request] = {}
         k = 0
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            if seq.is_finished:
-                # Stopped or aborted after this step was launched ahead of it (such steps sample every row).
+        for seq, index in zip(batch.seqs, pending):
+            if index is not None:
+                token, lp = tokens[k], lps[k]
                 k += 1
+                if seq.is_finished:
+                    # Stopped or aborted after this step was launched ahead of it: the token is not its.
+                    seq.drop_pending(index)
+                    continue
+                seq.fill(index, token)
+            elif seq.is_finished:
                 continue
-            seq.num_computed_tokens += n
             self.block_manager.register_full_blocks(seq)
-            if seq.num_computed_tokens < len(seq):
+            if index is None:
                 continue   # a prefill chunk that does not reach the end yet
-            token, lp = tokens[k], lps[k]
-            k += 1
-            seq.append(token)
             if seq.logprobs is not None:
                 seq.logprobs.append(lp)
             self._check_stop(seq, token)
-            touched[seq.request_id] = self.requests[seq.request_id]
+            req = self.requests.get(seq.request_id)
+            if req is not None:
+                touched[seq.request_id] = req
         outs = []
         for rid, req in touched.items():
             if req.finished:
@@ -306,22 +335,18 @@ class LLM:
         return outs
 
     def _launch_next(self, launched):
-        """Queue the next decode of `launched`'s sequences before its tokens are read (see step), or None
-        where the next step may differ: requests wait to be admitted, not every running sequence is in
-        this step, or the cache has no room for one more position each (the scheduler then preempts).
-        Sequences that end by length at this step's token are left out of it (the others keep their order)."""
-        seqs = launched.batch.seqs
-        if (self.scheduler.waiting or len(seqs) != len(self.scheduler.running)
-                or not self.runner.can_follow(launched)):
+        """Schedule and launch the step after `launched` before its tokens are read (see step); returns
+        (that step, its placeholders) or None: nothing to schedule, or some sequence samples with
+        penalties."""
+        sched = self.scheduler
+        if any(s.params.uses_penalties for s in itertools.chain(sched.running, sched.waiting)):
             return None
-        nxt = [s for s in seqs if not s.is_finished and s.num_output_tokens + 1 < s.max_tokens]
-        if not nxt:
+        batch = sched.schedule()
+        if not batch.seqs:
             return None
-        for s in nxt:   # positions up to num_computed_tokens + 1, the next step's
-            if not self.block_manager.allocate(s, s.num_computed_tokens + 2):
-                return None
+        step = self.runner.launch(batch, after=launched)
         self.num_steps_ahead += 1
-        return self.runner.launch(ScheduledBatch(nxt, [1] * len(nxt), len(nxt), []), after=launched)
+        return step, self._apply(batch)
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         p = seq.params

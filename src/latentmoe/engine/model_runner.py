@@ -3,9 +3,9 @@ step's inputs and attention metadata, runs the model (decode-only steps replay a
 per batch bucket whatever the context length), and samples on device.
 
 A step is launched (its device work queued, its samples copied to pinned host memory in stream order) and
-then collected (the host waits for those samples). Between the two the engine may launch the same
-sequences' next decode, its input ids taken from the launched step's samples on the device (`launch(...,
-after=)`; LLM.step, "Looking ahead").
+then collected (the host waits for those samples). Between the two the engine may launch the next step,
+whose decode rows read the launched step's samples on the device where the host has only placeholders
+(`launch(..., after=)`; LLM.step, "Looking ahead").
 
 Start-up (`warm_up`) does every compilation and capture before the engine serves: prefill steps of
 every token-count class up to the token budget (each Triton specialisation and tile configuration
@@ -30,6 +30,7 @@ from .block_manager import NULL_BLOCK
 from .config import EngineConfig
 from .sampling import SamplingBatch, argmax_rows, sample
 from .scheduler import ScheduledBatch
+from .sequence import PENDING_TOKEN
 
 log = logging.getLogger("latentmoe.engine")
 _ARRAY_CODES = {torch.int64: "q", torch.int32: "i"}
@@ -163,13 +164,12 @@ class ModelRunner:
     def launch(self, batch: ScheduledBatch, after: LaunchedStep | None = None) -> LaunchedStep:
         """Queue the step's device work (forward and sampling) without waiting for it.
 
-        `after` (a decode step launched before, not yet collected, over the same sequences in the same
-        order or a subset of them; see can_follow): this step decodes each sequence's next position, its
-        input ids being `after`'s sampled ids on the device; the sequences' host state is still as before
-        `after`."""
+        `after`: a step launched before, not yet collected, whose effect the host state already shows with
+        placeholders (PENDING_TOKEN) for its sampled ids; a decode row whose input is one takes that id
+        from `after`'s samples on the device."""
         # Rows that reach their sequence's end sample (a prompt chunk short of the end samples nothing).
         keep = [i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))
-                if s.num_computed_tokens + n == len(s)] if after is None else list(range(len(batch.seqs)))
+                if s.num_computed_tokens + n == len(s)]
         samplers = [batch.seqs[i] for i in keep]
         all_decode = batch.num_decodes == len(batch.seqs)
         logits = None
@@ -179,12 +179,12 @@ class ModelRunner:
                 logits = logits[self._to_device(keep, torch.int64)]
         graph = logits is not None
         if logits is None:
-            if after is not None:
-                raise RuntimeError("a step after a launched one must replay a decode graph (see can_follow)")
             ids, pos, meta, sample_rows = self.prepare(batch)
+            ids_dev = self._to_device(ids, torch.int64)
+            self._take_pending(ids_dev, ids, batch, after)
             self.backend.meta = meta
-            h, _ = self.model.forward_hidden(self._to_device(ids, torch.int64)[None],
-                                             positions=self._to_device(pos, torch.int64)[None], backend=self.backend)
+            h, _ = self.model.forward_hidden(ids_dev[None], positions=self._to_device(pos, torch.int64)[None],
+                                             backend=self.backend)
             self.backend.meta = None
             logits = self.model.compute_logits(h[0, self._to_device(sample_rows, torch.int64)]) if sample_rows else None
         step = LaunchedStep(batch, samplers, graph=graph)
@@ -211,12 +211,21 @@ class ModelRunner:
             step.ready.record()
         return step
 
-    def can_follow(self, step: LaunchedStep) -> bool:
-        """Whether a next decode of `step`'s sequences (or of some of them) can be launched before `step` is
-        collected: `step` replayed a decode graph, every row sampled, and no row's sampling reads the token
-        history (penalties: the history on the host lacks `step`'s tokens until it is collected)."""
-        return (step.graph and step.tokens is not None and len(step.samplers) == len(step.batch.seqs)
-                and not any(s.params.uses_penalties for s in step.samplers))
+    def _take_pending(self, ids_dev: torch.Tensor, ids: list[int], batch: ScheduledBatch,
+                      after: LaunchedStep | None) -> None:
+        """Decode rows (the batch's first rows, one token each) whose host input is a placeholder: their ids
+        from `after`'s samples, on the device (a plain copy when they are all of them, in order)."""
+        rows = [i for i in range(batch.num_decodes) if ids[i] == PENDING_TOKEN]
+        if not rows:
+            return
+        if after is None or after.tokens is None:
+            raise RuntimeError("a placeholder token without the launched step that samples it")
+        where = {id(s): j for j, s in enumerate(after.samplers)}
+        srcs = [where[id(batch.seqs[i])] for i in rows]
+        if rows[-1] == len(rows) - 1 and srcs == list(range(len(after.samplers))):
+            ids_dev[:len(rows)].copy_(after.tokens)
+        else:
+            ids_dev[self._to_device(rows, torch.int64)] = after.tokens[self._to_device(srcs, torch.int64)].to(ids_dev.dtype)
 
     @staticmethod
     def collect(step: LaunchedStep):
@@ -298,12 +307,8 @@ class ModelRunner:
         mb = max(len(s.block_table) for s in batch.seqs)   # columns that can have changed
         bs = self.block_size
         pad = b - n
-        if after is None:
-            pos = [s.num_computed_tokens for s in batch.seqs]
-            ids = [s.token_ids[p] for s, p in zip(batch.seqs, pos)]
-        else:   # one position further; the ids are `after`'s sampled ones, copied on the device below
-            pos = [s.num_computed_tokens + 1 for s in batch.seqs]
-            ids = [0] * n
+        pos = [s.num_computed_tokens for s in batch.seqs]
+        ids = [s.token_ids[p] for s, p in zip(batch.seqs, pos)]   # placeholders taken from `after` below
         if self._staged is not None:
             # The host buffers are rewritten below: the last step's copies out of them must have run (with a
             # step launched ahead, they may still be queued behind the step before it).
@@ -329,12 +334,7 @@ class ModelRunner:
         if graph is None:
             return None
         self._copy_graph_inputs(b, mb)
-        if after is not None:
-            src = after.tokens
-            if n != len(after.batch.seqs):   # a subset (those ending at `after`'s token left out), in order
-                where = {id(s): i for i, s in enumerate(after.batch.seqs)}
-                src = src[self._to_device([where[id(s)] for s in batch.seqs], torch.int64)]
-            self.g_ids[:n, 0].copy_(src)
+        self._take_pending(self.g_ids[:, 0], ids, batch, after)
         if self.device.type == "cuda":
             self._staged = torch.cuda.Event()
             self._staged.record()

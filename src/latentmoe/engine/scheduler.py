@@ -90,6 +90,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.num_pending and len(seq) - seq.num_prompt_tokens >= seq.max_tokens:
+                i += 1   # its pending token (a launched step's) is its last: it ends when that is read
+                continue
             n = min(len(seq) - seq.num_computed_tokens, budget)
             while not self.bm.allocate(seq, seq.num_computed_tokens + n):
                 victim = self.running.pop()

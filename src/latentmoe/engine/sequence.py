@@ -20,10 +20,15 @@ class SequenceStatus(enum.Enum):
 
 _seq_counter = itertools.count()
 
+# The host's stand-in for a token a launched step has not returned yet (LLM.step, looking ahead): never an id.
+PENDING_TOKEN = -1
+
 
 class Sequence:
     """Token ids = prompt + generated. `num_computed_tokens` of them have their latent in the
-    cache (prefix-cache hits included); the rest still need a forward pass."""
+    cache (prefix-cache hits included); the rest still need a forward pass. The last `num_pending`
+    ids are PENDING_TOKEN: sampled by a launched step, not read yet; they count in len() (what the
+    scheduler plans with), not in the outputs."""
 
     def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams,
                  generator: torch.Generator | None, max_tokens: int, arrival: float):
@@ -47,17 +52,18 @@ class Sequence:
         self.text = ""                          # detokenized output (cut at a stop string)
         self.detok = None                       # incremental decoder, set by the engine
         self.num_preemptions = 0
+        self.num_pending = 0
 
     def __len__(self) -> int:
         return len(self.token_ids)
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        return self.token_ids[self.num_prompt_tokens:len(self.token_ids) - self.num_pending]
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        return len(self.token_ids) - self.num_prompt_tokens - self.num_pending
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -69,6 +75,22 @@ class Sequence:
 
     def append(self, token_id: int) -> None:
         self.token_ids.append(token_id)
+
+    def append_pending(self) -> int:
+        """A placeholder for the token a launched step samples for this sequence; returns its index."""
+        self.token_ids.append(PENDING_TOKEN)
+        self.num_pending += 1
+        return len(self.token_ids) - 1
+
+    def fill(self, index: int, token_id: int) -> None:
+        """The placeholder at `index` (the oldest pending) becomes the sampled token."""
+        self.token_ids[index] = token_id
+        self.num_pending -= 1
+
+    def drop_pending(self, index: int) -> None:
+        """A finished sequence's placeholders from `index` on are discarded (their tokens are not its)."""
+        del self.token_ids[index:]
+        self.num_pending = 0
 
 
 @dataclass
@@ -120,4 +142,4 @@ class Request:
                              all(o.finish_reason is not None for o in outs))
 
 
-__all__ = ["Sequence", "SequenceStatus", "Request", "RequestOutput", "CompletionOutput"]
+__all__ = ["Sequence", "SequenceStatus", "Request", "RequestOutput", "CompletionOutput", "PENDING_TOKEN"]
