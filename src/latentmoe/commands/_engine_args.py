@@ -33,8 +33,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs (start-up still compiles the kernels)")
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
-                   help="queue the next decode step before reading this one's tokens, so the host's work per "
-                        "step overlaps the device's (default: on; decode steps on CUDA graphs, one process)")
+                   help="queue the next step before reading this one's tokens, so the host's work per step "
+                        "overlaps the device's (default: on; one process, not while requests wait)")
     g.add_argument("--experts", choices=["auto", "model", "fused"], default="auto",
                    help="routed-expert path: the Triton fused-MoE kernel ('fused', default on CUDA in bf16/fp16) "
                         "or the model's grouped GEMMs ('model')")

@@ -43,8 +43,8 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9        # share of the GPU's memory the engine may use (weights + cache + rest)
     enable_prefix_caching: bool = True
     enforce_eager: bool = False                # no CUDA graphs
-    # While a decode step runs on the device, queue the next one (its input ids are this step's sampled ids,
-    # still on the device), then read this step's tokens and do its host work (stops, outputs) while the
+    # While a step runs on the device, schedule and queue the next one (input ids this step samples are
+    # read on the device), then read this step's tokens and do its host work (stops, outputs) while the
     # next one runs: the host's share of a step leaves the critical path (llm_engine.py, "Looking ahead").
     async_scheduling: bool = True
     # Routed experts: "fused" = the Triton fused-MoE kernel, "model" = the model's grouped GEMMs.
