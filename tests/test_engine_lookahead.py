@@ -1,5 +1,5 @@
-"""Looking ahead (EngineConfig.async_scheduling): a decode step queued before the previous step's tokens are
-read gives exactly the outputs of the engine without it, for every way a sequence can end (length, a stop
+"""Looking ahead (EngineConfig.async_scheduling): a step scheduled and queued before the previous step's tokens
+are read gives exactly the outputs of the engine without it, for every way a sequence can end (length, a stop
 token at the step just launched past, a stop string, an abort between steps) and every sampling mode; it
 is actually used, and nothing leaks. The decode-graph path runs eagerly here (test_engine.EagerGraphLLM)."""
 

@@ -260,8 +260,9 @@ class LLM:
         step's tokens read, filled in and turned into outputs, while the device computes the next one.
         That next step is returned by the next call. A sequence that stops (stop token or string) or is
         aborted at a token already looked past has its next token computed and dropped; one that ends by
-        length at the launched step's token is left out of the next (Scheduler.schedule). Not with
-        penalties (they read the token history on the host)."""
+        length at the launched step's token is left out of the next (Scheduler.schedule). Not while
+        requests wait to be admitted (see _launch_next), nor with penalties (they read the token history
+        on the host)."""
         ahead, self._ahead = self._ahead, None
         if ahead is None:
             batch = self.scheduler.schedule()
