@@ -240,13 +240,20 @@ def make_moe(M, TOPK, E, D, I, dtype, gen, skew=False):
     return [t.to(DEV) for t in (x, gate_up, down, idx, weight)]
 
 
-@pytest.mark.parametrize("M,skew,block_m,merged", [(1, False, 16, False), (37, False, 16, False), (40, True, 32, False),
-                                                  (37, False, 16, True), (40, True, 32, True)])
-def test_fused_moe(K, M, skew, block_m, merged):
-    """merged: gate and up as one dot over 2 x 32 columns (I = 48: the second tile is half masked)."""
+@pytest.mark.parametrize("M,skew,block_m,merged,tma", [(1, False, 16, False, False), (37, False, 16, False, False),
+                                                      (40, True, 32, False, False), (37, False, 16, True, False),
+                                                      (40, True, 32, True, False), (37, False, 16, True, True),
+                                                      (40, True, 32, True, True)])
+def test_fused_moe(K, M, skew, block_m, merged, tma):
+    """merged: gate and up as one dot over 2 x 32 columns (I = 48: the second tile is half masked).
+    tma: weight tiles (and down's h tiles) read as descriptor boxes; the gate_up box is [1, 2, 32, 32] of the
+    weights viewed [E, 2, I, D], so the second column tile reaches past I and must read zeros there."""
     gen = torch.Generator().manual_seed(3 + M)
     x, gate_up, down, idx, weight = make_moe(M, 3, 8, 64, 48, torch.bfloat16, gen, skew)
-    cfg = dict(block_m=block_m, block_n1=32, block_n2=32, block_k=32, num_warps=4, num_stages=2, merged=merged)
+    cfg = dict(block_m=block_m, block_n1=32, block_n2=32, block_k=32, num_warps=4, num_stages=2, merged=merged,
+               tma=tma)
+    h = torch.empty(64, 48, dtype=x.dtype, device=DEV)
+    assert (K.moe._descriptors(gate_up, down, h, cfg) is not None) == tma   # the path under test is the one run
     out = K.fused_moe_triton(x, gate_up, down, idx, weight, cfg)
     ref = K.fused_moe_ref(x.double(), gate_up.double(), down.double(), idx, weight)
     assert out.dtype == x.dtype

@@ -66,11 +66,12 @@ def run_both(K, x, gate_up, down, idx, weight, dy, config=SMALL, grads=(True, Tr
 @pytest.mark.parametrize("M,TOPK,block_m,prefill_tiles", [(1, 2, 16, False), (29, 3, 16, False), (40, 4, 32, False),
                                                           (40, 4, 32, True)])
 def test_forward_and_gradients_match_reference(K, dtype, tol, M, TOPK, block_m, prefill_tiles):
-    """prefill_tiles: the forward's gate_up as one merged dot and its down tile wider than dx's (as PREFILL_CONFIG)."""
+    """prefill_tiles: the forward's gate_up as one merged dot and its down tile wider than dx's, the tiles read
+    as descriptor boxes in bf16 (as PREFILL_CONFIG)."""
     x, gate_up, down, idx, weight, dy = make_inputs(M, TOPK, 8, 40, 24, dtype, seed=M)
     cfg = dict(SMALL, block_m=block_m)
     if prefill_tiles:
-        cfg.update(merged=True, block_n2=256)
+        cfg.update(merged=True, block_n2=256, tma=True)
     (y, grads), (y_ref, ref_grads) = run_both(K, x, gate_up, down, idx, weight, dy, cfg)
     assert y.dtype == dtype and rel_err(y, y_ref) < tol
     for name, g, r in zip(("x", "gate_up_proj", "down_proj", "topk_weight"), grads, ref_grads):

@@ -124,6 +124,36 @@ def wait_for_inputs(PDL: tl.constexpr):
         gdc_wait()
 
 
+try:   # host-side tensor descriptors (TMA boxes on sm90+; the interpreter emulates them)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - Triton before 3.4
+    TensorDescriptor = None
+
+
+@functools.lru_cache(maxsize=None)
+def _tma_device(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] in (9, 10)
+
+
+def tensor_descriptor(t: torch.Tensor, shape: list[int], strides: list[int], block: list[int]):
+    """A TMA descriptor over t viewed as `shape`/`strides` (elements), loading `block` boxes (out-of-range
+    elements read as zeros), or None where the kernels must use pointer loads instead: no descriptor
+    support in this Triton, a GPU without the tensor memory accelerator (sm90/sm100 only: the boxes'
+    shared-memory stages are sized for them), or strides/base not 16-byte aligned. Under the interpreter
+    a descriptor is returned, so the CPU tests run the same kernel code."""
+    if TensorDescriptor is None or strides[-1] != 1:
+        return None
+    if t.is_cuda:
+        if not _tma_device(t.device.index if t.device.index is not None else torch.cuda.current_device()):
+            return None
+    elif not INTERPRET:
+        return None
+    size = t.element_size()
+    if t.data_ptr() % 16 or any(s * size % 16 for s in strides[:-1]):
+        return None
+    return TensorDescriptor(t, shape, strides, block)
+
+
 @jit
 def dot(a, b, UPCAST: tl.constexpr):
     """tl.dot with fp32 accumulation; UPCAST feeds it fp32 operands (the CPU interpreter's bf16 dot is wrong).
