@@ -4,8 +4,9 @@ Assignments are grouped by expert and each expert's group padded to BLOCK_M rows
 program works for one expert: it gathers its tokens' rows of x straight from x_MD (no permuted
 copy), and reads each weight tile once per BLOCK_M assignments. Few tokens (decode) use
 BLOCK_M = 16, so each touched expert's weights are read once; many tokens (prefill) use large
-tiles. SwiGLU runs in the first GEMM's epilogue, the routing weight in the second's. One or two
-tokens (batch-1/2 decode) skip the sort: see `few_token_layout`.
+tiles, whose weight tiles (and the second GEMM's activation tiles) the tensor memory accelerator
+copies where the GPU has one (`tma` in PREFILL_CONFIG). SwiGLU runs in the first GEMM's epilogue, the
+routing weight in the second's. One or two tokens (batch-1/2 decode) skip the sort: see `few_token_layout`.
 
 Legend: M tokens, K experts per token, A = M*K assignments, E experts, D hidden, I expert width,
 P padded assignment rows (a multiple of BLOCK_M).
