@@ -23,7 +23,7 @@ from timing import median_seconds  # noqa: E402
 
 from latentmoe.kernels import fused_moe_triton, mla_decode_einsum, mla_decode_triton
 from latentmoe.kernels import choose_num_splits
-from latentmoe.kernels.moe import choose_moe_config
+from latentmoe.kernels.moe import PREFILL_CONFIG, choose_moe_config
 
 C, R = 512, 64
 ROW_BYTES = (C + R) * 2
@@ -34,7 +34,11 @@ PREFILL_TILES = [dict(block_m=bm, block_n1=n1, block_n2=n2, block_k=bk, num_warp
                  for bm, n1, n2, bk, nw, st in [
                      (64, 128, 128, 64, 4, 3), (64, 128, 128, 64, 8, 3), (64, 64, 128, 64, 4, 4),
                      (128, 128, 256, 64, 8, 3), (128, 64, 128, 64, 8, 4), (64, 128, 256, 64, 8, 3),
-                     (128, 128, 128, 64, 8, 4), (64, 256, 128, 64, 8, 3), (128, 128, 128, 32, 8, 5)]]
+                     (128, 128, 128, 64, 8, 4), (64, 256, 128, 64, 8, 3), (128, 128, 128, 32, 8, 5)]] + [
+    # The default's merged gate_up dot and TMA boxes (kernels.moe.PREFILL_CONFIG) in other forms: pointer loads
+    # (the default before the boxes), 3 gate_up stages, and 4 stages for both GEMMs.
+    dict(PREFILL_CONFIG, tma=False, gate_up_stages=3), dict(PREFILL_CONFIG, gate_up_stages=3),
+    dict(PREFILL_CONFIG, num_stages=4)]
 # Rows of the main tables that also go on the summary: MLA (heads, batch, context), MoE (preset, tokens).
 MLA_SUMMARY = [(16, 64, 4096), (16, 128, 4096), (128, 64, 4096)]
 MOE_SUMMARY = [("deepseek-v2-lite", 256), ("deepseek-v2-lite", 8192), ("deepseek-v2-lite", 16384),
@@ -262,8 +266,13 @@ def moe_backward_rows(tflops, sweep):
 
 
 def tile_name(c):
+    """Every field that changes the kernels: two configs never share a name (the sweep's times are keyed by it)."""
+    stages = c["num_stages"]
+    if c.get("gate_up_stages", stages) != stages:
+        stages = f"{c['gate_up_stages']}/{stages}"
+    flags = "".join(f", {f}" for f in ("merged", "tma") if c.get(f))
     return (f"{c['block_m']} rows, n {c['block_n1']}/{c['block_n2']}, k {c['block_k']}, {c['num_warps']} warps, "
-            f"{c['num_stages']} stages")
+            f"{stages} stages{flags}")
 
 
 def moe_prefill_rows(tflops, sweep):
