@@ -203,6 +203,27 @@ def test_tokenizing_runs_off_the_event_loop(server):
         del engine.tokenizer.encode_batch
 
 
+def test_token_id_stream_hands_nothing_to_the_thread_pool(server, monkeypatch):
+    """A streamed completion of token ids is handled on the event loop alone: FastAPI runs a plain-function
+    dependency in its thread pool, a thread hand-off (and a wait for the interpreter lock) on every request."""
+    import anyio.to_thread
+    base, _, _ = server
+    handed = []
+    real = anyio.to_thread.run_sync
+
+    async def counting(func, *args, **kwargs):
+        handed.append(getattr(func, "__qualname__", repr(func)))
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
+    body = {"model": "m", "prompt": [5, 6, 7], "max_tokens": 3, "stream": True}
+    with httpx.stream("POST", base + "/v1/completions", json=body, headers=AUTH, timeout=30) as r:
+        assert r.status_code == 200
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]" and len(events) >= 2
+    assert handed == []
+
+
 def test_queue_counts_sequences_and_503_has_retry_after(server):
     base, _, engine = server
     # max_num_seqs 4: n=4 fits a batch; three such requests are 12 sequences, beyond max_queued 6.

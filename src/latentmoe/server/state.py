@@ -62,7 +62,9 @@ class ServerState:
         return self.engine.tokenizer
 
 
-def server_state(request: Request) -> ServerState:
+async def server_state(request: Request) -> ServerState:
+    """`async`: FastAPI runs a plain-function dependency in its thread pool, a thread hand-off on every request
+    for a field read (~28% of a completion request's handling on the event loop, in a CPU profile)."""
     return request.app.state.server
 
 
