@@ -17,7 +17,9 @@ no errors.
 `--stand-in MS,US` measures what the host side costs (scheduling, outputs, HTTP streaming) apart from the
 model: the same workload and engine on a tiny CPU model whose every step is a sleep of MS milliseconds plus
 US microseconds per prefill token (8,13: about a V2-Lite decode step and prefill rate on an H200) and whose
-sampled token is fixed. A diagnostic, not a measurement of any device.
+sampled token is fixed. The sleeps queue as a device's work does, so the engine looks ahead over them as on a
+GPU; what a GPU step costs the host beyond the engine's Python (launching an eager step's kernels, building its
+inputs on the device) is not modelled. A diagnostic, not a measurement of any device.
 """
 from __future__ import annotations
 
@@ -42,23 +44,40 @@ from latentmoe.bench import random_prompts, throughput   # noqa: E402
 from latentmoe.bench.serve import serve_load   # noqa: E402
 from latentmoe.engine import LLM, EngineConfig   # noqa: E402
 from latentmoe.engine.async_engine import AsyncLLM   # noqa: E402
-from latentmoe.engine.model_runner import ModelRunner   # noqa: E402
+from latentmoe.engine.model_runner import LaunchedStep, ModelRunner   # noqa: E402
 
 
 def stand_in_llm(step_ms: float, prefill_us: float, **options) -> LLM:
-    """An engine over a tiny CPU model whose steps are sleeps (see the module docstring)."""
+    """An engine over a tiny CPU model whose steps are sleeps (see the module docstring). The sleeps queue as a
+    device's work does: a step launched while another runs starts when that one ends, so the engine looks ahead
+    (async_scheduling) as it does on a GPU, and the host's work between steps overlaps them."""
+    class SleptStep(LaunchedStep):
+        done_at: float = 0.0
+
     class SleepRunner(ModelRunner):
+        device_free_at = 0.0
+
         def warm_up(self, *args, **kwargs):
             self.ready = True
 
-        def execute(self, batch):
-            ends = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == len(s)]
-            self._launched()   # the sleep stands for the device's work
-            time.sleep((step_ms + prefill_us * (batch.num_tokens - batch.num_decodes) / 1e3) / 1e3)
-            return [5] * len(ends), [{5: 0.0} if s.params.logprobs is not None else None for s in ends]
+        def launch(self, batch, after=None):
+            samplers = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == len(s)]
+            step = SleptStep(batch, samplers)
+            seconds = (step_ms + prefill_us * (batch.num_tokens - batch.num_decodes) / 1e3) / 1e3
+            step.done_at = self.device_free_at = max(time.perf_counter(), self.device_free_at) + seconds
+            return step
+
+        def collect(self, step):
+            time.sleep(max(0.0, step.done_at - time.perf_counter()))
+            return [5] * len(step.samplers), [{5: 0.0} if s.params.logprobs is not None else None
+                                              for s in step.samplers]
 
     class SleepLLM(LLM):
         runner_class = SleepRunner
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._looks_ahead = self.engine_config.async_scheduling   # the sleeps run beside the host, as a GPU
 
     return SleepLLM(build_model(get_config("tiny"), seed=0).eval(), device="cpu", **options)
 

@@ -142,3 +142,37 @@ def test_step_reports_its_launch_before_waiting(model):
 
     outs = asyncio.run(main())
     assert [len(o[-1].outputs[0].token_ids) for o in outs] == [5, 5, 5]
+
+
+def test_steps_do_not_wait_for_the_event_loop(model):
+    """While the event loop is busy (streaming to hundreds of clients, say), the engine keeps stepping in its
+    worker thread; the outputs reach the stream when the loop is free again, none lost, in order."""
+    import time
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    prompt = random_prompts([6], seed=5)[0]
+
+    async def main():
+        llm = LLM(model, block_size=4, num_blocks=200)
+        steps, step = [0], llm.step
+
+        def counted(**kwargs):
+            steps[0] += 1
+            return step(**kwargs)
+
+        llm.step = counted
+        engine = AsyncLLM(llm)
+        await engine.start()
+        stream = engine.generate(prompt, params)
+        outs = [await stream.__anext__()]   # the request is running
+        before = steps[0]
+        time.sleep(0.5)   # the event loop is blocked: no callback of it runs
+        during = steps[0] - before
+        outs += [o async for o in stream]
+        await engine.shutdown()
+        return outs, during
+
+    outs, during = asyncio.run(main())
+    assert during >= 5   # steps went on (waiting for the loop, at most the step in flight would finish)
+    assert outs[-1].finished and outs[-1].outputs[0].token_ids == reference_greedy(model, prompt, 40)
+    lengths = [len(o.outputs[0].token_ids) for o in outs]
+    assert lengths == sorted(lengths) and len(set(lengths)) == len(lengths)
