@@ -181,7 +181,8 @@ def main():
                 pct = lambda k: " / ".join("-" if r[k][p] is None else f"{r[k][p]:.1f}" for p in ("p50", "p99"))   # noqa: E731
                 line = (f"| {hold} | {c} | {r['completed']}/{count} | {r['errors']} | {r['requests_per_s']:.1f} | "
                         f"{offline[-1]:.1f} | {r['requests_per_s'] / offline[-1]:.2f}x | "
-                        f"{r['output_tokens_per_s']:,.0f} | {pct('ttft_ms')} | {pct('tpot_ms')} | {pct('itl_ms')} |")
+                        f"{r['output_tokens_per_s']:,.0f} | {pct('ttft_ms')} | {pct('tpot_ms')} | {pct('itl_ms')} | "
+                        f"{r['client_cpu_share']:.0%} |")
                 print(line, flush=True)
                 lines.append(line)
             if hold == default_hold:
@@ -209,8 +210,10 @@ def main():
             "Each served run follows its offline reference (at most c running, same prefill hold) in the same "
             "process; the summary's ratio is the median of the rounds' ratios.", "",
             "| prefill hold | concurrency | completed | errors | req/s | offline at most c running, req/s | served / "
-            "offline | output tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | ITL p50 / p99 ms |",
-            "|---|---|---|---|---|---|---|---|---|---|---|", *lines, "",
+            "offline | output tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | ITL p50 / p99 ms | client CPU |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|", *lines, "",
+            "Client CPU: the load generator's thread busy, as a share of the served run (near 100% the client may be "
+            "what limits it).", "",
             f"Compilations / graph captures after ready, over the whole run: "
             f"{stats.get('compilations_after_ready')} / {stats.get('graph_captures_after_ready')}.", ""]
     with open(args.out, "w") as f:

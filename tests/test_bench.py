@@ -76,6 +76,7 @@ def test_serve_against_a_live_server(ckpt, capsys):
             assert 0 < q["p50"] <= q["p90"] <= q["p99"], (key, q)
         assert r["ttft_ms"]["p99"] <= r["e2e_ms"]["p99"]
         assert r["requests_per_s"] == pytest.approx(8 / r["duration_s"])
+        assert 0 < r["client_cpu_share"] <= 1.05   # the load's own thread: CPU time within the run's wall time
         # A model the server does not have: every request fails, and is counted as such.
         assert main(["bench", "serve", "--base-url", base, "--model", "missing", "--num-prompts", "3",
                      "--input-len", "4", "--output-len", "2", "--no-progress", "--json", "-"]) == 1
@@ -118,3 +119,22 @@ def test_serve_without_a_usable_server_is_one_line(capsys):
         assert main(["bench", "serve", "--base-url", base + "/nothing-here", *argv]) == 2
         err = capsys.readouterr().err
         assert "HTTP 404" in err and "--model" in err and "Traceback" not in err
+
+
+def test_serve_warns_when_the_client_was_the_limit(monkeypatch, capsys):
+    """A load generator busy nearly all the run says so: its figures may be its own limit, not the server's."""
+    import latentmoe.bench as bench
+
+    def fake_load(base_url, prompts, output_len, **kwargs):
+        q = {"mean": 1.0, "p50": 1.0, "p90": 1.0, "p99": 1.0}
+        return dict(base_url=base_url, model="m", num_prompts=len(prompts), completed=len(prompts), errors=0,
+                    error_examples=[], max_concurrency=None, request_rate=None, duration_s=1.0,
+                    requests_per_s=float(len(prompts)), output_tokens=0, prompt_tokens=0, output_tokens_per_s=0.0,
+                    total_tokens_per_s=0.0, ttft_ms=q, tpot_ms=q, itl_ms=q, e2e_ms=q, client_cpu_share=share)
+
+    monkeypatch.setattr(bench, "serve_load", fake_load)
+    for share, warned in ((0.97, True), (0.4, False)):
+        assert main(["bench", "serve", "--base-url", "http://127.0.0.1:9", "--num-prompts", "2", "--input-len", "4",
+                     "--output-len", "2", "--no-progress"]) == 0
+        out = capsys.readouterr().out
+        assert f"{share:.0%}" in out and ("load generator was busy" in out) == warned

@@ -122,25 +122,27 @@ async def _run(base_url, model, prompts, output_len, max_concurrency, request_ra
             if bar is not None:
                 bar.update(1)
 
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.thread_time()
         tasks = []
         for i, p in enumerate(prompts):
             tasks.append(asyncio.create_task(send(i, p)))
             if request_rate != float("inf") and i + 1 < len(prompts):
                 await asyncio.sleep(rng.expovariate(request_rate))
         await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, time.thread_time() - cpu0
         if bar is not None:
             bar.close()
-    return model, results, elapsed
+    return model, results, elapsed, cpu
 
 
 def serve_load(base_url: str, prompts: list, output_len: int, *, model: str | None = None,
                max_concurrency: int | None = None, request_rate: float = float("inf"), api_key: str | None = None,
                timeout: float = 600.0, seed: int = 0, progress: bool = True, extra_body: dict | None = None) -> dict:
     """Send every prompt (text or token ids) to base_url's /v1/completions; the summary as a dict
-    (latencies in milliseconds, percentiles over successful requests)."""
-    model, results, elapsed = asyncio.run(_run(base_url.rstrip("/"), model, prompts, output_len, max_concurrency,
+    (latencies in milliseconds, percentiles over successful requests). `client_cpu_share`: the CPU time of this
+    load's own thread over the run's wall time; near 1 the client, not the server, may be what the figures
+    measure (every chunk of every stream is parsed here, in one Python thread)."""
+    model, results, elapsed, cpu = asyncio.run(_run(base_url.rstrip("/"), model, prompts, output_len, max_concurrency,
                                                request_rate, api_key, timeout, seed, progress, extra_body or {}))
     ok = [r for r in results if "error" not in r]
     errors = [r["error"] for r in results if "error" in r]
@@ -153,4 +155,5 @@ def serve_load(base_url: str, prompts: list, output_len: int, *, model: str | No
                 requests_per_s=len(ok) / elapsed, output_tokens=out_tokens, prompt_tokens=in_tokens,
                 output_tokens_per_s=out_tokens / elapsed, total_tokens_per_s=(in_tokens + out_tokens) / elapsed,
                 ttft_ms=ms([r["ttft"] for r in ok]), tpot_ms=ms([r["tpot"] for r in ok if r["tpot"] is not None]),
-                itl_ms=ms([x for r in ok for x in r["itl"]]), e2e_ms=ms([r["e2e"] for r in ok]))
+                itl_ms=ms([x for r in ok for x in r["itl"]]), e2e_ms=ms([r["e2e"] for r in ok]),
+                client_cpu_share=cpu / elapsed)

@@ -12,6 +12,9 @@ import os
 
 from ._engine_args import add_engine_args
 
+# `bench serve`: above this share of the run's wall time busy, the load generator may be what was measured.
+CLIENT_BUSY = 0.9
+
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmark the engine offline or a server over HTTP",
@@ -258,6 +261,10 @@ def run_serve(args) -> int:
         for q in ("mean", "p50", "p90", "p99"):
             v = r[key][q]
             rows.append((f"{name} {q} (ms)", "-" if v is None else v))
+    rows.append(("client CPU (share of the run)", f"{r['client_cpu_share']:.0%}"))
+    if r["client_cpu_share"] > CLIENT_BUSY:
+        rows.append(("warning", "the load generator was busy almost all the run: these figures may be its limit "
+                                "(fewer concurrent requests, or run it on another machine)"))
     for e in r["error_examples"]:
         rows.append(("error", e))
     print_table(f"serve {args.base_url}", rows)
