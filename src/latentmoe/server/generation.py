@@ -82,20 +82,36 @@ class Generation:
                 raise engine_error(err)
             started.add(i)
 
-    async def __aiter__(self):
-        """(prompt index, cumulative RequestOutput); raises APIError if the engine fails on the way."""
+    async def batches(self):
+        """Lists of (prompt index, cumulative RequestOutput): each the next output and every other one already
+        here (a stream read more slowly than the engine steps gets several at once, to send as one write); raises
+        APIError if the engine fails on the way (after the outputs that came before the failure)."""
         done = 0
         while done < len(self._tasks):
-            i, out, err = self._buffer.pop(0) if self._buffer else await self._queue.get()
-            if err is not None:
-                self.close()
-                raise engine_error(err)
-            if out is None:
-                done += 1
-                continue
-            if out.finished:
-                self.final[i] = out
-            yield i, out
+            items = [self._buffer.pop(0) if self._buffer else await self._queue.get()]
+            while self._buffer or not self._queue.empty():
+                items.append(self._buffer.pop(0) if self._buffer else self._queue.get_nowait())
+            batch = []
+            for i, out, err in items:
+                if err is not None:
+                    if batch:
+                        yield batch
+                    self.close()
+                    raise engine_error(err)
+                if out is None:
+                    done += 1
+                    continue
+                if out.finished:
+                    self.final[i] = out
+                batch.append((i, out))
+            if batch:
+                yield batch
+
+    async def __aiter__(self):
+        """(prompt index, cumulative RequestOutput), one at a time (see `batches`)."""
+        async for batch in self.batches():
+            for item in batch:
+                yield item
 
     async def collect(self) -> None:
         """Run to the end (the final outputs are in `self.final`)."""

@@ -48,14 +48,20 @@ def _event(data) -> str:
 
 
 def sse_response(gen: Generation, chunks, make_chunk: Envelope) -> StreamingResponse:
-    """`chunks(prompt index, cumulative output)` -> the chunks to send; ends with a usage chunk if asked, then [DONE]."""
+    """`chunks(prompt index, cumulative output)` -> the chunks to send; ends with a usage chunk if asked, then [DONE].
+    A client read more slowly than the engine steps gets what is new since its last event in one event per prompt
+    (several tokens' text, and their logprobs when asked), not one event per step."""
     async def body():
         try:
             for piece in chunks(None, None):   # chunks due before any output (e.g. the chat role)
                 yield _event(piece)
-            async for i, out in gen:
-                for piece in chunks(i, out):
-                    yield _event(piece)
+            async for batch in gen.batches():
+                # Outputs are cumulative: the last of each prompt says all the others would, so a stream that fell
+                # behind the engine sends one event per prompt, in one write, instead of one per step.
+                latest = dict(batch)
+                text = "".join(_event(piece) for i, out in latest.items() for piece in chunks(i, out))
+                if text:
+                    yield text
             if make_chunk.include_usage:
                 yield _event(make_chunk([], usage=gen.usage()))
         except APIError as e:   # failed mid-way: the error as a chunk, then the usual end
