@@ -46,16 +46,27 @@ def use_triton(t: torch.Tensor) -> bool:
     return HAS_TRITON and (t.is_cuda or (INTERPRET and t.device.type == "cpu"))
 
 
+def _index(device: torch.device) -> int:
+    """A CUDA device's index (the current device for a bare "cuda")."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def _major(index: int) -> int:
+    """The compute capability's major version of CUDA device `index` (9: Hopper, 10: Blackwell)."""
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def sm_count(device: torch.device) -> int:
     """Multiprocessors of the device (a nominal 8 for the CPU interpreter)."""
     if device.type != "cuda":
         return 8
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _sm_count(_index(device))
 
 
 def jit(fn=None, *, do_not_specialize=()):
@@ -83,15 +94,11 @@ def _pdl_in_triton() -> bool:
     return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {}) and hasattr(cuda_lang, "gdc_wait")
 
 
-if _pdl_in_triton():
+_PDL_IN_TRITON = _pdl_in_triton()
+if _PDL_IN_TRITON:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 else:   # never traced: the kernels only call them under PDL=True, which pdl_launch never asks for here
     gdc_launch_dependents = gdc_wait = None
-
-
-@functools.lru_cache(maxsize=None)
-def _pdl_device(index: int) -> bool:
-    return _pdl_in_triton() and torch.cuda.get_device_capability(index)[0] >= 9
 
 
 def pdl_launch(t: torch.Tensor) -> dict:
@@ -109,7 +116,7 @@ def pdl_launch(t: torch.Tensor) -> dict:
     weights launch without it (a guess at why, not verified: they are ALU-heavy, and the next kernel's
     waiting programs share their multiprocessors). Letting the next kernel launch only at exit (no early
     trigger) measured the same as off."""
-    on = t.is_cuda and _pdl_device(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    on = t.is_cuda and _PDL_IN_TRITON and _major(_index(t.device)) >= 9
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 
@@ -130,11 +137,6 @@ except ImportError:  # pragma: no cover - Triton before 3.4
     TensorDescriptor = None
 
 
-@functools.lru_cache(maxsize=None)
-def _tma_device(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] in (9, 10)
-
-
 def tensor_descriptor(t: torch.Tensor, shape: list[int], strides: list[int], block: list[int]):
     """A TMA descriptor over t viewed as `shape`/`strides` (elements), loading `block` boxes (out-of-range
     elements read as zeros), or None where the kernels must use pointer loads instead: no descriptor
@@ -144,7 +146,7 @@ def tensor_descriptor(t: torch.Tensor, shape: list[int], strides: list[int], blo
     if TensorDescriptor is None or strides[-1] != 1:
         return None
     if t.is_cuda:
-        if not _tma_device(t.device.index if t.device.index is not None else torch.cuda.current_device()):
+        if _major(_index(t.device)) not in (9, 10):
             return None
     elif not INTERPRET:
         return None

@@ -366,10 +366,10 @@ def _descriptors(gate_up_proj: torch.Tensor, down_proj: torch.Tensor, h_PI: torc
     """(gate_up weights [E, 2, I, D], h [P, I], down weights [E, D, I]) as TMA descriptors for a `tma`
     config (merged gate_up), or None where any of them cannot be one (then both kernels load by pointer).
     Only 2-byte dtypes: the stage counts are sized for them."""
-    E, D, I = down_proj.shape
     if not (cfg.get("tma") and cfg.get("merged") and gate_up_proj.is_contiguous() and down_proj.is_contiguous()
             and gate_up_proj.element_size() == 2 and gate_up_proj.dtype == down_proj.dtype == h_PI.dtype):
         return None
+    E, D, I = down_proj.shape
     bn1, bn2, bm, bk = cfg["block_n1"], cfg["block_n2"], cfg["block_m"], cfg["block_k"]
     descs = (tensor_descriptor(gate_up_proj, [E, 2, I, D], [2 * I * D, I * D, D, 1], [1, 2, bn1, bk]),
              tensor_descriptor(h_PI, [h_PI.shape[0], I], [h_PI.stride(0), 1], [bm, bk]),
