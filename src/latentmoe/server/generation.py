@@ -88,9 +88,10 @@ class Generation:
         APIError if the engine fails on the way (after the outputs that came before the failure)."""
         done = 0
         while done < len(self._tasks):
-            items = [self._buffer.pop(0) if self._buffer else await self._queue.get()]
-            while self._buffer or not self._queue.empty():
-                items.append(self._buffer.pop(0) if self._buffer else self._queue.get_nowait())
+            # What start() read ahead, else the next item; then whatever else is already queued.
+            items, self._buffer = self._buffer or [await self._queue.get()], []
+            while not self._queue.empty():
+                items.append(self._queue.get_nowait())
             batch = []
             for i, out, err in items:
                 if err is not None:
