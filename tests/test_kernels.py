@@ -436,6 +436,30 @@ def test_mla_post_projection(K, H, N, C, R, q_rows):
     assert torch.equal(ref[3], apply_rope(kv[:, C:], cos, sin))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mla_post_projection_writes_the_cache(K, dtype):
+    """With a cache and slots: the same outputs, and the cache rows write_latent_cache stores from them
+    (padding slots skipped, other rows untouched)."""
+    H, N, C, R, M, page = 3, 8, 40, 16, 6, 4
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(M, H * (N + R), generator=gen).to(dtype).to(DEV)
+    kv = torch.randn(M, C + R, generator=gen).to(dtype).to(DEV)
+    w = (1 + 0.1 * torch.randn(C, generator=gen)).to(dtype).to(DEV)
+    angle = torch.rand(M, R // 2, generator=gen).to(DEV) * 6
+    cos, sin = angle.cos().contiguous(), angle.sin().contiguous()
+    before = torch.randn(5, page, C + R, generator=gen).to(dtype).to(DEV)
+    slots = torch.tensor([7, 0, -1, 19, 12, -1], device=DEV)
+    cache = before.clone()
+    out = K.mla_post_projection(q.clone(), kv.clone(), w, 1e-6, cos, sin, H, kv_cache=cache, slot_mapping=slots)
+    plain = K.mla_post_projection(q.clone(), kv.clone(), w, 1e-6, cos, sin, H)
+    for a, b in zip(out, plain):
+        assert torch.equal(a, b)
+    expected = before.clone()
+    K.write_latent_cache_ref(expected, slots, plain[2], plain[3])
+    assert torch.equal(cache, expected)
+    assert torch.equal(cache.view(-1, C + R)[1:7], before.view(-1, C + R)[1:7])
+
+
 @pytest.mark.parametrize("E,top_k,norm,scale", [(8, 2, True, 1.0), (64, 6, False, 2.5), (10, 1, True, 16.0)])
 def test_softmax_topk(K, E, top_k, norm, scale):
     gen = torch.Generator().manual_seed(E + top_k)

@@ -52,13 +52,16 @@ class PagedAttention:
         self.kv_caches = kv_caches
         self.meta: AttentionMetadata | None = None
 
-    def attend(self, layer, q_nope, q_pe, c_kv, k_pe):
+    def attend(self, layer, q_nope, q_pe, c_kv, k_pe, written: bool = False):
+        """The attention output of the step's tokens. `written`: their rows are already in the cache (the
+        caller stored them through `write_target`), else they are written here first."""
         meta = self.meta
         B, T, H, _ = q_nope.shape
         M = B * T
         q_nope, q_pe = q_nope.reshape(M, H, -1), q_pe.reshape(M, H, -1)
         cache = self.kv_caches[layer.layer_idx]
-        self.write(layer, cache, meta.slot_mapping, c_kv.reshape(M, -1), k_pe.reshape(M, -1))
+        if not written:
+            self.write(layer, cache, meta.slot_mapping, c_kv.reshape(M, -1), k_pe.reshape(M, -1))
         nd = meta.num_decodes
         outs = []
         if nd:
@@ -67,6 +70,12 @@ class PagedAttention:
             outs.append(self.prefill(layer, cache, q_nope[nd:], q_pe[nd:], meta.prefill))
         o = outs[0] if len(outs) == 1 else torch.cat(outs)
         return o.view(B, T, H, -1)
+
+    def write_target(self, layer) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(latent cache [NB, BS, C+R], slot_mapping) for a caller that stores the new rows itself, as
+        write_latent_cache would, in the kernel that produces them (kernels.mla_post_projection): one
+        launch a layer fewer. None where this layout's rows are stored otherwise."""
+        return None
 
     def write(self, layer, cache, slot_mapping, c_kv, k_pe) -> None:
         raise NotImplementedError
@@ -82,6 +91,9 @@ class PagedAttention:
 
 class PagedLatentAttention(PagedAttention):
     """Over the latent cache: kv_caches[layer] = [NB, BS, C + R]."""
+
+    def write_target(self, layer):
+        return self.kv_caches[layer.layer_idx], self.meta.slot_mapping
 
     def write(self, layer, cache, slot_mapping, c_kv, k_pe) -> None:
         kernels.write_latent_cache(cache, slot_mapping, c_kv, k_pe)

@@ -98,6 +98,9 @@ class PerHeadCache(CacheLayout):
 class PagedLatentFp8Attention(PagedLatentAttention):
     """Over the FP8 latent cache: kv_caches[layer] = (rows e4m3 [NB, BS, C + R], scales fp32 [NB, BS, 2])."""
 
+    def write_target(self, layer):
+        return None   # rows are quantised on the way in (kernels.write_latent_cache_fp8)
+
     def write(self, layer, cache, slot_mapping, c_kv, k_pe) -> None:
         kernels.write_latent_cache_fp8(*cache, slot_mapping, c_kv, k_pe)
 

@@ -73,10 +73,19 @@ class EngineBlock(Block):
 
 
 class EngineMLA(MLA):
-    """MLA whose projections end in one fused kernel: the c_KV norm and both RoPEs (kernels.mla_post_projection);
-    at decode sizes the two projections of x (q or q_a, and kv_a) are one few-row launch."""
+    """MLA whose projections end in one fused kernel: the c_KV norm and both RoPEs (kernels.mla_post_projection),
+    which also stores the new latent rows in the engine's cache where its backend offers the cache
+    (`write_target`); at decode sizes the two projections of x (q or q_a, and kv_a) are one few-row launch."""
 
-    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def forward(self, x, cos, sin, mask=None, backend=None):
+        target = backend.write_target(self) if backend is not None and hasattr(backend, "write_target") else None
+        if target is None:
+            return super().forward(x, cos, sin, mask, backend)
+        o = backend.attend(self, *self.project(x, cos, sin, target), written=True)
+        return self.o_proj(o.flatten(2))
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_target=None):
+        """The model's project; `cache_target` (kv_cache, slot_mapping): the new latent rows stored there too."""
         B, T, D = x.shape
         x2 = x.reshape(B * T, D)
         first = self.q_proj if self.q_lora_rank is None else self.q_a_proj
@@ -88,7 +97,8 @@ class EngineMLA(MLA):
         sin2 = sin.expand(B, T, half).reshape(-1, half).float().contiguous()
         norm = self.kv_a_layernorm
         q_nope, q_pe, c_kv, k_pe = kernels.mla_post_projection(q.contiguous(), kv.contiguous(), norm.weight, norm.eps,
-                                                               cos2, sin2, self.n_heads)
+                                                               cos2, sin2, self.n_heads,
+                                                               *(cache_target or (None, None)))
         return (q_nope.view(B, T, *q_nope.shape[1:]), q_pe.view(B, T, *q_pe.shape[1:]),
                 c_kv.view(B, T, -1), k_pe.view(B, T, -1))
 

@@ -8,7 +8,7 @@ and rotation, the reference's rounding order) in one launch per call. Forward on
 import torch
 
 from ._triton import INTERPRET, cast, jit, new_buffer, pdl_launch, tl, triton, use_triton, wait_for_inputs
-from .reference import mla_post_projection_ref, rms_norm_ref
+from .reference import mla_post_projection_ref, rms_norm_ref, write_latent_cache_ref
 
 
 @jit
@@ -88,20 +88,23 @@ def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
 
 
 @jit
-def _rope_pairs(ptr, offs_pair, mask, cos, sin):
-    """Rotate interleaved pairs (x[2i], x[2i+1]) in fp32, in place."""
+def _rope_pairs(ptr, offs_pair, mask, cos, sin, out_ptr):
+    """Rotate interleaved pairs (x[2i], x[2i+1]) in fp32, rounded to ptr's dtype, into out_ptr (ptr: in place)."""
     x0 = tl.load(ptr + 2 * offs_pair, mask=mask, other=0.0).to(tl.float32)
     x1 = tl.load(ptr + 2 * offs_pair + 1, mask=mask, other=0.0).to(tl.float32)
-    tl.store(ptr + 2 * offs_pair, (x0 * cos - x1 * sin).to(ptr.dtype.element_ty), mask=mask)
-    tl.store(ptr + 2 * offs_pair + 1, (x0 * sin + x1 * cos).to(ptr.dtype.element_ty), mask=mask)
+    dtype = ptr.dtype.element_ty
+    tl.store(out_ptr + 2 * offs_pair, (x0 * cos - x1 * sin).to(dtype).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + 2 * offs_pair + 1, (x0 * sin + x1 * cos).to(dtype).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @jit
-def _mla_post_kernel(q_ptr, kv_ptr, w_ptr, ckv_ptr, cos_ptr, sin_ptr,
-                     stride_q, stride_kv, stride_ckv, eps,
+def _mla_post_kernel(q_ptr, kv_ptr, w_ptr, ckv_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr,
+                     stride_q, stride_kv, stride_ckv, stride_cache_blk, stride_cache_tok, eps,
                      H: tl.constexpr, DQ: tl.constexpr, N: tl.constexpr, C: tl.constexpr, R: tl.constexpr,
-                     BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, PDL: tl.constexpr):
-    """One token: c_kv = RMSNorm(kv[:C]) into ckv; RoPE on kv[C:C+R] and on every head's q[N:N+R], in place."""
+                     BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, PAGE: tl.constexpr,
+                     WRITE_CACHE: tl.constexpr, PDL: tl.constexpr):
+    """One token: c_kv = RMSNorm(kv[:C]) into ckv; RoPE on kv[C:C+R] and on every head's q[N:N+R], in place;
+    with WRITE_CACHE, [c_kv | k_pe] also into the paged cache's row at slot_ptr[m] (negative: padding, none)."""
     wait_for_inputs(PDL)
     m = tl.program_id(0)
     offs_c = tl.arange(0, BLOCK_C)
@@ -111,23 +114,40 @@ def _mla_post_kernel(q_ptr, kv_ptr, w_ptr, ckv_ptr, cos_ptr, sin_ptr,
     mp = offs_p < R // 2
     cos = tl.load(cos_ptr + m * (R // 2) + offs_p, mask=mp, other=0.0)
     sin = tl.load(sin_ptr + m * (R // 2) + offs_p, mask=mp, other=0.0)
-    _rope_pairs(kv_ptr + m * stride_kv + C, offs_p, mp, cos, sin)
+    if WRITE_CACHE:
+        # The cache's copies are computed again from the inputs (not read back from the stores above, which
+        # other threads of this program may have made): before k_pe is rotated in place below.
+        slot = tl.load(slot_ptr + m).to(tl.int64)
+        if slot >= 0:
+            row = cache_ptr + (slot // PAGE) * stride_cache_blk + (slot % PAGE) * stride_cache_tok
+            _rms_norm_row(kv_ptr + m * stride_kv, w_ptr, row, offs_c, offs_c < C, C, eps)
+            _rope_pairs(kv_ptr + m * stride_kv + C, offs_p, mp, cos, sin, row + C)
+    _rope_pairs(kv_ptr + m * stride_kv + C, offs_p, mp, cos, sin, kv_ptr + m * stride_kv + C)
     offs_h = tl.arange(0, BLOCK_H)
     q_base = q_ptr + m * stride_q + offs_h[:, None] * DQ + N
     mhp = (offs_h[:, None] < H) & mp[None, :]
-    _rope_pairs(q_base, offs_p[None, :], mhp, cos[None, :], sin[None, :])
+    _rope_pairs(q_base, offs_p[None, :], mhp, cos[None, :], sin[None, :], q_base)
 
 
 def mla_post_projection(q: torch.Tensor, kv: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                        cos: torch.Tensor, sin: torch.Tensor, n_heads: int):
+                        cos: torch.Tensor, sin: torch.Tensor, n_heads: int, kv_cache: torch.Tensor | None = None,
+                        slot_mapping: torch.Tensor | None = None):
     """MLA after its projections: q [M, H*(N+R)], kv [M, C+R] (dense rows), cos/sin [M, R/2] fp32 contiguous
     -> q_nope [M,H,N], q_pe [M,H,R] (rotated), c_kv [M,C] (RMS-normed, new), k_pe [M,R] (rotated).
 
+    With `kv_cache` [NB, BS, C+R] and `slot_mapping` [M], each token's [c_kv | k_pe] is also stored at its
+    slot, as write_latent_cache stores it, in the same launch (one kernel a layer fewer).
     The Triton path (CUDA; CPU under TRITON_INTERPRET=1) rotates q and kv in place and returns views of
     them; `mla_post_projection_ref` elsewhere. Callers hand over fresh projections they do not reuse.
     """
+    write = kv_cache is not None
+    if write:
+        assert slot_mapping is not None and kv_cache.shape[-1] == kv.shape[-1] and kv_cache.stride(-1) == 1
     if not use_triton(q):
-        return mla_post_projection_ref(q, kv, norm_weight, eps, cos, sin, n_heads)
+        out = mla_post_projection_ref(q, kv, norm_weight, eps, cos, sin, n_heads)
+        if write:
+            write_latent_cache_ref(kv_cache, slot_mapping, out[2], out[3])
+        return out
     M, R = q.shape[0], 2 * cos.shape[-1]
     C = kv.shape[-1] - R
     DQ = q.shape[-1] // n_heads
@@ -136,9 +156,13 @@ def mla_post_projection(q: torch.Tensor, kv: torch.Tensor, norm_weight: torch.Te
     q3 = q.view(M, n_heads, DQ)
     c_kv = new_buffer((M, C), torch.promote_types(kv.dtype, norm_weight.dtype), kv.device)
     if M:
-        _mla_post_kernel[(M,)](q, kv, norm_weight, c_kv, cos, sin, q.stride(0), kv.stride(0), c_kv.stride(0), eps,
+        cache = kv_cache if write else c_kv
+        _mla_post_kernel[(M,)](q, kv, norm_weight, c_kv, cos, sin, cache, slot_mapping.contiguous() if write else cos,
+                               q.stride(0), kv.stride(0), c_kv.stride(0), cache.stride(0) if write else 0,
+                               cache.stride(1) if write else 0, eps,
                                H=n_heads, DQ=DQ, N=N, C=C, R=R, BLOCK_H=triton.next_power_of_2(n_heads),
-                               BLOCK_C=triton.next_power_of_2(C), BLOCK_P=triton.next_power_of_2(R // 2), num_warps=4,
+                               BLOCK_C=triton.next_power_of_2(C), BLOCK_P=triton.next_power_of_2(R // 2),
+                               PAGE=kv_cache.shape[1] if write else 1, WRITE_CACHE=write, num_warps=4,
                                **pdl_launch(q))
     return q3[..., :N], q3[..., N:], c_kv, kv[:, C:]
 
