@@ -130,12 +130,19 @@ def trace_decode(llm, B: int, L: int, out_path: str) -> str:
                 key=lambda e: e.time_range.start)
     if len(ks) < 12:
         return f"decode B={B} at {L}: no CUDA kernels recorded\n"
-    # Steps: runs of kernels separated by the host's work between steps (the longest idle stretches).
-    idle = [b.time_range.start - a.time_range.end for a, b in zip(ks, ks[1:])]
+    # Steps: each begins with its input staging (host-to-device copies) where the engine stages inputs once
+    # a step; else runs of kernels separated by the host's work between steps (the longest idle stretches).
     per_step = len(ks) // 6
-    cuts = sorted(sorted(range(len(idle)), key=lambda i: -idle[i])[:5])
-    steps = [ks[a + 1:b + 1] for a, b in zip([-1] + cuts, cuts + [len(ks) - 1])]
-    step = sorted(steps, key=len)[len(steps) // 2]
+    staged = [i for i, e in enumerate(ks) if e.name.startswith("Memcpy HtoD")
+              and (i == 0 or not ks[i - 1].name.startswith("Memcpy HtoD"))]
+    if 4 <= len(staged) <= 12:
+        steps = [ks[a:b] for a, b in zip(staged, staged[1:] + [len(ks)])]
+    else:
+        idle = [b.time_range.start - a.time_range.end for a, b in zip(ks, ks[1:])]
+        cuts = sorted(sorted(range(len(idle)), key=lambda i: -idle[i])[:5])
+        steps = [ks[a + 1:b + 1] for a, b in zip([-1] + cuts, cuts + [len(ks) - 1])]
+    whole = [s for s in steps if len(s) > per_step // 2] or steps
+    step = sorted(whole, key=len)[len(whole) // 2]
     span = step[-1].time_range.end - step[0].time_range.start
     busy = sum(e.time_range.elapsed_us() for e in step)
     groups: dict[str, list[float]] = {}
