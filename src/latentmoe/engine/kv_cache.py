@@ -188,17 +188,23 @@ def plan_cache(cfg: ModelConfig, layout: CacheLayout, device: torch.device, dtyp
     per_token = layout.bytes_per_token(cfg, dtype)
     per_block = per_token * block_size
     want_len = max_model_len or cfg.max_position_embeddings
+    where = "num_blocks"
     if num_blocks is None:
         if cache_memory_gb is not None:
-            budget = cache_memory_gb * GiB
+            budget, where = cache_memory_gb * GiB, f"cache_memory_gb={cache_memory_gb}"
         elif device.type == "cuda":
             free, total = torch.cuda.mem_get_info(device)
             budget = gpu_memory_utilization * total - (total - free) - reserve_gb * GiB
+            where = (f"gpu_memory_utilization={gpu_memory_utilization} of {total / GiB:.1f} GiB, less "
+                     f"{(total - free) / GiB:.1f} GiB already in use (weights, other processes) and "
+                     f"{reserve_gb:g} GiB kept for activations and graphs")
         else:
             budget = min(GiB, max_num_seqs * want_len * per_token)
         num_blocks = int(budget // per_block) + 1
     if num_blocks < 2:
-        raise ValueError(f"cache budget too small: {per_block} bytes per block, got {num_blocks - 1} blocks")
+        raise ValueError(f"no room for the KV cache: {where} leaves {max(num_blocks - 1, 0)} blocks of "
+                         f"{per_block:,} bytes (at least 1 needed); raise gpu_memory_utilization, or set "
+                         f"cache_memory_gb / num_blocks")
     capacity = (num_blocks - 1) * block_size
     if max_model_len is None:
         max_model_len = min(cfg.max_position_embeddings, capacity)
