@@ -563,6 +563,7 @@ def test_skinny_linear_keeps_fp32_sums_when_asked(K):
 
 def test_skinny_pair_and_swiglu_match_reference(K):
     from latentmoe.kernels.skinny import skinny_linear_pair, skinny_linear_ref, skinny_swiglu, skinny_swiglu_ref
+    from latentmoe.model import RMSNorm
     g = torch.Generator().manual_seed(11)
     dtype = torch.float32 if not CUDA else torch.bfloat16
     x = torch.randn(2, 1, 256, generator=g).to(dtype).to(DEV)
@@ -577,6 +578,16 @@ def test_skinny_pair_and_swiglu_match_reference(K):
         assert rel_err(kv.float(), skinny_linear_ref(x, wk, sk).float()) < (1e-2 if CUDA else 1e-6)
         h = skinny_swiglu(x, wg, sg, wu, su, max_rows=2)
         assert rel_err(h.float(), skinny_swiglu_ref(x, wg, sg, wu, su).float()) < (1e-2 if CUDA else 1e-6)
+        # With the attention's input RMSNorm inside (its weight not ones; K in one slice and in four).
+        norm = RMSNorm(256, eps=1e-5)
+        norm.weight.data = (1 + 0.5 * torch.randn(256, generator=g)).to(dtype)
+        norm = norm.to(DEV)
+        xn = norm(x)
+        for cfg in (None, dict(rows=2, block_n=4, block_k=64, num_warps=4, num_stages=1)):
+            q, kv = skinny_linear_pair(x, wq, sq, wk, sk, config=cfg, max_rows=2, norm=(norm.weight, norm.eps))
+            assert rel_err(q.float(), skinny_linear_ref(xn, wq, sq).float()) < (1e-2 if CUDA else 1e-6)
+            assert rel_err(kv.float(), skinny_linear_ref(xn, wk, sk).float()) < (1e-2 if CUDA else 1e-6)
+            assert rel_err(q.float(), skinny_linear_ref(x, wq, sq).float()) > 0.05    # the norm did apply
 
 
 def test_skinny_declines_what_it_does_not_cover(K):

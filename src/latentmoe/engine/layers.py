@@ -61,7 +61,10 @@ class EngineBlock(Block):
     and, where the MoE layer is the engine's, the MoE's residual add in the experts' combine."""
 
     def forward(self, h, cos, sin, mask=None, backend=None):
-        a = self.self_attn(self.input_layernorm(h), cos, sin, mask, backend)
+        if type(self.self_attn) is EngineMLA and type(self.input_layernorm) in (RMSNorm, EngineRMSNorm):
+            a = self.self_attn(h, cos, sin, mask, backend, norm=self.input_layernorm)
+        else:
+            a = self.self_attn(self.input_layernorm(h), cos, sin, mask, backend)
         norm = self.post_attention_layernorm
         h, x = kernels.add_rms_norm(h, a, norm.weight, norm.eps)
         if type(self.mlp) is EngineMoE:
@@ -75,21 +78,23 @@ class EngineBlock(Block):
 class EngineMLA(MLA):
     """MLA whose projections end in one fused kernel: the c_KV norm and both RoPEs (kernels.mla_post_projection),
     which also stores the new latent rows in the engine's cache where its backend offers the cache
-    (`write_target`); at decode sizes the two projections of x (q or q_a, and kv_a) are one few-row launch."""
+    (`write_target`); at decode sizes the two projections of x (q or q_a, and kv_a) are one few-row launch,
+    which also applies the block's input norm when given one (`norm`: x is then the un-normalised stream)."""
 
-    def forward(self, x, cos, sin, mask=None, backend=None):
+    def forward(self, x, cos, sin, mask=None, backend=None, norm=None):
         target = backend.write_target(self) if backend is not None and hasattr(backend, "write_target") else None
         if target is None:
-            return super().forward(x, cos, sin, mask, backend)
-        o = backend.attend(self, *self.project(x, cos, sin, target), written=True)
+            return super().forward(x if norm is None else norm(x), cos, sin, mask, backend)
+        o = backend.attend(self, *self.project(x, cos, sin, target, norm), written=True)
         return self.o_proj(o.flatten(2))
 
-    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_target=None):
-        """The model's project; `cache_target` (kv_cache, slot_mapping): the new latent rows stored there too."""
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_target=None, norm=None):
+        """The model's project; `cache_target` (kv_cache, slot_mapping): the new latent rows stored there too;
+        `norm` (an RMSNorm): applied to x first (inside the few-row kernel where it runs)."""
         B, T, D = x.shape
         x2 = x.reshape(B * T, D)
         first = self.q_proj if self.q_lora_rank is None else self.q_a_proj
-        q, kv = self._first_projections(x2, first)
+        q, kv = self._first_projections(x2, first, norm)
         if self.q_lora_rank is not None:
             q = self.q_b_proj(self.q_a_layernorm(q))
         half = cos.shape[-1]   # cos/sin may broadcast over the batch: one row per token for the kernel
@@ -102,13 +107,16 @@ class EngineMLA(MLA):
         return (q_nope.view(B, T, *q_nope.shape[1:]), q_pe.view(B, T, *q_pe.shape[1:]),
                 c_kv.view(B, T, -1), k_pe.view(B, T, -1))
 
-    def _first_projections(self, x2: torch.Tensor, first: nn.Module):
-        """(first(x2), kv_a_proj_with_mqa(x2)): one few-row launch for both at decode sizes."""
+    def _first_projections(self, x2: torch.Tensor, first: nn.Module, norm=None):
+        """(first(n), kv_a_proj_with_mqa(n)), n = norm(x2) or x2: one few-row launch for both (and the norm)
+        at decode sizes."""
         a, b = _weight_of(first), _weight_of(self.kv_a_proj_with_mqa)
         if a is not None and b is not None:
-            both = kernels.skinny_linear_pair(x2, *a, *b)
+            both = kernels.skinny_linear_pair(x2, *a, *b, norm=None if norm is None else (norm.weight, norm.eps))
             if both is not None:
                 return both
+        if norm is not None:
+            x2 = norm(x2)
         return first(x2), self.kv_a_proj_with_mqa(x2)
 
 

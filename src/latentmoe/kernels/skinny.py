@@ -61,16 +61,44 @@ def _scale_slice(x, s_row, k0, K, BLOCK_K: tl.constexpr, SCALE_BLOCK: tl.constex
 
 
 @jit
+def _row_rstd(x_ptr, M, K, stride_xm, eps, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr):
+    """[ROWS] fp32: 1 / sqrt(mean(x^2) + eps) of each row of x (ones unless NORM)."""
+    rstd = tl.full([ROWS], 1.0, tl.float32)
+    if NORM:
+        ss = tl.zeros([ROWS], dtype=tl.float32)
+        offs_r = tl.arange(0, ROWS)
+        offs_k = tl.arange(0, BLOCK_K)
+        for k0 in range(0, K, BLOCK_K):
+            xs = tl.load(x_ptr + offs_r[:, None] * stride_xm + k0 + offs_k[None, :],
+                         mask=(offs_r[:, None] < M) & (offs_k[None, :] < K - k0), other=0.0).to(tl.float32)
+            ss += tl.sum(xs * xs, 1)
+        rstd = 1.0 / tl.sqrt(ss / K + eps)
+    return rstd
+
+
+@jit
+def _normed(x, rstd, nw_ptr, k0, mask_k, dtype: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRETED: tl.constexpr):
+    """x's slice [ROWS, BLOCK_K] (fp32) as the model's RMSNorm leaves it: weight * (x * rstd).to(dtype), rounded."""
+    nw = tl.load(nw_ptr + k0 + tl.arange(0, BLOCK_K), mask=mask_k, other=0.0).to(tl.float32)
+    xn = cast(x * rstd[:, None], dtype, INTERPRETED).to(tl.float32)
+    return cast(xn * nw[None, :], dtype, INTERPRETED).to(tl.float32)
+
+
+@jit
 def _rows_dot(x_ptr, w_ptr, s_ptr, M, N, K, stride_xm, stride_wn, stride_wk, stride_sn, n0,
               ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALED: tl.constexpr,
-              SCALE_BLOCK: tl.constexpr, PDL: tl.constexpr):
+              SCALE_BLOCK: tl.constexpr, PDL: tl.constexpr, nw_ptr=None, eps=0.0, NORM: tl.constexpr = False,
+              INTERPRETED: tl.constexpr = False):
     """[ROWS, BLOCK_N] fp32: rows 0..M-1 of x times weight rows n0..n0+BLOCK_N-1, over all of K (the weight's
     element [n, k] at n * stride_wn + k * stride_wk: a transposed weight is read in place).
 
     SCALED: w is e4m3 and its 128 x 128 tiles' scales multiply x's slice (BLOCK_N divides 128, so a
     program's columns share one row of scales). Under programmatic dependent launch (PDL) each weight slice
     is loaded one step ahead, the first before `wait_for_inputs`, so it streams while the previous kernel
-    ends; without it the loop is the one the tiles were swept with."""
+    ends; without it the loop is the one the tiles were swept with.
+
+    NORM: x's rows are RMS-normalised on the fly with weight `nw_ptr` (the model's rounding: the normalised
+    row rounded to x's dtype, times the weight, rounded again), rstd from a first pass over the row."""
     offs_r = tl.arange(0, ROWS)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -83,9 +111,12 @@ def _rows_dot(x_ptr, w_ptr, s_ptr, M, N, K, stride_xm, stride_wn, stride_wk, str
     if PDL:
         w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_k[None, :] < K), other=0.0)
         wait_for_inputs(PDL)
+        rstd = _row_rstd(x_ptr, M, K, stride_xm, eps, ROWS, BLOCK_K, NORM)
         for k0 in range(0, K, BLOCK_K):
             mask_k = offs_k < K - k0
             x = tl.load(x_ptrs, mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+            if NORM:
+                x = _normed(x, rstd, nw_ptr, k0, mask_k, x_ptr.dtype.element_ty, BLOCK_K, INTERPRETED)
             if SCALED:
                 x = _scale_slice(x, s_row, k0, K, BLOCK_K, SCALE_BLOCK)
             acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], 2)
@@ -93,10 +124,13 @@ def _rows_dot(x_ptr, w_ptr, s_ptr, M, N, K, stride_xm, stride_wn, stride_wk, str
             w_ptrs += BLOCK_K * stride_wk
             w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_k[None, :] < K - k0 - BLOCK_K), other=0.0)
     else:
+        rstd = _row_rstd(x_ptr, M, K, stride_xm, eps, ROWS, BLOCK_K, NORM)
         for k0 in range(0, K, BLOCK_K):
             mask_k = offs_k < K - k0
             w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
             x = tl.load(x_ptrs, mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+            if NORM:
+                x = _normed(x, rstd, nw_ptr, k0, mask_k, x_ptr.dtype.element_ty, BLOCK_K, INTERPRETED)
             if SCALED:
                 x = _scale_slice(x, s_row, k0, K, BLOCK_K, SCALE_BLOCK)
             acc += tl.sum(x[:, None, :] * w[None, :, :], 2)
@@ -115,10 +149,12 @@ def _store_rows(y_ptr, val, M, N, stride_ym, n0, ROWS: tl.constexpr, BLOCK_N: tl
 
 @jit
 def _skinny_kernel(x_ptr, w1_ptr, s1_ptr, y1_ptr, w2_ptr, s2_ptr, y2_ptr, M, N1, N2, K, stride_xm,
-                   stride_w1, stride_s1, stride_y1, stride_w2, stride_s2, stride_y2, n1_programs,
+                   stride_w1, stride_s1, stride_y1, stride_w2, stride_s2, stride_y2, n1_programs, nw_ptr, eps,
                    MODE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   SCALED: tl.constexpr, SCALE_BLOCK: tl.constexpr, INTERPRETED: tl.constexpr, PDL: tl.constexpr):
+                   SCALED: tl.constexpr, SCALE_BLOCK: tl.constexpr, INTERPRETED: tl.constexpr, PDL: tl.constexpr,
+                   NORM: tl.constexpr):
     """MODE 0: y1 = x W1^T. MODE 1: y1 = x W1^T by the first n1_programs programs, y2 = x W2^T by the rest.
+    NORM (modes 0 and 1): x is first RMS-normalised with weight nw (see _rows_dot).
     MODE 2: y1 = silu(x W1^T) * (x W2^T), both rounded to y1's dtype first as two GEMMs' outputs would be.
     Every program's first _rows_dot waits for the previous kernel (PDL), so all of them do."""
     pid = tl.program_id(0)
@@ -137,12 +173,12 @@ def _skinny_kernel(x_ptr, w1_ptr, s1_ptr, y1_ptr, w2_ptr, s2_ptr, y2_ptr, M, N1,
         if pid < n1_programs:
             n0 = pid * BLOCK_N
             y = _rows_dot(x_ptr, w1_ptr, s1_ptr, M, N1, K, stride_xm, stride_w1, 1, stride_s1, n0,
-                          ROWS, BLOCK_N, BLOCK_K, SCALED, SCALE_BLOCK, PDL)
+                          ROWS, BLOCK_N, BLOCK_K, SCALED, SCALE_BLOCK, PDL, nw_ptr, eps, NORM, INTERPRETED)
             _store_rows(y1_ptr, cast(y, dtype, INTERPRETED), M, N1, stride_y1, n0, ROWS, BLOCK_N)
         else:
             n0 = (pid - n1_programs) * BLOCK_N
             y = _rows_dot(x_ptr, w2_ptr, s2_ptr, M, N2, K, stride_xm, stride_w2, 1, stride_s2, n0,
-                          ROWS, BLOCK_N, BLOCK_K, SCALED, SCALE_BLOCK, PDL)
+                          ROWS, BLOCK_N, BLOCK_K, SCALED, SCALE_BLOCK, PDL, nw_ptr, eps, NORM, INTERPRETED)
             _store_rows(y2_ptr, cast(y, dtype, INTERPRETED), M, N2, stride_y2, n0, ROWS, BLOCK_N)
 
 
@@ -174,7 +210,8 @@ def _usable(x: torch.Tensor, weights, max_rows: int) -> bool:
     return True
 
 
-def _launch(x, w1, s1, w2, s2, mode: int, config: dict | None, out_dtype: torch.dtype | None = None):
+def _launch(x, w1, s1, w2, s2, mode: int, config: dict | None, out_dtype: torch.dtype | None = None,
+            norm: tuple[torch.Tensor, float] | None = None):
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
@@ -194,8 +231,9 @@ def _launch(x, w1, s1, w2, s2, mode: int, config: dict | None, out_dtype: torch.
         s1, s2 = w1, w2
     _skinny_kernel[grid](x2, w1, s1, y1, w2, s2, y2, M, N1, N2, K, x2.stride(0),
                          w1.stride(0), s1.stride(0), y1.stride(0), w2.stride(0), s2.stride(0), y2.stride(0),
-                         n1_programs, MODE=mode, ROWS=cfg["rows"], BLOCK_N=bn, BLOCK_K=cfg["block_k"],
-                         SCALED=scaled, SCALE_BLOCK=BLOCK, INTERPRETED=INTERPRET,
+                         n1_programs, norm[0] if norm else x2, norm[1] if norm else 0.0,
+                         MODE=mode, ROWS=cfg["rows"], BLOCK_N=bn, BLOCK_K=cfg["block_k"],
+                         SCALED=scaled, SCALE_BLOCK=BLOCK, INTERPRETED=INTERPRET, NORM=norm is not None,
                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                          **(pdl_launch(x2) if not scaled else {"PDL": False}))   # (see pdl_launch: FP8 without)
     lead = x.shape[:-1]
@@ -215,11 +253,17 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, scale_inv: torch.Tensor | No
 
 
 def skinny_linear_pair(x: torch.Tensor, w1: torch.Tensor, s1: torch.Tensor | None, w2: torch.Tensor,
-                       s2: torch.Tensor | None, config: dict | None = None, max_rows: int = SKINNY_MAX_ROWS):
-    """(x @ W1^T, x @ W2^T) in one launch, or None where the kernel does not apply."""
+                       s2: torch.Tensor | None, config: dict | None = None, max_rows: int = SKINNY_MAX_ROWS,
+                       norm: tuple[torch.Tensor, float] | None = None):
+    """(x @ W1^T, x @ W2^T) in one launch, or None where the kernel does not apply. `norm` (weight, eps):
+    x is RMS-normalised first inside the kernel, rounded as the model's RMSNorm rounds (one launch a layer
+    fewer at batch-1 decode: the attention's input norm)."""
     if not _usable(x, [(w1, s1), (w2, s2)], max_rows):
         return None
-    return _launch(x, w1, s1, w2, s2, 1, config)
+    if norm is not None and (norm[0].shape != (x.shape[-1],) or norm[0].device != x.device
+                             or not norm[0].is_contiguous()):
+        return None
+    return _launch(x, w1, s1, w2, s2, 1, config, norm=norm)
 
 
 def skinny_swiglu(x: torch.Tensor, w_gate: torch.Tensor, s_gate: torch.Tensor | None, w_up: torch.Tensor,
