@@ -257,7 +257,9 @@ def skinny_linear_pair(x: torch.Tensor, w1: torch.Tensor, s1: torch.Tensor | Non
                        norm: tuple[torch.Tensor, float] | None = None):
     """(x @ W1^T, x @ W2^T) in one launch, or None where the kernel does not apply. `norm` (weight, eps):
     x is RMS-normalised first inside the kernel, rounded as the model's RMSNorm rounds (one launch a layer
-    fewer at batch-1 decode: the attention's input norm)."""
+    fewer at batch-1 decode: the attention's input norm). Measured on an H100 at V2-Lite's shape, 1K context,
+    two engines in one process: 2.780-2.792 ms a batch-1 step against 2.797-2.815 with the norm's own launch
+    (0.2-1.1%), greedy tokens identical."""
     if not _usable(x, [(w1, s1), (w2, s2)], max_rows):
         return None
     if norm is not None and (norm[0].shape != (x.shape[-1],) or norm[0].device != x.device
