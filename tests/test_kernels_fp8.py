@@ -109,9 +109,11 @@ def test_fused_moe_fp8_matches_reference(K, M, few):
     assert rel_err(out.cpu(), ref) < (5e-3 if CUDA else 1e-5)
 
 
-@pytest.mark.parametrize("E,D,I,TOPK,M,block_m", [(4, 256, 128, 2, 30, 16), (3, 128, 256, 2, 40, 32)])
-def test_fused_moe_fp8_activations_matches_reference(K, E, D, I, TOPK, M, block_m):
-    """The fp8-activation kernels against their reference (padding rows, several K and column tiles)."""
+@pytest.mark.parametrize("E,D,I,TOPK,M,block_m,tma", [(4, 256, 128, 2, 30, 16, True), (3, 128, 256, 2, 40, 32, True),
+                                                        (3, 128, 256, 2, 40, 32, False)])
+def test_fused_moe_fp8_activations_matches_reference(K, E, D, I, TOPK, M, block_m, tma):
+    """The fp8-activation kernels against their reference (padding rows, several K and column tiles); `tma`:
+    the down GEMM reads its tiles as descriptor boxes (pointer loads otherwise)."""
     from latentmoe.kernels.fp8_moe import W8A8_CONFIG, fused_moe_fp8_w8a8_ref, fused_moe_fp8_w8a8_triton
     g = torch.Generator().manual_seed(M + I)
     gu, gu_s = K.quantize_fp8_blocks(torch.randn(E, 2 * I, D, generator=g) * 0.1)
@@ -121,7 +123,9 @@ def test_fused_moe_fp8_activations_matches_reference(K, E, D, I, TOPK, M, block_
     w, idx = torch.randn(M, E, generator=g).softmax(-1).topk(TOPK, -1)
     add = torch.randn(M, D, generator=g)
     args = [t.to(DEV) for t in (x, gu, gu_s, dn, dn_s, idx, w)]
-    out = fused_moe_fp8_w8a8_triton(*args, config=dict(W8A8_CONFIG, block_m=block_m, num_stages=2),
+    if tma and not CUDA:   # under the interpreter the descriptor path is the one run
+        assert K._triton.tensor_descriptor(args[3], [E, D, I], [D * I, I, 1], [1, 128, 128]) is not None
+    out = fused_moe_fp8_w8a8_triton(*args, config=dict(W8A8_CONFIG, block_m=block_m, num_stages=2, tma=tma),
                                     add_MD=add.to(DEV))
     cpu = [t.cpu() for t in args]
     ref = fused_moe_fp8_w8a8_ref(*cpu) + add

@@ -292,6 +292,12 @@ DECODE_CONFIG = dict(block_m=16, block_n1=32, block_n2=32, block_k=128, num_warp
 # on an H200 at V2-Lite's shape (64 tile configs, graph replays): at 1 token gate_up 19.7 us against
 # 24.3 with DECODE_CONFIG and down 9.1 against 10.9; at 2 tokens 35.9 / 19.6 against 38.2 / 20.8.
 FEW_TOKEN_CONFIG = dict(DECODE_CONFIG, block_n1=64, block_n2=64)
+# Large decode batches (16-31 rows per expert: V2-Lite from ~171 tokens): with 16-row blocks most experts
+# take two row blocks, and each block reads the expert's whole weight tile again. 32-row blocks read it once.
+# H100, V2-Lite shape, random top-6, graph replays (us for both GEMMs and the combine, DECODE_CONFIG against
+# this): 200 tokens 412.9 / 395.5, 256 tokens 430.2 / 398.9; at 64 and 128 tokens DECODE_CONFIG stays
+# (386.4 / 390.5, 391.8 / 395.2).
+DECODE_WIDE_CONFIG = dict(DECODE_CONFIG, block_m=32, block_n1=64, block_n2=64)
 # Prefill: gate_up as one dot over 2 x 128 columns (`merged`), down over 256 columns. On an H200 at V2-Lite's
 # shape (graph replays, 8K and 16K tokens) gate_up 2,112 against 2,320 us at 16K (two 128-column dots) and
 # down 1,146 against 1,244 (128 columns); 1.12x and 1.10x at 8K.
@@ -305,8 +311,10 @@ PREFILL_CONFIG = dict(block_m=128, block_n1=128, block_n2=256, block_k=64, num_w
 
 def choose_moe_config(n_assignments: int, n_experts: int) -> dict:
     per_expert = n_assignments / n_experts
-    if per_expert < 32:
+    if per_expert < 16:
         return DECODE_CONFIG
+    if per_expert < 32:
+        return DECODE_WIDE_CONFIG
     if per_expert < 256:
         return dict(PREFILL_CONFIG, block_m=64, block_n1=64, block_n2=128, num_warps=4, merged=False, tma=False,
                     gate_up_stages=3)
