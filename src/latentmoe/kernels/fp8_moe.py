@@ -146,9 +146,10 @@ def _rescale(acc, prev, s):
     """acc holds sum_k s_k d_k / s_{k-1} (per-row scales s, the weight tile's folded in): bring it to the new
     scale, so the next dot accumulates in place. Finally acc * prev is the scaled sum.
 
-    The cost, compiled for sm90: the tiles' loads are pipelined, but each K step's tensor-core product must
-    finish before the accumulator is rescaled (wgmma waits with nothing pending), where the bf16 kernels keep
-    two products in flight. A likely part of the gap to FP8's peak (560 TFLOP/s measured at 8K tokens)."""
+    Compiled for sm90, each K step's tensor-core product must finish before the accumulator is rescaled
+    (wgmma waits with nothing pending). Keeping two products in flight measured slower, not faster (H100,
+    8K tokens: down over two accumulator chains 495 us against 347, at 816 TFLOP/s with this one; see the
+    configs below), so the in-place chain stays."""
     return acc * (prev / s)[:, None]
 
 
@@ -233,9 +234,14 @@ def _moe_w8a8_down_kernel(h_ptr, h_desc, hs_ptr, w_ptr, w_desc, s_ptr, y_ptr, so
 
 
 # Row tiles for the fp8-activation kernels by assignments per expert (H200 sweep, benchmarks/results/fp8.md);
-# column and K tiles are one scale block.
+# column and K tiles are one scale block. `gate_up_stages`: the first GEMM's pipeline depth (default
+# num_stages). H100, V2-Lite shape, 8K tokens, graph replays: gate_up 733 against 776 us with 3 stages,
+# identical output (down runs at 816 TFLOP/s with 3; 4 do not fit its shared memory beside the TMA boxes).
+# Tried there and slower: gate_up scaling each fresh product instead of rescaling the accumulator in place
+# (1,025 us), down over two accumulator chains (even / odd K blocks: 495 against 347 us) or scale-add (460);
+# Triton's warp specialisation of the K loop changed nothing.
 W8A8_CONFIG = dict(block_m=64, num_warps=4, num_stages=3)
-W8A8_PREFILL_CONFIG = dict(block_m=128, num_warps=8, num_stages=3)
+W8A8_PREFILL_CONFIG = dict(block_m=128, num_warps=8, num_stages=3, gate_up_stages=4)
 
 
 def choose_w8a8_config(n_assignments: int, n_experts: int) -> dict:
@@ -264,7 +270,7 @@ def fused_moe_fp8_w8a8_triton(x_MD, gate_up_proj, gate_up_scale, down_proj, down
         xq.stride(0), xs.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), gate_up_scale.stride(0),
         gate_up_scale.stride(1), h_PI.stride(0), hs_PG.stride(0), A, D, I, E,
         TOP_K=K, BLOCK_M=bm, BLOCK=BLOCK, FP8_MAX_C=FP8_MAX, UPCAST=INTERPRET, INTERPRETED=INTERPRET,
-        num_warps=nw, num_stages=ns)
+        num_warps=nw, num_stages=cfg.get("gate_up_stages", ns))
     y_AD = new_buffer((A, D), x_MD.dtype, x_MD.device)
     weight_A = topk_weight_MK.reshape(-1).contiguous()
     # The down GEMM's tiles through the tensor memory accelerator where the GPU has it (kernels._triton.
