@@ -281,8 +281,10 @@ def fused_moe_fp8_w8a8_triton(x_MD, gate_up_proj, gate_up_scale, down_proj, down
     h_desc = tensor_descriptor(h_PI, [h_PI.shape[0], I], [h_PI.stride(0), 1], [bm, BLOCK]) if want else None
     w_desc = tensor_descriptor(down_proj, [E, D, I], [D * I, I, 1], [1, BLOCK, BLOCK]) if want else None
     tma = h_desc is not None and w_desc is not None
+    if not tma:
+        h_desc = w_desc = None
     _moe_w8a8_down_kernel[(D // BLOCK, n_blocks)](
-        h_PI, h_desc if tma else None, hs_PG, down_proj, w_desc if tma else None, down_scale, y_AD, sorted_ids,
+        h_PI, h_desc, hs_PG, down_proj, w_desc, down_scale, y_AD, sorted_ids,
         block_expert, weight_A, h_PI.stride(0), hs_PG.stride(0), down_proj.stride(0), down_proj.stride(1),
         down_scale.stride(0), down_scale.stride(1), y_AD.stride(0), A, I, D, E,
         BLOCK_M=bm, BLOCK=BLOCK, UPCAST=INTERPRET, TMA=tma, num_warps=nw, num_stages=ns)
