@@ -237,6 +237,8 @@ def _moe_w8a8_down_kernel(h_ptr, h_desc, hs_ptr, w_ptr, w_desc, s_ptr, y_ptr, so
 # column and K tiles are one scale block. `gate_up_stages`: the first GEMM's pipeline depth (default
 # num_stages). H100, V2-Lite shape, 8K tokens, graph replays: gate_up 733 against 776 us with 3 stages,
 # identical output (down runs at 816 TFLOP/s with 3; 4 do not fit its shared memory beside the TMA boxes).
+# An 8K prefill through the engine (one process, alternating) did not resolve the ~1% this is worth: single
+# prefills spread from 77 to 125 ms (medians 89.3 with 4 stages, 85.0 with 3).
 # Tried there and slower: gate_up scaling each fresh product instead of rescaling the accumulator in place
 # (1,025 us), down over two accumulator chains (even / odd K blocks: 495 against 347 us) or scale-add (460);
 # Triton's warp specialisation of the K loop changed nothing.
