@@ -3,10 +3,11 @@
 Prints markdown tables: the roofline inputs (copy bandwidth, bf16 matmul rate), MLA decode, the
 routed experts, and which SDPA kernel prefill attention gets at the 192/128 head dims. One table alone:
 --moe-backward (routed experts forward + backward for training), --moe-prefill (the fused-MoE prefill
-tile at V2 and V2-Lite shapes, 4K and 8K tokens). --sweep adds candidate tile configurations to each
-table and reports the best; the defaults in kernels/ were picked this way.
+tile at V2 and V2-Lite shapes, 4K and 8K tokens), --fp8-moe (the FP8 fused MoE with fp8 activations at
+V2-Lite's shape, 4K to 16K tokens, beside the bf16 fused MoE). --sweep adds candidate tile configurations to
+each table and reports the best; the defaults in kernels/ were picked this way.
 
-    python benchmarks/bench_kernels.py [--moe-backward | --moe-prefill] [--sweep] [--out FILE]
+    python benchmarks/bench_kernels.py [--moe-backward | --moe-prefill | --fp8-moe] [--sweep] [--out FILE]
 
 --out writes the tables with a summary block (report.py) that run_all.py puts on BENCHMARKS.md.
 """
@@ -23,6 +24,8 @@ from timing import median_seconds  # noqa: E402
 
 from latentmoe.kernels import fused_moe_triton, mla_decode_einsum, mla_decode_triton
 from latentmoe.kernels import choose_num_splits
+from latentmoe.kernels.fp8 import quantize_fp8_blocks
+from latentmoe.kernels.fp8_moe import W8A8_CONFIG, W8A8_PREFILL_CONFIG, choose_w8a8_config, fused_moe_fp8_w8a8_triton
 from latentmoe.kernels.moe import PREFILL_CONFIG, choose_moe_config
 
 C, R = 512, 64
@@ -39,6 +42,12 @@ PREFILL_TILES = [dict(block_m=bm, block_n1=n1, block_n2=n2, block_k=bk, num_warp
     # (the default before the boxes), 3 gate_up stages, and 4 stages for both GEMMs.
     dict(PREFILL_CONFIG, tma=False, gate_up_stages=3), dict(PREFILL_CONFIG, gate_up_stages=3),
     dict(PREFILL_CONFIG, num_stages=4)]
+# Configs of the FP8 fused MoE with fp8 activations (kernels.fp8_moe) that --fp8-moe --sweep times beside the
+# default: either default tile, the gate_up GEMM's earlier pipeline depth, pointer loads instead of the down GEMM's TMA boxes,
+# shallower pipelines, and the smaller row tile with either depth.
+W8A8_TILES = [W8A8_PREFILL_CONFIG, dict(W8A8_PREFILL_CONFIG, gate_up_stages=3), dict(W8A8_PREFILL_CONFIG, tma=False),
+              dict(W8A8_PREFILL_CONFIG, num_stages=2, gate_up_stages=2), W8A8_CONFIG,
+              dict(W8A8_CONFIG, gate_up_stages=4)]
 # Rows of the main tables that also go on the summary: MLA (heads, batch, context), MoE (preset, tokens).
 MLA_SUMMARY = [(16, 64, 4096), (16, 128, 4096), (128, 64, 4096)]
 MOE_SUMMARY = [("deepseek-v2-lite", 256), ("deepseek-v2-lite", 8192), ("deepseek-v2-lite", 16384),
@@ -48,6 +57,20 @@ MOE_SUMMARY = [("deepseek-v2-lite", 256), ("deepseek-v2-lite", 8192), ("deepseek
 def bench(fn, warmup=5, iters=30, graph=False):
     """Median milliseconds of fn(), optionally as replays of a captured CUDA graph."""
     return median_seconds(fn, iters=iters, warmup=warmup, graph=graph) * 1e3
+
+
+def fp8_matmul_rate():
+    """TFLOP/s of torch's FP8 GEMM (e4m3 operands, one scale per tensor) at 8192^3, the FP8 kernels' matmul
+    rate; None where this GPU or torch has no FP8 GEMM."""
+    try:
+        a = torch.randn(8192, 8192, device="cuda").to(torch.float8_e4m3fn)
+        b = torch.randn(8192, 8192, device="cuda").to(torch.float8_e4m3fn)
+        one = torch.ones((), device="cuda")
+        ms = bench(lambda: torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16), iters=20)
+    except (RuntimeError, TypeError) as exc:
+        print(f"[note] no FP8 matmul rate: {type(exc).__name__}: {str(exc)[:120]}")
+        return None
+    return 2 * 8192**3 / ms / 1e9
 
 
 def roofline():
@@ -314,6 +337,64 @@ def moe_prefill_rows(tflops, sweep):
     return rows, notes, summary
 
 
+def w8a8_name(c):
+    """The fields that change the FP8 MoE kernels (the sweep's times are keyed by it)."""
+    stages = c["num_stages"]
+    if c.get("gate_up_stages", stages) != stages:
+        stages = f"{c['gate_up_stages']}/{stages}"
+    return f"{c['block_m']} rows, {c['num_warps']} warps, {stages} stages, down {'TMA' if c.get('tma', True) else 'pointers'}"
+
+
+def fp8_moe_rows(fp8_tflops, sweep, sizes=(4096, 8192, 16384), preset="deepseek-v2-lite"):
+    """The FP8 fused MoE with fp8 activations (weights in 128 x 128 blocks, x and h quantised per token and 128
+    columns) at V2-Lite's shape, 4K, 8K and 16K tokens: the default config (kernels.fp8_moe.choose_w8a8_config)
+    beside the bf16 fused MoE on the same tokens and routing, and with `sweep` every config in W8A8_TILES
+    (whether its output equals the default's bit for bit in the last column)."""
+    rows, notes, summary = [], [], []
+    cfg, experts = random_experts(preset, torch.bfloat16)
+    E, D, I, K = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
+    gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
+    dev = gate_up.device
+    guq, gus = quantize_fp8_blocks(gate_up)
+    dnq, dns = quantize_fp8_blocks(down)
+    pct = (lambda t: f" ({t / fp8_tflops * 100:.0f}%)") if fp8_tflops else (lambda t: "")
+    for M in sizes:
+        x = torch.randn(M, D, device=dev, dtype=torch.bfloat16)
+        w, idx = torch.randn(M, E, device=dev).softmax(-1).topk(K, dim=-1)
+        flops = 6 * M * K * D * I
+        default = choose_w8a8_config(M * K, E)
+        configs = [default] + [c for c in W8A8_TILES if sweep and c != default]
+        times, same = {}, {}
+        with torch.no_grad():
+            ms_bf16 = bench(lambda: fused_moe_triton(x, gate_up, down, idx, w), iters=10, graph=True)
+            ref = fused_moe_fp8_w8a8_triton(x, guq, gus, dnq, dns, idx, w, config=default)
+            for c in configs:
+                try:
+                    same[w8a8_name(c)] = torch.equal(fused_moe_fp8_w8a8_triton(x, guq, gus, dnq, dns, idx, w, config=c),
+                                                     ref)
+                    times[w8a8_name(c)] = bench(lambda: fused_moe_fp8_w8a8_triton(
+                        x, guq, gus, dnq, dns, idx, w, config=c), iters=10, graph=True)
+                except Exception as exc:  # a config the compiler cannot fit (shared memory) is skipped
+                    notes.append(f"fp8 moe M={M} {w8a8_name(c)}: {type(exc).__name__}: {str(exc)[:120]}")
+        ms_default = times.get(w8a8_name(default))
+        if ms_default is None:
+            continue
+        rows.append(f"| {M} | {M * K / E:.0f} | bf16 fused MoE (reference) | {ms_bf16 * 1e3:,.0f} | "
+                    f"{flops / ms_bf16 / 1e9:.0f} | 1.00x | - | - |")
+        for name, ms in times.items():
+            tf = flops / ms / 1e9
+            rows.append(f"| {M} | {M * K / E:.0f} | {name}{' (default)' if name == w8a8_name(default) else ''} | "
+                        f"{ms * 1e3:,.0f} | {tf:.0f}{pct(tf)} | {ms_bf16 / ms:.2f}x | {ms_default / ms:.2f}x | "
+                        f"{'yes' if same[name] else 'no'} |")
+        tf = flops / ms_default / 1e9
+        best, ms_best = min(times.items(), key=lambda kv: kv[1])
+        summary.append(f"| FP8 fused MoE (fp8 activations), {preset}, {M:,} tokens | {ms_default * 1e3:,.0f} us, "
+                       f"{tf:.0f} TFLOP/s{pct(tf)}{f'; best of {len(times)}: {best}, {ms_best * 1e3:,.0f} us' if sweep else ''}"
+                       f" | bf16 fused MoE {ms_bf16 * 1e3:,.0f} us | {ms_bf16 / ms_default:.2f}x |")
+        del x
+    return rows, notes, summary
+
+
 def sdpa_rows():
     from torch.nn.attention import SDPBackend, sdpa_kernel
     import torch.nn.functional as F
@@ -389,6 +470,8 @@ def main():
                       help="only the training table: routed experts forward + backward, Triton vs torch._grouped_mm")
     only.add_argument("--moe-prefill", action="store_true",
                       help="only the fused-MoE prefill tile table (V2 and V2-Lite shapes, 4K and 8K tokens)")
+    only.add_argument("--fp8-moe", action="store_true",
+                      help="only the FP8 fused MoE with fp8 activations beside the bf16 one (V2-Lite, 4K-16K tokens)")
     only.add_argument("--per-head", action="store_true",
                       help="only absorbed decode's per-head products: the few-row kernel vs cuBLAS's batched GEMM")
     only.add_argument("--profile-one", type=int, default=0, metavar="HEADS",
@@ -404,7 +487,7 @@ def main():
         return
     torch.manual_seed(0)
     flags = "".join(f" --{f}" for f, on in (("moe-backward", args.moe_backward), ("moe-prefill", args.moe_prefill),
-                                            ("per-head", args.per_head), ("sweep", args.sweep)) if on)
+                                            ("fp8-moe", args.fp8_moe), ("per-head", args.per_head), ("sweep", args.sweep)) if on)
     provenance = (f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; device: "
                   f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).multi_processor_count} SMs); "
                   f"torch {torch.__version__}; command: `python benchmarks/bench_kernels.py{flags}`")
@@ -431,6 +514,20 @@ def main():
             "kernel against batched GEMM.",
             ["model", "product", "B", "kernel us", "batched GEMM us", "kernel speed-up", "floor us", "dispatch",
              "rel err"], rows)
+    elif args.fp8_moe:
+        fp8_tflops = fp8_matmul_rate()
+        if fp8_tflops:
+            roof.insert(-1, f"| 8192^3 FP8 matmul (e4m3, torch._scaled_mm) | {fp8_tflops:.0f} TFLOP/s |")
+        print(f"FP8 matmul rate: {fp8_tflops or 0:.0f} TFLOP/s", flush=True)
+        rows, notes, summary = fp8_moe_rows(fp8_tflops, args.sweep)
+        title = "FP8 fused MoE (fp8 activations)"
+        tables = md_table(
+            "Routed experts (SwiGLU, top-6), V2-Lite shape: FP8 weights in 128 x 128 blocks with x and the SwiGLU "
+            "output quantised per token and 128 columns (kernels.fp8_moe, both GEMMs on FP8 tensor cores), against "
+            "the bf16 fused MoE on the same tokens and routing; CUDA-graph replays, quantisation, routing layout and "
+            "combine included. % = of the FP8 matmul rate above.",
+            ["M tokens", "rows per expert", "config", "us", "TFLOP/s", "vs bf16", "vs default",
+             "identical to default"], rows)
     elif args.moe_prefill:
         rows, notes, summary = moe_prefill_rows(tflops, args.sweep)
         title = "Fused-MoE prefill tiles"

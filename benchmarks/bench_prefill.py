@@ -1,10 +1,12 @@
 """Batched prefill attention (kernels.prefill_attention) at V2-Lite's heads, beside torch SDPA in the same run.
 
-Cases: one causal prompt of L tokens, and a 16K chunk over a long cached prefix (what chunked prefill of a
-128K prompt runs last). Timed (median of 5): the engine's entry (kernels.prefill_attention: cuDNN's fused
-attention for these one-chunk steps on sm90+), the Triton kernel at its default tiles (and, with --sweep,
-every tile configuration); the reference is torch's scaled_dot_product_attention (its fastest backend for these shapes) on the same
-q/k/v with k_pe repeated per head; the floor is the causal attention FLOPs at PEAK_FLOPS.
+Cases: one causal prompt of L tokens, a 16K chunk over a long cached prefix (what chunked prefill of a
+128K prompt runs last), and the steps of many prompts the engine forms at its default token budget (16
+prompts of 1,000 tokens; 25 of 256-1,024). Timed (median of 5): the engine's entry (kernels.prefill_attention:
+cuDNN's fused attention for the long one-chunk steps on sm90+, the Triton kernel for the steps of many
+prompts), the Triton kernel at its default tiles (and, with --sweep, every tile configuration); the reference
+is torch's scaled_dot_product_attention (its fastest backend for these shapes) on the same q/k/v with k_pe
+repeated per head, one call per prompt; the floor is the causal attention FLOPs at PEAK_FLOPS.
 
     python benchmarks/bench_prefill.py [--sweep]                 # GPU: writes benchmarks/results/prefill.md
     python benchmarks/bench_prefill.py --smoke --out /tmp/p.md   # CPU: tiny shapes, the reference only
@@ -41,14 +43,25 @@ def timed(fn, reps=5):
     return sorted(ts)[len(ts) // 2]
 
 
-def case(prefix, q_len, dev, dtype):
-    S = prefix + q_len
+def case(chunks, dev, dtype):
+    """One step of prompt chunks [(cached prefix, new tokens), ...]: the batched kernel's inputs (each chunk's
+    keys are its prefix then itself), and per chunk SDPA's (q with q_pe, keys with k_pe per head, heads first;
+    a mask where a prefix makes the causal diagonal start off the corner)."""
+    T = sum(q for _, q in chunks)
+    S = sum(p + q for p, q in chunks)
     g = torch.Generator(device=dev).manual_seed(0)
     r = lambda *s: torch.randn(*s, device=dev, dtype=dtype, generator=g)   # noqa: E731
-    q, qpe, k, kpe, v = r(q_len, H, N), r(q_len, H, R), r(S, H, N), r(S, R), r(S, H, V)
-    cu_q = torch.tensor([0, q_len], dtype=torch.int32, device=dev)
-    cu_k = torch.tensor([0, S], dtype=torch.int32, device=dev)
-    return q, qpe, k, kpe, v, cu_q, cu_k
+    q, qpe, k, kpe, v = r(T, H, N), r(T, H, R), r(S, H, N), r(S, R), r(S, H, V)
+    cu_q = torch.tensor([0, *itertools.accumulate(q for _, q in chunks)], dtype=torch.int32, device=dev)
+    cu_k = torch.tensor([0, *itertools.accumulate(p + q for p, q in chunks)], dtype=torch.int32, device=dev)
+    sdpa = []
+    for i, (prefix, q_len) in enumerate(chunks):
+        qs, ks = slice(cu_q[i].item(), cu_q[i + 1].item()), slice(cu_k[i].item(), cu_k[i + 1].item())
+        qq = torch.cat([q[qs], qpe[qs]], -1).transpose(0, 1)[None]
+        kk = torch.cat([k[ks], kpe[ks, None].expand(-1, H, -1)], -1).transpose(0, 1)[None]
+        mask = None if prefix == 0 else torch.ones(q_len, prefix + q_len, dtype=torch.bool, device=dev).tril(prefix)
+        sdpa.append((qq, kk, v[ks].transpose(0, 1)[None], mask))
+    return q, qpe, k, kpe, v, cu_q, cu_k, sdpa
 
 
 def main():
@@ -65,39 +78,55 @@ def main():
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    cases = [(0, 256), (256, 128)] if args.smoke else [(0, 32768), (114688, 16384)]
+    lens = torch.randint(256, 1025, (25,), generator=torch.Generator().manual_seed(0)).tolist()
+    cases = ([[(0, 256)], [(256, 128)], [(0, 96)] * 3] if args.smoke else
+             [[(0, 32768)], [(114688, 16384)], [(0, 1000)] * 16, [(0, n) for n in lens]])
     configs = [dict()] if not args.sweep else [
         dict(block_m=bm, block_n=bn, num_warps=w, num_stages=s)
         for bm, bn, w, s in itertools.product((64, 128), (64, 128), (4, 8), (2, 3))
         if not (bm == 128 and bn == 128 and s == 3)]
     out("| case | config | ms | TFLOP/s | % of the floor |")
     out("|---|---|---|---|---|")
-    for prefix, q_len in cases:
-        q, qpe, k, kpe, v, cu_q, cu_k = case(prefix, q_len, dev, dtype)
-        S = prefix + q_len
-        # Causal inside the chunk, full over the prefix: (prefix + i + 1) keys for query i.
-        flops = 2 * H * (N + R + V) * (q_len * prefix + q_len * (q_len + 1) / 2)
+    for chunks in cases:
+        q, qpe, k, kpe, v, cu_q, cu_k, sdpa = case(chunks, dev, dtype)
+        max_q, max_k = max(q for _, q in chunks), max(p + q for p, q in chunks)
+        # Causal inside each chunk, full over its prefix: (prefix + i + 1) keys for query i.
+        flops = sum(2 * H * (N + R + V) * (q_len * prefix + q_len * (q_len + 1) / 2) for prefix, q_len in chunks)
         floor = flops / PEAK_FLOPS
-        name = f"{q_len:,} queries over {S:,} keys"
-        qq = torch.cat([q, qpe], -1).transpose(0, 1)[None]
-        kk = torch.cat([k, kpe[:, None].expand(-1, H, -1)], -1).transpose(0, 1)[None]
-        vv = v.transpose(0, 1)[None]
-        mask = None if prefix == 0 else torch.ones(q_len, S, dtype=torch.bool, device=dev).tril(prefix)
-        t = timed(lambda: F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, is_causal=mask is None))
+        prefix, q_len = chunks[0]
+        sizes = sorted(q for _, q in chunks)
+        if len(chunks) == 1:
+            name = f"{q_len:,} queries over {prefix + q_len:,} keys"
+        elif sizes[0] == sizes[-1]:
+            name = f"{len(chunks)} prompts of {q_len:,} tokens"
+        else:
+            name = f"{len(chunks)} prompts of {sizes[0]:,}-{sizes[-1]:,} tokens"
+
+        def reference():
+            return [F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, is_causal=mask is None, scale=0.1)
+                    for qq, kk, vv, mask in sdpa]
+
+        # The engine's entry against SDPA, prompt by prompt ([1, H, q, V] each -> [T, H, V]).
+        expected = torch.cat([o[0].transpose(0, 1) for o in reference()])
+        got = kernels.prefill_attention(q, qpe, k, kpe, v, cu_q, cu_k, max_q, 0.1, max_k=max_k)
+        diff = f"max abs diff vs SDPA {(got.float() - expected.float()).abs().max().item():.1e}"
+        t = timed(reference)
         ref_t, best = t, None
-        out(f"| {name} | torch SDPA | {t * 1e3:.1f} | {flops / t / 1e12:.0f} | {floor / t:.0%} |")
+        out(f"| {name} | torch SDPA{'' if len(chunks) == 1 else ', one call a prompt'} | {t * 1e3:.1f} | "
+            f"{flops / t / 1e12:.0f} | {floor / t:.0%} |")
         if dev.type != "cuda":
-            t = timed(lambda: kernels.prefill_attention(q, qpe, k, kpe, v, cu_q, cu_k, q_len, 0.1))
-            out(f"| {name} | dispatch (reference here) | {t * 1e3:.1f} | - | - |")
+            t = timed(lambda: kernels.prefill_attention(q, qpe, k, kpe, v, cu_q, cu_k, max_q, 0.1))
+            out(f"| {name} | dispatch (reference here; {diff}) | {t * 1e3:.1f} | - | - |")
             continue
-        t = timed(lambda: kernels.prefill_attention(q, qpe, k, kpe, v, cu_q, cu_k, q_len, 0.1, max_k=S))
-        out(f"| {name} | kernels.prefill_attention (one chunk: cuDNN) | {t * 1e3:.1f} | {flops / t / 1e12:.0f} | "
+        t = timed(lambda: kernels.prefill_attention(q, qpe, k, kpe, v, cu_q, cu_k, max_q, 0.1, max_k=max_k))
+        route = "one long chunk: cuDNN" if len(chunks) == 1 and max_q >= kernels.prefill.CUDNN_MIN_CHUNK else "Triton"
+        out(f"| {name} | kernels.prefill_attention ({route}; {diff}) | {t * 1e3:.1f} | {flops / t / 1e12:.0f} | "
             f"{floor / t:.0%} |")
         summary.append(f"| {name}, kernels.prefill_attention | {t * 1e3:.1f} ms, {flops / t / 1e12:.0f} TFLOP/s | "
                        f"torch SDPA {ref_t * 1e3:.1f} ms, {flops / ref_t / 1e12:.0f} TFLOP/s | {ref_t / t:.2f}x |")
         for cfg in configs:
             try:
-                t = timed(lambda: kernels.prefill_attention_triton(q, qpe, k, kpe, v, cu_q, cu_k, q_len, 0.1, **cfg))
+                t = timed(lambda: kernels.prefill_attention_triton(q, qpe, k, kpe, v, cu_q, cu_k, max_q, 0.1, **cfg))
             except Exception as e:   # e.g. out of shared memory for the largest tiles
                 out(f"| {name} | {cfg} | failed: {type(e).__name__} | - | - |")
                 continue

@@ -47,6 +47,8 @@ BENCHMARKS = [
      ["benchmarks/bench_kernels.py", "--moe-prefill", "--sweep"]),
     ("moe_backward", "Kernels: fused MoE forward + backward for training",
      ["benchmarks/bench_kernels.py", "--moe-backward", "--sweep"]),
+    ("fp8_moe", "Kernels: FP8 fused MoE with fp8 activations vs bf16",
+     ["benchmarks/bench_kernels.py", "--fp8-moe", "--sweep"]),
     ("fp8", "FP8 weights and FP8 latent cache vs bf16 (V2-Lite shape)",
      ["benchmarks/bench_fp8.py"]),
     ("train", "Training throughput vs transformers (`small` preset)",
