@@ -241,7 +241,8 @@ def _moe_w8a8_down_kernel(h_ptr, h_desc, hs_ptr, w_ptr, w_desc, s_ptr, y_ptr, so
 # prefills spread from 77 to 125 ms (medians 89.3 with 4 stages, 85.0 with 3).
 # Tried there and slower: gate_up scaling each fresh product instead of rescaling the accumulator in place
 # (1,025 us), down over two accumulator chains (even / odd K blocks: 495 against 347 us) or scale-add (460);
-# Triton's warp specialisation of the K loop changed nothing.
+# Triton's warp specialisation of the K loop changed nothing. `benchmarks/bench_kernels.py --fp8-moe --sweep`
+# times the configs against each other and the bf16 fused MoE.
 W8A8_CONFIG = dict(block_m=64, num_warps=4, num_stages=3)
 W8A8_PREFILL_CONFIG = dict(block_m=128, num_warps=8, num_stages=3, gate_up_stages=4)
 

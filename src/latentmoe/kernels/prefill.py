@@ -179,7 +179,7 @@ def prefill_attention_triton(q_nope, q_pe, k_nope, k_pe, v, cu_q, cu_k, max_q: i
         return out
     # Tiles: a sweep of 36 (H100, V2-Lite heads, bf16) kept 128 x 64 with 8 warps and 3 stages best or within
     # 1% at 16 x 1,000 tokens (301 us, 272 TFLOP/s) and 2 x 8,000 (1,455 us, 450 TFLOP/s); at 25 chunks of
-    # 256-1,024 the `big` tiles were 6% faster (256 against 271 us).
+    # 256-1,024 the `big` tiles were 6% faster (256 against 271 us). `benchmarks/bench_prefill.py --sweep`.
     big = max(N, V) > 128 or q_nope.dtype == torch.float32
     block_m = block_m or (64 if big else 128)
     block_n = block_n or 64
