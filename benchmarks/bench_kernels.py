@@ -288,11 +288,15 @@ def moe_backward_rows(tflops, sweep):
     return rows, notes, summary
 
 
+def stages_label(c):
+    """A config's pipeline depths: "4/3" where the gate_up GEMM's (`gate_up_stages`) differs from down's."""
+    stages = c["num_stages"]
+    return f"{c['gate_up_stages']}/{stages}" if c.get("gate_up_stages", stages) != stages else f"{stages}"
+
+
 def tile_name(c):
     """Every field that changes the kernels: two configs never share a name (the sweep's times are keyed by it)."""
-    stages = c["num_stages"]
-    if c.get("gate_up_stages", stages) != stages:
-        stages = f"{c['gate_up_stages']}/{stages}"
+    stages = stages_label(c)
     flags = "".join(f", {f}" for f in ("merged", "tma") if c.get(f))
     return (f"{c['block_m']} rows, n {c['block_n1']}/{c['block_n2']}, k {c['block_k']}, {c['num_warps']} warps, "
             f"{stages} stages{flags}")
@@ -339,10 +343,7 @@ def moe_prefill_rows(tflops, sweep):
 
 def w8a8_name(c):
     """The fields that change the FP8 MoE kernels (the sweep's times are keyed by it)."""
-    stages = c["num_stages"]
-    if c.get("gate_up_stages", stages) != stages:
-        stages = f"{c['gate_up_stages']}/{stages}"
-    return f"{c['block_m']} rows, {c['num_warps']} warps, {stages} stages, down {'TMA' if c.get('tma', True) else 'pointers'}"
+    return f"{c['block_m']} rows, {c['num_warps']} warps, {stages_label(c)} stages, down {'TMA' if c.get('tma', True) else 'pointers'}"
 
 
 def fp8_moe_rows(fp8_tflops, sweep, sizes=(4096, 8192, 16384), preset="deepseek-v2-lite"):

@@ -52,11 +52,13 @@ def case(chunks, dev, dtype):
     g = torch.Generator(device=dev).manual_seed(0)
     r = lambda *s: torch.randn(*s, device=dev, dtype=dtype, generator=g)   # noqa: E731
     q, qpe, k, kpe, v = r(T, H, N), r(T, H, R), r(S, H, N), r(S, R), r(S, H, V)
-    cu_q = torch.tensor([0, *itertools.accumulate(q for _, q in chunks)], dtype=torch.int32, device=dev)
-    cu_k = torch.tensor([0, *itertools.accumulate(p + q for p, q in chunks)], dtype=torch.int32, device=dev)
+    starts_q = [0, *itertools.accumulate(q for _, q in chunks)]
+    starts_k = [0, *itertools.accumulate(p + q for p, q in chunks)]
+    cu_q = torch.tensor(starts_q, dtype=torch.int32, device=dev)
+    cu_k = torch.tensor(starts_k, dtype=torch.int32, device=dev)
     sdpa = []
     for i, (prefix, q_len) in enumerate(chunks):
-        qs, ks = slice(cu_q[i].item(), cu_q[i + 1].item()), slice(cu_k[i].item(), cu_k[i + 1].item())
+        qs, ks = slice(starts_q[i], starts_q[i + 1]), slice(starts_k[i], starts_k[i + 1])
         qq = torch.cat([q[qs], qpe[qs]], -1).transpose(0, 1)[None]
         kk = torch.cat([k[ks], kpe[ks, None].expand(-1, H, -1)], -1).transpose(0, 1)[None]
         mask = None if prefix == 0 else torch.ones(q_len, prefix + q_len, dtype=torch.bool, device=dev).tril(prefix)

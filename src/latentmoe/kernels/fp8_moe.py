@@ -280,18 +280,25 @@ def fused_moe_fp8_w8a8_triton(x_MD, gate_up_proj, gate_up_scale, down_proj, down
     # tensor_descriptor): H100, V2-Lite shape, 8K tokens, graph replays, the whole FP8 MoE 1,231 against 1,275 us.
     # (The first GEMM's weight tiles as TMA boxes, gate and up as one [2 x 128]-column dot, measured no faster.)
     # (`tma` False in the config: pointer loads, as on GPUs without the accelerator.)
-    want = cfg.get("tma", True) and down_proj.is_contiguous()
-    h_desc = tensor_descriptor(h_PI, [h_PI.shape[0], I], [h_PI.stride(0), 1], [bm, BLOCK]) if want else None
-    w_desc = tensor_descriptor(down_proj, [E, D, I], [D * I, I, 1], [1, BLOCK, BLOCK]) if want else None
-    tma = h_desc is not None and w_desc is not None
-    if not tma:
-        h_desc = w_desc = None
+    descs = _down_descriptors(h_PI, down_proj, cfg) if cfg.get("tma", True) else None
+    h_desc, w_desc = descs or (None, None)
     _moe_w8a8_down_kernel[(D // BLOCK, n_blocks)](
         h_PI, h_desc, hs_PG, down_proj, w_desc, down_scale, y_AD, sorted_ids,
         block_expert, weight_A, h_PI.stride(0), hs_PG.stride(0), down_proj.stride(0), down_proj.stride(1),
         down_scale.stride(0), down_scale.stride(1), y_AD.stride(0), A, I, D, E,
-        BLOCK_M=bm, BLOCK=BLOCK, UPCAST=INTERPRET, TMA=tma, num_warps=nw, num_stages=ns)
+        BLOCK_M=bm, BLOCK=BLOCK, UPCAST=INTERPRET, TMA=descs is not None, num_warps=nw, num_stages=ns)
     return moe_combine(y_AD, K, add_MD, residual_MD, add_ready)
+
+
+def _down_descriptors(h_PI: torch.Tensor, down_proj: torch.Tensor, cfg: dict):
+    """(h [P, I], down weights [E, D, I]) as TMA descriptors of one scale block's boxes, or None where either
+    cannot be one (then the down kernel loads both by pointer)."""
+    if not down_proj.is_contiguous():
+        return None
+    E, D, I = down_proj.shape
+    descs = (tensor_descriptor(h_PI, [h_PI.shape[0], I], [h_PI.stride(0), 1], [cfg["block_m"], BLOCK]),
+             tensor_descriptor(down_proj, [E, D, I], [D * I, I, 1], [1, BLOCK, BLOCK]))
+    return None if any(d is None for d in descs) else descs
 
 
 # From this many assignments per expert the fp8-activation kernels run (each weight tile then serves enough
