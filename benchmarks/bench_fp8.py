@@ -33,7 +33,6 @@ from latentmoe import build_model, get_config, kernels
 from latentmoe.engine import LLM, SamplingParams
 from latentmoe.engine.attention import AttentionMetadata, PrefillMetadata
 from latentmoe.kernels import fp8, fp8_moe
-from latentmoe.kernels.moe import fused_moe_few_tokens_triton
 
 from bench_engine import engine_decode, engine_prefill, release_memory
 from report import summary_block
@@ -220,6 +219,7 @@ def kernel_rows(device, log, dims: dict = V2_LITE_KERNEL_SHAPES) -> list[str]:
     dn = torch.randn(E, D, I, device=device, generator=g, dtype=torch.bfloat16) * 0.02
     gq, gs = kernels.quantize_fp8_blocks(gu)
     dq, ds = kernels.quantize_fp8_blocks(dn)
+    layout = kernels.few_token_layout(kernels.FEW_TOKENS * TOPK, device)
     out += ["", f"Fused MoE (E={E}, top-{TOPK}, D={D}, I={I}): the bf16 kernels, `fused_moe_fp8` as dispatched, and its two "
             "kernel pairs forced (weight-only: fp8 weights, activations in bf16; fp8 activations: both operands on "
             "FP8 tensor cores). Rel err against the reference of the path taken.", "",
@@ -229,17 +229,15 @@ def kernel_rows(device, log, dims: dict = V2_LITE_KERNEL_SHAPES) -> list[str]:
         x = torch.randn(M, D, device=device, generator=g, dtype=torch.bfloat16)
         w, idx = torch.randn(M, E, device=device, generator=g).softmax(-1).topk(TOPK, -1)
         w8a8 = fp8_moe.uses_fp8_activations(M * TOPK, dn.shape, few_tokens=M <= kernels.FEW_TOKENS)
-        got = kernels.fused_moe_fp8(x, gq, gs, dq, ds, idx, w)
+        got = kernels.fused_moe_fp8(x, gq, gs, dq, ds, idx, w, few_token_layout=layout)
         ref_fn = fp8_moe.fused_moe_fp8_w8a8_ref if w8a8 else kernels.fused_moe_fp8_ref
         ref = ref_fn(x[:64].float(), gq, gs, dq, ds, idx[:64], w[:64])
         err = ((got[:64].float() - ref.float()).norm() / ref.float().norm()).item()
-        tb = median_seconds(lambda: kernels.fused_moe(x, gu, dn, idx, w), graph=True) * 1e6
-        tf = median_seconds(lambda: kernels.fused_moe_fp8(x, gq, gs, dq, ds, idx, w), graph=True) * 1e6
-        if M <= kernels.FEW_TOKENS:   # weight-only there is the one-kernel few-token path
-            weight_only = lambda: fused_moe_few_tokens_triton(x, gq, dq, idx, w, scales=(gs, ds))
-        else:
-            weight_only = lambda: fp8_moe.fused_moe_fp8_triton(x, gq, gs, dq, ds, idx, w)
-        tw = median_seconds(weight_only, graph=True) * 1e6
+        tb = median_seconds(lambda: kernels.fused_moe(x, gu, dn, idx, w, few_token_layout=layout), graph=True) * 1e6
+        tf = median_seconds(lambda: kernels.fused_moe_fp8(x, gq, gs, dq, ds, idx, w, few_token_layout=layout),
+                            graph=True) * 1e6
+        tw = median_seconds(lambda: fp8_moe.fused_moe_fp8_triton(x, gq, gs, dq, ds, idx, w, few_token_layout=layout),
+                            graph=True) * 1e6
         ta = median_seconds(lambda: fp8_moe.fused_moe_fp8_w8a8_triton(x, gq, gs, dq, ds, idx, w), graph=True) * 1e6
         out.append(f"| {M} | {'fp8 activations' if w8a8 else 'weight-only'} | {tb:.1f} | {tf:.1f} | {tb / tf:.2f}x | "
                    f"{tw:.1f} | {ta:.1f} | {err:.1e} |")

@@ -102,12 +102,9 @@ def test_fused_moe_fp8_matches_reference(K, M, few):
     x = torch.randn(M, D, generator=g)
     w, idx = torch.randn(M, E, generator=g).softmax(-1).topk(TOPK, -1)
     args = [t.to(DEV) for t in (x, gu, gu_s, dn, dn_s, idx, w)]
-    if few:   # the few-token kernel, reading FP8 tiles
-        assert M <= K.FEW_TOKENS
-        out = K.fused_moe_fp8(*args)
-    else:
-        cfg = dict(block_m=16, block_n1=32, block_n2=64, block_k=64, num_warps=4, num_stages=2)
-        out = fused_moe_fp8_triton(*args, config=cfg)
+    layout = K.few_token_layout(K.FEW_TOKENS * TOPK, DEV) if few else None
+    cfg = None if few else dict(block_m=16, block_n1=32, block_n2=64, block_k=64, num_warps=4, num_stages=2)
+    out = fused_moe_fp8_triton(*args, few_token_layout=layout, config=cfg)
     ref = fused_moe_fp8_ref(*[t.cpu() for t in args])
     assert rel_err(out.cpu(), ref) < (5e-3 if CUDA else 1e-5)
 
@@ -170,17 +167,15 @@ def test_fused_moe_fp8_routes_by_assignments_per_expert(K, monkeypatch):
             m.setattr(fm, "use_triton", lambda t: False)
             cpu = (x, gu, gu_s, dn, dn_s, idx, w)
             assert torch.equal(K.fused_moe_fp8(*cpu), ref)
-            # two tokens (the few-token path): weight-only
-            assert torch.equal(K.fused_moe_fp8(x[:2], *cpu[1:5], idx[:2], w[:2]),
+            layout = K.few_token_layout(2 * TOPK, "cpu")   # two tokens through the few-token layout: weight-only
+            assert torch.equal(K.fused_moe_fp8(x[:2], *cpu[1:5], idx[:2], w[:2], few_token_layout=layout),
                                fm.fused_moe_fp8_ref(x[:2], *cpu[1:5], idx[:2], w[:2]))
 
 
-@pytest.mark.parametrize("M", [2, 5])
-def test_fused_moe_fp8_odd_expert_width(K, M):
-    """I not a multiple of 128: the stacked [gate | up] rows share a scale tile, read the same by both
-    (the few-token kernel at 2 tokens, the sorted kernels at 5)."""
+def test_fused_moe_fp8_odd_expert_width(K):
+    """I not a multiple of 128: the stacked [gate | up] rows share a scale tile, read the same by both."""
     g = torch.Generator().manual_seed(3)
-    E, D, I, TOPK = 4, 64, 48, 2
+    E, D, I, TOPK, M = 4, 64, 48, 2, 5
     gu, gu_s = K.quantize_fp8_blocks(torch.randn(E, 2 * I, D, generator=g) * 0.1)
     dn, dn_s = K.quantize_fp8_blocks(torch.randn(E, D, I, generator=g) * 0.1)
     x = torch.randn(M, D, generator=g).to(torch.bfloat16)
@@ -280,7 +275,7 @@ def test_fused_moe_fp8_full_size(K, M):
     dn, dn_s = K.quantize_fp8_blocks(torch.randn(E, D, I, device=DEV, generator=g) * 0.02)
     x = torch.randn(M, D, device=DEV, generator=g).to(torch.bfloat16)
     w, idx = torch.randn(M, E, device=DEV, generator=g).softmax(-1).topk(TOPK, -1)
-    out = K.fused_moe_fp8(x, gu, gu_s, dn, dn_s, idx, w)
+    out = K.fused_moe_fp8(x, gu, gu_s, dn, dn_s, idx, w, few_token_layout=K.few_token_layout(2 * TOPK, DEV))
     from latentmoe.kernels import fp8_moe
     n = min(M, 64)   # the reference loops over experts in fp32: check a slice of the rows
     w8a8 = fp8_moe.uses_fp8_activations(M * TOPK, dn.shape, few_tokens=M <= K.FEW_TOKENS)

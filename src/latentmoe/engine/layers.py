@@ -217,16 +217,21 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 class EngineExperts(Experts):
-    """Routed experts through kernels.fused_moe; batch-1/2 decodes skip the expert sort (one kernel, not ~14).
+    """Routed experts through kernels.fused_moe; batch-1/2 decodes skip the expert sort (2 kernels, not ~14).
     Negative expert ids are skipped (an expert-parallel rank's assignments to other ranks' experts)."""
 
     skip_negative = False   # set on the experts of an expert-parallel rank (engine/tensor_parallel.py)
+
+    def prepare(self, cfg: ModelConfig) -> None:
+        # Built here, before any CUDA-graph capture; an attribute, not a buffer (state_dict unchanged).
+        self.few_token_layout = kernels.few_token_layout(kernels.FEW_TOKENS * cfg.num_experts_per_tok,
+                                                         self.gate_up_proj.device)
 
     def forward(self, x_MD: torch.Tensor, topk_idx_MK: torch.Tensor, topk_weight_MK: torch.Tensor,
                 add_MD: torch.Tensor | None = None, residual_MD: torch.Tensor | None = None,
                 add_ready=None) -> torch.Tensor:
         return kernels.fused_moe(x_MD, self.gate_up_proj, self.down_proj, topk_idx_MK, topk_weight_MK,
-                                 skip_negative=self.skip_negative,
+                                 few_token_layout=self.few_token_layout, skip_negative=self.skip_negative,
                                  add_MD=add_MD, residual_MD=residual_MD, add_ready=add_ready)
 
 
@@ -263,12 +268,14 @@ class Fp8Experts(Experts):
         self.down_proj = nn.Parameter(down[0], requires_grad=False)
         self.down_proj_scale_inv = nn.Parameter(down[1], requires_grad=False)
 
+    prepare = EngineExperts.prepare
+
     def forward(self, x_MD: torch.Tensor, topk_idx_MK: torch.Tensor, topk_weight_MK: torch.Tensor,
                 add_MD: torch.Tensor | None = None, residual_MD: torch.Tensor | None = None,
                 add_ready=None) -> torch.Tensor:
         return kernels.fused_moe_fp8(x_MD, self.gate_up_proj, self.gate_up_proj_scale_inv, self.down_proj,
                                      self.down_proj_scale_inv, topk_idx_MK, topk_weight_MK,
-                                     add_MD=add_MD,
+                                     few_token_layout=self.few_token_layout, add_MD=add_MD,
                                      residual_MD=residual_MD, add_ready=add_ready)
 
 
@@ -375,7 +382,7 @@ def engine_model(model: nn.Module, *, fused_ops: bool = False, fused_experts: bo
     new_model = rebuild(model, None).eval()
     cfg = model.config
     for m in new_model.modules():
-        if isinstance(m, (EngineRouter, EngineMoE)):
+        if isinstance(m, (EngineRouter, EngineExperts, Fp8Experts, EngineMoE)):
             m.prepare(cfg)
     return new_model
 

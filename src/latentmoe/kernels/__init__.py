@@ -17,7 +17,7 @@ from .fp8_cache import dequantize_latent_rows, quantize_latent_rows, write_laten
 from .fp8_moe import fused_moe_fp8, fused_moe_fp8_ref
 from .mha_decode import mha_decode, mha_decode_triton
 from .mla_decode import choose_num_splits, mla_decode, mla_decode_triton
-from .moe import FEW_TOKENS, fused_moe, fused_moe_triton, moe_align, moe_combine, moe_combine_ref
+from .moe import FEW_TOKENS, few_token_layout, fused_moe, fused_moe_triton, moe_align, moe_combine, moe_combine_ref
 from .norm import add_rms_norm, add_rms_norm_ref, mla_post_projection, rms_norm
 from .prefill import prefill_attention, prefill_attention_triton
 from .reference import (fused_moe_ref, mha_decode_ref, mla_decode_einsum, mla_decode_ref, mla_post_projection_ref,
@@ -30,7 +30,7 @@ __all__ = [
     "HAS_TRITON", "poisoned_outputs",
     "mla_decode", "mla_decode_ref", "mla_decode_triton", "mla_decode_einsum", "choose_num_splits",
     "write_latent_cache", "write_latent_cache_ref", "mha_decode", "mha_decode_ref", "mha_decode_triton",
-    "fused_moe", "fused_moe_ref", "fused_moe_triton", "moe_align", "FEW_TOKENS",
+    "fused_moe", "fused_moe_ref", "fused_moe_triton", "moe_align", "few_token_layout", "FEW_TOKENS",
     "moe_combine", "moe_combine_ref", "silu_mul", "silu_mul_ref",
     "FP8", "quantize_fp8_blocks", "dequantize_fp8_blocks", "quantize_fp8_rows", "quantize_fp8_groups", "fp8_linear",
     "fp8_linear_ref", "fused_moe_fp8", "fused_moe_fp8_ref", "quantize_latent_rows", "dequantize_latent_rows",

@@ -1,7 +1,6 @@
 """Routed experts with block-FP8 weights: the fused-MoE grouped GEMMs (kernels/moe.py) reading e4m3 tiles.
 
-Two pairs of kernels over the same expert-sorted row layout (moe_align) as `fused_moe` (one or two tokens
-run moe.py's few-token kernel, which reads FP8 tiles too):
+Two pairs of kernels over the same row layouts (moe_align / few_token_layout) as `fused_moe`:
 - weights only (few assignments per expert: decode): each weight tile is loaded as fp8 (half the bytes of
   bf16, and decode reads little else), converted to x's dtype in registers with its scale folded in.
   Activations stay in x's dtype.
@@ -22,8 +21,8 @@ import torch
 
 from ._triton import INTERPRET, dot, dot_acc, jit, new_buffer, tensor_descriptor, tl, triton, use_triton
 from .fp8 import BLOCK, FP8_MAX, dequantize_fp8_blocks, quantize_fp8_groups, round_through_fp8_groups, to_fp8
-from .moe import (FEW_TOKENS, add_to_routed, choose_moe_config, fused_moe_few_tokens_triton, moe_align, moe_combine,
-                  moe_shapes, program_expert, row_block, wait_for_add)
+from .moe import (DECODE_CONFIG, FEW_TOKENS, add_to_routed, choose_moe_config, moe_align, moe_combine, moe_shapes,
+                  program_expert, row_block, wait_for_add)
 from .reference import fused_moe_ref
 
 
@@ -106,16 +105,21 @@ def _moe_fp8_down_kernel(h_ptr, w_ptr, s_ptr, y_ptr, sorted_ids_ptr, block_exper
 
 
 def fused_moe_fp8_triton(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scale, topk_idx_MK, topk_weight_MK,
-                         config: dict | None = None, add_MD: torch.Tensor | None = None,
-                         residual_MD: torch.Tensor | None = None, add_ready=None) -> torch.Tensor:
-    """The weight-only kernels over the expert-sorted layout (any M; `fused_moe_fp8` sends one or two tokens
-    to the few-token kernel instead)."""
+                         few_token_layout: torch.Tensor | None = None, config: dict | None = None,
+                         add_MD: torch.Tensor | None = None, residual_MD: torch.Tensor | None = None,
+                         add_ready=None) -> torch.Tensor:
     M, D, K, E, I = moe_shapes(x_MD, gate_up_proj, down_proj, topk_idx_MK)
     A = M * K
     assert gate_up_proj.stride(-1) == 1 and down_proj.stride(-1) == 1
     x_MD = x_MD if x_MD.stride(-1) == 1 else x_MD.contiguous()
-    cfg = config or choose_moe_config(A, E)
-    sorted_ids, block_expert = moe_align(topk_idx_MK, E, cfg["block_m"])
+    if few_token_layout is not None and M <= FEW_TOKENS:
+        cfg = config or DECODE_CONFIG
+        assert cfg["block_m"] == DECODE_CONFIG["block_m"], "the few-token layout has DECODE_CONFIG's row blocks"
+        assert few_token_layout.numel() >= A * cfg["block_m"], "the layout was built for fewer assignments"
+        sorted_ids, block_expert = few_token_layout, topk_idx_MK.reshape(-1)   # block a = assignment a
+    else:
+        cfg = config or choose_moe_config(A, E)
+        sorted_ids, block_expert = moe_align(topk_idx_MK, E, cfg["block_m"])
     bm, bk, nw, ns = cfg["block_m"], cfg["block_k"], cfg["num_warps"], cfg["num_stages"]
     assert BLOCK % bk == 0, "a K tile must lie inside one scale block"
     n_blocks = block_expert.numel()
@@ -298,13 +302,13 @@ def _down_descriptors(h_PI: torch.Tensor, down_proj: torch.Tensor, cfg: dict):
 
 
 # From this many assignments per expert the fp8-activation kernels run (each weight tile then serves enough
-# rows for tensor cores to pay); below it, and for one or two tokens (the few-token kernel), weights only.
+# rows for tensor cores to pay); below it, and for the few-token layout, the weight-only kernels.
 FP8_ACTIVATIONS_MIN_PER_EXPERT = 16
 
 
 def uses_fp8_activations(n_assignments: int, down_proj_shape: tuple[int, ...], few_tokens: bool = False) -> bool:
     """Whether `fused_moe_fp8` quantises the activations: for this many (token, expert) assignments over experts
-    of this down_proj shape [E, D, I] (D and I whole scale blocks), not one or two tokens (`few_tokens`)."""
+    of this down_proj shape [E, D, I] (D and I whole scale blocks), outside the few-token layout."""
     E, D, I = down_proj_shape
     return (not few_tokens and n_assignments >= FP8_ACTIVATIONS_MIN_PER_EXPERT * E
             and D % BLOCK == 0 and I % BLOCK == 0)
@@ -312,8 +316,9 @@ def uses_fp8_activations(n_assignments: int, down_proj_shape: tuple[int, ...], f
 
 def fused_moe_fp8(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, gate_up_scale: torch.Tensor,
                   down_proj: torch.Tensor, down_scale: torch.Tensor, topk_idx_MK: torch.Tensor,
-                  topk_weight_MK: torch.Tensor, add_MD: torch.Tensor | None = None,
-                  residual_MD: torch.Tensor | None = None, add_ready=None) -> torch.Tensor:
+                  topk_weight_MK: torch.Tensor, few_token_layout: torch.Tensor | None = None,
+                  add_MD: torch.Tensor | None = None, residual_MD: torch.Tensor | None = None,
+                  add_ready=None) -> torch.Tensor:
     """`fused_moe` over block-FP8 expert weights -> [M, D] in x's dtype. From FP8_ACTIVATIONS_MIN_PER_EXPERT
     assignments per expert the activations are quantised too (FP8 tensor cores); fewer run the weight-only
     kernels. Triton on CUDA (CPU under TRITON_INTERPRET=1); elsewhere the matching reference, so a CPU run
@@ -321,7 +326,7 @@ def fused_moe_fp8(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, gate_up_scale:
     M = x_MD.shape[0]
     if M == 0:
         return x_MD.clone()
-    few = M <= FEW_TOKENS
+    few = few_token_layout is not None and M <= FEW_TOKENS
     w8a8 = uses_fp8_activations(topk_idx_MK.numel(), down_proj.shape, few)
     if not use_triton(x_MD):
         ref = fused_moe_fp8_w8a8_ref if w8a8 else fused_moe_fp8_ref
@@ -331,12 +336,9 @@ def fused_moe_fp8(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, gate_up_scale:
     if w8a8:
         return fused_moe_fp8_w8a8_triton(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scale, topk_idx_MK,
                                          topk_weight_MK, add_MD=add_MD, residual_MD=residual_MD, add_ready=add_ready)
-    if few:
-        return fused_moe_few_tokens_triton(x_MD, gate_up_proj, down_proj, topk_idx_MK, topk_weight_MK,
-                                           add_MD=add_MD, residual_MD=residual_MD, add_ready=add_ready,
-                                           scales=(gate_up_scale, down_scale))
     return fused_moe_fp8_triton(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scale, topk_idx_MK,
-                                topk_weight_MK, add_MD=add_MD, residual_MD=residual_MD, add_ready=add_ready)
+                                topk_weight_MK, few_token_layout, add_MD=add_MD, residual_MD=residual_MD,
+                                add_ready=add_ready)
 
 
 __all__ = ["fused_moe_fp8", "fused_moe_fp8_ref", "fused_moe_fp8_triton", "fused_moe_fp8_w8a8_ref",

@@ -6,8 +6,7 @@ copy), and reads each weight tile once per BLOCK_M assignments. Few tokens (deco
 BLOCK_M = 16, so each touched expert's weights are read once; many tokens (prefill) use large
 tiles, whose weight tiles (and the second GEMM's activation tiles) the tensor memory accelerator
 copies where the GPU has one (`tma` in PREFILL_CONFIG). SwiGLU runs in the first GEMM's epilogue, the
-routing weight in the second's. One or two tokens (batch-1/2 decode) skip the sort, both GEMMs in one
-kernel: see `fused_moe_few_tokens_triton`.
+routing weight in the second's. One or two tokens (batch-1/2 decode) skip the sort: see `few_token_layout`.
 
 Legend: M tokens, K experts per token, A = M*K assignments, E experts, D hidden, I expert width,
 P padded assignment rows (a multiple of BLOCK_M).
@@ -16,7 +15,6 @@ import torch
 
 from ._triton import (INTERPRET, cast, dot, jit, new_buffer, pdl_launch, tensor_descriptor, tl, triton, use_triton,
                       wait_for_inputs)
-from .fp8 import BLOCK as FP8_BLOCK
 from .reference import fused_moe_ref
 
 
@@ -290,6 +288,10 @@ def _moe_down_kernel(h_ptr, h_desc, w_ptr, w_desc, y_ptr, sorted_ids_ptr, block_
 # Tile shapes by tokens per expert (block_n1: gate_up GEMM, two accumulators; block_n2: down GEMM).
 # Picked by the sweep of benchmarks/bench_kernels.py on an H100 (results/kernels.md).
 DECODE_CONFIG = dict(block_m=16, block_n1=32, block_n2=32, block_k=128, num_warps=4, num_stages=4)
+# The unsorted few-token layout (below): one row block per assignment, so wider column tiles pay. Swept
+# on an H200 at V2-Lite's shape (64 tile configs, graph replays): at 1 token gate_up 19.7 us against
+# 24.3 with DECODE_CONFIG and down 9.1 against 10.9; at 2 tokens 35.9 / 19.6 against 38.2 / 20.8.
+FEW_TOKEN_CONFIG = dict(DECODE_CONFIG, block_n1=64, block_n2=64)
 # Large decode batches (16-31 rows per expert: V2-Lite from ~171 tokens): with 16-row blocks most experts
 # take two row blocks, and each block reads the expert's whole weight tile again. 32-row blocks read it once.
 # H100, V2-Lite shape, random top-6, graph replays (us for both GEMMs and the combine, DECODE_CONFIG against
@@ -405,27 +407,24 @@ def add_to_routed(y_MD: torch.Tensor, add_MD: torch.Tensor | None = None,
 
 
 def moe_combine_ref(y_AD: torch.Tensor, top_k: int, add_MD: torch.Tensor | None = None,
-                    residual_MD: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Each token's K weighted expert rows summed in fp32, rounded to `out_dtype` (default y's), then
-    `add_to_routed`."""
+                    residual_MD: torch.Tensor | None = None) -> torch.Tensor:
+    """Each token's K weighted expert rows summed in fp32, rounded to y's dtype, then `add_to_routed`."""
     A, D = y_AD.shape
     y = y_AD.view(A // top_k, top_k, D).sum(dim=1, dtype=torch.promote_types(y_AD.dtype, torch.float32))
-    return add_to_routed(y.to(out_dtype or y_AD.dtype), add_MD, residual_MD)
+    return add_to_routed(y.to(y_AD.dtype), add_MD, residual_MD)
 
 
 @jit
-def _moe_combine_kernel(y_ptr, add_ptr, res_ptr, out_ptr, D, stride_add, stride_res, stride_slice,
-                        TOP_K: tl.constexpr, SLICES: tl.constexpr, HAS_ADD: tl.constexpr, HAS_RES: tl.constexpr,
-                        BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr, PDL: tl.constexpr):
+def _moe_combine_kernel(y_ptr, add_ptr, res_ptr, out_ptr, D, stride_add, stride_res, TOP_K: tl.constexpr,
+                        HAS_ADD: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_D: tl.constexpr,
+                        INTERPRETED: tl.constexpr, PDL: tl.constexpr):
     wait_for_inputs(PDL)
     m = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = offs < D
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for k in range(TOP_K):
-        for s in tl.static_range(SLICES):   # unrolled: all of a row's loads in flight at once
-            acc += tl.load(y_ptr + s * stride_slice + (m * TOP_K + k) * D + offs, mask=mask,
-                           other=0.0).to(tl.float32)
+        acc += tl.load(y_ptr + (m * TOP_K + k) * D + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_ADD:
         acc = cast(acc, out_ptr.dtype.element_ty, INTERPRETED).to(tl.float32)
         acc += tl.load(add_ptr + m * stride_add + offs, mask=mask, other=0.0).to(tl.float32)
@@ -442,37 +441,29 @@ def wait_for_add(add_ready, device: torch.device) -> None:
 
 
 def moe_combine(y_AD: torch.Tensor, top_k: int, add_MD: torch.Tensor | None = None,
-                residual_MD: torch.Tensor | None = None, add_ready=None, slices: int = 1,
-                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                residual_MD: torch.Tensor | None = None, add_ready=None) -> torch.Tensor:
     """[M*K, D] weighted expert outputs (a token's K rows adjacent) -> [M, D]: their sum, plus `add_MD` (the
     shared experts' output) when given, plus `residual_MD` (the decoder block's residual stream) when given,
     each add rounded as the model rounds it, in one pass (torch needs a reduction, a cast and an add for each).
-    `slices` > 1: y_AD is [slices * M*K, D], partial outputs of column slices of the experts (the few-token
-    kernel's), summed too. Output in `out_dtype` (default y's).
-    Summing in a fixed order is deterministic, unlike atomics in the GEMM. Triton where it runs, the reference
+    Summing adjacent rows is deterministic, unlike atomics in the GEMM. Triton where it runs, the reference
     elsewhere. `add_ready` (a CUDA event): `add_MD` is written on another stream, finished at that event (the
     shared experts running beside the routed ones); the current stream waits for it here, just before the read."""
     wait_for_add(add_ready, y_AD.device)
-    out_dtype = out_dtype or y_AD.dtype
     if not use_triton(y_AD):
-        if slices > 1:
-            y_AD = y_AD.view(slices, -1, y_AD.shape[1]).sum(0, dtype=torch.float32)
-        return moe_combine_ref(y_AD, top_k, add_MD, residual_MD, out_dtype)
+        return moe_combine_ref(y_AD, top_k, add_MD, residual_MD)
     A, D = y_AD.shape
-    A //= slices
     M = A // top_k
     for t in (add_MD, residual_MD):
-        assert t is None or (t.shape == (M, D) and t.stride(-1) == 1 and t.dtype == out_dtype)
+        assert t is None or (t.shape == (M, D) and t.stride(-1) == 1 and t.dtype == y_AD.dtype)
     assert y_AD.is_contiguous()
-    out = new_buffer((M, D), out_dtype, y_AD.device)
+    out = new_buffer((M, D), y_AD.dtype, y_AD.device)
     if M:
-        # Many slices: narrow programs, so the rows' reads spread over more multiprocessors.
-        block = min(1024 if slices == 1 else 128, triton.next_power_of_2(D))
+        block = min(1024, triton.next_power_of_2(D))
         _moe_combine_kernel[(M, triton.cdiv(D, block))](
             y_AD, add_MD if add_MD is not None else y_AD, residual_MD if residual_MD is not None else y_AD, out, D,
             add_MD.stride(0) if add_MD is not None else 0, residual_MD.stride(0) if residual_MD is not None else 0,
-            A * D, TOP_K=top_k, SLICES=slices, HAS_ADD=add_MD is not None, HAS_RES=residual_MD is not None,
-            BLOCK_D=block, INTERPRETED=INTERPRET, num_warps=4, **pdl_launch(y_AD))
+            TOP_K=top_k, HAS_ADD=add_MD is not None, HAS_RES=residual_MD is not None, BLOCK_D=block,
+            INTERPRETED=INTERPRET, num_warps=4, **pdl_launch(y_AD))
     return out
 
 
@@ -497,182 +488,51 @@ def fused_moe_triton(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: 
 FEW_TOKENS = 2
 
 
-@jit
-def _few_token_gate_up_tiles(x_ptrs, wg_ptrs, wu_ptrs, sg_ptrs, su_ptrs, k0, D, first, offs_k, mask_n,
-                             SCALE_BLOCK: tl.constexpr, FP8: tl.constexpr):
-    """The few-token kernel's K step at k0: x's tile and the gate / up weight tiles as stored, with their
-    scales under FP8 (per column, for the K block of k0)."""
-    mask_k = offs_k < D - k0
-    mask_w = mask_k[:, None] & mask_n[None, :]
-    xa = tl.load(x_ptrs + k0, mask=first[:, None] & mask_k[None, :], other=0.0)
-    wg = tl.load(wg_ptrs + k0, mask=mask_w, other=0.0)
-    wu = tl.load(wu_ptrs + k0, mask=mask_w, other=0.0)
-    if FP8:
-        sg = tl.load(sg_ptrs + k0 // SCALE_BLOCK, mask=mask_n, other=0.0)
-        su = tl.load(su_ptrs + k0 // SCALE_BLOCK, mask=mask_n, other=0.0)
-    else:   # unused
-        sg = mask_n.to(tl.float32)
-        su = sg
-    return xa, wg, wu, sg, su
+def few_token_layout(max_assignments: int, device: torch.device | str) -> torch.Tensor:
+    """sorted_ids for up to `max_assignments` (token, expert) assignments with no sorting at all: row
+    block a holds assignment a in its first row, the rest padding (id >= any A it serves).
 
-
-@jit
-def _few_token_down_tile(wd_ptrs, sd_ptrs, d0, D, offs_d, mask_n, stride_dn, stride_sdn,
-                         SCALE_BLOCK: tl.constexpr, FP8: tl.constexpr):
-    """The few-token kernel's down tile of outputs d0.. ([BLOCK_N, BLOCK_D] as stored) and, under FP8, its
-    per-output scales."""
-    mask_d = offs_d < D - d0
-    w = tl.load(wd_ptrs + d0 * stride_dn, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-    if FP8:
-        sd = tl.load(sd_ptrs + (d0 // SCALE_BLOCK) * stride_sdn, mask=mask_d, other=0.0)
-    else:   # unused
-        sd = mask_d.to(tl.float32)
-    return w, sd
-
-
-@jit
-def _dequantized(w, scale, dtype: tl.constexpr, FP8: tl.constexpr):
-    """A weight tile in the activations' dtype: as is, or (FP8) e4m3 times its scales (broadcast as given)."""
-    if FP8:
-        w = (w.to(tl.float32) * scale).to(dtype)
-    return w
-
-
-@jit
-def _moe_few_token_kernel(x_ptr, wgu_ptr, sgu_ptr, wd_ptr, sd_ptr, part_ptr, idx_ptr, topk_weight_ptr,
-                          stride_xm, stride_gue, stride_gun, stride_sge, stride_sgn, stride_de, stride_dn,
-                          stride_sde, stride_sdn, A, D, I, E,
-                          TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          BLOCK_D: tl.constexpr, SCALE_BLOCK: tl.constexpr, FP8: tl.constexpr,
-                          PREFETCH: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
-    """Both GEMMs of one assignment a (grid axis 1) over one slice of BLOCK_N expert columns (axis 0), in one
-    program: h = silu(x . w_gate) * (x . w_up) for the slice's columns, rounded to x's dtype as the two-kernel
-    path stores it, then that slice's share of the down GEMM for all D outputs,
-    part[slice, a] = weight[a] * (h . w_down[e, :, slice]) in fp32. moe_combine sums the slices.
-
-    At one or two tokens the two GEMMs are a chain of two short, memory-bound launches, each ramping up and
-    draining on its own, and the second waits for the first; here each program streams its gate/up rows and
-    then its down columns without a gap. The token's row is row 0 of a BLOCK_M-row tile (tensor-core
-    shapes); the other rows read zeros. PREFETCH issues each step's loads one step ahead (two tiles in
-    flight per program). FP8: e4m3 weights with block scales (kernels/fp8_moe.py's layout), dequantised per
-    tile; BLOCK_N divides the scale block, so a slice's down columns share one scale per row block.
-    Assignments whose expert is >= E (skipped) write zeros."""
-    wait_for_inputs(PDL)
-    pid_n = tl.program_id(0)
-    a = tl.program_id(1)
-    e = tl.load(idx_ptr + a).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    part_ptrs = part_ptr + (pid_n * A + a).to(tl.int64) * D + offs_d
-    if e < E:
-        rows = tl.arange(0, BLOCK_M)
-        first = rows == 0
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < I
-        offs_k = tl.arange(0, BLOCK_K)
-        x_ptrs = x_ptr + (a // TOP_K).to(tl.int64) * stride_xm + rows[:, None] * 0 + offs_k[None, :]
-        wg_ptrs = wgu_ptr + e * stride_gue + offs_n[None, :] * stride_gun + offs_k[:, None]   # [BLOCK_K, BLOCK_N]
-        wu_ptrs = wg_ptrs + I * stride_gun
-        sg_ptrs = sgu_ptr + e * stride_sge + (offs_n // SCALE_BLOCK) * stride_sgn
-        su_ptrs = sgu_ptr + e * stride_sge + ((I + offs_n) // SCALE_BLOCK) * stride_sgn
-        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        if PREFETCH:
-            xa_n, wg_n, wu_n, sg_n, su_n = _few_token_gate_up_tiles(x_ptrs, wg_ptrs, wu_ptrs, sg_ptrs, su_ptrs, 0, D,
-                                                                    first, offs_k, mask_n, SCALE_BLOCK, FP8)
-        for k0 in range(0, D, BLOCK_K):
-            if PREFETCH:
-                xa, wg, wu, sg, su = xa_n, wg_n, wu_n, sg_n, su_n
-                xa_n, wg_n, wu_n, sg_n, su_n = _few_token_gate_up_tiles(x_ptrs, wg_ptrs, wu_ptrs, sg_ptrs, su_ptrs,
-                                                                        k0 + BLOCK_K, D, first, offs_k, mask_n,
-                                                                        SCALE_BLOCK, FP8)
-            else:
-                xa, wg, wu, sg, su = _few_token_gate_up_tiles(x_ptrs, wg_ptrs, wu_ptrs, sg_ptrs, su_ptrs, k0, D,
-                                                              first, offs_k, mask_n, SCALE_BLOCK, FP8)
-            acc_g += dot(xa, _dequantized(wg, sg[None, :], xa.dtype, FP8), UPCAST)
-            acc_u += dot(xa, _dequantized(wu, su[None, :], xa.dtype, FP8), UPCAST)
-        h = (acc_g * tl.sigmoid(acc_g) * acc_u).to(x_ptr.dtype.element_ty)
-        wt = tl.load(topk_weight_ptr + a).to(tl.float32)
-        wd_ptrs = wd_ptr + e * stride_de + offs_d[None, :] * stride_dn + offs_n[:, None]       # [BLOCK_N, BLOCK_D]
-        sd_ptrs = sd_ptr + e * stride_sde + (offs_d // SCALE_BLOCK) * stride_sdn + (pid_n * BLOCK_N) // SCALE_BLOCK
-        if PREFETCH:
-            w_n, sd_n = _few_token_down_tile(wd_ptrs, sd_ptrs, 0, D, offs_d, mask_n, stride_dn, stride_sdn,
-                                             SCALE_BLOCK, FP8)
-        for d0 in range(0, D, BLOCK_D):
-            if PREFETCH:
-                w, sd = w_n, sd_n
-                w_n, sd_n = _few_token_down_tile(wd_ptrs, sd_ptrs, d0 + BLOCK_D, D, offs_d, mask_n, stride_dn,
-                                                 stride_sdn, SCALE_BLOCK, FP8)
-            else:
-                w, sd = _few_token_down_tile(wd_ptrs, sd_ptrs, d0, D, offs_d, mask_n, stride_dn, stride_sdn,
-                                             SCALE_BLOCK, FP8)
-            y = tl.sum(tl.where(first[:, None], dot(h, _dequantized(w, sd[None, :], h.dtype, FP8), UPCAST), 0.0),
-                       axis=0)
-            tl.store(part_ptrs + d0, y * wt, mask=offs_d < D - d0)
-    else:
-        for d0 in range(0, D, BLOCK_D):
-            tl.store(part_ptrs + d0, tl.zeros([BLOCK_D], dtype=tl.float32), mask=offs_d < D - d0)
-
-
-# Tiles of the few-token kernel: block_n columns of each expert per program (132 programs per token at
-# V2-Lite's 6 x 1,408 columns: one wave on an H100 or H200), down outputs block_d at a time.
-# `pdl`: launched with programmatic dependent launch (pdl_launch).
-FEW_TOKEN_CONFIG = dict(block_m=16, block_n=64, block_k=128, block_d=128, num_warps=4, num_stages=3, pdl=True)
+    `fused_moe` first groups assignments by expert (a dozen small kernels) so each expert is read once.
+    With one or two tokens experts rarely repeat, so this fixed layout reads about the same bytes with
+    2 kernels instead of ~14. Build it once, outside CUDA-graph capture, and pass it to `fused_moe`;
+    it serves any A up to `max_assignments` (A row blocks read only its first A * block_m ids).
+    """
+    bm = DECODE_CONFIG["block_m"]
+    p = torch.arange(max_assignments * bm, device=device)
+    return torch.where(p % bm == 0, p // bm, max_assignments).to(torch.int32)
 
 
 def fused_moe_few_tokens_triton(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
                                 topk_idx_MK: torch.Tensor, topk_weight_MK: torch.Tensor,
-                                skip_negative: bool = False, add_MD: torch.Tensor | None = None,
-                                residual_MD: torch.Tensor | None = None, add_ready=None,
-                                scales: tuple[torch.Tensor, torch.Tensor] | None = None,
-                                config: dict | None = None) -> torch.Tensor:
-    """Routed experts for a few tokens (decode at batch 1-2) without sorting them by expert: one program per
-    (assignment, column slice) runs both GEMMs (`_moe_few_token_kernel`), then moe_combine sums the slices.
-    With a couple of tokens experts rarely repeat, so reading an expert once per assignment costs about the
-    bytes of the sorted layout with 2 launches instead of ~14.
-
-    `scales` (gate_up_scale, down_scale): the weights are block-FP8 (kernels/fp8_moe.py), dequantised per tile.
-    Arithmetic as the sorted kernels' per assignment, except that each assignment's output stays fp32 until
-    its token's sum (the two-kernel path rounds it to x's dtype first)."""
-    M, D, K, E, I = moe_shapes(x_MD, gate_up_proj, down_proj, topk_idx_MK)
+                                layout: torch.Tensor, skip_negative: bool = False,
+                                add_MD: torch.Tensor | None = None,
+                                residual_MD: torch.Tensor | None = None, add_ready=None) -> torch.Tensor:
+    """The fused-MoE kernels over `few_token_layout` rows: same kernels, same arithmetic per assignment."""
+    M, D = x_MD.shape
+    K = topk_idx_MK.shape[1]
     A = M * K
-    cfg = config or FEW_TOKEN_CONFIG
-    x_MD = x_MD if x_MD.stride(-1) == 1 else x_MD.contiguous()
-    fp8 = scales is not None
-    if not fp8:
-        x_MD, gate_up_proj, down_proj = _inference_inputs(x_MD, gate_up_proj, down_proj)
-    gu_s, dn_s = scales if fp8 else (x_MD, x_MD)   # never read without FP8
-    assert gate_up_proj.stride(-1) == 1 and down_proj.stride(-1) == 1
-    bn = cfg["block_n"]
-    if fp8:
-        assert FP8_BLOCK % bn == 0 and FP8_BLOCK % cfg["block_k"] == 0, "a tile must lie inside one scale block"
-    scale_block = FP8_BLOCK if fp8 else 1
-    idx_A = topk_idx_MK.reshape(-1)
+    cfg = FEW_TOKEN_CONFIG
+    assert layout.numel() >= A * cfg["block_m"], "the layout was built for fewer assignments"
+    x_MD, gate_up_proj, down_proj = _inference_inputs(x_MD, gate_up_proj, down_proj)
     if skip_negative:
-        idx_A = _skipped_to_phantom(idx_A, E)
-    idx_A = idx_A.contiguous()
-    weight_A = topk_weight_MK.reshape(-1).contiguous()
-    n_slices = triton.cdiv(I, bn)
-    part = new_buffer((n_slices * A, D), torch.float32, x_MD.device)
-    _moe_few_token_kernel[(n_slices, A)](
-        x_MD, gate_up_proj, gu_s, down_proj, dn_s, part, idx_A, weight_A,
-        x_MD.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), gu_s.stride(0) if fp8 else 0,
-        gu_s.stride(1) if fp8 else 0, down_proj.stride(0), down_proj.stride(1), dn_s.stride(0) if fp8 else 0,
-        dn_s.stride(1) if fp8 else 0, A, D, I, E,
-        TOP_K=K, BLOCK_M=cfg["block_m"], BLOCK_N=bn, BLOCK_K=cfg["block_k"], BLOCK_D=cfg["block_d"],
-        SCALE_BLOCK=scale_block, FP8=fp8, PREFETCH=cfg.get("prefetch", False), UPCAST=INTERPRET, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], **(pdl_launch(x_MD) if cfg.get("pdl", True) else {"PDL": False}))
-    return moe_combine(part, K, add_MD, residual_MD, add_ready, slices=n_slices, out_dtype=x_MD.dtype)
+        topk_idx_MK = _skipped_to_phantom(topk_idx_MK, gate_up_proj.shape[0])
+    block_expert = topk_idx_MK.reshape(-1)            # block a computes assignment a's expert
+    # The grid has A row blocks, so only layout[:A * block_m] is read: no slice needed.
+    _, y_AD = run_moe_gemms(x_MD, gate_up_proj, down_proj, topk_weight_MK, layout, block_expert, cfg, K,
+                            zero_y=skip_negative)
+    return moe_combine(y_AD, K, add_MD, residual_MD, add_ready)
 
 
 def fused_moe(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
-              topk_idx_MK: torch.Tensor, topk_weight_MK: torch.Tensor, skip_negative: bool = False,
+              topk_idx_MK: torch.Tensor, topk_weight_MK: torch.Tensor,
+              few_token_layout: torch.Tensor | None = None, skip_negative: bool = False,
               add_MD: torch.Tensor | None = None, residual_MD: torch.Tensor | None = None,
               add_ready=None) -> torch.Tensor:
     """Routed experts: y[m] = sum_k w[m,k] down_e(silu(gate_e x[m]) * up_e x[m]), e = topk_idx[m,k].
 
     x_MD [M,D], gate_up_proj [E,2I,D] rows [gate | up], down_proj [E,D,I] -> [M,D] in x's dtype.
     Forward only (no autograd). Triton on CUDA (CPU under TRITON_INTERPRET=1), the reference elsewhere.
-    Up to FEW_TOKENS tokens skip the expert sort (`fused_moe_few_tokens_triton`).
+    With a `few_token_layout` (the caller's buffer), up to FEW_TOKENS tokens skip the expert sort.
     With `skip_negative`, assignments whose id is negative are skipped (they add nothing and cost no
     GEMM rows): an expert-parallel rank passes the assignments to other ranks' experts that way.
     `add_MD` [M, D] (the shared experts' output) is added to the result in the same final pass, then
@@ -686,8 +546,8 @@ def fused_moe(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.T
         y = fused_moe_ref(x_MD, gate_up_proj, down_proj, topk_idx_MK, topk_weight_MK)
         wait_for_add(add_ready, x_MD.device)
         return add_to_routed(y, add_MD, residual_MD)
-    if M <= FEW_TOKENS:
+    if few_token_layout is not None and M <= FEW_TOKENS:
         return fused_moe_few_tokens_triton(x_MD, gate_up_proj, down_proj, topk_idx_MK, topk_weight_MK,
-                                           skip_negative, add_MD, residual_MD, add_ready)
+                                           few_token_layout, skip_negative, add_MD, residual_MD, add_ready)
     return fused_moe_triton(x_MD, gate_up_proj, down_proj, topk_idx_MK, topk_weight_MK, skip_negative=skip_negative,
                             add_MD=add_MD, residual_MD=residual_MD, add_ready=add_ready)
