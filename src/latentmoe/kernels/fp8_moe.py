@@ -2,8 +2,9 @@
 
 Two pairs of kernels over the same row layouts (moe_align / few_token_layout) as `fused_moe`:
 - weights only (few assignments per expert: decode): each weight tile is loaded as fp8 (half the bytes of
-  bf16, and decode reads little else), converted to x's dtype in registers with its scale folded in.
-  Activations stay in x's dtype.
+  bf16, and decode reads little else) and converted to fp16 in registers (exact), the activations too
+  (exact within fp16's range; beyond it the kernels recompute with the weights dequantised to x's dtype);
+  the tile's block scale multiplies its product (`_dequant_dot`).
 - fp8 activations too (from FP8_ACTIVATIONS_MIN_PER_EXPERT assignments per expert: large decode batches,
   prefill): x is quantised per token and 128 columns (as DeepSeek-V3 trains), the dots run on FP8 tensor
   cores, and the SwiGLU output h is quantised the same way in the first kernel's epilogue (one scale per
