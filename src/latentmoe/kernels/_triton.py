@@ -115,7 +115,8 @@ def pdl_launch(t: torch.Tensor) -> dict:
     step against 3.26-3.32 without; with FP8 weights 3.13 against 2.96, so the kernels that dequantise FP8
     weights launch without it (a guess at why, not verified: they are ALU-heavy, and the next kernel's
     waiting programs share their multiprocessors). Letting the next kernel launch only at exit (no early
-    trigger) measured the same as off."""
+    trigger) measured the same as off. Again for the bf16 routed-expert kernels alone (H100, same process):
+    batch 1 2.82 ms a step with it against 2.97 without."""
     on = t.is_cuda and _PDL_IN_TRITON and _major(_index(t.device)) >= 9
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
