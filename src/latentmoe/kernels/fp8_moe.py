@@ -2,9 +2,8 @@
 
 Two pairs of kernels over the same row layouts (moe_align / few_token_layout) as `fused_moe`:
 - weights only (few assignments per expert: decode): each weight tile is loaded as fp8 (half the bytes of
-  bf16, and decode reads little else) and converted to fp16 in registers (exact), the activations too
-  (exact within fp16's range; beyond it the kernels recompute with the weights dequantised to x's dtype);
-  the tile's block scale multiplies its product (`_dequant_dot`).
+  bf16, and decode reads little else), converted to x's dtype in registers with its scale folded in.
+  Activations stay in x's dtype.
 - fp8 activations too (from FP8_ACTIVATIONS_MIN_PER_EXPERT assignments per expert: large decode batches,
   prefill): x is quantised per token and 128 columns (as DeepSeek-V3 trains), the dots run on FP8 tensor
   cores, and the SwiGLU output h is quantised the same way in the first kernel's epilogue (one scale per
@@ -43,52 +42,11 @@ def fused_moe_fp8_w8a8_ref(x_MD, gate_up_proj, gate_up_scale, down_proj, down_sc
 
 
 @jit
-def _not_finite(acc):
-    """Whether any element of acc is inf or NaN (x * 0 is NaN exactly for those)."""
-    z = tl.sum(tl.sum(acc * 0.0, axis=1), axis=0)
-    return z != z
-
-
-@jit
-def _dequant_dot(a, w, scale, F16: tl.constexpr, UPCAST: tl.constexpr):
-    """a . (w * scale) for an e4m3 tile w and its per-column scales [1, N].
-
-    F16: e4m3 -> fp16 is exact and one packed conversion per two elements on sm89+, and a's 16-bit values
-    are exact in fp16 unless beyond its range (the caller checks); the tensor cores multiply exactly into
-    fp32 and the scale multiplies the tile's product. Otherwise the tile is dequantised in fp32 and rounded
-    to a's dtype (three conversions and a multiply per element, and a rounding of every weight)."""
-    if F16:
-        return dot(a.to(tl.float16), w.to(tl.float16), UPCAST) * scale
-    return dot(a, (w.to(tl.float32) * scale).to(a.dtype), UPCAST)
-
-
-@jit
-def _fp8_gate_up_loop(x_ptrs, wg_ptrs, wu_ptrs, sg_ptrs, su_ptrs, valid, offs_k, mask_n, D,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      SCALE_BLOCK: tl.constexpr, F16: tl.constexpr, UPCAST: tl.constexpr):
-    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        mask_k = offs_k < D - k0
-        xa = tl.load(x_ptrs + k0, mask=valid[:, None] & mask_k[None, :], other=0.0)
-        wg = tl.load(wg_ptrs + k0, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        wu = tl.load(wu_ptrs + k0, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        sg = tl.load(sg_ptrs + k0 // SCALE_BLOCK, mask=mask_n, other=0.0)
-        su = tl.load(su_ptrs + k0 // SCALE_BLOCK, mask=mask_n, other=0.0)
-        acc_g += _dequant_dot(xa, wg, sg[None, :], F16, UPCAST)
-        acc_u += _dequant_dot(xa, wu, su[None, :], F16, UPCAST)
-    return acc_g, acc_u
-
-
-@jit
 def _moe_fp8_gate_up_kernel(x_ptr, w_ptr, s_ptr, h_ptr, sorted_ids_ptr, block_expert_ptr,
                             stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm, A, D, I, E,
                             TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, SCALE_BLOCK: tl.constexpr, F16: tl.constexpr,
-                            UPCAST: tl.constexpr):
-    """h[p, n] = silu(x[tok(p)] . w_gate[e, n]) * (x[tok(p)] . w_up[e, n]), weights dequantised per tile
-    (`_dequant_dot`). F16: the fp16 products; where x overflows fp16 (a product comes out inf or NaN) the
-    program computes again with the weights dequantised to x's dtype."""
+                            BLOCK_K: tl.constexpr, SCALE_BLOCK: tl.constexpr, UPCAST: tl.constexpr):
+    """h[p, n] = silu(x[tok(p)] . w_gate[e, n]) * (x[tok(p)] . w_up[e, n]), weights dequantised per tile."""
     pid_m, pid_n, e = program_expert(block_expert_ptr)
     if e < E:
         offs_m, ids, valid, tok, offs_n, mask_n = row_block(sorted_ids_ptr, pid_m, pid_n, A, I, TOP_K, BLOCK_M, BLOCK_N)
@@ -98,37 +56,33 @@ def _moe_fp8_gate_up_kernel(x_ptr, w_ptr, s_ptr, h_ptr, sorted_ids_ptr, block_ex
         wu_ptrs = wg_ptrs + I * stride_wn
         sg_ptrs = s_ptr + e * stride_se + (offs_n // SCALE_BLOCK) * stride_sn
         su_ptrs = s_ptr + e * stride_se + ((I + offs_n) // SCALE_BLOCK) * stride_sn
-        acc_g, acc_u = _fp8_gate_up_loop(x_ptrs, wg_ptrs, wu_ptrs, sg_ptrs, su_ptrs, valid, offs_k, mask_n, D,
-                                         BLOCK_M, BLOCK_N, BLOCK_K, SCALE_BLOCK, F16, UPCAST)
-        if F16:
-            if _not_finite(acc_g) | _not_finite(acc_u):
-                acc_g, acc_u = _fp8_gate_up_loop(x_ptrs, wg_ptrs, wu_ptrs, sg_ptrs, su_ptrs, valid, offs_k, mask_n,
-                                                 D, BLOCK_M, BLOCK_N, BLOCK_K, SCALE_BLOCK, False, UPCAST)
+        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            mask_k = offs_k < D - k0
+            xa = tl.load(x_ptrs, mask=valid[:, None] & mask_k[None, :], other=0.0)
+            wg = tl.load(wg_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            wu = tl.load(wu_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            sg = tl.load(sg_ptrs + k0 // SCALE_BLOCK, mask=mask_n, other=0.0)
+            su = tl.load(su_ptrs + k0 // SCALE_BLOCK, mask=mask_n, other=0.0)
+            # Scale folded into the dequantised tile, so the dots accumulate in place (scaling each dot's
+            # result instead needs a second pair of 128x128 accumulators: register spills at prefill tiles).
+            acc_g += dot(xa, (wg.to(tl.float32) * sg[None, :]).to(xa.dtype), UPCAST)
+            acc_u += dot(xa, (wu.to(tl.float32) * su[None, :]).to(xa.dtype), UPCAST)
+            x_ptrs += BLOCK_K
+            wg_ptrs += BLOCK_K
+            wu_ptrs += BLOCK_K
         h = acc_g * tl.sigmoid(acc_g) * acc_u
         tl.store(h_ptr + offs_m[:, None].to(tl.int64) * stride_hm + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
                  mask=mask_n[None, :])
 
 
 @jit
-def _fp8_down_loop(h_ptrs, w_ptrs, s_ptrs, offs_k, mask_n, I, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, SCALE_BLOCK: tl.constexpr, F16: tl.constexpr, UPCAST: tl.constexpr):
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, I, BLOCK_K):
-        mask_k = offs_k < I - k0
-        ha = tl.load(h_ptrs + k0, mask=mask_k[None, :], other=0.0)
-        w = tl.load(w_ptrs + k0, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        s = tl.load(s_ptrs + k0 // SCALE_BLOCK, mask=mask_n, other=0.0)
-        acc += _dequant_dot(ha, w, s[None, :], F16, UPCAST)
-    return acc
-
-
-@jit
 def _moe_fp8_down_kernel(h_ptr, w_ptr, s_ptr, y_ptr, sorted_ids_ptr, block_expert_ptr, topk_weight_ptr,
                          stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_ym, A, I, D, E,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         SCALE_BLOCK: tl.constexpr, F16: tl.constexpr, UPCAST: tl.constexpr):
-    """y[id(p), n] = weight[id(p)] * (h[p] . w_down[e, n]), weights dequantised per tile (F16 as in the first
-    kernel, with the same fallback)."""
+                         SCALE_BLOCK: tl.constexpr, UPCAST: tl.constexpr):
+    """y[id(p), n] = weight[id(p)] * (h[p] . w_down[e, n]), weights dequantised per tile."""
     pid_m, pid_n, e = program_expert(block_expert_ptr)
     if e < E:
         offs_m, ids, valid, _, offs_n, mask_n = row_block(sorted_ids_ptr, pid_m, pid_n, A, D, 1, BLOCK_M, BLOCK_N)
@@ -136,12 +90,15 @@ def _moe_fp8_down_kernel(h_ptr, w_ptr, s_ptr, y_ptr, sorted_ids_ptr, block_exper
         h_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_hm + offs_k[None, :]
         w_ptrs = w_ptr + e * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]   # [BLOCK_K, BLOCK_N]
         s_ptrs = s_ptr + e * stride_se + (offs_n // SCALE_BLOCK) * stride_sn
-        acc = _fp8_down_loop(h_ptrs, w_ptrs, s_ptrs, offs_k, mask_n, I, BLOCK_M, BLOCK_N, BLOCK_K, SCALE_BLOCK,
-                             F16, UPCAST)
-        if F16:
-            if _not_finite(acc):
-                acc = _fp8_down_loop(h_ptrs, w_ptrs, s_ptrs, offs_k, mask_n, I, BLOCK_M, BLOCK_N, BLOCK_K,
-                                     SCALE_BLOCK, False, UPCAST)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, I, BLOCK_K):
+            mask_k = offs_k < I - k0
+            ha = tl.load(h_ptrs, mask=mask_k[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            s = tl.load(s_ptrs + k0 // SCALE_BLOCK, mask=mask_n, other=0.0)
+            acc += dot(ha, (w.to(tl.float32) * s[None, :]).to(ha.dtype), UPCAST)
+            h_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
         wt = tl.load(topk_weight_ptr + ids, mask=valid, other=0.0).to(tl.float32)
         tl.store(y_ptr + ids[:, None].to(tl.int64) * stride_ym + offs_n[None, :],
                  (acc * wt[:, None]).to(y_ptr.dtype.element_ty), mask=valid[:, None] & mask_n[None, :])
@@ -165,15 +122,13 @@ def fused_moe_fp8_triton(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scal
         sorted_ids, block_expert = moe_align(topk_idx_MK, E, cfg["block_m"])
     bm, bk, nw, ns = cfg["block_m"], cfg["block_k"], cfg["num_warps"], cfg["num_stages"]
     assert BLOCK % bk == 0, "a K tile must lie inside one scale block"
-    # fp16 products for 16-bit activations (see _dequant_dot); fp32 activations keep their own precision.
-    f16 = x_MD.dtype in (torch.bfloat16, torch.float16) and cfg.get("f16", True)
     n_blocks = block_expert.numel()
     h_PI = new_buffer((n_blocks * bm, I), x_MD.dtype, x_MD.device)
     _moe_fp8_gate_up_kernel[(triton.cdiv(I, cfg["block_n1"]), n_blocks)](
         x_MD, gate_up_proj, gate_up_scale, h_PI, sorted_ids, block_expert,
         x_MD.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), gate_up_scale.stride(0),
         gate_up_scale.stride(1), h_PI.stride(0), A, D, I, E,
-        TOP_K=K, BLOCK_M=bm, BLOCK_N=cfg["block_n1"], BLOCK_K=bk, SCALE_BLOCK=BLOCK, F16=f16, UPCAST=INTERPRET,
+        TOP_K=K, BLOCK_M=bm, BLOCK_N=cfg["block_n1"], BLOCK_K=bk, SCALE_BLOCK=BLOCK, UPCAST=INTERPRET,
         num_warps=nw, num_stages=ns)
     y_AD = new_buffer((A, D), x_MD.dtype, x_MD.device)
     weight_A = topk_weight_MK.reshape(-1).contiguous()
@@ -181,7 +136,7 @@ def fused_moe_fp8_triton(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scal
         h_PI, down_proj, down_scale, y_AD, sorted_ids, block_expert, weight_A,
         h_PI.stride(0), down_proj.stride(0), down_proj.stride(1), down_scale.stride(0), down_scale.stride(1),
         y_AD.stride(0), A, I, D, E,
-        BLOCK_M=bm, BLOCK_N=cfg["block_n2"], BLOCK_K=bk, SCALE_BLOCK=BLOCK, F16=f16, UPCAST=INTERPRET,
+        BLOCK_M=bm, BLOCK_N=cfg["block_n2"], BLOCK_K=bk, SCALE_BLOCK=BLOCK, UPCAST=INTERPRET,
         num_warps=nw, num_stages=ns)
     return moe_combine(y_AD, K, add_MD, residual_MD, add_ready)
 
