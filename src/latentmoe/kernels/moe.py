@@ -487,9 +487,9 @@ def fused_moe_triton(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: 
 # times a layer (~3 us of bytes) against ~12 fewer launches; at 4 tokens the two are about even.
 # Measured and not taken: both GEMMs in one kernel (a program per assignment and 64-column slice of the expert:
 # its gate/up columns, then that slice's share of the down GEMM for all outputs as fp32 partials the combine
-# sums). H100, V2-Lite shape, 6 layers a graph: 1 token 46.1 against 47.4 us a layer for these two kernels, 2 tokens 84.9
-# against 71.2, FP8 weights 39.9 / 67.3 against 27.6 / 47.0; through the engine, decode B=1 at 1K 3.18 against
-# 2.83 ms a step (FP8 2.86 against 2.34). No variant of 16 (column slices, output tiles, a one-step prefetch of
+# sums). H100, V2-Lite shape, 6 layers a graph: 1 token 46.1 against 47.4 us a layer for these two kernels,
+# 2 tokens 84.9 against 71.2, FP8 weights 39.9 / 67.3 against 27.6 / 47.0; through the engine, decode B=1 at 1K
+# 3.18 against 2.83 ms a step (FP8 2.86 against 2.34). No variant of 16 (column slices, output tiles, a one-step prefetch of
 # the loads, warps, stages, PDL) came within reach.
 FEW_TOKENS = 2
 
