@@ -306,6 +306,10 @@ DECODE_WIDE_CONFIG = dict(DECODE_CONFIG, block_m=32, block_n1=64, block_n2=64)
 # (kernels._triton.tensor_descriptor), gate_up with 4 stages: H200, V2-Lite shape, graph replays, at 8K / 16K
 # tokens gate_up 967 / 1,988 us against 1,097 / 2,128 with pointer loads and 3 stages, down 465 / 1,025 against
 # 532 / 1,137 (a 4th stage did not help down).
+# Measured and not taken: Triton's warp specialisation of down's loop (`tl.range(..., warp_specialize=True)`,
+# Triton 3.6; gate_up gathers x by pointer, which it does not take). H100, V2-Lite shape, graph replays, the
+# whole MoE at 16K tokens 3,097 / 3,132 / 3,229 us with 8 warps and 3 / 4 / 2 stages against 2,931-3,060
+# without; at 8K 1,579 / 1,659 / 1,736 against 1,591-1,653; with 4 warps it did not compile.
 PREFILL_CONFIG = dict(block_m=128, block_n1=128, block_n2=256, block_k=64, num_warps=8, num_stages=3, merged=True,
                       tma=True, gate_up_stages=4)
 
