@@ -238,6 +238,8 @@ def choose_num_splits(batch: int, head_groups: int, max_seq_len: int, device: to
     At most 128 pieces: at batch 1 and 128K context the kernel (4 stages) took 96.8 us with 64 pieces,
     62.6 us with 128 and 83.9 us with 256. A short context in a graph sized for 128K uses only the
     pieces it fills and the others exit at once (1K context: 9-11 us with 32 to 256 pieces).
+    At batch 200 and 1,050 tokens (H100, graph replays) the chosen single piece, 95 us (2.5 TB/s), beat
+    2 pieces (116 us), 4 (123), and with one piece 4 stages (130), 8 warps (117) and 64-token tiles (138).
     """
     programs = batch * head_groups
     sms = sm_count(device)
