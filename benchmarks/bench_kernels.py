@@ -458,8 +458,10 @@ def md_table(caption, columns, rows):
 
 def write_results(path, title, provenance, summary, body, notes):
     """A results file: its heading, the summary block for BENCHMARKS.md, the full tables, the sweep's notes."""
-    text = [f"# {title}", "", *summary_block(provenance, summary), "", *body,
-            "<details><summary>sweep and notes</summary>", "", "```", *notes, "```", "</details>", ""]
+    text = [f"# {title}", "", *summary_block(provenance, summary), "", *body]
+    if notes:   # (an empty block would read as a sweep that printed nothing)
+        text += ["<details><summary>sweep and notes</summary>", "", "```", *notes, "```", "</details>"]
+    text.append("")
     with open(path, "w") as f:
         f.write("\n".join(text))
 
