@@ -21,8 +21,8 @@ import torch
 
 from ._triton import INTERPRET, dot, dot_acc, jit, new_buffer, tensor_descriptor, tl, triton, use_triton
 from .fp8 import BLOCK, FP8_MAX, dequantize_fp8_blocks, quantize_fp8_groups, round_through_fp8_groups, to_fp8
-from .moe import (DECODE_CONFIG, FEW_TOKENS, add_to_routed, choose_moe_config, moe_align, moe_combine, moe_shapes,
-                  program_expert, row_block, wait_for_add)
+from .moe import (DECODE_CONFIG, FEW_TOKENS, add_to_routed, choose_moe_config, down_descriptors, moe_align,
+                  moe_combine, moe_shapes, program_expert, row_block, wait_for_add)
 from .reference import fused_moe_ref
 
 
@@ -286,7 +286,7 @@ def fused_moe_fp8_w8a8_triton(x_MD, gate_up_proj, gate_up_scale, down_proj, down
     # tensor_descriptor): H100, V2-Lite shape, 8K tokens, graph replays, the whole FP8 MoE 1,231 against 1,275 us.
     # (The first GEMM's weight tiles as TMA boxes, gate and up as one [2 x 128]-column dot, measured no faster.)
     # (`tma` False in the config: pointer loads, as on GPUs without the accelerator.)
-    descs = _down_descriptors(h_PI, down_proj, cfg) if cfg.get("tma", True) else None
+    descs = down_descriptors(h_PI, down_proj, bm, BLOCK, BLOCK) if cfg.get("tma", True) else None
     h_desc, w_desc = descs or (None, None)
     _moe_w8a8_down_kernel[(D // BLOCK, n_blocks)](
         h_PI, h_desc, hs_PG, down_proj, w_desc, down_scale, y_AD, sorted_ids,
@@ -294,17 +294,6 @@ def fused_moe_fp8_w8a8_triton(x_MD, gate_up_proj, gate_up_scale, down_proj, down
         down_scale.stride(0), down_scale.stride(1), y_AD.stride(0), A, I, D, E,
         BLOCK_M=bm, BLOCK=BLOCK, UPCAST=INTERPRET, TMA=descs is not None, num_warps=nw, num_stages=ns)
     return moe_combine(y_AD, K, add_MD, residual_MD, add_ready)
-
-
-def _down_descriptors(h_PI: torch.Tensor, down_proj: torch.Tensor, cfg: dict):
-    """(h [P, I], down weights [E, D, I]) as TMA descriptors of one scale block's boxes, or None where either
-    cannot be one (then the down kernel loads both by pointer)."""
-    if not down_proj.is_contiguous():
-        return None
-    E, D, I = down_proj.shape
-    descs = (tensor_descriptor(h_PI, [h_PI.shape[0], I], [h_PI.stride(0), 1], [cfg["block_m"], BLOCK]),
-             tensor_descriptor(down_proj, [E, D, I], [D * I, I, 1], [1, BLOCK, BLOCK]))
-    return None if any(d is None for d in descs) else descs
 
 
 # From this many assignments per expert the fp8-activation kernels run (each weight tile then serves enough

@@ -338,7 +338,8 @@ def moe_shapes(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.
 
 def run_moe_gemms(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
                   topk_weight_MK: torch.Tensor, sorted_ids: torch.Tensor, block_expert: torch.Tensor, cfg: dict,
-                  top_k: int, gu_P2I: torch.Tensor | None = None, zero_y: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                  top_k: int, gu_P2I: torch.Tensor | None = None,
+                  zero_y: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the two grouped GEMMs over a row layout (sorted_ids, one expert per row block in block_expert)
     -> h_PI (SwiGLU activations per padded row) and y_AD (each assignment's weighted expert output).
 
@@ -379,14 +380,25 @@ def _descriptors(gate_up_proj: torch.Tensor, down_proj: torch.Tensor, h_PI: torc
     """(gate_up weights [E, 2, I, D], h [P, I], down weights [E, D, I]) as TMA descriptors for a `tma`
     config (merged gate_up), or None where any of them cannot be one (then both kernels load by pointer).
     Only 2-byte dtypes: the stage counts are sized for them."""
-    if not (cfg.get("tma") and cfg.get("merged") and gate_up_proj.is_contiguous() and down_proj.is_contiguous()
+    if not (cfg.get("tma") and cfg.get("merged") and gate_up_proj.is_contiguous()
             and gate_up_proj.element_size() == 2 and gate_up_proj.dtype == down_proj.dtype == h_PI.dtype):
         return None
     E, D, I = down_proj.shape
-    bn1, bn2, bm, bk = cfg["block_n1"], cfg["block_n2"], cfg["block_m"], cfg["block_k"]
-    descs = (tensor_descriptor(gate_up_proj, [E, 2, I, D], [2 * I * D, I * D, D, 1], [1, 2, bn1, bk]),
-             tensor_descriptor(h_PI, [h_PI.shape[0], I], [h_PI.stride(0), 1], [bm, bk]),
-             tensor_descriptor(down_proj, [E, D, I], [D * I, I, 1], [1, bn2, bk]))
+    bn1, bk = cfg["block_n1"], cfg["block_k"]
+    w1 = tensor_descriptor(gate_up_proj, [E, 2, I, D], [2 * I * D, I * D, D, 1], [1, 2, bn1, bk])
+    down = down_descriptors(h_PI, down_proj, cfg["block_m"], cfg["block_n2"], bk)
+    return None if w1 is None or down is None else (w1, *down)
+
+
+def down_descriptors(h_PI: torch.Tensor, down_proj: torch.Tensor, block_m: int, block_n: int, block_k: int):
+    """The down GEMM's operands, h [P, I] and the weights [E, D, I], as TMA descriptors of [block_m, block_k]
+    and [1, block_n, block_k] boxes, or None where either cannot be one (then its kernel loads both by pointer).
+    Shared by the bf16 and the FP8 (w8a8) down kernels."""
+    if not down_proj.is_contiguous():
+        return None
+    E, D, I = down_proj.shape
+    descs = (tensor_descriptor(h_PI, [h_PI.shape[0], I], [h_PI.stride(0), 1], [block_m, block_k]),
+             tensor_descriptor(down_proj, [E, D, I], [D * I, I, 1], [1, block_n, block_k]))
     return None if any(d is None for d in descs) else descs
 
 
@@ -493,8 +505,8 @@ def fused_moe_triton(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: 
 # its gate/up columns, then that slice's share of the down GEMM for all outputs as fp32 partials the combine
 # sums). H100, V2-Lite shape, 6 layers a graph: 1 token 46.1 against 47.4 us a layer for these two kernels,
 # 2 tokens 84.9 against 71.2, FP8 weights 39.9 / 67.3 against 27.6 / 47.0; through the engine, decode B=1 at 1K
-# 3.18 against 2.83 ms a step (FP8 2.86 against 2.34). No variant of 16 (column slices, output tiles, a one-step prefetch of
-# the loads, warps, stages, PDL) came within reach.
+# 3.18 against 2.83 ms a step (FP8 2.86 against 2.34). No variant of 16 (column slices, output tiles, a one-step
+# prefetch of the loads, warps, stages, PDL) came within reach.
 FEW_TOKENS = 2
 
 
