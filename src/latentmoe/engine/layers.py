@@ -178,7 +178,9 @@ class EngineMoE(MoE):
     against 2.42 / 3.67 / 4.74. Running the shared experts instead as extra experts of the routed
     kernel (weight 1, one launch for all) measured slower: H100, V2-Lite's shape, 6 layers in one graph, per
     layer 63.0 us against 57.3 with the side stream and 70.5 with both on one stream (routed alone 55.4); at 2
-    tokens 106.7 against 95.0."""
+    tokens 106.7 against 95.0. Asking for the shared experts' weights to be brought into L2 (a bulk prefetch on
+    the side stream while the attention runs) also measured slower: H100, same engines, bf16 2.88 / 3.99 / 5.69 ms
+    against 2.83 / 3.86 / 5.57 without at batch 1 / 2 / 4, so it was not kept."""
 
     SIDE_STREAM_MAX_TOKENS = 16
 
