@@ -102,7 +102,7 @@ def test_a_cache_budget_with_no_room_says_which_setting_to_change():
     cfg = _cfg("mla")
     per_block = LatentCache().bytes_per_token(cfg, torch.bfloat16) * 16
     with pytest.raises(ValueError, match=r"no room for the KV cache: cache_memory_gb=1e-09 leaves 0 blocks.*"
-                                         r"raise gpu_memory_utilization, or set cache_memory_gb / num_blocks"):
+                                         r"raise gpu_memory_utilization, lower max_num_batched_tokens, or set cache_memory_gb / num_blocks"):
         plan_cache(cfg, LatentCache(), torch.device("cpu"), torch.bfloat16, 16, 1e-9, None, 2, 64)
     num_blocks, _ = plan_cache(cfg, LatentCache(), torch.device("cpu"), torch.bfloat16, 16,
                                3 * per_block / 2**30, None, 2, 32)

@@ -11,6 +11,8 @@ import torch
 from latentmoe import build_model, get_config
 from latentmoe.engine import LLM, EngineConfig, SamplingParams
 from latentmoe.engine.block_manager import BlockManager
+from latentmoe.engine.config import CUDA_BUDGETS, default_budget
+from latentmoe.engine.kv_cache import LatentCache, activation_bytes_per_token, plan_cache
 from latentmoe.engine.model_runner import ModelRunner
 from latentmoe.engine.sequence import Sequence
 from latentmoe.kernels import mla_decode_ref
@@ -480,13 +482,52 @@ def test_engine_config_names_the_bad_field(model, options, field):
         LLM(model, **options)
 
 
+def test_default_budget_follows_the_model_and_the_gpu_memory(monkeypatch):
+    """On CUDA the default token budget is the largest whose step activations fit in 8% of the device's memory."""
+    class Props:
+        total_memory = 0
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props)
+    lite, tiny = get_config("deepseek-v2-lite"), get_config("tiny")
+    per_token = activation_bytes_per_token(lite, torch.bfloat16)
+    # V2-Lite: its dense first layer's gate, up and product (3 x 10,944) and 4 hidden-size buffers, in bf16.
+    assert per_token == (3 * 10944 + 4 * 2048) * 2
+    cuda = torch.device("cuda")
+    for gib, want in ((80, 65536), (40, 32768), (16, 16384), (1, 16384)):
+        Props.total_memory = gib * 2 ** 30
+        assert default_budget(cuda, torch.bfloat16, lite) == want
+        assert EngineConfig().resolved(cuda, torch.bfloat16, lite).max_num_batched_tokens == want
+    Props.total_memory = 16 * 2 ** 30
+    assert default_budget(cuda, torch.bfloat16, tiny) == CUDA_BUDGETS[0]   # a small model: the largest
+    assert EngineConfig(max_num_batched_tokens=100).resolved(cuda, torch.bfloat16, lite).max_num_batched_tokens == 100
+
+
+def test_cache_plan_keeps_room_for_the_budgets_activations(monkeypatch):
+    """The cache is what is left after the weights and the activations of a step of the token budget (at least
+    4 GiB kept); too large a budget for the memory is one clear error."""
+    free, total = 60 * 2 ** 30, 80 * 2 ** 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, total))
+    cfg = get_config("deepseek-v2-lite")
+    per_block = LatentCache().bytes_per_token(cfg, torch.bfloat16) * 64
+    kw = dict(device=torch.device("cuda"), dtype=torch.bfloat16, block_size=64, cache_memory_gb=None, num_blocks=None,
+              max_num_seqs=8, max_model_len=4096)
+    plain, _ = plan_cache(cfg, LatentCache(), **kw)
+    small, _ = plan_cache(cfg, LatentCache(), **kw, max_num_batched_tokens=16384)   # 1 + 1.25 GiB: 4 kept
+    big, _ = plan_cache(cfg, LatentCache(), **kw, max_num_batched_tokens=262144)
+    assert plain == small == int((0.9 * total - (total - free) - 4 * 2 ** 30) // per_block) + 1
+    want = 0.9 * total - (total - free) - (2 ** 30 + 262144 * activation_bytes_per_token(cfg, torch.bfloat16))
+    assert big == int(want // per_block) + 1 < plain
+    with pytest.raises(ValueError, match="lower max_num_batched_tokens"):
+        plan_cache(cfg, LatentCache(), **kw, max_num_batched_tokens=2 ** 20)
+
+
 def test_engine_config_as_object_or_keywords(model):
     cfg = EngineConfig(block_size=4, num_blocks=40, max_num_seqs=3)
     llm = LLM(model, config=cfg)
     assert llm.engine_config.max_num_batched_tokens == 2048 and llm.engine_config.block_size == 4
-    # The token budget's default depends on the device: 16,384 on CUDA (measured), 2,048 elsewhere.
+    # The token budget's default depends on the device: on CUDA the smallest of its choices without a model
+    # config (default_budget: by the model's activations and the GPU's memory), 2,048 elsewhere.
     cfg = EngineConfig()
-    assert cfg.resolved(torch.device("cuda"), torch.bfloat16).max_num_batched_tokens == 16384
+    assert cfg.resolved(torch.device("cuda"), torch.bfloat16).max_num_batched_tokens == CUDA_BUDGETS[-1]
     assert EngineConfig(max_num_seqs=4096).resolved(torch.device("cpu"), torch.float32).max_num_batched_tokens == 4096
     assert llm.engine_config.experts_impl == "model" and llm.engine_config.fused_ops is False   # CPU defaults
     assert cfg.device is None   # the caller's config is not resolved in place

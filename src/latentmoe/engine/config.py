@@ -14,7 +14,7 @@ import torch
 
 from .. import kernels
 from ..checkpoint import resolve_dtype
-from .kv_cache import CacheLayout, cache_layout
+from .kv_cache import CacheLayout, activation_bytes_per_token, cache_layout
 
 EXPERTS_IMPLS = ("model", "fused")
 QUANTIZATIONS = (None, "fp8")
@@ -27,9 +27,10 @@ class EngineConfig:
     dtype: str | torch.dtype | None = None     # default: the model's; for a path bf16 on CUDA, fp32 on CPU
     max_num_seqs: int = 256                    # sequences batched together at most (also the largest graph bucket)
     max_model_len: int | None = None           # prompt + output tokens per sequence (default: model max, cache allowing)
-    # Tokens per step. Default on CUDA 16,384 (200 x (1,000 in, 100 out) on an H200: 44.5 req/s vs 23 at
-    # 2,048; vLLM's offline default too); `latentmoe serve` uses 8,192 (shorter steps between tokens);
-    # elsewhere max(2048, max_num_seqs). Start-up compiles prefill for every count up to it.
+    # Tokens per step. Default on CUDA: the largest of CUDA_BUDGETS whose step activations fit in
+    # ACTIVATION_SHARE of the device's memory (65,536 for V2-Lite on an 80 GB card; see default_budget);
+    # `latentmoe serve` uses 8,192 (shorter steps between tokens); elsewhere max(2048, max_num_seqs).
+    # Start-up compiles prefill for every count up to it.
     max_num_batched_tokens: int | None = None
     # Steps a newly arrived request may wait while others decode, so that arrivals are prefilled together
     # (scheduler.py): decode-only steps replay a CUDA graph, steps with a prefill chunk run eagerly. It waits
@@ -126,8 +127,9 @@ class EngineConfig:
     def uses_fp8(self) -> bool:
         return self.quantization == "fp8" or self.kv_cache_dtype == "fp8"
 
-    def resolved(self, device: torch.device, dtype: torch.dtype) -> "EngineConfig":
-        """This config for a model on `device` in `dtype`: device, dtype and the automatic choices settled."""
+    def resolved(self, device: torch.device, dtype: torch.dtype, model_config=None) -> "EngineConfig":
+        """This config for a model on `device` in `dtype`: device, dtype and the automatic choices settled
+        (the token budget by the model's activation size where `model_config` is given)."""
         cuda = device.type == "cuda"
         experts = self.experts_impl
         if experts is None:
@@ -137,9 +139,30 @@ class EngineConfig:
             check_fp8_device(device)
         budget = self.max_num_batched_tokens
         if budget is None:
-            budget = max(16384 if cuda else 2048, self.max_num_seqs)
+            budget = max(default_budget(device, dtype, model_config) if cuda else 2048, self.max_num_seqs)
         return dataclasses.replace(self, device=device, dtype=dtype, experts_impl=experts, fused_ops=fused_ops,
                                    max_num_batched_tokens=budget)
+
+
+# Default token budgets on CUDA, largest first. Fewer, larger prefill steps pay each step's fixed cost (every
+# weight read, the running sequences' decode attention, launch tails) fewer times: H100, V2-Lite shape, one
+# engine with the budget switched between runs (6 rounds, interleaved), 200 x (1,000 in, 100 out) medians
+# 3.468 / 3.394 / 3.354 s at 16,384 / 32,768 / 65,536, 256 x (256-1,024 in, 128 out) 3.52 / 3.51 / 3.46 s;
+# one 32K or 128K prompt within 2% at each. 131,072 ran out of the H100's memory in warm-up (see
+# kv_cache.plan_cache, which keeps activation_bytes_per_token x budget for activations).
+CUDA_BUDGETS = (65536, 32768, 16384)
+ACTIVATION_SHARE = 0.08
+
+
+def default_budget(device: torch.device, dtype: torch.dtype, model_config=None) -> int:
+    """The token budget on CUDA: the largest of CUDA_BUDGETS whose activations (kv_cache.
+    activation_bytes_per_token each) take at most ACTIVATION_SHARE of the device's memory; the smallest
+    without a model config."""
+    if model_config is None:
+        return CUDA_BUDGETS[-1]
+    total = torch.cuda.get_device_properties(device).total_memory
+    per_token = activation_bytes_per_token(model_config, dtype)
+    return next((b for b in CUDA_BUDGETS if b * per_token <= ACTIVATION_SHARE * total), CUDA_BUDGETS[-1])
 
 
 def check_fp8_device(device: torch.device | None) -> None:
@@ -169,4 +192,5 @@ def _parse_dtype(dtype) -> torch.dtype | None:
     raise ValueError(f"dtype must be a floating-point torch dtype or its name, got {dtype!r}")
 
 
-__all__ = ["EngineConfig", "EXPERTS_IMPLS", "QUANTIZATIONS", "KV_CACHE_DTYPES", "check_fp8_device"]
+__all__ = ["EngineConfig", "EXPERTS_IMPLS", "QUANTIZATIONS", "KV_CACHE_DTYPES", "check_fp8_device", "default_budget",
+           "CUDA_BUDGETS"]

@@ -139,7 +139,7 @@ def _build_rank(path: str, config: EngineConfig, rank: int, base: torch.device):
     """This rank's engine module tree and resolved config (after its slices are loaded)."""
     device = rank_device(base, rank)
     dtype = resolve_dtype(config.dtype, device)
-    resolved = config.resolved(device, dtype)
+    resolved = config.resolved(device, dtype, ModelConfig.from_json(path))   # every rank settles the same budget
     shard = load_shard(path, ShardPlan(rank, config.tensor_parallel_size, config.enable_expert_parallel), device, dtype)
     model = engine_model(shard, fused_ops=resolved.fused_ops, fused_experts=resolved.experts_impl == "fused")
     return model, resolved
@@ -245,7 +245,8 @@ class ParallelRunner:
             num_blocks, self.max_model_len = plan_cache(
                 model.config, self.config.kv_cache, self.config.device, self.config.dtype, self.config.block_size,
                 self.config.cache_memory_gb, self.config.num_blocks, self.config.max_num_seqs,
-                self.config.max_model_len, gpu_memory_utilization=self.config.gpu_memory_utilization)
+                self.config.max_model_len, gpu_memory_utilization=self.config.gpu_memory_utilization,
+                max_num_batched_tokens=self.config.max_num_batched_tokens)
             self.num_blocks = num_blocks
             self._send_all(("start", num_blocks, self.max_model_len))
             self.local = runner_class(model, self.config, num_blocks, self.max_model_len)

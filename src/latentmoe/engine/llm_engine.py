@@ -125,7 +125,7 @@ class LLM:
         else:
             asked_device, asked_dtype = config.device, config.dtype
         p = next(model.parameters())
-        config = config.resolved(asked_device or p.device, asked_dtype or p.dtype)
+        config = config.resolved(asked_device or p.device, asked_dtype or p.dtype, model.config)
         self.model = model
         self.config = model.config
         self.engine_config = config
@@ -138,7 +138,7 @@ class LLM:
         num_blocks, self.max_model_len = plan_cache(
             self.config, config.kv_cache, config.device, config.dtype, config.block_size, config.cache_memory_gb,
             config.num_blocks, config.max_num_seqs, config.max_model_len,
-            gpu_memory_utilization=config.gpu_memory_utilization)
+            gpu_memory_utilization=config.gpu_memory_utilization, max_num_batched_tokens=config.max_num_batched_tokens)
         self.runner = self.runner_class(runner_model, config, num_blocks, self.max_model_len)
         return num_blocks
 
