@@ -1,7 +1,7 @@
 """Batched prefill attention (kernels.prefill_attention) at V2-Lite's heads, beside torch SDPA in the same run.
 
 Cases: one causal prompt of L tokens, a 16K chunk over a long cached prefix (what chunked prefill of a
-128K prompt runs last), and the steps of many prompts the engine forms at its default token budget (16
+128K prompt runs last), and the steps of many prompts the engine forms at a 16,384-token budget (16
 prompts of 1,000 tokens; 25 of 256-1,024). Timed (median of 5): the engine's entry (kernels.prefill_attention:
 cuDNN's fused attention for the long one-chunk steps on sm90+, the Triton kernel for the steps of many
 prompts), the Triton kernel at its default tiles (and, with --sweep, every tile configuration); the reference
