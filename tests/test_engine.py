@@ -186,6 +186,27 @@ def test_warmup_steps_run_and_leave_generation_unchanged(model, expected):
     assert_no_leak(llm)
 
 
+def test_warmup_out_of_memory_names_the_step_and_the_settings(model):
+    # A step of the start-up plan that runs out of device memory fails the start with the step, the budget and
+    # the settings that make room, as the same exception type (callers catching it still do).
+    class TightRunner(EagerGraphRunner):
+        def warmup_plan(self, budget):
+            return [("prefill", n) for n in (1, 5, 17)]
+
+        def _dummy_step(self, nd, n, prefix=1, chunks=1):
+            if n == 17:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.67 GiB")
+            super()._dummy_step(nd, n, prefix, chunks)
+
+    class TightLLM(LLM):
+        runner_class = TightRunner
+
+    with pytest.raises(torch.OutOfMemoryError, match=r"start-up's prefill step \(17\) with a token budget of 32 "
+                                                     r"and a cache of 200 blocks: lower max_num_batched_tokens.*"
+                                                     r"Tried to allocate 2.67 GiB"):
+        TightLLM(model, block_size=4, num_blocks=200, max_num_seqs=8, max_model_len=120, max_num_batched_tokens=32)
+
+
 def test_prefill_warmup_sizes_cover_every_class():
     # Token counts 1..budget fall in classes (==1, divisible by 16 or not, expert-tile config, sort kernels);
     # each class a count can reach has a warm-up count in it.
