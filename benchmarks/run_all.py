@@ -33,6 +33,8 @@ HISTORY = os.path.join(RESULTS, "history")
 BENCHMARKS = [
     ("e2e", "End to end: LLM(model) then generate (V2-Lite shape)",
      ["benchmarks/bench_e2e.py", "--cold"]),
+    ("budget", "Token budget vs end-to-end throughput (V2-Lite shape): the default's measurement",
+     ["benchmarks/bench_budget.py"]),
     ("serve", "The OpenAI server under load vs the offline engine (V2-Lite shape)",
      ["benchmarks/bench_serve.py"]),
     ("prefill", "Kernels: batched prefill attention vs torch SDPA",

@@ -148,8 +148,9 @@ class EngineConfig:
 # weight read, the running sequences' decode attention, launch tails) fewer times: H100, V2-Lite shape, one
 # engine with the budget switched between runs (6 rounds, interleaved), 200 x (1,000 in, 100 out) medians
 # 3.468 / 3.394 / 3.354 s at 16,384 / 32,768 / 65,536, 256 x (256-1,024 in, 128 out) 3.52 / 3.51 / 3.46 s;
-# one 32K or 128K prompt within 2% at each. 131,072 ran out of the H100's memory in warm-up (see
-# kv_cache.plan_cache, which keeps activation_bytes_per_token x budget for activations).
+# one 32K or 128K prompt within 2% at each (benchmarks/bench_budget.py reruns this comparison). 131,072 ran out of
+# the H100's memory in warm-up (see kv_cache.plan_cache, which keeps activation_bytes_per_token x budget for
+# activations).
 CUDA_BUDGETS = (65536, 32768, 16384)
 ACTIVATION_SHARE = 0.08
 
