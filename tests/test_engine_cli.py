@@ -6,6 +6,7 @@ import io
 import json
 
 import pytest
+import torch
 
 from latentmoe.checkpoint import load_model, save_model
 from latentmoe.cli import main
@@ -142,3 +143,19 @@ def test_a_missing_tokenizer_fails_before_the_weights_load(tmp_path, capsys):
     # token ids need no tokenizer: they get as far as the (broken) weights
     assert main(["generate", str(tmp_path), "--prompt", "1,2", "--token-ids", "--device", "cpu"]) != 0
     assert "no tokenizer.json" not in capsys.readouterr().err
+
+
+def test_serve_and_chat_take_the_interactive_budget_on_cuda(monkeypatch):
+    """serve and chat default to INTERACTIVE_BUDGET tokens a step on CUDA; a budget given, or another device, is kept."""
+    import argparse
+    from latentmoe.commands._engine_args import INTERACTIVE_BUDGET, use_interactive_budget
+
+    def budget(available, **kw):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+        args = argparse.Namespace(**{"max_num_batched_tokens": None, "device": None, **kw})
+        use_interactive_budget(args)
+        return args.max_num_batched_tokens
+
+    assert budget(True) == budget(True, device="cuda:1") == INTERACTIVE_BUDGET == 8192
+    assert budget(True, max_num_batched_tokens=100) == 100
+    assert budget(True, device="cpu") is None and budget(False) is None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from ._engine_args import add_engine_args, build_llm, prepare
+from ._engine_args import add_engine_args, build_llm, prepare, use_interactive_budget
 from .generate import add_sampling_args, sampling_params
 
 HELP = ("commands: /reset (forget the history), /exit; start a message with // to send one that begins with /. "
@@ -54,6 +54,7 @@ def chat_turn(llm, messages: list[dict], params, out=None) -> tuple[str, str | N
 def run(args) -> int:
     params = sampling_params(args)   # bad values fail before loading
     from ..engine.llm_engine import load_tokenizer
+    use_interactive_budget(args)
     path = prepare(args, args.path)
     # The tokenizer is checked before the weights load (minutes for a large checkpoint).
     tok = load_tokenizer(path)

@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 
-from ._engine_args import add_engine_args, build_llm, prepare
+from ._engine_args import add_engine_args, build_llm, prepare, use_interactive_budget
 
 
 def register(sub) -> None:
@@ -54,10 +54,7 @@ def run(args) -> int:
     _check_address(args.host, args.port)   # before loading: a busy port would otherwise show only afterwards
     path = prepare(args, args.model)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    if args.max_num_batched_tokens is None and (args.device or "cuda").startswith("cuda"):
-        import torch
-        if torch.cuda.is_available():
-            args.max_num_batched_tokens = 8192   # a server's steps stay short between tokens (vLLM's too)
+    use_interactive_budget(args)
     keys = args.api_key or ([os.environ["LATENTMOE_API_KEY"]] if os.environ.get("LATENTMOE_API_KEY") else [])
     engine = AsyncLLM(build_llm(args, path), max_queued=args.max_queued)
     name = args.served_model_name or (args.model if path != args.model else os.path.basename(os.path.normpath(path)))
