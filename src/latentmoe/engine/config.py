@@ -29,7 +29,7 @@ class EngineConfig:
     max_model_len: int | None = None           # prompt + output tokens per sequence (default: model max, cache allowing)
     # Tokens per step. Default on CUDA: the largest of CUDA_BUDGETS whose step activations fit in
     # ACTIVATION_SHARE of the device's memory (65,536 for V2-Lite on an 80 GB card; see default_budget);
-    # `latentmoe serve` uses 8,192 (shorter steps between tokens); elsewhere max(2048, max_num_seqs).
+    # `latentmoe serve` and `chat` use 8,192 (shorter steps between tokens); elsewhere max(2048, max_num_seqs).
     # Start-up compiles prefill for every count up to it.
     max_num_batched_tokens: int | None = None
     # Steps a newly arrived request may wait while others decode, so that arrivals are prefilled together

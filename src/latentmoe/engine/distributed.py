@@ -139,8 +139,8 @@ def _build_rank(path: str, config: EngineConfig, rank: int, base: torch.device):
     """This rank's engine module tree and resolved config (after its slices are loaded)."""
     device = rank_device(base, rank)
     dtype = resolve_dtype(config.dtype, device)
-    resolved = config.resolved(device, dtype, ModelConfig.from_json(path))   # every rank settles the same budget
     shard = load_shard(path, ShardPlan(rank, config.tensor_parallel_size, config.enable_expert_parallel), device, dtype)
+    resolved = config.resolved(device, dtype, shard.config)   # the full model's config: every rank settles alike
     model = engine_model(shard, fused_ops=resolved.fused_ops, fused_experts=resolved.experts_impl == "fused")
     return model, resolved
 

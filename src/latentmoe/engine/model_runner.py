@@ -427,14 +427,7 @@ class ModelRunner:
             bar = tqdm(total=len(plan), desc="warming up (compile + capture)", unit="step")
         try:
             for kind, n in plan:
-                try:
-                    self._warmup_step(kind, n, max_num_batched_tokens)
-                except torch.OutOfMemoryError as e:
-                    # The largest steps run here first: say which one and what to change, not only the allocator's bytes.
-                    raise torch.OutOfMemoryError(
-                        f"out of device memory in start-up's {kind} step ({n:,}) with a token budget of "
-                        f"{max_num_batched_tokens:,} and a cache of {self.num_blocks:,} blocks: lower "
-                        f"max_num_batched_tokens or gpu_memory_utilization, or set cache_memory_gb ({e})") from e
+                self._warmup_step(kind, n, max_num_batched_tokens)
                 if bar is not None:
                     bar.update(1)
         finally:
@@ -447,17 +440,24 @@ class ModelRunner:
         self.ready = True
 
     def _warmup_step(self, kind: str, n: int, max_num_batched_tokens: int) -> None:
-        """One entry of warmup_plan."""
-        if kind == "prefill":
-            self._dummy_step(0, n)
-        elif kind == "prefix":
-            self._dummy_step(0, self._warmup_chunk(max_num_batched_tokens), prefix=n)
-        elif kind == "chunks":
-            self._dummy_step(0, min(16 * n, max_num_batched_tokens), chunks=n)
-        elif kind == "decode":
-            self._dummy_step(n, 0)
-        elif self.use_cuda_graphs:
-            self.decode_graph(n)
+        """One entry of warmup_plan. Start-up runs the largest steps the engine will: running out of memory in
+        one says which step and what to change, not only the allocator's bytes (same exception type)."""
+        try:
+            if kind == "prefill":
+                self._dummy_step(0, n)
+            elif kind == "prefix":
+                self._dummy_step(0, self._warmup_chunk(max_num_batched_tokens), prefix=n)
+            elif kind == "chunks":
+                self._dummy_step(0, min(16 * n, max_num_batched_tokens), chunks=n)
+            elif kind == "decode":
+                self._dummy_step(n, 0)
+            elif self.use_cuda_graphs:
+                self.decode_graph(n)
+        except torch.OutOfMemoryError as e:
+            raise torch.OutOfMemoryError(
+                f"out of device memory in start-up's {kind} step ({n:,}) with a token budget of "
+                f"{max_num_batched_tokens:,} and a cache of {self.num_blocks:,} blocks: lower "
+                f"max_num_batched_tokens or gpu_memory_utilization, or set cache_memory_gb ({e})") from e
 
     def _dummy_step(self, num_decodes: int, prefill_tokens: int, prefix: int = 1, chunks: int = 1) -> None:
         """A step on placeholder tokens that writes and reads only the reserved null block (slot 0); its
