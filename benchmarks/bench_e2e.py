@@ -232,7 +232,8 @@ def main():
     res["time_to_ready_s"] = time.perf_counter() - t0
     res["max_num_batched_tokens"] = llm.engine_config.max_num_batched_tokens
     log(f"time to ready {res['time_to_ready_s']:.1f} s (warm-up {llm.runner.warmup_seconds:.1f} s, "
-        f"{llm.runner.compilations_at_ready} compilations, {llm.runner.num_captures} graphs)")
+        f"{llm.runner.compilations_at_ready} compilations, {llm.runner.num_captures} graphs; "
+        f"{llm.runner.describe_warmup()})")
     # Each run its own prompts (same lengths): the second run gets no prefix-cache hits from the first.
     tp = throughput(llm, [random_prompts(n, lin, cfg.vocab_size, seed=s) for s in (1, 2)], lout, progress=False)
     r1, r2 = tp["runs"]

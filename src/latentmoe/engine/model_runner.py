@@ -79,6 +79,7 @@ class ModelRunner:
         self.captures_after_ready = 0
         self.compilations_at_ready = 0
         self.warmup_seconds = 0.0
+        self.warmup_breakdown: dict[str, tuple[int, float]] = {}   # kind -> (steps, seconds), from warm_up
         # Called (from the step's thread) once a step's device work is queued, before the step waits for
         # it: a server hands out the previous step's outputs then, not while this step's host work runs.
         self.on_launch = None
@@ -370,17 +371,24 @@ class ModelRunner:
         self.g_seq_lens[:b].copy_(self.h_seq_lens[:b], non_blocking=True)
 
     # ------------------------------------------------------------------ start-up
-    def prefill_warmup_sizes(self, max_tokens: int) -> list[int]:
+    @staticmethod
+    def prefill_warmup_sizes(max_tokens: int, dense_until: int | None = None) -> list[int]:
         """Token counts of the start-up prefill steps: 1-4, then n, n+1, n+2, n+4, n+8, n+16 for n = 2^k and
         3*2^(k-1) up to the budget, and the budget itself. Kernels specialise integer arguments on ==1
         and on divisibility by 16 (of tokens, or of tokens x experts per token), and pick tile shapes
         by token count (expert-GEMM tiles by tokens per expert, the expert sort's kernel vs torch path):
-        each class of count they can see is among these."""
+        each class of count they can see is among these.
+
+        Past `dense_until` (twice kernels.last_token_tier: the last tier's classes are all met below it) only
+        n itself remains, one shape per half octave for the attention libraries that plan per shape: at a
+        65,536-token budget (V2-Lite) start-up's prefill steps run 0.44M dummy tokens instead of 1.11M."""
+        dense_until = max_tokens if dense_until is None else dense_until
         sizes = {1, 2, 3, 4, max_tokens, max(1, max_tokens - 1)}
         p = 8
         while p <= max_tokens:
             for base in (p, 3 * p // 2):
-                sizes.update(n for n in (base, base + 1, base + 2, base + 4, base + 8, base + 16) if n <= max_tokens)
+                offsets = (0, 1, 2, 4, 8, 16) if base <= dense_until else (0,)
+                sizes.update(n for n in (base + o for o in offsets) if n <= max_tokens)
             p *= 2
         return sorted(sizes)
 
@@ -396,7 +404,10 @@ class ModelRunner:
         probe = torch.empty(0, device=self.device)
         if kernels.HAS_TRITON and kernels._triton.use_triton(probe) and not kernels._triton.INTERPRET:
             budget = self._warmup_chunk(max_num_batched_tokens)
-            plan += [("prefill", n) for n in self.prefill_warmup_sizes(budget)]
+            cfg = self.model.config
+            dense_until = 2 * kernels.last_token_tier(cfg.num_experts_per_tok if cfg.n_routed_experts else 0,
+                                                      cfg.n_routed_experts)
+            plan += [("prefill", n) for n in self.prefill_warmup_sizes(budget, dense_until)]
             # A step of two chunks: the Triton attention kernel (one-chunk steps of CUDNN_MIN_CHUNK tokens or
             # more take cuDNN's where it runs: kernels/prefill.py).
             plan.append(("chunks", 2))
@@ -425,9 +436,16 @@ class ModelRunner:
         if progress and plan:
             from tqdm import tqdm
             bar = tqdm(total=len(plan), desc="warming up (compile + capture)", unit="step")
+        breakdown: dict[str, list] = {}
         try:
             for kind, n in plan:
+                t = time.perf_counter()
                 self._warmup_step(kind, n, max_num_batched_tokens)
+                if self.device.type == "cuda":   # so each kind's time is its own, not the next one's wait
+                    torch.cuda.synchronize(self.device)
+                entry = breakdown.setdefault(kind, [0, 0.0])
+                entry[0] += 1
+                entry[1] += time.perf_counter() - t
                 if bar is not None:
                     bar.update(1)
         finally:
@@ -436,8 +454,15 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.warmup_seconds = time.perf_counter() - t0
+        self.warmup_breakdown = {kind: (steps, secs) for kind, (steps, secs) in breakdown.items()}
         self.compilations_at_ready = kernels.compilations()
         self.ready = True
+        if breakdown:
+            log.info("warm-up by step kind: %s", self.describe_warmup())
+
+    def describe_warmup(self) -> str:
+        """Where start-up went, e.g. "prefill 120 steps 20.1 s, graph 20 steps 4.2 s" (what to shorten)."""
+        return ", ".join(f"{kind} {steps} steps {secs:.1f} s" for kind, (steps, secs) in self.warmup_breakdown.items())
 
     def _warmup_step(self, kind: str, n: int, max_num_batched_tokens: int) -> None:
         """One entry of warmup_plan. Start-up runs the largest steps the engine will: running out of memory in
