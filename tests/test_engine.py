@@ -186,6 +186,41 @@ def test_warmup_steps_run_and_leave_generation_unchanged(model, expected):
     assert_no_leak(llm)
 
 
+def test_warmup_runs_one_layer_of_each_kind():
+    # Start-up's eager steps run the first layer of each kind (the dense first layer, one MoE layer), not all:
+    # layers alike launch the same kernels. A layer that differs in a tensor's dtype is a kind of its own.
+    model = tiny_model(num_hidden_layers=5, first_k_dense_replace=1)
+    llm = LLM(model, block_size=4, num_blocks=50, max_num_seqs=2, max_model_len=32, max_num_batched_tokens=16)
+    assert llm.runner.warmup_layers() == [0, 1]
+    model = llm.runner.model   # the engine runs its own view of the caller's model (engine_model)
+    model.model.layers[3].mlp.gate.weight.data = model.model.layers[3].mlp.gate.weight.data.double()
+    llm.runner._warmup_layers = None
+    assert llm.runner.warmup_layers() == [0, 1, 3]
+    seen = []
+    real = model.forward_hidden
+
+    def spy(*a, layers=None, **kw):
+        seen.append(layers)
+        return real(*a, layers=layers, **kw)
+
+    model.forward_hidden = spy
+    llm.runner._dummy_step(1, 3)
+    assert seen == [[0, 1, 3]]
+
+
+def test_forward_hidden_runs_the_layers_named():
+    model = tiny_model(num_hidden_layers=3)
+    ids = torch.randint(0, 512, (1, 7))
+    with torch.no_grad():
+        full, _ = model.forward_hidden(ids)
+        assert torch.equal(model.forward_hidden(ids, layers=[0, 1, 2])[0], full)
+        h = model.model.embed_tokens(ids)
+        cos, sin = model.model.rotary(torch.arange(7)[None])
+        for i in (0, 2):
+            h, _ = model.model.layers[i](h, cos, sin, None, None)
+        assert torch.equal(model.forward_hidden(ids, layers=[0, 2])[0], model.model.norm(h))
+
+
 def test_warmup_out_of_memory_names_the_step_and_the_settings(model):
     # A step of the start-up plan that runs out of device memory fails the start with the step, the budget and
     # the settings that make room, as the same exception type (callers catching it still do).

@@ -13,6 +13,7 @@ Shape legend
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -480,11 +481,14 @@ class DeepseekV2ForCausalLM(nn.Module):
                 layer.mlp.experts.impl = impl
 
     def forward_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                       positions: torch.Tensor | None = None, backend: AttentionBackend | None = None):
+                       positions: torch.Tensor | None = None, backend: AttentionBackend | None = None,
+                       layers: Sequence[int] | None = None):
         """Final normed hidden states [B, T, D] and the router outputs of each MoE layer.
 
         attention_mask [B, S] (1 = real token) handles padded batches without a backend.
         positions [B, T] default to 0..T-1.
+        layers: indices of the decoder layers to run, in order (default all). Not the model's function with
+        fewer layers: an engine's start-up runs one layer of each kind to compile that kind's kernels.
         """
         B, T = input_ids.shape
         if positions is None:
@@ -499,7 +503,7 @@ class DeepseekV2ForCausalLM(nn.Module):
         cos, sin = self.model.rotary(positions)
         h = self.model.embed_tokens(input_ids)
         routers = []
-        for layer in self.model.layers:
+        for layer in (self.model.layers if layers is None else [self.model.layers[i] for i in layers]):
             if self.gradient_checkpointing and self.training:
                 h, router = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, mask, backend, use_reentrant=False)
             else:

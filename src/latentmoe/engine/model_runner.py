@@ -9,8 +9,9 @@ whose decode rows read the launched step's samples on the device where the host 
 
 Start-up (`warm_up`) does every compilation and capture before the engine serves: prefill steps of
 every token-count class up to the token budget (each Triton specialisation and tile configuration
-the kernels pick), eager decodes of every split count the decode kernel can choose, and one decode
-graph per batch bucket. What still compiles or captures afterwards is counted (`stats`).
+the kernels pick), eager decodes of every split count the decode kernel can choose (these eager steps run
+one decoder layer of each kind: `warmup_layers`), and one decode graph per batch bucket over the whole
+model. What still compiles or captures afterwards is counted (`stats`).
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class ModelRunner:
         self.compilations_at_ready = 0
         self.warmup_seconds = 0.0
         self.warmup_breakdown: dict[str, tuple[int, float]] = {}   # kind -> (steps, seconds), from warm_up
+        self._warmup_layers: list[int] | None = None
         # Called (from the step's thread) once a step's device work is queued, before the step waits for
         # it: a server hands out the previous step's outputs then, not while this step's host work runs.
         self.on_launch = None
@@ -392,6 +394,23 @@ class ModelRunner:
             p *= 2
         return sorted(sizes)
 
+    def warmup_layers(self) -> list[int]:
+        """The decoder layers start-up's eager steps run: the first of each kind. Layers alike in module types
+        and in their tensors' shapes and dtypes launch the same kernel variants, so one compiles them for all
+        (V2-Lite: the dense first layer and one MoE layer of 26), and a step costs that fraction of a full one.
+        Its peak memory is a full step's: activations live one layer at a time."""
+        if self._warmup_layers is None:
+            seen, picked = set(), []
+            for i, layer in enumerate(self.model.model.layers):
+                kind = tuple((type(m), tuple((t.shape, t.dtype) for t in (*m.parameters(recurse=False),
+                                                                          *m.buffers(recurse=False))))
+                             for m in layer.modules())
+                if kind not in seen:
+                    seen.add(kind)
+                    picked.append(i)
+            self._warmup_layers = picked
+        return self._warmup_layers
+
     def _warmup_chunk(self, max_num_batched_tokens: int) -> int:
         """The longest prefill chunk a step can hold: the token budget, within the context."""
         return min(max_num_batched_tokens, self.max_model_len - 1)
@@ -508,7 +527,7 @@ class ModelRunner:
         ids = torch.zeros(1, M, dtype=torch.int64, device=self.device)
         pos = torch.arange(M, device=self.device)[None]
         self.backend.meta = meta
-        h, _ = self.model.forward_hidden(ids, positions=pos, backend=self.backend)
+        h, _ = self.model.forward_hidden(ids, positions=pos, backend=self.backend, layers=self.warmup_layers())
         self.backend.meta = None
         self.model.compute_logits(h[0, -1:]).argmax(dim=-1)
 
