@@ -244,9 +244,7 @@ def test_warmup_out_of_memory_names_the_step_and_the_settings(model):
 
 def test_prefill_warmup_sizes_cover_every_class():
     # Token counts 1..budget fall in classes (==1, divisible by 16 or not, expert-tile config, sort kernels,
-    # dense FP8 GEMM tile, cuDNN's path); each class a count can reach has a warm-up count in it, also with
-    # the ladder thinned past twice the last tier.
-    from latentmoe.kernels import last_token_tier
+    # dense FP8 GEMM tile, cuDNN's path); each class a count can reach has a warm-up count in it.
     from latentmoe.kernels.fp8 import choose_gemm_config
     from latentmoe.kernels.fp8_moe import choose_w8a8_config, uses_fp8_activations
     from latentmoe.kernels.moe import ALIGN_SERIAL_COUNT_MAX_ASSIGNMENTS, FEW_TOKENS, choose_moe_config
@@ -262,15 +260,9 @@ def test_prefill_warmup_sizes_cover_every_class():
                 uses_fp8_activations(a, (experts, 2048, 1408)), str(choose_w8a8_config(a, experts)),
                 str(choose_gemm_config(m, 2048)), m >= CUDNN_MIN_CHUNK)
 
-    for top_k, experts, budget in ((6, 64, 16384), (2, 8, 2048), (8, 160, 8192), (6, 64, 65536),
-                                   (6, 160, 65536), (2, 256, 65536)):
-        want = {cls(m, top_k, experts) for m in range(1, budget + 1)}
-        for dense_until in (None, 2 * last_token_tier(top_k, experts)):
-            sizes = ModelRunner.prefill_warmup_sizes(budget, dense_until)
-            assert {cls(m, top_k, experts) for m in sizes} == want, (top_k, experts, budget, dense_until)
-    # Thinning is what it is for: far fewer dummy tokens at a large budget (V2-Lite's experts).
-    full, thin = (sum(ModelRunner.prefill_warmup_sizes(65536, d)) for d in (None, 2 * last_token_tier(6, 64)))
-    assert thin < 0.5 * full
+    for top_k, experts, budget in ((6, 64, 16384), (2, 8, 2048), (8, 160, 8192), (6, 64, 65536), (2, 256, 65536)):
+        sizes = ModelRunner.prefill_warmup_sizes(budget)
+        assert {cls(m, top_k, experts) for m in sizes} == {cls(m, top_k, experts) for m in range(1, budget + 1)}
 
 
 def test_requests_arriving_mid_run(model, expected):

@@ -374,23 +374,17 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ start-up
     @staticmethod
-    def prefill_warmup_sizes(max_tokens: int, dense_until: int | None = None) -> list[int]:
+    def prefill_warmup_sizes(max_tokens: int) -> list[int]:
         """Token counts of the start-up prefill steps: 1-4, then n, n+1, n+2, n+4, n+8, n+16 for n = 2^k and
         3*2^(k-1) up to the budget, and the budget itself. Kernels specialise integer arguments on ==1
         and on divisibility by 16 (of tokens, or of tokens x experts per token), and pick tile shapes
         by token count (expert-GEMM tiles by tokens per expert, the expert sort's kernel vs torch path):
-        each class of count they can see is among these.
-
-        Past `dense_until` (twice kernels.last_token_tier: the last tier's classes are all met below it) only
-        n itself remains, one shape per half octave for the attention libraries that plan per shape: at a
-        65,536-token budget (V2-Lite) start-up's prefill steps run 0.44M dummy tokens instead of 1.11M."""
-        dense_until = max_tokens if dense_until is None else dense_until
+        each class of count they can see is among these."""
         sizes = {1, 2, 3, 4, max_tokens, max(1, max_tokens - 1)}
         p = 8
         while p <= max_tokens:
             for base in (p, 3 * p // 2):
-                offsets = (0, 1, 2, 4, 8, 16) if base <= dense_until else (0,)
-                sizes.update(n for n in (base + o for o in offsets) if n <= max_tokens)
+                sizes.update(n for n in (base, base + 1, base + 2, base + 4, base + 8, base + 16) if n <= max_tokens)
             p *= 2
         return sorted(sizes)
 
@@ -423,10 +417,7 @@ class ModelRunner:
         probe = torch.empty(0, device=self.device)
         if kernels.HAS_TRITON and kernels._triton.use_triton(probe) and not kernels._triton.INTERPRET:
             budget = self._warmup_chunk(max_num_batched_tokens)
-            cfg = self.model.config
-            dense_until = 2 * kernels.last_token_tier(cfg.num_experts_per_tok if cfg.n_routed_experts else 0,
-                                                      cfg.n_routed_experts)
-            plan += [("prefill", n) for n in self.prefill_warmup_sizes(budget, dense_until)]
+            plan += [("prefill", n) for n in self.prefill_warmup_sizes(budget)]
             # A step of two chunks: the Triton attention kernel (one-chunk steps of CUDNN_MIN_CHUNK tokens or
             # more take cuDNN's where it runs: kernels/prefill.py).
             plan.append(("chunks", 2))

@@ -23,7 +23,6 @@ from .prefill import prefill_attention, prefill_attention_triton
 from .reference import (fused_moe_ref, mha_decode_ref, mla_decode_einsum, mla_decode_ref, mla_post_projection_ref,
                         prefill_attention_ref, rms_norm_ref, softmax_topk_ref, write_latent_cache_ref)
 from .router import softmax_topk
-from .tiers import last_token_tier
 from .skinny import (SKINNY_MAX_ROWS, per_head_matmul, per_head_matmul_ref, skinny_linear, skinny_linear_pair,
                      skinny_linear_ref, skinny_swiglu)
 
@@ -40,5 +39,5 @@ __all__ = [
     "prefill_attention", "prefill_attention_ref", "prefill_attention_triton",
     "skinny_linear", "skinny_linear_pair", "skinny_swiglu", "skinny_linear_ref", "SKINNY_MAX_ROWS",
     "per_head_matmul", "per_head_matmul_ref",
-    "compilations", "last_token_tier",
+    "compilations",
 ]

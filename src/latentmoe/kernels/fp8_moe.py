@@ -253,11 +253,8 @@ W8A8_CONFIG = dict(block_m=64, num_warps=4, num_stages=3)
 W8A8_PREFILL_CONFIG = dict(block_m=128, num_warps=8, num_stages=3, gate_up_stages=4)
 
 
-W8A8_PREFILL_MIN_PER_EXPERT = 64   # assignments per expert from which the prefill tile runs
-
-
 def choose_w8a8_config(n_assignments: int, n_experts: int) -> dict:
-    return W8A8_PREFILL_CONFIG if n_assignments >= W8A8_PREFILL_MIN_PER_EXPERT * n_experts else W8A8_CONFIG
+    return W8A8_PREFILL_CONFIG if n_assignments >= 64 * n_experts else W8A8_CONFIG
 
 
 def fused_moe_fp8_w8a8_triton(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scale, topk_idx_MK,

@@ -314,18 +314,13 @@ PREFILL_CONFIG = dict(block_m=128, block_n1=128, block_n2=256, block_k=64, num_w
                       tma=True, gate_up_stages=4)
 
 
-# Assignments per expert at which choose_moe_config moves to its next tile: decode, wide decode, mid, prefill.
-MOE_CONFIG_TIERS = (16, 32, 256)
-
-
 def choose_moe_config(n_assignments: int, n_experts: int) -> dict:
     per_expert = n_assignments / n_experts
-    wide, mid, prefill = MOE_CONFIG_TIERS
-    if per_expert < wide:
+    if per_expert < 16:
         return DECODE_CONFIG
-    if per_expert < mid:
+    if per_expert < 32:
         return DECODE_WIDE_CONFIG
-    if per_expert < prefill:
+    if per_expert < 256:
         return dict(PREFILL_CONFIG, block_m=64, block_n1=64, block_n2=128, num_warps=4, merged=False, tma=False,
                     gate_up_stages=3)
     return PREFILL_CONFIG
