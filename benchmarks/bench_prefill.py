@@ -6,7 +6,9 @@ prompts of 1,000 tokens; 25 of 256-1,024). Timed (median of 5): the engine's ent
 cuDNN's fused attention for the long one-chunk steps on sm90+, the Triton kernel for the steps of many
 prompts), the Triton kernel at its default tiles (and, with --sweep, every tile configuration); the reference
 is torch's scaled_dot_product_attention (its fastest backend for these shapes) on the same q/k/v with k_pe
-repeated per head, one call per prompt; the floor is the causal attention FLOPs at PEAK_FLOPS.
+repeated per head, one call per prompt; the floor is the causal attention FLOPs at PEAK_FLOPS. Last, the first
+call of one-chunk lengths the process has not run against their repeats: what a new prompt length pays once
+while serving (start-up warms only the lengths it runs).
 
     python benchmarks/bench_prefill.py [--sweep]                 # GPU: writes benchmarks/results/prefill.md
     python benchmarks/bench_prefill.py --smoke --out /tmp/p.md   # CPU: tiny shapes, the reference only
@@ -64,6 +66,26 @@ def case(chunks, dev, dtype):
         mask = None if prefix == 0 else torch.ones(q_len, prefix + q_len, dtype=torch.bool, device=dev).tril(prefix)
         sdpa.append((qq, kk, v[ks].transpose(0, 1)[None], mask))
     return q, qpe, k, kpe, v, cu_q, cu_k, sdpa
+
+
+def first_use(out, dev, dtype, lengths):
+    """The engine's entry on one-chunk prompts of lengths this process has not run: the first call against the
+    median of three repeats. Beyond a Triton compilation (none here: the kernels' classes are warm by then), a
+    library may plan per shape; start-up can warm only the lengths it runs, so a new length pays its
+    first-call difference once while serving."""
+    out("")
+    out("First call of a one-chunk prompt length not run before in this process (no prefix), kernels.prefill_attention:")
+    out("")
+    out("| tokens | first call ms | repeat ms (median of 3) | first - repeat ms |")
+    out("|---|---|---|---|")
+    for length in lengths:
+        q, qpe, k, kpe, v, cu_q, cu_k, _ = case([(0, length)], dev, dtype)
+
+        def run():
+            kernels.prefill_attention(q, qpe, k, kpe, v, cu_q, cu_k, length, 0.1, max_k=length)
+        first = timed(run, reps=1)
+        again = timed(run, reps=3)
+        out(f"| {length:,} | {first * 1e3:.1f} | {again * 1e3:.1f} | {(first - again) * 1e3:.1f} |")
 
 
 def main():
@@ -140,6 +162,7 @@ def main():
             summary.append(f"| {name}, Triton kernel, best tiles ({best[1]}) | {best[0] * 1e3:.1f} ms, {flops / best[0] / 1e12:.0f} TFLOP/s "
                            f"| torch SDPA {ref_t * 1e3:.1f} ms, {flops / ref_t / 1e12:.0f} TFLOP/s | "
                            f"{ref_t / best[0]:.2f}x |")
+    first_use(out, dev, dtype, (300, 301) if args.smoke else (5000, 9001, 20001, 40003))
     device = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     prov = f"date: {date}; device: {device}; torch {torch.__version__}; command: `python {' '.join(sys.argv)}`"
