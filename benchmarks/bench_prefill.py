@@ -8,7 +8,7 @@ prompts), the Triton kernel at its default tiles (and, with --sweep, every tile 
 is torch's scaled_dot_product_attention (its fastest backend for these shapes) on the same q/k/v with k_pe
 repeated per head, one call per prompt; the floor is the causal attention FLOPs at PEAK_FLOPS. Last, the first
 call of one-chunk lengths the process has not run against their repeats: what a new prompt length pays once
-while serving (start-up warms only the lengths it runs).
+while serving (start-up warms only the lengths it runs), and the same chunks padded to a ladder of lengths.
 
     python benchmarks/bench_prefill.py [--sweep]                 # GPU: writes benchmarks/results/prefill.md
     python benchmarks/bench_prefill.py --smoke --out /tmp/p.md   # CPU: tiny shapes, the reference only
@@ -68,24 +68,46 @@ def case(chunks, dev, dtype):
     return q, qpe, k, kpe, v, cu_q, cu_k, sdpa
 
 
+def ladder_length(length: int, per_octave: int = 16) -> int:
+    """The length rounded up to a ladder of `per_octave` steps per octave (at most 1/per_octave padding)."""
+    step = max(1, (1 << (length.bit_length() - 1)) // per_octave)
+    return -(-length // step) * step
+
+
 def first_use(out, dev, dtype, lengths):
     """The engine's entry on one-chunk prompts of lengths this process has not run: the first call against the
     median of three repeats. Beyond a Triton compilation (none here: the kernels' classes are warm by then), a
     library may plan per shape; start-up can warm only the lengths it runs, so a new length pays its
-    first-call difference once while serving."""
+    first-call difference once while serving.
+
+    The candidate fix, measured beside it: pad the chunk at its end to a ladder length (16 a octave) that was run
+    before. Causal attention of a chunk over itself is exact under padding at the end (no real query sees a
+    padded key); the table gives the padded call's first use after its ladder length ran once, its repeat,
+    and its largest difference from the unpadded output."""
     out("")
-    out("First call of a one-chunk prompt length not run before in this process (no prefix), kernels.prefill_attention:")
+    out("First call of a one-chunk prompt length not run before in this process (no prefix), kernels.prefill_attention;"
+        " then the same chunk padded at its end to a ladder length (16 a octave) run once before:")
     out("")
-    out("| tokens | first call ms | repeat ms (median of 3) | first - repeat ms |")
-    out("|---|---|---|---|")
+    out("| tokens | first call ms | repeat ms (median of 3) | first - repeat ms | padded to | padded first ms | "
+        "padded repeat ms | padded max abs diff |")
+    out("|---|---|---|---|---|---|---|---|")
     for length in lengths:
         q, qpe, k, kpe, v, cu_q, cu_k, _ = case([(0, length)], dev, dtype)
 
-        def run():
-            kernels.prefill_attention(q, qpe, k, kpe, v, cu_q, cu_k, length, 0.1, max_k=length)
+        def run(tensors=(q, qpe, k, kpe, v), n=length):
+            cu = torch.tensor([0, n], dtype=torch.int32, device=dev)
+            return kernels.prefill_attention(*tensors, cu, cu, n, 0.1, max_k=n)
         first = timed(run, reps=1)
         again = timed(run, reps=3)
-        out(f"| {length:,} | {first * 1e3:.1f} | {again * 1e3:.1f} | {(first - again) * 1e3:.1f} |")
+        padded_len = ladder_length(length)
+        padded = [F.pad(t, (0, 0) * (t.dim() - 1) + (0, padded_len - length)) for t in (q, qpe, k, kpe, v)]
+        pq, pqpe, pk, pkpe, pv, _, _, _ = case([(0, padded_len)], dev, dtype)
+        run((pq, pqpe, pk, pkpe, pv), padded_len)   # the ladder length, as start-up would have run it
+        p_first = timed(lambda: run(padded, padded_len), reps=1)
+        p_again = timed(lambda: run(padded, padded_len), reps=3)
+        diff = (run(padded, padded_len)[:length].float() - run().float()).abs().max().item()
+        out(f"| {length:,} | {first * 1e3:.1f} | {again * 1e3:.1f} | {(first - again) * 1e3:.1f} | {padded_len:,} | "
+            f"{p_first * 1e3:.1f} | {p_again * 1e3:.1f} | {diff:.1e} |")
 
 
 def main():
