@@ -13,7 +13,7 @@ from latentmoe.engine import LLM, EngineConfig, SamplingParams
 from latentmoe.engine.block_manager import BlockManager
 from latentmoe.engine.config import CUDA_BUDGETS, default_budget
 from latentmoe.engine.kv_cache import LatentCache, activation_bytes_per_token, plan_cache
-from latentmoe.engine.model_runner import ModelRunner
+from latentmoe.engine.model_runner import ModelRunner, warmup_layers
 from latentmoe.engine.sequence import Sequence
 from latentmoe.kernels import mla_decode_ref
 
@@ -191,11 +191,11 @@ def test_warmup_runs_one_layer_of_each_kind():
     # layers alike launch the same kernels. A layer that differs in a tensor's dtype is a kind of its own.
     model = tiny_model(num_hidden_layers=5, first_k_dense_replace=1)
     llm = LLM(model, block_size=4, num_blocks=50, max_num_seqs=2, max_model_len=32, max_num_batched_tokens=16)
-    assert llm.runner.warmup_layers() == [0, 1]
+    assert llm.runner.warmup_layers == [0, 1]
     model = llm.runner.model   # the engine runs its own view of the caller's model (engine_model)
     model.model.layers[3].mlp.gate.weight.data = model.model.layers[3].mlp.gate.weight.data.double()
-    llm.runner._warmup_layers = None
-    assert llm.runner.warmup_layers() == [0, 1, 3]
+    llm.runner.warmup_layers = warmup_layers(model)
+    assert llm.runner.warmup_layers == [0, 1, 3]
     seen = []
     real = model.forward_hidden
 

@@ -81,7 +81,7 @@ class ModelRunner:
         self.compilations_at_ready = 0
         self.warmup_seconds = 0.0
         self.warmup_breakdown: dict[str, tuple[int, float]] = {}   # kind -> (steps, seconds), from warm_up
-        self._warmup_layers: list[int] | None = None
+        self.warmup_layers = warmup_layers(model)   # the decoder layers start-up's eager steps run
         # Called (from the step's thread) once a step's device work is queued, before the step waits for
         # it: a server hands out the previous step's outputs then, not while this step's host work runs.
         self.on_launch = None
@@ -388,23 +388,6 @@ class ModelRunner:
             p *= 2
         return sorted(sizes)
 
-    def warmup_layers(self) -> list[int]:
-        """The decoder layers start-up's eager steps run: the first of each kind. Layers alike in module types
-        and in their tensors' shapes and dtypes launch the same kernel variants, so one compiles them for all
-        (V2-Lite: the dense first layer and one MoE layer of 26), and a step costs that fraction of a full one.
-        Its peak memory is a full step's: activations live one layer at a time."""
-        if self._warmup_layers is None:
-            seen, picked = set(), []
-            for i, layer in enumerate(self.model.model.layers):
-                kind = tuple((type(m), tuple((t.shape, t.dtype) for t in (*m.parameters(recurse=False),
-                                                                          *m.buffers(recurse=False))))
-                             for m in layer.modules())
-                if kind not in seen:
-                    seen.add(kind)
-                    picked.append(i)
-            self._warmup_layers = picked
-        return self._warmup_layers
-
     def _warmup_chunk(self, max_num_batched_tokens: int) -> int:
         """The longest prefill chunk a step can hold: the token budget, within the context."""
         return min(max_num_batched_tokens, self.max_model_len - 1)
@@ -446,16 +429,15 @@ class ModelRunner:
         if progress and plan:
             from tqdm import tqdm
             bar = tqdm(total=len(plan), desc="warming up (compile + capture)", unit="step")
-        breakdown: dict[str, list] = {}
+        self.warmup_breakdown = {}
         try:
             for kind, n in plan:
                 t = time.perf_counter()
                 self._warmup_step(kind, n, max_num_batched_tokens)
                 if self.device.type == "cuda":   # so each kind's time is its own, not the next one's wait
                     torch.cuda.synchronize(self.device)
-                entry = breakdown.setdefault(kind, [0, 0.0])
-                entry[0] += 1
-                entry[1] += time.perf_counter() - t
+                steps, secs = self.warmup_breakdown.get(kind, (0, 0.0))
+                self.warmup_breakdown[kind] = (steps + 1, secs + time.perf_counter() - t)
                 if bar is not None:
                     bar.update(1)
         finally:
@@ -464,10 +446,9 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.warmup_seconds = time.perf_counter() - t0
-        self.warmup_breakdown = {kind: (steps, secs) for kind, (steps, secs) in breakdown.items()}
         self.compilations_at_ready = kernels.compilations()
         self.ready = True
-        if breakdown:
+        if self.warmup_breakdown:
             log.info("warm-up by step kind: %s", self.describe_warmup())
 
     def describe_warmup(self) -> str:
@@ -518,7 +499,7 @@ class ModelRunner:
         ids = torch.zeros(1, M, dtype=torch.int64, device=self.device)
         pos = torch.arange(M, device=self.device)[None]
         self.backend.meta = meta
-        h, _ = self.model.forward_hidden(ids, positions=pos, backend=self.backend, layers=self.warmup_layers())
+        h, _ = self.model.forward_hidden(ids, positions=pos, backend=self.backend, layers=self.warmup_layers)
         self.backend.meta = None
         self.model.compute_logits(h[0, -1:]).argmax(dim=-1)
 
@@ -528,4 +509,20 @@ class ModelRunner:
                     compilations_after_ready=kernels.compilations() - self.compilations_at_ready if self.ready else 0)
 
 
-__all__ = ["LaunchedStep", "ModelRunner", "batch_buckets"]
+def warmup_layers(model) -> list[int]:
+    """The first decoder layer of each kind, which start-up's eager steps run. Layers alike in module types and
+    in their tensors' shapes and dtypes launch the same kernel variants, so one compiles them for all (V2-Lite:
+    the dense first layer and one MoE layer of 26), and a step costs that fraction of a full one. Its peak
+    memory is a full step's: activations live one layer at a time."""
+    seen, picked = set(), []
+    for i, layer in enumerate(model.model.layers):
+        kind = tuple((type(m), tuple((t.shape, t.dtype) for t in (*m.parameters(recurse=False),
+                                                                  *m.buffers(recurse=False))))
+                     for m in layer.modules())
+        if kind not in seen:
+            seen.add(kind)
+            picked.append(i)
+    return picked
+
+
+__all__ = ["LaunchedStep", "ModelRunner", "batch_buckets", "warmup_layers"]
