@@ -7,8 +7,8 @@ cuDNN's fused attention for the long one-chunk steps on sm90+, the Triton kernel
 prompts), the Triton kernel at its default tiles (and, with --sweep, every tile configuration); the reference
 is torch's scaled_dot_product_attention (its fastest backend for these shapes) on the same q/k/v with k_pe
 repeated per head, one call per prompt; the floor is the causal attention FLOPs at PEAK_FLOPS. Last, the first
-call of one-chunk lengths the process has not run against their repeats: what a new prompt length pays once
-while serving (start-up warms only the lengths it runs), and the same chunks padded to a ladder of lengths.
+call of one-chunk lengths the process has not run against their repeats, through the engine's entry (padded to
+the ladder of lengths start-up runs) and through cuDNN unpadded.
 
     python benchmarks/bench_prefill.py [--sweep]                 # GPU: writes benchmarks/results/prefill.md
     python benchmarks/bench_prefill.py --smoke --out /tmp/p.md   # CPU: tiny shapes, the reference only
@@ -68,46 +68,52 @@ def case(chunks, dev, dtype):
     return q, qpe, k, kpe, v, cu_q, cu_k, sdpa
 
 
-def ladder_length(length: int, per_octave: int = 16) -> int:
-    """The length rounded up to a ladder of `per_octave` steps per octave (at most 1/per_octave padding)."""
-    step = max(1, (1 << (length.bit_length() - 1)) // per_octave)
-    return -(-length // step) * step
-
-
-def first_use(out, dev, dtype, lengths):
-    """The engine's entry on one-chunk prompts of lengths this process has not run: the first call against the
-    median of three repeats. Beyond a Triton compilation (none here: the kernels' classes are warm by then), a
-    library may plan per shape; start-up can warm only the lengths it runs, so a new length pays its
-    first-call difference once while serving.
-
-    The candidate fix, measured beside it: pad the chunk at its end to a ladder length (16 a octave) that was run
-    before. Causal attention of a chunk over itself is exact under padding at the end (no real query sees a
-    padded key); the table gives the padded call's first use after its ladder length ran once, its repeat,
-    and its largest difference from the unpadded output."""
+def first_use(out, summary, dev, dtype, lengths):
+    """One-chunk prompts of lengths this process has not run: the first call against the best of three
+    repeats. cuDNN's attention plans once per sequence length (torch keeps its plans by shape), so a length
+    start-up did not run paid that on its first call while serving. The engine's entry pads the chunk to a
+    ladder of lengths (kernels.prefill.cudnn_length) that start-up runs: here the ladder length runs once
+    first, as start-up would, then the new length. Beside it, the same chunk through cuDNN unpadded (what
+    the entry did before), and the largest difference between the two outputs."""
+    cudnn = dev.type == "cuda" and kernels.prefill.cudnn_usable(dev, dtype)
     out("")
-    out("First call of a one-chunk prompt length not run before in this process (no prefix), kernels.prefill_attention;"
-        " then the same chunk padded at its end to a ladder length (16 a octave) run once before:")
+    out("First call of a one-chunk prompt length not run before in this process (no prefix): the engine's entry"
+        " (kernels.prefill_attention, padded to its ladder length, which ran once before) and cuDNN unpadded:")
     out("")
-    out("| tokens | first call ms | repeat ms (median of 3) | first - repeat ms | padded to | padded first ms | "
-        "padded repeat ms | padded max abs diff |")
-    out("|---|---|---|---|---|---|---|---|")
+    out("| tokens | padded to | entry first ms | entry repeat ms | unpadded first ms | unpadded repeat ms | "
+        "max abs diff |")
+    out("|---|---|---|---|---|---|---|")
+    worst = []
     for length in lengths:
-        q, qpe, k, kpe, v, cu_q, cu_k, _ = case([(0, length)], dev, dtype)
+        padded = kernels.prefill.cudnn_length(length)
+        q, qpe, k, kpe, v, _, _, _ = case([(0, length)], dev, dtype)
 
-        def run(tensors=(q, qpe, k, kpe, v), n=length):
+        def entry(tensors, n):
             cu = torch.tensor([0, n], dtype=torch.int32, device=dev)
             return kernels.prefill_attention(*tensors, cu, cu, n, 0.1, max_k=n)
-        first = timed(run, reps=1)
-        again = timed(run, reps=3)
-        padded_len = ladder_length(length)
-        padded = [F.pad(t, (0, 0) * (t.dim() - 1) + (0, padded_len - length)) for t in (q, qpe, k, kpe, v)]
-        pq, pqpe, pk, pkpe, pv, _, _, _ = case([(0, padded_len)], dev, dtype)
-        run((pq, pqpe, pk, pkpe, pv), padded_len)   # the ladder length, as start-up would have run it
-        p_first = timed(lambda: run(padded, padded_len), reps=1)
-        p_again = timed(lambda: run(padded, padded_len), reps=3)
-        diff = (run(padded, padded_len)[:length].float() - run().float()).abs().max().item()
-        out(f"| {length:,} | {first * 1e3:.1f} | {again * 1e3:.1f} | {(first - again) * 1e3:.1f} | {padded_len:,} | "
-            f"{p_first * 1e3:.1f} | {p_again * 1e3:.1f} | {diff:.1e} |")
+        entry(case([(0, padded)], dev, dtype)[:5], padded)      # the ladder length, as start-up runs it
+        first, again = timed(lambda: entry((q, qpe, k, kpe, v), length), reps=1), \
+            timed(lambda: entry((q, qpe, k, kpe, v), length), reps=3)
+        got = entry((q, qpe, k, kpe, v), length)
+        row = f"| {length:,} | {padded:,} | {first * 1e3:.1f} | {again * 1e3:.1f} |"
+        if cudnn:
+            def unpadded():
+                qq = torch.cat([q, qpe], -1).transpose(0, 1)[None]
+                kk = kernels.prefill.concat_heads(k, kpe).transpose(0, 1)[None]
+                o = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                    qq, kk, v.transpose(0, 1)[None], None, True, 0.0, True, False, scale=0.1)[0]
+                return o[0].transpose(0, 1)
+            u_first, u_again = timed(unpadded, reps=1), timed(unpadded, reps=3)
+            diff = (got.float() - unpadded().float()).abs().max().item()
+            row += f" {u_first * 1e3:.1f} | {u_again * 1e3:.1f} | {diff:.1e} |"
+            worst.append((first / again, u_first / u_again))
+        else:
+            row += " - | - | - |"
+        out(row)
+    if worst:
+        summary.append(f"| one-chunk prompt of a new length ({', '.join(f'{n:,}' for n in lengths)} tokens), first call "
+                       f"against repeats | at most {max(w[0] for w in worst):.2f}x, padded to the ladder | "
+                       f"unpadded at most {max(w[1] for w in worst):.2f}x | - |")
 
 
 def main():
@@ -184,7 +190,7 @@ def main():
             summary.append(f"| {name}, Triton kernel, best tiles ({best[1]}) | {best[0] * 1e3:.1f} ms, {flops / best[0] / 1e12:.0f} TFLOP/s "
                            f"| torch SDPA {ref_t * 1e3:.1f} ms, {flops / ref_t / 1e12:.0f} TFLOP/s | "
                            f"{ref_t / best[0]:.2f}x |")
-    first_use(out, dev, dtype, (300, 301) if args.smoke else (5000, 9001, 20001, 40003))
+    first_use(out, summary, dev, dtype, (300, 301) if args.smoke else (5000, 9001, 20001, 40003))
     device = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     prov = f"date: {date}; device: {device}; torch {torch.__version__}; command: `python {' '.join(sys.argv)}`"

@@ -149,9 +149,10 @@ def test_prefill_attention_paths_against_reference(K, path, shared_pe, as_engine
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("shared_pe,as_engine", [(True, False), (False, False), (True, True)])
-@pytest.mark.parametrize("chunk", [(0, 700), (513, 300), (4000, 1)])
+@pytest.mark.parametrize("chunk", [(0, 700), (513, 300), (4000, 1), (0, 4352), (100, 4100)])
 def test_prefill_attention_one_chunk_cudnn_against_reference(K, chunk, shared_pe, as_engine):
-    # A step of one chunk (a long prompt): cuDNN's attention, the prefix part merged with the causal part.
+    # A step of one chunk (a long prompt): cuDNN's attention, the prefix part merged with the causal part;
+    # the chunk padded to its ladder length (4352 is one: no padding; the others are padded).
     from latentmoe.kernels.prefill import cudnn_supported, prefill_attention_cudnn
     args = make_inputs([chunk], 16, 128, 64, 128, torch.bfloat16, shared_pe, seed=6, as_engine=as_engine)
     if not cudnn_supported(args[0], args[1], args[4]):
@@ -161,3 +162,23 @@ def test_prefill_attention_one_chunk_cudnn_against_reference(K, chunk, shared_pe
     assert out.shape == (chunk[1], 16, 128) and out.is_contiguous() and rel_err(out, ref) < 1e-2
     # The engine's entry takes this path for a one-chunk step (the longest chunk and context given).
     assert rel_err(K.prefill_attention(*args, 0.07, max_k=sum(chunk)), ref) < 1e-2
+
+
+def test_cudnn_length_ladder(monkeypatch):
+    # cuDNN plans per length, so one-chunk steps run padded to a ladder: never shorter, under 1/16 longer,
+    # a ladder length maps to itself, and longer chunks never map shorter.
+    from latentmoe.kernels import prefill
+    previous = 0
+    for n in list(range(1, 5000)) + list(range(5000, 300000, 997)):
+        L = prefill.cudnn_length(n)
+        assert n <= L < n + max(1, n / 16) and prefill.cudnn_length(L) == L and L >= previous
+        previous = L
+    assert prefill.cudnn_lengths(65536, torch.device("cpu"), torch.bfloat16) == []   # no cuDNN attention here
+    # Where cuDNN runs, start-up runs min(length, budget) for each of these: together they give every padded
+    # length a chunk of the budget or fewer tokens can have, and none over the budget.
+    monkeypatch.setattr(prefill, "cudnn_usable", lambda device, dtype: True)
+    for budget in (4095, 4096, 5000, 10000, 65536):
+        runs = {min(n, budget) for n in prefill.cudnn_lengths(budget, torch.device("cpu"), torch.bfloat16)}
+        assert max(runs, default=0) <= budget
+        want = {prefill.cudnn_length(m) for m in range(prefill.CUDNN_MIN_CHUNK, budget + 1)}
+        assert {prefill.cudnn_length(m) for m in runs} == want

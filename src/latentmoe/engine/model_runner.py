@@ -400,7 +400,11 @@ class ModelRunner:
         probe = torch.empty(0, device=self.device)
         if kernels.HAS_TRITON and kernels._triton.use_triton(probe) and not kernels._triton.INTERPRET:
             budget = self._warmup_chunk(max_num_batched_tokens)
-            plan += [("prefill", n) for n in self.prefill_warmup_sizes(budget)]
+            sizes = set(self.prefill_warmup_sizes(budget))
+            # One-chunk steps that cuDNN's attention takes run padded to its ladder of lengths: each one here
+            # (cuDNN plans per length), the last through the budget's own chunk.
+            sizes.update(min(n, budget) for n in kernels.prefill.cudnn_lengths(budget, self.device, self.dtype))
+            plan += [("prefill", n) for n in sorted(sizes)]
             # A step of two chunks: the Triton attention kernel (one-chunk steps of CUDNN_MIN_CHUNK tokens or
             # more take cuDNN's where it runs: kernels/prefill.py).
             plan.append(("chunks", 2))

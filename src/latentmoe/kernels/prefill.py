@@ -13,6 +13,7 @@ chunk lengths) is device data and the grid. So one compiled kernel serves every 
 form, and Triton may still specialise the strides (16-divisible: aligned, vectorised loads).
 """
 import torch
+import torch.nn.functional as F
 
 from ._triton import INTERPRET, dot, jit, new_buffer, tl, triton, use_triton
 from .reference import prefill_attention_ref
@@ -199,13 +200,43 @@ def prefill_attention_triton(q_nope, q_pe, k_nope, k_pe, v, cu_q, cu_k, max_q: i
     return out
 
 
+def cudnn_usable(device: torch.device, dtype: torch.dtype) -> bool:
+    """cuDNN's fused attention runs here: CUDA sm90+, bf16/fp16, enabled in torch."""
+    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and torch.backends.cudnn.is_available()
+            and torch.backends.cuda.cudnn_sdp_enabled() and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
 def cudnn_supported(q_nope: torch.Tensor, q_pe: torch.Tensor, v: torch.Tensor) -> bool:
-    """cuDNN's fused attention takes these inputs: CUDA sm90+, bf16/fp16,
-    head sizes multiples of 8 up to 256 (q/k and v may differ: no padding)."""
+    """cuDNN's fused attention takes these inputs: cudnn_usable, head sizes multiples of 8 up to 256
+    (q/k and v may differ: no padding)."""
     D, V = q_nope.shape[-1] + q_pe.shape[-1], v.shape[-1]
-    return (q_nope.is_cuda and q_nope.dtype in (torch.float16, torch.bfloat16) and D % 8 == 0 and V % 8 == 0
-            and D <= 256 and V <= 256 and torch.backends.cudnn.is_available()
-            and torch.backends.cuda.cudnn_sdp_enabled() and torch.cuda.get_device_capability(q_nope.device)[0] >= 9)
+    return D % 8 == 0 and V % 8 == 0 and D <= 256 and V <= 256 and cudnn_usable(q_nope.device, q_nope.dtype)
+
+
+# cuDNN builds an execution plan for every new sequence length it meets (torch keeps them by shape), and a
+# new one-chunk length paid it on its first call while serving: on an H100 (V2-Lite, warm engine) a prompt
+# of 5,000 tokens took 177 ms the first time against 57 ms after, 40,003 tokens 782 against 711. So the
+# chunk is padded at its end to a length of this ladder (at most 1/CUDNN_PER_OCTAVE padding), and start-up
+# runs every ladder length up to its token budget (cudnn_lengths).
+CUDNN_PER_OCTAVE = 16
+
+
+def cudnn_length(length: int) -> int:
+    """`length` rounded up to the ladder of CUDNN_PER_OCTAVE lengths per octave."""
+    step = max(1, (1 << (length.bit_length() - 1)) // CUDNN_PER_OCTAVE)
+    return -(-length // step) * step
+
+
+def cudnn_lengths(max_tokens: int, device: torch.device, dtype: torch.dtype) -> list[int]:
+    """The padded lengths a one-chunk step of up to `max_tokens` tokens can give cuDNN on this device (none
+    where cuDNN's attention does not run): what start-up runs so that no length plans while serving."""
+    if max_tokens < CUDNN_MIN_CHUNK or not cudnn_usable(device, dtype):
+        return []
+    lengths, n = [], cudnn_length(CUDNN_MIN_CHUNK)
+    while n <= cudnn_length(max_tokens):
+        lengths.append(n)
+        n = cudnn_length(n + 1)
+    return lengths
 
 
 def merge_attention_parts_ref(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor) -> torch.Tensor:
@@ -263,27 +294,39 @@ def prefill_attention_cudnn(q_nope, q_pe, k_nope, k_pe, v, softmax_scale: float)
     attention through it ran 647 TFLOP/s on a 32K causal prompt against 314 for the masked long-prefix
     case (benchmarks/results/prefill.md); in the engine it took a 128K prompt's prefill from 10.8 to
     5.7 s (benchmarks/results/e2e.md): long prompts, one chunk per step, go here.
+
+    The chunk runs padded at its end with zero rows to cudnn_length(T) queries (and, over itself, keys):
+    under the causal mask no real query sees a padded key, and the padded queries' rows are dropped, so
+    the result is the unpadded one while cuDNN meets only the ladder's lengths. The prefix's keys are not
+    padded (the call over them has no mask): a chunk after a prefix of a length not met before still plans.
     """
     T, H, _ = q_nope.shape
     S = k_nope.shape[0]
-    q = joined(q_nope, q_pe)      # the projection's own rows when q_pe follows q_nope (rotated in place)
-    q = (torch.cat([q_nope, q_pe], dim=-1) if q is None else q).transpose(0, 1)[None]          # [1, H, T, D]
-    k = concat_heads(k_nope, k_pe)
-    k, v = k.transpose(0, 1)[None], v.transpose(0, 1)[None]                                       # [1, H, S, *]
     prefix = S - T
+    extra = cudnn_length(T) - T
+
+    def padded(t):        # [T, H, *] with `extra` zero rows after
+        return F.pad(t, (0, 0, 0, 0, 0, extra)) if extra else t
+
+    def heads_first(t):
+        return t.transpose(0, 1)[None]                                                          # [1, H, rows, *]
+
+    q = joined(q_nope, q_pe)      # the projection's own rows when q_pe follows q_nope (rotated in place)
+    q = heads_first(padded(torch.cat([q_nope, q_pe], dim=-1) if q is None else q))
+    k = concat_heads(k_nope, k_pe)
 
     def part(keys, values, causal):
         # Log-sum-exps always: cuDNN generates (compiles) a kernel per variant on first use, and with one
         # variant per mask the engine's start-up (a chunk after a 1-token prefix) compiles both.
         out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
-            q, keys, values, None, True, 0.0, causal, False, scale=softmax_scale)[:2]
-        return out, lse
+            q, heads_first(keys), heads_first(values), None, True, 0.0, causal, False, scale=softmax_scale)[:2]
+        return out[0, :, :T], lse.reshape(H, -1)[:, :T]
 
-    out, lse = part(k[:, :, prefix:], v[:, :, prefix:], True)
+    out, lse = part(padded(k[prefix:]), padded(v[prefix:]), True)
     if prefix > 0:
-        o1, l1 = part(k[:, :, :prefix], v[:, :, :prefix], False)
-        return merge_attention_parts(o1[0], l1.reshape(H, T), out[0], lse.reshape(H, T))
-    return out[0].transpose(0, 1).contiguous()
+        o1, l1 = part(k[:prefix], v[:prefix], False)
+        return merge_attention_parts(o1, l1, out, lse)
+    return out.transpose(0, 1).contiguous()
 
 
 # One chunk from this many tokens goes to cuDNN. On an H200 (V2-Lite heads) cuDNN against the Triton kernel:
