@@ -38,13 +38,13 @@ def median(xs: list[float]) -> float:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--budgets", default=None, help="comma list (default 16384,32768,65536; smoke 32,64,128)")
+    ap.add_argument("--budgets", default=None, help="comma list (default 16384,65536,131072; smoke 32,64,128)")
     ap.add_argument("--rounds", type=int, default=None, help="rounds over all budgets (default 6; smoke 2)")
     ap.add_argument("--smoke", action="store_true", help="tiny model and workloads (CPU)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "budget.md"))
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    budgets = [int(b) for b in (args.budgets or ("32,64,128" if args.smoke else "16384,32768,65536")).split(",")]
+    budgets = [int(b) for b in (args.budgets or ("32,64,128" if args.smoke else "16384,65536,131072")).split(",")]
     rounds = args.rounds or (2 if args.smoke else 6)
     if args.smoke:
         preset, max_len, many, mixed, long_len = "tiny", 512, (8, 32, 8), (8, 16, 32, 8), 256

@@ -552,7 +552,7 @@ def test_default_budget_follows_the_model_and_the_gpu_memory(monkeypatch):
     # V2-Lite: its dense first layer's gate, up and product (3 x 10,944) and 4 hidden-size buffers, in bf16.
     assert per_token == (3 * 10944 + 4 * 2048) * 2
     cuda = torch.device("cuda")
-    for gib, want in ((80, 65536), (40, 32768), (16, 16384), (1, 16384)):
+    for gib, want in ((140, 131072), (80, 65536), (40, 32768), (16, 16384), (1, 16384)):
         Props.total_memory = gib * 2 ** 30
         assert default_budget(cuda, torch.bfloat16, lite) == want
         assert EngineConfig().resolved(cuda, torch.bfloat16, lite).max_num_batched_tokens == want

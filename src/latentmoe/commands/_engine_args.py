@@ -18,8 +18,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     g.add_argument("--max-num-seqs", type=int, default=256, help="sequences batched together at most")
     g.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="tokens per step (default on CUDA: 65536, or 32768 / 16384 where the model's step "
-                        "activations would take over 8%% of the GPU's memory; serve and chat: 8192; CPU: 2048)")
+                   help="tokens per step (default on CUDA: the largest of 131072, 65536, 32768, 16384 whose step "
+                        "activations take at most 8%% of the GPU's memory; serve and chat: 8192; CPU: 2048)")
     g.add_argument("--prefill-hold-steps", type=int, default=0,
                    help="steps a new request may wait while others decode, so that arrivals prefill together "
                         "(decode-only steps replay a CUDA graph); default 0: admitted at once")

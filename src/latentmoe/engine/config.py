@@ -28,7 +28,7 @@ class EngineConfig:
     max_num_seqs: int = 256                    # sequences batched together at most (also the largest graph bucket)
     max_model_len: int | None = None           # prompt + output tokens per sequence (default: model max, cache allowing)
     # Tokens per step. Default on CUDA: the largest of CUDA_BUDGETS whose step activations fit in
-    # ACTIVATION_SHARE of the device's memory (65,536 for V2-Lite on an 80 GB card; see default_budget);
+    # ACTIVATION_SHARE of the device's memory (V2-Lite: 65,536 on an 80 GB card, 131,072 on 141 GB; see default_budget);
     # `latentmoe serve` and `chat` use 8,192 (shorter steps between tokens); elsewhere max(2048, max_num_seqs).
     # Start-up compiles prefill for every count up to it.
     max_num_batched_tokens: int | None = None
@@ -148,10 +148,11 @@ class EngineConfig:
 # weight read, the running sequences' decode attention, launch tails) fewer times: H100, V2-Lite shape, one
 # engine with the budget switched between runs (6 rounds, interleaved), 200 x (1,000 in, 100 out) medians
 # 3.468 / 3.394 / 3.354 s at 16,384 / 32,768 / 65,536, 256 x (256-1,024 in, 128 out) 3.52 / 3.51 / 3.46 s;
-# one 32K or 128K prompt within 2% at each (benchmarks/bench_budget.py reruns this comparison). 131,072 ran out of
-# the H100's memory in warm-up (see kv_cache.plan_cache, which keeps activation_bytes_per_token x budget for
-# activations).
-CUDA_BUDGETS = (65536, 32768, 16384)
+# one 32K or 128K prompt within 2% at each (benchmarks/bench_budget.py reruns this comparison). Again with 131,072
+# (H100, 4 rounds): 3.370 / 3.485 / 3.679 s at 131,072 / 65,536 / 16,384, 256 x (256-1,024 in, 128 out) 3.50 / 3.52
+# / 3.76 s. V2-Lite's 131,072-token step (82 KB a token, kv_cache.activation_bytes_per_token) fits the share on a
+# 141 GB card, not on an 80 GB one.
+CUDA_BUDGETS = (131072, 65536, 32768, 16384)
 ACTIVATION_SHARE = 0.08
 
 
