@@ -260,7 +260,8 @@ def test_prefill_warmup_sizes_cover_every_class():
                 uses_fp8_activations(a, (experts, 2048, 1408)), str(choose_w8a8_config(a, experts)),
                 str(choose_gemm_config(m, 2048)), m >= CUDNN_MIN_CHUNK)
 
-    for top_k, experts, budget in ((6, 64, 16384), (2, 8, 2048), (8, 160, 8192), (6, 64, 65536), (2, 256, 65536)):
+    for top_k, experts, budget in ((6, 64, 16384), (2, 8, 2048), (8, 160, 8192), (6, 64, 65536), (2, 256, 65536),
+                                    (6, 64, 131072)):
         sizes = ModelRunner.prefill_warmup_sizes(budget)
         assert {cls(m, top_k, experts) for m in sizes} == {cls(m, top_k, experts) for m in range(1, budget + 1)}
 
