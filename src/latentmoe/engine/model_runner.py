@@ -9,9 +9,9 @@ whose decode rows read the launched step's samples on the device where the host 
 
 Start-up (`warm_up`) does every compilation and capture before the engine serves: prefill steps of
 every token-count class up to the token budget (each Triton specialisation and tile configuration
-the kernels pick) and of every length cuDNN's attention is given (kernels.prefill.cudnn_lengths), eager decodes of every split count the decode kernel can choose (these eager steps run
-one decoder layer of each kind: `warmup_layers`), and one decode graph per batch bucket over the whole
-model. What still compiles or captures afterwards is counted (`stats`).
+the kernels pick) and of every length cuDNN's attention is given (kernels.prefill.cudnn_lengths), eager
+decodes of every split count the decode kernel can choose (these eager steps run one decoder layer of
+each kind: `warmup_layers`), and one decode graph per batch bucket over the whole model. What still compiles or captures afterwards is counted (`stats`).
 """
 
 from __future__ import annotations
