@@ -182,3 +182,32 @@ def test_cudnn_length_ladder(monkeypatch):
         assert max(runs, default=0) <= budget
         want = {prefill.cudnn_length(m) for m in range(prefill.CUDNN_MIN_CHUNK, budget + 1)}
         assert {prefill.cudnn_length(m) for m in runs} == want
+
+
+@pytest.mark.parametrize("chunk", [(0, 37), (0, 64), (21, 45), (50, 1)])
+def test_cudnn_path_pads_to_the_ladder_on_cpu(monkeypatch, chunk):
+    # prefill_attention_cudnn's own work (padding to the ladder, the two parts, slicing, merging) on CPU: cuDNN's
+    # op replaced by dense attention with the same contract (causal aligned to the top left). It must give the
+    # reference's rows, hand the op only ladder lengths, and lay them out the same way whether or not a length
+    # was padded (the op's plans are kept by strides as well as shapes).
+    from latentmoe.kernels import prefill
+    calls = []
+
+    def dense(q, k, v, causal, scale):
+        calls.append((q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), causal))
+        s = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double()) * scale
+        if causal:
+            s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).tril().logical_not(), float("-inf"))
+        return torch.einsum("bhqk,bhkv->bhqv", s.softmax(-1), v.double()).to(q.dtype), s.logsumexp(-1)
+    monkeypatch.setattr(prefill, "cudnn_attention", dense)
+    H, N, R, V = 2, 8, 4, 6
+    args = make_inputs([chunk], H, N, R, V, torch.float64, seed=9, device="cpu", as_engine=True)
+    out = prefill.prefill_attention_cudnn(*args[:5], 0.3)
+    assert out.shape == (chunk[1], H, V) and out.is_contiguous()
+    assert rel_err(out, prefill.prefill_attention_ref(*args[:7], 0.3)) < 1e-6   # fp32 merge under the interpreter
+    T, Tp = chunk[1], prefill.cudnn_length(chunk[1])
+    assert [c[-1] for c in calls] == [True] + ([False] if chunk[0] else [])
+    q_shape, q_stride, k_shape, k_stride, v_shape, v_stride, _ = calls[0]    # the chunk over itself
+    assert q_shape == (1, H, Tp, N + R) and k_shape == (1, H, Tp, N + R) and v_shape == (1, H, Tp, V)
+    # Heads-first views of contiguous [Tp, H, *] rows, as a padded buffer is (the size-1 batch's stride aside).
+    assert q_stride[1:] == k_stride[1:] == (N + R, H * (N + R), 1) and v_stride[1:] == (V, H * V, 1)

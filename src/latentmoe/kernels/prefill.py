@@ -284,6 +284,13 @@ def merge_attention_parts(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor
     return out
 
 
+def cudnn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float):
+    """cuDNN's fused attention on [1, H, rows, *] tensors (causal: aligned to the top left) -> (out [1, H, Tq, V],
+    log-sum-exps, H x Tq values). Log-sum-exps always: cuDNN generates (compiles) a kernel per variant on first
+    use, and with one variant per mask the engine's start-up (a chunk after a 1-token prefix) compiles both."""
+    return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)[:2]
+
+
 def prefill_attention_cudnn(q_nope, q_pe, k_nope, k_pe, v, softmax_scale: float) -> torch.Tensor:
     """One chunk (its T queries after S - T cached keys) through cuDNN's fused attention.
 
@@ -321,10 +328,7 @@ def prefill_attention_cudnn(q_nope, q_pe, k_nope, k_pe, v, softmax_scale: float)
     k = concat_heads(k_nope, k_pe)
 
     def part(keys, values, causal):
-        # Log-sum-exps always: cuDNN generates (compiles) a kernel per variant on first use, and with one
-        # variant per mask the engine's start-up (a chunk after a 1-token prefix) compiles both.
-        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
-            q, heads_first(keys), heads_first(values), None, True, 0.0, causal, False, scale=softmax_scale)[:2]
+        out, lse = cudnn_attention(q, heads_first(keys), heads_first(values), causal, softmax_scale)
         return out[0, :, :T], lse.reshape(H, Tp)[:, :T]
 
     k_self = k[prefix:] if Tp == T else padded(k[prefix:])    # k is contiguous: the padded layout already
