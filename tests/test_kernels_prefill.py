@@ -188,8 +188,8 @@ def test_cudnn_length_ladder(monkeypatch):
 def test_cudnn_path_pads_to_the_ladder_on_cpu(monkeypatch, chunk):
     # prefill_attention_cudnn's own work (padding to the ladder, the two parts, slicing, merging) on CPU: cuDNN's
     # op replaced by dense attention with the same contract (causal aligned to the top left). It must give the
-    # reference's rows, hand the op only ladder lengths, and lay them out the same way whether or not a length
-    # was padded (the op's plans are kept by strides as well as shapes).
+    # reference's rows, hand the op only ladder lengths, and lay them out as the engine's projections lay out
+    # their rows whether or not a length was padded (the op's plans are likely kept by strides too).
     from latentmoe.kernels import prefill
     calls = []
 
@@ -205,9 +205,9 @@ def test_cudnn_path_pads_to_the_ladder_on_cpu(monkeypatch, chunk):
     out = prefill.prefill_attention_cudnn(*args[:5], 0.3)
     assert out.shape == (chunk[1], H, V) and out.is_contiguous()
     assert rel_err(out, prefill.prefill_attention_ref(*args[:7], 0.3)) < 1e-6   # fp32 merge under the interpreter
-    T, Tp = chunk[1], prefill.cudnn_length(chunk[1])
+    Tp = prefill.cudnn_length(chunk[1])
     assert [c[-1] for c in calls] == [True] + ([False] if chunk[0] else [])
     q_shape, q_stride, k_shape, k_stride, v_shape, v_stride, _ = calls[0]    # the chunk over itself
     assert q_shape == (1, H, Tp, N + R) and k_shape == (1, H, Tp, N + R) and v_shape == (1, H, Tp, V)
-    # Heads-first views of contiguous [Tp, H, *] rows, as a padded buffer is (the size-1 batch's stride aside).
-    assert q_stride[1:] == k_stride[1:] == (N + R, H * (N + R), 1) and v_stride[1:] == (V, H * V, 1)
+    # Heads-first views of [Tp, H, *] rows with the engine's strides (the size-1 batch's stride aside).
+    assert q_stride[1:] == k_stride[1:] == (N + R, H * (N + R), 1) and v_stride[1:] == (N + V, H * (N + V), 1)

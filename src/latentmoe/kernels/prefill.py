@@ -314,11 +314,14 @@ def prefill_attention_cudnn(q_nope, q_pe, k_nope, k_pe, v, softmax_scale: float)
     Tp = cudnn_length(T)
 
     def padded(t):
-        # [T, H, *] -> a new contiguous [Tp, H, *], zero rows after: the same layout whether or not the length
-        # needs padding. With padded copies but unpadded strided views, a new 5,000-token prompt still took
-        # 142 ms the first time against 57 ms after (H100, engine started for its ladder), most likely because
-        # plans are kept by strides as well as shapes; the layout-independent copy has not run on a GPU yet.
-        out = t.new_empty(Tp, *t.shape[1:])
+        # [T, H, *] -> [Tp, H, *] with zero rows after, laid out with t's own strides: cuDNN meets one layout
+        # per length whether or not a length needs padding. With contiguous padded copies of the projection's
+        # strided views, a new 5,000-token prompt still took 142 ms the first time against 57 ms after (H100,
+        # engine started for its ladder), most likely because plans are kept by strides as well as shapes;
+        # this version has not run on a GPU yet.
+        if Tp == T:
+            return t
+        out = torch.empty_strided((Tp, *t.shape[1:]), t.stride(), dtype=t.dtype, device=t.device)
         out[:T] = t
         out[T:].zero_()
         return out
@@ -334,8 +337,7 @@ def prefill_attention_cudnn(q_nope, q_pe, k_nope, k_pe, v, softmax_scale: float)
         out, lse = cudnn_attention(q, heads_first(keys), heads_first(values), causal, softmax_scale)
         return out[0, :, :T], lse.reshape(H, Tp)[:, :T]
 
-    k_self = k[prefix:] if Tp == T else padded(k[prefix:])    # k is contiguous: the padded layout already
-    out, lse = part(k_self, padded(v[prefix:]), True)
+    out, lse = part(padded(k[prefix:]), padded(v[prefix:]), True)
     if prefix > 0:
         o1, l1 = part(k[:prefix], v[:prefix], False)
         return merge_attention_parts(o1, l1, out, lse)
