@@ -174,11 +174,11 @@ def test_cudnn_length_ladder(monkeypatch):
         assert n <= L < n + max(1, n / 16) and prefill.cudnn_length(L) == L and L >= previous
         previous = L
     assert prefill.cudnn_lengths(65536, torch.device("cpu"), torch.bfloat16) == []   # no cuDNN attention here
-    # Where cuDNN runs, start-up runs min(length, budget) for each of these: together they give every padded
-    # length a chunk of the budget or fewer tokens can have, and none over the budget.
+    # Where cuDNN runs, start-up runs these: together they give every padded length a chunk of the budget or
+    # fewer tokens can have, and none is over the budget.
     monkeypatch.setattr(prefill, "cudnn_usable", lambda device, dtype: True)
     for budget in (4095, 4096, 5000, 10000, 65536):
-        runs = {min(n, budget) for n in prefill.cudnn_lengths(budget, torch.device("cpu"), torch.bfloat16)}
+        runs = set(prefill.cudnn_lengths(budget, torch.device("cpu"), torch.bfloat16))
         assert max(runs, default=0) <= budget
         want = {prefill.cudnn_length(m) for m in range(prefill.CUDNN_MIN_CHUNK, budget + 1)}
         assert {prefill.cudnn_length(m) for m in runs} == want

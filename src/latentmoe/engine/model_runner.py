@@ -11,7 +11,8 @@ Start-up (`warm_up`) does every compilation and capture before the engine serves
 every token-count class up to the token budget (each Triton specialisation and tile configuration
 the kernels pick) and of every length cuDNN's attention is given (kernels.prefill.cudnn_lengths), eager
 decodes of every split count the decode kernel can choose (these eager steps run one decoder layer of
-each kind: `warmup_layers`), and one decode graph per batch bucket over the whole model. What still compiles or captures afterwards is counted (`stats`).
+each kind: `warmup_layers`), and one decode graph per batch bucket over the whole model. What still
+compiles or captures afterwards is counted (`stats`).
 """
 
 from __future__ import annotations
@@ -402,8 +403,8 @@ class ModelRunner:
             budget = self._warmup_chunk(max_num_batched_tokens)
             sizes = set(self.prefill_warmup_sizes(budget))
             # One-chunk steps that cuDNN's attention takes run padded to its ladder of lengths: each one here
-            # (cuDNN plans per length), the last through the budget's own chunk.
-            sizes.update(min(n, budget) for n in kernels.prefill.cudnn_lengths(budget, self.device, self.dtype))
+            # (cuDNN plans per length).
+            sizes.update(kernels.prefill.cudnn_lengths(budget, self.device, self.dtype))
             plan += [("prefill", n) for n in sorted(sizes)]
             # A step of two chunks: the Triton attention kernel (one-chunk steps of CUDNN_MIN_CHUNK tokens or
             # more take cuDNN's where it runs: kernels/prefill.py).

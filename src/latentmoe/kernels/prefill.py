@@ -229,13 +229,14 @@ def cudnn_length(length: int) -> int:
 
 
 def cudnn_lengths(max_tokens: int, device: torch.device, dtype: torch.dtype) -> list[int]:
-    """The padded lengths a one-chunk step of up to `max_tokens` tokens can give cuDNN on this device (none
-    where cuDNN's attention does not run): what start-up runs so that no length plans while serving."""
+    """Token counts of one-chunk steps, none over `max_tokens`, that together give cuDNN every padded length a
+    step of up to `max_tokens` tokens can (the ladder's lengths, the last one cut to `max_tokens`, which pads to
+    it); none where cuDNN's attention does not run. What start-up runs so that no length plans while serving."""
     if max_tokens < CUDNN_MIN_CHUNK or not cudnn_usable(device, dtype):
         return []
     lengths, n = [], cudnn_length(CUDNN_MIN_CHUNK)
     while n <= cudnn_length(max_tokens):
-        lengths.append(n)
+        lengths.append(min(n, max_tokens))
         n = cudnn_length(n + 1)
     return lengths
 
