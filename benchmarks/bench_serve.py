@@ -113,7 +113,8 @@ def main():
     ap.add_argument("--input-len", type=int, default=1000)
     ap.add_argument("--output-len", type=int, default=100)
     ap.add_argument("--concurrency", default="1,16,64,256")
-    ap.add_argument("--budget", type=int, default=8192, help="token budget (the server's default on a GPU)")
+    ap.add_argument("--budget", type=int, default=None,
+                    help="token budget (default: the engine's own, what `latentmoe serve` uses)")
     ap.add_argument("--prefill-hold-steps", default=str(EngineConfig.prefill_hold_steps),
                     help="comma list: each value serves every concurrency (0: arrivals admitted at once; "
                          "default: the engine's default)")
@@ -131,7 +132,7 @@ def main():
         step_ms, prefill_us = (float(x) for x in args.stand_in.split(","))
         dev, args.preset = torch.device("cpu"), f"stand-in {step_ms:g} ms + {prefill_us:g} us/prefill token"
         cfg = get_config("tiny")
-        llm = stand_in_llm(step_ms, prefill_us, max_num_batched_tokens=args.budget, block_size=64,
+        llm = stand_in_llm(step_ms, prefill_us, max_num_batched_tokens=args.budget or 8192, block_size=64,
                            num_blocks=max(64, 2 * args.num_prompts * -(-(args.input_len + args.output_len) // 64)),
                            max_model_len=args.input_len + args.output_len + 64)
     else:
@@ -201,7 +202,7 @@ def main():
     device = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     prov = (f"date: {date}; device: {device}; torch {torch.__version__}; {args.preset} random weights, token budget "
-            f"{args.budget:,}; command: `python {' '.join(sys.argv)}`")
+            f"{llm.engine_config.max_num_batched_tokens:,}; command: `python {' '.join(sys.argv)}`")
     text = [f"# The server under load vs the offline engine ({args.preset})", "", *summary_block(prov, rows), "",
             f"Offline, same engine, {n} x ({L} in, {O} out), second run: {off['requests_per_s']:.1f} req/s, "
             f"{off['output_tokens_per_s']:,.0f} output tok/s.", "",
