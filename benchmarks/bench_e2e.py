@@ -10,7 +10,8 @@ One fresh process measures (run it with an empty Triton cache for the cold start
   - 256 x (256-1,024 in, 128 out) against transformers `generate` (batches of 128) on the same prompts
     (target: at least 25x);
   - checks on a tiny model: greedy output vs full recompute in bf16 and fp32 (fp32 decode graphs).
-Floors: prefill compute at PEAK_FLOPS, decode bytes (weights touched + latent cache) at BANDWIDTH.
+Floors (benchmarks/floors.py): prefill compute at the FLOP/s of a large GEMM, decode bytes (weights touched + latent
+cache) at the bandwidth of a large copy, both measured on this device before the engine starts.
 
     python benchmarks/bench_e2e.py --cold                  # GPU: writes benchmarks/results/e2e.md
     python benchmarks/bench_e2e.py --smoke --out /tmp/e2e.md   # CPU smoke test, tiny model
@@ -35,6 +36,7 @@ def triton_cache_entries() -> int:
 TRITON_CACHE_AT_START = triton_cache_entries()
 
 import argparse   # noqa: E402
+import dataclasses   # noqa: E402
 import datetime   # noqa: E402
 import json   # noqa: E402
 import time   # noqa: E402
@@ -43,37 +45,17 @@ import torch   # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_engine import engine_decode, plain_greedy   # noqa: E402
+from floors import Floors, active_params, decode_bytes, measured   # noqa: E402
 from report import summary_block   # noqa: E402
 
 from latentmoe import build_model, get_config   # noqa: E402
 from latentmoe.bench import random_prompts, throughput   # noqa: E402
 from latentmoe.engine import LLM, SamplingParams   # noqa: E402
 
-BANDWIDTH = 4.3e12     # bytes/s an H200 sustains (4.8 TB/s peak)
-PEAK_FLOPS = 790e12    # dense bf16 FLOP/s an H200 sustains in large GEMMs
-
-
-def active_params(cfg) -> float:
-    """Parameters a token multiplies (routed experts: only its K), without the embedding table."""
-    expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
-    routed = cfg.num_moe_layers * cfg.n_routed_experts * expert
-    return (cfg.num_parameters() - routed - cfg.vocab_size * cfg.hidden_size
-            + cfg.num_moe_layers * cfg.num_experts_per_tok * expert)
-
-
-def decode_floor_s(cfg, B: int, L: int) -> float:
-    expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
-    routed = cfg.num_moe_layers * cfg.n_routed_experts * expert
-    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
-    touched = E * (1 - (1 - K / E) ** B)
-    weights = cfg.num_parameters() - routed - cfg.vocab_size * cfg.hidden_size + cfg.num_moe_layers * touched * expert
-    return (weights + B * L * cfg.kv_cache_elements_per_token()) * 2 / BANDWIDTH
-
-
-def workload_floor_s(cfg, n: int, lin: int, lout: int) -> float:
+def workload_floor_s(cfg, n: int, lin: int, lout: int, floors: Floors) -> float:
     """n requests of lin prompt and lout output tokens: prefill compute + decode bytes (all n at once)."""
-    prefill = 2 * active_params(cfg) * n * lin / PEAK_FLOPS
-    return prefill + sum(decode_floor_s(cfg, n, lin + t) for t in range(lout))
+    prefill = 2 * active_params(cfg) * n * lin / floors.flops
+    return prefill + sum(decode_bytes(cfg, n, lin + t) for t in range(lout)) / floors.bandwidth
 
 
 def sync(device):
@@ -225,6 +207,10 @@ def main():
         lines.append(msg)
 
     cfg = get_config(preset)
+    floors = measured(device)   # before the engine takes the device's memory for its cache
+    res["floors"] = dataclasses.asdict(floors)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     model = build_model(cfg, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
                         seed=0, std=0.02).eval()
     t0 = time.perf_counter()
@@ -237,7 +223,7 @@ def main():
     # Each run its own prompts (same lengths): the second run gets no prefix-cache hits from the first.
     tp = throughput(llm, [random_prompts(n, lin, cfg.vocab_size, seed=s) for s in (1, 2)], lout, progress=False)
     r1, r2 = tp["runs"]
-    floor = workload_floor_s(cfg, n, lin, lout)
+    floor = workload_floor_s(cfg, n, lin, lout, floors)
     res["workload"] = dict(n=n, input=lin, output=lout, run1_s=r1["seconds"], run2_s=r2["seconds"],
                            run1_req_s=r1["requests_per_s"], run2_req_s=r2["requests_per_s"], floor_req_s=n / floor)
     log(f"{n} x ({lin} in, {lout} out): run 1 {r1['seconds']:.2f} s ({r1['requests_per_s']:.1f} req/s), run 2 "
@@ -264,7 +250,7 @@ def main():
             f"{t[2] * 1e3:.0f} ms")
     for B, L, name in dec:
         step, host = engine_decode(llm, B, L, 20 if not args.smoke else 3)
-        fl = decode_floor_s(cfg, B, L)
+        fl = decode_bytes(cfg, B, L) / floors.bandwidth
         res.setdefault("decode", {})[name] = dict(ms_per_step=step * 1e3, floor_ms=fl * 1e3, share=fl / step)
         log(f"decode {name}: {step * 1e3:.2f} ms/step, floor {fl * 1e3:.2f} ms ({fl / step:.0%} of the floor)")
         if args.trace_decode:
@@ -349,8 +335,8 @@ def write(args, res, lines):
             f"{res['max_num_batched_tokens']:,}; command: `{res['command']}`")
     text = ["# End to end: LLM(model) then generate (V2-Lite shape, random bf16 weights)", "",
             *summary_block(prov, rows), "", "Log of the run:", "", "```", *lines, "```", "",
-            f"Floors: prefill compute at {PEAK_FLOPS / 1e12:.0f} TFLOP/s, decode bytes (weights touched + latent "
-            f"cache) at {BANDWIDTH / 1e12:.1f} TB/s.", ""]
+            f"Floors: prefill compute and decode bytes (weights touched + latent cache) at what this device "
+            f"sustains, {Floors(**res['floors']).describe()}.", ""]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         f.write("\n".join(text))

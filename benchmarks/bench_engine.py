@@ -26,24 +26,15 @@ import time
 
 import torch
 
+from floors import decode_bytes, measured
 from latentmoe import build_model, get_config
 from latentmoe.engine import LLM, LatentCache, PerHeadCache, SamplingParams
 from latentmoe.engine.layers import engine_model
 
-BANDWIDTH = 3.0e12   # bytes/s: a device-to-device copy measured on the H100 (bytes read + written)
-
-
-def floor_ms(cfg, B: int, L: int, dtype_bytes: int = 2) -> float:
-    """Memory-bound floor of one decode step: weights touched + latent cache read, at BANDWIDTH."""
-    total = cfg.num_parameters()
-    expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
-    routed = cfg.num_moe_layers * cfg.n_routed_experts * expert
-    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
-    touched_per_layer = E * (1 - (1 - K / E) ** B)   # distinct experts hit by B tokens, uniform routing
-    # Embedding rows read are negligible: count the table out, keep the LM head.
-    weights = total - routed - cfg.vocab_size * cfg.hidden_size + cfg.num_moe_layers * touched_per_layer * expert
-    cache = B * L * cfg.kv_cache_elements_per_token()
-    return (weights + cache) * dtype_bytes / BANDWIDTH * 1e3
+def floor_ms(cfg, B: int, L: int, bandwidth: float, dtype_bytes: int = 2) -> float:
+    """Memory-bound floor of one decode step: weights touched + latent cache read (floors.decode_bytes), at
+    `bandwidth` (floors.measured on the device that runs)."""
+    return decode_bytes(cfg, B, L, dtype_bytes) / bandwidth * 1e3
 
 
 # ----------------------------------------------------------------------------- transformers
@@ -283,6 +274,7 @@ def main():
     if args.accuracy_layers and device.type == "cuda":
         accuracy_vs_fp32(args.preset, args.accuracy_layers, device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    bandwidth = measured(device).bandwidth   # before the engines take the device's memory
     over = {"num_hidden_layers": args.layers} if args.layers else {}
     cfg = get_config(args.preset, **over)
     batches = [int(x) for x in (args.batches or "1,32,256").split(",")]
@@ -380,7 +372,7 @@ def main():
         ratio = f"{best / h:.1f}x" if isinstance(h, float) and best else "-"
         bi = variants[es.index(best)] if best else None
         ms = f"{B / best * 1e3:.1f} ({host_ms[(bi, B, L)]:.1f})" if best else "-"
-        fl = floor_ms(cfg, B, L)
+        fl = floor_ms(cfg, B, L, bandwidth)
         pct = f"{fl / (B / best * 1e3):.0%}" if best else "-"
         lines.append(f"| {B} | {L:,} | {' | '.join(fmt(e) for e in es)} | {fmt(h)} | {ratio} | {ms} | {fl:.2f} | "
                      f"{pct} | {B / fl * 1e3:,.0f} |")
@@ -408,7 +400,8 @@ def main():
         f.write(f"# Engine benchmark\n\n{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
                 f"{dev_name}, torch {torch.__version__}, {dtype}, {args.preset} shape, random weights (std 0.02).\n\n"
                 f"Command: `{command}`\n\n{table}\n\n"
-                "Floor = (weights touched per step + B x L x latent bytes) / 3.0 TB/s; ceiling = B / floor. "
+                f"Floor = (weights touched per step + B x L x latent bytes) / {bandwidth / 1e12:.3g} TB/s (a "
+                "device-to-device copy measured in this run); ceiling = B / floor. "
                 "Decode tok/s are full engine steps (scheduling, CUDA-graph replay, sampling, output); the host "
                 "part is the step's time outside the model runner (scheduling, stop checks, outputs). Experts: "
                 "`model` = the model's torch._grouped_mm path, `fused` = the Triton fused-MoE kernel; `fused ops` = "

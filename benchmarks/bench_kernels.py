@@ -19,6 +19,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from floors import measured  # noqa: E402
 from report import summary_block  # noqa: E402
 from timing import median_seconds  # noqa: E402
 
@@ -71,20 +72,6 @@ def fp8_matmul_rate():
         print(f"[note] no FP8 matmul rate: {type(exc).__name__}: {str(exc)[:120]}")
         return None
     return 2 * 8192**3 / ms / 1e9
-
-
-def roofline():
-    n = 1 << 30  # 2 GiB of bf16
-    src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    ms = bench(lambda: dst.copy_(src), iters=20)
-    copy_gbs = 2 * src.numel() * 2 / ms / 1e6
-    del src, dst
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    ms = bench(lambda: a @ b, iters=20)
-    tflops = 2 * 8192**3 / ms / 1e9
-    return copy_gbs, tflops
 
 
 def make_decode_inputs(B, H, L, page=64, dtype=torch.bfloat16):
@@ -427,7 +414,7 @@ def sdpa_rows():
     return rows
 
 
-def per_head_rows():
+def per_head_rows(copy_gbs: float):
     """Absorbed decode's per-head products (q_nope by W_UK, the latent output by W_UV, views of one kv_b_proj
     weight): kernels.per_head_matmul's few-row kernel against cuBLAS's batched GEMM, CUDA-graph replays of
     20 calls (a decode step runs them back to back with its other kernels). Floor: the weight's bytes."""
@@ -445,7 +432,7 @@ def per_head_rows():
                 t_b = median_seconds(lambda: per_head_matmul(x, m, max_rows=0), graph=True, calls_per_graph=20)
                 err = ((kernel().float() - per_head_matmul(x, m, max_rows=0).float()).norm()
                        / per_head_matmul(x, m, max_rows=0).float().norm()).item()
-                floor = H * 128 * 512 * 2 / 4.8e12
+                floor = H * 128 * 512 * 2 / (copy_gbs * 1e9)
                 rows.append(f"| {model} | {name} | {B} | {t_k * 1e6:.2f} | {t_b * 1e6:.2f} | {t_b / t_k:.2f}x | "
                             f"{floor * 1e6:.2f} | {'kernel' if B <= PER_HEAD_MAX_ROWS and H * 128 * 512 * 2 <= PER_HEAD_MAX_BYTES else 'batched GEMM'} | {err:.1e} |")
                 print(rows[-1], flush=True)
@@ -494,7 +481,8 @@ def main():
     provenance = (f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; device: "
                   f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).multi_processor_count} SMs); "
                   f"torch {torch.__version__}; command: `python benchmarks/bench_kernels.py{flags}`")
-    copy_gbs, tflops = roofline()
+    floors = measured("cuda")
+    copy_gbs, tflops = floors.bandwidth / 1e9, floors.flops / 1e12
     roof = ["| roofline input | value |", "|---|---|",
             f"| device-to-device copy (read + write) | {copy_gbs:.0f} GB/s |",
             f"| 8192^3 bf16 matmul (random data) | {tflops:.0f} TFLOP/s |", ""]
@@ -509,12 +497,12 @@ def main():
             ["model", "M tokens", "path", "fwd us", "fwd+bwd us", "TFLOP/s (% of matmul)", "floor us",
              "peak extra MiB", "speedup vs grouped_mm", "rel err of grads"], rows)
     elif args.per_head:
-        rows, notes, summary = per_head_rows(), [], []
+        rows, notes, summary = per_head_rows(copy_gbs), [], []
         title = "Absorbed decode's per-head products"
         tables = md_table(
             "x [B, H, K] times each head's own matrix (W_UK: K=128 -> 512; W_UV: K=512 -> 128, a transposed view), "
-            "bf16, CUDA-graph replays of 20 calls. dispatch = what kernels.per_head_matmul runs at that B; rel err = "
-            "kernel against batched GEMM.",
+            "bf16, CUDA-graph replays of 20 calls. floor = the weight's bytes at the copy bandwidth above; dispatch = what "
+            "kernels.per_head_matmul runs at that B; rel err = kernel against batched GEMM.",
             ["model", "product", "B", "kernel us", "batched GEMM us", "kernel speed-up", "floor us", "dispatch",
              "rel err"], rows)
     elif args.fp8_moe:

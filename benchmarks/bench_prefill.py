@@ -6,9 +6,10 @@ prompts of 1,000 tokens; 25 of 256-1,024). Timed (median of 5): the engine's ent
 cuDNN's fused attention for the long one-chunk steps on sm90+, the Triton kernel for the steps of many
 prompts), the Triton kernel at its default tiles (and, with --sweep, every tile configuration); the reference
 is torch's scaled_dot_product_attention (its fastest backend for these shapes) on the same q/k/v with k_pe
-repeated per head, one call per prompt; the floor is the causal attention FLOPs at PEAK_FLOPS. Last, the first
-call of one-chunk lengths the process has not run against their repeats, through the engine's entry (padded to
-the ladder of lengths start-up runs) and through cuDNN unpadded.
+repeated per head, one call per prompt; the floor is the causal attention FLOPs at the FLOP/s of a large GEMM
+measured in the same run (floors.measured). Last, the first call of one-chunk lengths the process has not run
+against their repeats, through the engine's entry (padded to the ladder of lengths start-up runs) and through
+cuDNN unpadded.
 
     python benchmarks/bench_prefill.py [--sweep]                 # GPU: writes benchmarks/results/prefill.md
     python benchmarks/bench_prefill.py --smoke --out /tmp/p.md   # CPU: tiny shapes, the reference only
@@ -26,11 +27,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from floors import measured   # noqa: E402
 from report import summary_block   # noqa: E402
 
 from latentmoe import kernels   # noqa: E402
 
-PEAK_FLOPS = 790e12
 H, N, R, V = 16, 128, 64, 128
 
 
@@ -130,6 +131,7 @@ def main():
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    floors = measured(dev)
     lens = torch.randint(256, 1025, (25,), generator=torch.Generator().manual_seed(0)).tolist()
     cases = ([[(0, 256)], [(256, 128)], [(0, 96)] * 3] if args.smoke else
              [[(0, 32768)], [(114688, 16384)], [(0, 1000)] * 16, [(0, n) for n in lens]])
@@ -144,7 +146,7 @@ def main():
         max_q, max_k = max(q for _, q in chunks), max(p + q for p, q in chunks)
         # Causal inside each chunk, full over its prefix: (prefix + i + 1) keys for query i.
         flops = sum(2 * H * (N + R + V) * (q_len * prefix + q_len * (q_len + 1) / 2) for prefix, q_len in chunks)
-        floor = flops / PEAK_FLOPS
+        floor = flops / floors.flops
         prefix, q_len = chunks[0]
         sizes = sorted(q for _, q in chunks)
         if len(chunks) == 1:
@@ -195,7 +197,8 @@ def main():
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     prov = f"date: {date}; device: {device}; torch {torch.__version__}; command: `python {' '.join(sys.argv)}`"
     text = ["# Batched prefill attention vs torch SDPA (V2-Lite heads)", "", *summary_block(prov, summary), "",
-            "Config: block_m, block_n, num_warps, num_stages of the Triton kernel. Floor: attention FLOPs at 790 TFLOP/s.", "", *lines, ""]
+            "Config: block_m, block_n, num_warps, num_stages of the Triton kernel. Floor: attention FLOPs at the GEMM "
+            f"rate this device sustains ({floors.describe()}).", "", *lines, ""]
     with open(args.out, "w") as f:
         f.write("\n".join(text))
 

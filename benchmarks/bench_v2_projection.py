@@ -36,6 +36,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(__file__))
 
 from bench_engine import engine_decode  # noqa: E402
+from floors import measured  # noqa: E402
 from report import summary_block  # noqa: E402
 
 from latentmoe import get_config  # noqa: E402
@@ -45,21 +46,6 @@ from latentmoe.model import init_weights  # noqa: E402
 
 REPORT_TOK_S = 50_000   # DeepSeek-V2 report: > 50K tokens/s generation on one 8 x H800 node (FP8 weights, ~6-bit cache)
 GiB = 1024 ** 3
-
-
-def copy_bandwidth(device: torch.device, nbytes: int) -> float:
-    """Bytes/s of a device-to-device copy (read + write counted), the rate a memory-bound step runs at."""
-    x = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
-    y = torch.empty_like(x)
-    for _ in range(2):
-        y.copy_(x)
-    sync(device)
-    n = 5
-    t = time.perf_counter()
-    for _ in range(n):
-        y.copy_(x)
-    sync(device)
-    return 2 * nbytes * n / (time.perf_counter() - t)
 
 
 def allreduce_launch_us(device: torch.device, numel: int, dtype: torch.dtype) -> float:
@@ -199,7 +185,7 @@ def main() -> None:
     from latentmoe.parallel.launch import free_port
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{free_port()}",
                             rank=0, world_size=1)
-    bw = copy_bandwidth(device, GiB if device.type == "cuda" else 64 * 1024 ** 2)
+    bw = measured(device).bandwidth
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     prov = (f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; device: {name} (one rank of "
             f"N={args.ranks}); torch {torch.__version__}; command: `python benchmarks/bench_v2_projection.py "
