@@ -67,11 +67,12 @@ BENCHMARKS = [
 
 HEADER = """# Benchmarks
 
-Measured on GPU machines (one H100 80GB, or 2 x H200 for the multi-GPU rows); every ratio is against a reference
-measured in the same run on the same device (transformers, plain PyTorch, or the copy bandwidth and matmul rate
-that set the floor). Random weights throughout: speed does not depend on the values. This page holds each
-benchmark's latest headline figures; the full tables, the notes on what limits each figure and the earlier runs
-are in [benchmarks/results/](benchmarks/results/). `python benchmarks/run_all.py` reruns and rebuilds it.
+Measured on GPU machines (one H100 80GB or one H200, 2 x H200 for the multi-GPU rows; each section names its
+device); every ratio is against a reference measured in the same run on the same device (transformers, plain
+PyTorch, or the copy bandwidth and matmul rate that set the floor, benchmarks/floors.py). Random weights
+throughout: speed does not depend on the values. This page holds each benchmark's latest headline figures; the
+full tables, the notes on what limits each figure and the earlier runs are in
+[benchmarks/results/](benchmarks/results/). `python benchmarks/run_all.py` reruns and rebuilds it.
 """
 
 
