@@ -1,9 +1,9 @@
 """Engine throughput on a V2-Lite-shaped model with random weights, beside transformers in the same run.
 
 Measures decode tok/s (batch x context), prefill tok/s and the concurrency the latent cache allows,
-with transformers' DeepseekV2ForCausalLM (grouped_mm experts, sdpa) and the memory-bound floor
-(bytes touched per step / 3.0 TB/s) alongside; prints a markdown table and writes it (with date,
-device and command) to benchmarks/results/engine.md. Decode contexts are filled with placeholder
+with transformers' DeepseekV2ForCausalLM (grouped_mm experts, sdpa) and the memory-bound floor (bytes
+touched per step at the copy bandwidth measured in the run, benchmarks/floors.py) alongside; prints a
+markdown table and writes it (with date, device and command) to benchmarks/results/engine.md. Decode contexts are filled with placeholder
 latents instead of being prefilled (attention cost does not depend on the values).
 
     python benchmarks/bench_engine.py            # full
