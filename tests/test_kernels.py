@@ -105,6 +105,36 @@ def test_mla_decode_uses_only_the_pieces_a_sequence_fills(K):
     check_mla(K, [300, 5, 1, 17], H=4, C=32, R=16, page=16, dtype=torch.bfloat16, num_splits=32, block_n=16)
 
 
+@pytest.mark.parametrize("seq_lens,num_splits,block_v", [([300], 32, None), ([5, 300], 32, 8), ([1, 2], 4, None),
+                                                         ([129, 64], 3, 16)])
+def test_mla_decode_merges_inside_w_uv(K, seq_lens, num_splits, block_v):
+    """At one or two rows with W_UV given, the split-KV merge runs inside the per-head product: the result must
+    equal the two-step path (the merged latent rounded to the dtype, then W_UV per head), W_UV read through a
+    transposed view as the engine passes it, pieces in use differing by row."""
+    from latentmoe.kernels.mla_decode import merge_and_project, merge_splits
+    gen = torch.Generator().manual_seed(11)
+    B, H, C, R, V = len(seq_lens), 3, 48, 16, 40
+    kv_cache, block_table, lens = make_paged_cache(seq_lens, 16, C, R, torch.bfloat16, gen)
+    q_lat = torch.randn(B, H, C, generator=gen).to(torch.bfloat16).to(DEV)
+    q_pe = torch.randn(B, H, R, generator=gen).to(torch.bfloat16).to(DEV)
+    w_uv = (torch.randn(H, V, C, generator=gen) / C ** 0.5).to(torch.bfloat16).to(DEV).transpose(1, 2)
+    fused = K.mla_decode(q_lat, q_pe, kv_cache, block_table, lens, 0.3, w_uv=w_uv, num_splits=num_splits,
+                         block_n=16)
+    o_lat = K.mla_decode_ref(q_lat.double(), q_pe.double(), kv_cache.double(), block_table, lens, 0.3)
+    ref = K.per_head_matmul_ref(o_lat, w_uv.double())
+    assert fused.shape == (B, H, V) and fused.dtype == torch.bfloat16
+    assert rel_err(fused, ref) < 1e-2
+    # The same partials merged then multiplied, against merged inside the product (any column block).
+    S = num_splits
+    o_part = torch.randn(B, H, S, C, generator=gen).to(DEV)
+    lse = torch.randn(B, H, S, generator=gen).to(DEV)
+    merged = torch.full((B, H, C), float("nan"), dtype=torch.bfloat16, device=DEV)
+    merge_splits(o_part, lse, merged, lens, 16)
+    two_step = K.per_head_matmul_ref(merged, w_uv)
+    one_step = merge_and_project(o_part, lse, lens, w_uv, torch.bfloat16, 16, block_v=block_v)
+    assert rel_err(one_step, two_step) < 1e-2
+
+
 def test_mla_decode_dispatch_handles_narrow_rope(K):
     """R = 8 is below tl.dot's minimum width on a GPU: the dispatcher must still answer correctly."""
     gen = torch.Generator().manual_seed(9)
@@ -434,6 +464,31 @@ def test_mla_post_projection(K, H, N, C, R, q_rows):
     q3 = q.view(q_rows, H, N + R)
     assert torch.equal(ref[1], apply_rope(q3[..., N:], cos[:, None], sin[:, None]))
     assert torch.equal(ref[3], apply_rope(kv[:, C:], cos, sin))
+
+
+@pytest.mark.parametrize("absorb_rows,M", [(1, 1), (2, 5), (3, 4)])
+def test_mla_post_projection_absorbs_w_uk(K, absorb_rows, M):
+    """With W_UK: the same four outputs, and q_lat = W_UK^T q_nope of the first rows (computed by the same
+    launch at one or two rows, by per_head_matmul after it at three), W_UK read as the strided view of
+    kv_b_proj's weight the engine passes."""
+    H, N, V, C, R = 3, 16, 12, 40, 8
+    gen = torch.Generator().manual_seed(M)
+    q = torch.randn(M, H * (N + R), generator=gen).to(torch.bfloat16).to(DEV)
+    kv = torch.randn(M, C + R, generator=gen).to(torch.bfloat16).to(DEV)
+    w = (1 + 0.1 * torch.randn(C, generator=gen)).to(torch.bfloat16).to(DEV)
+    angle = torch.rand(M, R // 2, generator=gen).to(DEV) * 6
+    cos, sin = angle.cos().contiguous(), angle.sin().contiguous()
+    kv_b = (torch.randn(H * (N + V), C, generator=gen) / C ** 0.5).to(torch.bfloat16).to(DEV)
+    w_uk = kv_b.view(H, N + V, C)[:, :N]
+    plain = K.mla_post_projection(q.clone(), kv.clone(), w, 1e-6, cos, sin, H)
+    out = K.mla_post_projection(q.clone(), kv.clone(), w, 1e-6, cos, sin, H, w_uk=w_uk, absorb_rows=absorb_rows)
+    assert len(out) == 5
+    for a, b in zip(out[:4], plain):
+        assert torch.equal(a, b)
+    assert out[4].shape == (absorb_rows, H, N)[:2] + (C,)
+    ref = K.per_head_matmul_ref(plain[0][:absorb_rows].double(), w_uk.double())
+    assert rel_err(out[4], ref) < 1e-2
+    assert torch.equal(out[4], K.per_head_matmul(plain[0][:absorb_rows], w_uk))   # the same kernel's arithmetic
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

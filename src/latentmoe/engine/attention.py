@@ -52,9 +52,10 @@ class PagedAttention:
         self.kv_caches = kv_caches
         self.meta: AttentionMetadata | None = None
 
-    def attend(self, layer, q_nope, q_pe, c_kv, k_pe, written: bool = False):
+    def attend(self, layer, q_nope, q_pe, c_kv, k_pe, written: bool = False, q_lat: torch.Tensor | None = None):
         """The attention output of the step's tokens. `written`: their rows are already in the cache (the
-        caller stored them through `write_target`), else they are written here first."""
+        caller stored them through `write_target`), else they are written here first. `q_lat`: the decodes'
+        absorbed queries, computed by the caller (`absorb_rows`), else here."""
         meta = self.meta
         B, T, H, _ = q_nope.shape
         M = B * T
@@ -65,7 +66,7 @@ class PagedAttention:
         nd = meta.num_decodes
         outs = []
         if nd:
-            outs.append(self.decode(layer, cache, q_nope[:nd], q_pe[:nd], meta.block_table, meta.seq_lens))
+            outs.append(self.decode(layer, cache, q_nope[:nd], q_pe[:nd], meta.block_table, meta.seq_lens, q_lat))
         if meta.prefill is not None:
             outs.append(self.prefill(layer, cache, q_nope[nd:], q_pe[nd:], meta.prefill))
         o = outs[0] if len(outs) == 1 else torch.cat(outs)
@@ -77,11 +78,18 @@ class PagedAttention:
         launch a layer fewer. None where this layout's rows are stored otherwise."""
         return None
 
+    def absorb_rows(self, layer) -> int:
+        """How many of the step's first rows (its decodes) want absorbed queries q_lat = W_UK^T q_nope, which
+        a caller may compute in the kernel that produces q_nope's neighbours (kernels.mla_post_projection) and
+        hand to `attend`: one launch a layer fewer at batch-1 decode. 0 where this layout has no use for them."""
+        return 0
+
     def write(self, layer, cache, slot_mapping, c_kv, k_pe) -> None:
         raise NotImplementedError
 
-    def decode(self, layer, cache, q_nope, q_pe, block_table, seq_lens) -> torch.Tensor:
-        """[nd, H, N], [nd, H, R] -> [nd, H, V]: one new token per sequence over its paged cache."""
+    def decode(self, layer, cache, q_nope, q_pe, block_table, seq_lens, q_lat=None) -> torch.Tensor:
+        """[nd, H, N], [nd, H, R] -> [nd, H, V]: one new token per sequence over its paged cache (`q_lat`: see
+        `attend`)."""
         raise NotImplementedError
 
     def prefill(self, layer, cache, q_nope, q_pe, meta: PrefillMetadata) -> torch.Tensor:
@@ -95,16 +103,21 @@ class PagedLatentAttention(PagedAttention):
     def write_target(self, layer):
         return self.kv_caches[layer.layer_idx], self.meta.slot_mapping
 
+    def absorb_rows(self, layer) -> int:
+        return self.meta.num_decodes
+
     def write(self, layer, cache, slot_mapping, c_kv, k_pe) -> None:
         kernels.write_latent_cache(cache, slot_mapping, c_kv, k_pe)
 
-    def decode(self, layer, cache, q_nope, q_pe, block_table, seq_lens):
+    def decode(self, layer, cache, q_nope, q_pe, block_table, seq_lens, q_lat=None):
         rows, scales = self.rows_and_scales(cache)
-        # W_UK and W_UV per head (kernels.per_head_matmul), the result in [nd, H, .] order: o_proj's flatten
-        # then reads it as is (an einsum's transposed view cost a copy kernel every layer).
-        q_lat = kernels.per_head_matmul(q_nope, layer.w_uk)
-        o_lat = kernels.mla_decode(q_lat, q_pe, rows, block_table, seq_lens, layer.softmax_scale, kv_scale=scales)
-        return kernels.per_head_matmul(o_lat, layer.w_uv.transpose(1, 2))
+        # W_UK and W_UV per head (kernels.per_head_matmul; W_UV's inside mla_decode, which merges the split-KV
+        # pieces in that product at few rows), the result in [nd, H, .] order: o_proj's flatten then reads it
+        # as is (an einsum's transposed view cost a copy kernel every layer).
+        if q_lat is None:
+            q_lat = kernels.per_head_matmul(q_nope, layer.w_uk)
+        return kernels.mla_decode(q_lat, q_pe, rows, block_table, seq_lens, layer.softmax_scale, kv_scale=scales,
+                                  w_uv=layer.w_uv.transpose(1, 2))
 
     def prefill(self, layer, cache, q_nope, q_pe, meta):
         # Every chunk's context decompressed in one GEMM (the prefix once per step, not per chunk).
@@ -143,7 +156,7 @@ class PagedPerHeadAttention(PagedAttention):
         k_cache.view(-1, H, N + R).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
         v_cache.view(-1, H, V).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
-    def decode(self, layer, cache, q_nope, q_pe, block_table, seq_lens):
+    def decode(self, layer, cache, q_nope, q_pe, block_table, seq_lens, q_lat=None):
         k_cache, v_cache = cache
         q = torch.cat([q_nope, q_pe], dim=-1)
         return kernels.mha_decode(q, k_cache, v_cache, block_table, seq_lens, layer.softmax_scale, **self.decode_tuning)

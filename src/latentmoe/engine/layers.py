@@ -85,12 +85,17 @@ class EngineMLA(MLA):
         target = backend.write_target(self) if backend is not None and hasattr(backend, "write_target") else None
         if target is None:
             return super().forward(x if norm is None else norm(x), cos, sin, mask, backend)
-        o = backend.attend(self, *self.project(x, cos, sin, target, norm), written=True)
+        rows = backend.absorb_rows(self)
+        q_nope, q_pe, c_kv, k_pe, *q_lat = self.project(x, cos, sin, target, norm, absorb_rows=rows)
+        o = backend.attend(self, q_nope, q_pe, c_kv, k_pe, written=True, q_lat=q_lat[0] if q_lat else None)
         return self.o_proj(o.flatten(2))
 
-    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_target=None, norm=None):
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_target=None, norm=None,
+                absorb_rows: int = 0):
         """The model's project; `cache_target` (kv_cache, slot_mapping): the new latent rows stored there too;
-        `norm` (an RMSNorm): applied to x first (inside the few-row kernel where it runs)."""
+        `norm` (an RMSNorm): applied to x first (inside the few-row kernel where it runs). `absorb_rows` > 0:
+        also q_lat [rows, H, C] = W_UK^T q_nope of the first rows (flattened), from the post-projection's
+        launch where it can (kernels.mla_post_projection), as a fifth result."""
         B, T, D = x.shape
         x2 = x.reshape(B * T, D)
         first = self.q_proj if self.q_lora_rank is None else self.q_a_proj
@@ -101,11 +106,11 @@ class EngineMLA(MLA):
         cos2 = cos.expand(B, T, half).reshape(-1, half).float().contiguous()
         sin2 = sin.expand(B, T, half).reshape(-1, half).float().contiguous()
         norm = self.kv_a_layernorm
-        q_nope, q_pe, c_kv, k_pe = kernels.mla_post_projection(q.contiguous(), kv.contiguous(), norm.weight, norm.eps,
-                                                               cos2, sin2, self.n_heads,
-                                                               *(cache_target or (None, None)))
+        q_nope, q_pe, c_kv, k_pe, *q_lat = kernels.mla_post_projection(
+            q.contiguous(), kv.contiguous(), norm.weight, norm.eps, cos2, sin2, self.n_heads,
+            *(cache_target or (None, None)), **({"w_uk": self.w_uk, "absorb_rows": absorb_rows} if absorb_rows else {}))
         return (q_nope.view(B, T, *q_nope.shape[1:]), q_pe.view(B, T, *q_pe.shape[1:]),
-                c_kv.view(B, T, -1), k_pe.view(B, T, -1))
+                c_kv.view(B, T, -1), k_pe.view(B, T, -1), *q_lat)
 
     def _first_projections(self, x2: torch.Tensor, first: nn.Module, norm=None):
         """(first(n), kv_a_proj_with_mqa(n)), n = norm(x2) or x2: one few-row launch for both (and the norm)

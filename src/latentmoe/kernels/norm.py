@@ -1,5 +1,6 @@
 """RMSNorm (alone, or after the residual add), and MLA's post-projection (c_KV norm + RoPE of q_pe and
-k_pe), one Triton kernel each.
+k_pe), one Triton kernel each. At batch-1/2 decode the post-projection's launch also runs absorbed attention's
+W_UK product (q_lat = W_UK^T q_nope per head), which reads only q_nope: one launch a layer fewer.
 
 A decode step at small batch is bound by the number of kernels, not by bytes: the model's plain
 RMSNorm is ~7 elementwise kernels, each RoPE ~9. These compute the same formulas (fp32 statistics
@@ -9,6 +10,7 @@ import torch
 
 from ._triton import INTERPRET, cast, jit, new_buffer, pdl_launch, tl, triton, use_triton, wait_for_inputs
 from .reference import mla_post_projection_ref, rms_norm_ref, write_latent_cache_ref
+from .skinny import per_head_kernel_applies, per_head_matmul, per_head_program, per_head_tiles
 
 
 @jit
@@ -104,16 +106,31 @@ def _rope_rows(ptr, offs_r, mask_r, stride_row, cos, sin, R: tl.constexpr, BLOCK
     return tl.reshape(y, [x.shape[0], 2 * BLOCK_P]), where, mask
 
 
-@jit
+@jit(do_not_specialize=("M", "absorb_rows"))
 def _mla_post_kernel(q_ptr, kv_ptr, w_ptr, ckv_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr,
                      stride_q, stride_kv, stride_ckv, stride_cache_blk, stride_cache_tok, eps,
+                     wuk_ptr, qlat_ptr, M, absorb_rows, stride_uk_h, stride_uk_k, stride_uk_c, stride_lat_b,
+                     stride_lat_h,
                      H: tl.constexpr, DQ: tl.constexpr, N: tl.constexpr, C: tl.constexpr, R: tl.constexpr,
                      BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, PAGE: tl.constexpr,
-                     WRITE_CACHE: tl.constexpr, PDL: tl.constexpr):
-    """One token: c_kv = RMSNorm(kv[:C]) into ckv; RoPE on kv[C:C+R] and on every head's q[N:N+R], in place;
-    with WRITE_CACHE, [c_kv | k_pe] also into the paged cache's row at slot_ptr[m] (negative: padding, none)."""
+                     WRITE_CACHE: tl.constexpr, ABSORB: tl.constexpr, UK_BLOCKS: tl.constexpr,
+                     UK_ROWS: tl.constexpr, UK_BLOCK_K: tl.constexpr, UK_BLOCK_C: tl.constexpr,
+                     INTERPRETED: tl.constexpr, PDL: tl.constexpr):
+    """Programs 0..M-1, one token each: c_kv = RMSNorm(kv[:C]) into ckv; RoPE on kv[C:C+R] and on every
+    head's q[N:N+R], in place; with WRITE_CACHE, [c_kv | k_pe] also into the paged cache's row at slot_ptr[m]
+    (negative: padding, none). With ABSORB, the programs after them compute q_lat[b, h] = q_nope[b, h] @ W_UK[h]
+    for the first `absorb_rows` tokens, UK_BLOCKS column blocks a head (skinny.per_head_program): they read
+    only q[:, h, :N], which the token programs leave as it is."""
+    pid = tl.program_id(0)
+    if ABSORB:
+        if pid >= M:
+            j = pid - M
+            per_head_program(q_ptr, wuk_ptr, qlat_ptr, j // UK_BLOCKS, j % UK_BLOCKS, absorb_rows, N, C, stride_q, DQ,
+                             stride_uk_h, stride_uk_k, stride_uk_c, stride_lat_b, stride_lat_h, UK_ROWS, UK_BLOCK_K,
+                             UK_BLOCK_C, INTERPRETED, PDL)
+            return
     wait_for_inputs(PDL)
-    m = tl.program_id(0)
+    m = pid
     offs_c = tl.arange(0, BLOCK_C)
     _rms_norm_row(kv_ptr + m * stride_kv, w_ptr, ckv_ptr + m * stride_ckv, offs_c, offs_c < C, C, eps)
     # RoPE: cos/sin [R/2] of this token's position, shared by k_pe and every head of q_pe
@@ -139,40 +156,61 @@ def _mla_post_kernel(q_ptr, kv_ptr, w_ptr, ckv_ptr, cos_ptr, sin_ptr, cache_ptr,
 
 def mla_post_projection(q: torch.Tensor, kv: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                         cos: torch.Tensor, sin: torch.Tensor, n_heads: int, kv_cache: torch.Tensor | None = None,
-                        slot_mapping: torch.Tensor | None = None):
+                        slot_mapping: torch.Tensor | None = None, w_uk: torch.Tensor | None = None,
+                        absorb_rows: int = 0):
     """MLA after its projections: q [M, H*(N+R)], kv [M, C+R] (dense rows), cos/sin [M, R/2] fp32 contiguous
     -> q_nope [M,H,N], q_pe [M,H,R] (rotated), c_kv [M,C] (RMS-normed, new), k_pe [M,R] (rotated).
 
     With `kv_cache` [NB, BS, C+R] and `slot_mapping` [M], each token's [c_kv | k_pe] is also stored at its
     slot, as write_latent_cache stores it, in the same launch (one kernel a layer fewer).
+    With `w_uk` [H, N, C] (any strided view), a fifth result: q_lat [absorb_rows, H, C] = per_head_matmul(
+    q_nope[:absorb_rows], w_uk), absorbed decode's queries for the first rows; in the same launch where
+    per_head_matmul would run its few-row kernel, else by per_head_matmul after it.
     The Triton path (CUDA; CPU under TRITON_INTERPRET=1) rotates q and kv in place and returns views of
     them; `mla_post_projection_ref` elsewhere. Callers hand over fresh projections they do not reuse.
     """
     write = kv_cache is not None
     if write:
         assert slot_mapping is not None and kv_cache.shape[-1] == kv.shape[-1] and kv_cache.stride(-1) == 1
+    absorb = w_uk is not None
     if not use_triton(q):
         out = mla_post_projection_ref(q, kv, norm_weight, eps, cos, sin, n_heads)
         if write:
             write_latent_cache_ref(kv_cache, slot_mapping, out[2], out[3])
-        return out
+        return out if not absorb else (*out, per_head_matmul(out[0][:absorb_rows], w_uk))
     M, R = q.shape[0], 2 * cos.shape[-1]
     C = kv.shape[-1] - R
     DQ = q.shape[-1] // n_heads
     N = DQ - R
     assert q.stride(-1) == 1 and kv.stride(-1) == 1 and cos.is_contiguous() and sin.is_contiguous()
+    assert absorb_rows <= M
     q3 = q.view(M, n_heads, DQ)
     c_kv = new_buffer((M, C), torch.promote_types(kv.dtype, norm_weight.dtype), kv.device)
+    # W_UK's product in this launch where per_head_matmul would take its few-row kernel (the same tiles).
+    fuse = absorb and per_head_kernel_applies(q3[:absorb_rows, :, :N], w_uk)
+    if fuse:
+        assert w_uk.shape == (n_heads, N, w_uk.shape[2])
+        q_lat = new_buffer((absorb_rows, n_heads, w_uk.shape[2]), q.dtype, q.device)
+        uk_rows, uk_block_k, uk_block_c = per_head_tiles(absorb_rows, N, q_lat.shape[2])
+        uk_blocks = triton.cdiv(q_lat.shape[2], uk_block_c)
     if M:
         cache = kv_cache if write else c_kv
-        _mla_post_kernel[(M,)](q, kv, norm_weight, c_kv, cos, sin, cache, slot_mapping.contiguous() if write else cos,
-                               q.stride(0), kv.stride(0), c_kv.stride(0), cache.stride(0) if write else 0,
-                               cache.stride(1) if write else 0, eps,
-                               H=n_heads, DQ=DQ, N=N, C=C, R=R, BLOCK_H=triton.next_power_of_2(n_heads),
-                               BLOCK_C=triton.next_power_of_2(C), BLOCK_P=triton.next_power_of_2(R // 2),
-                               PAGE=kv_cache.shape[1] if write else 1, WRITE_CACHE=write, num_warps=4,
-                               **pdl_launch(q))
-    return q3[..., :N], q3[..., N:], c_kv, kv[:, C:]
+        _mla_post_kernel[(M + (n_heads * uk_blocks if fuse else 0),)](
+            q, kv, norm_weight, c_kv, cos, sin, cache, slot_mapping.contiguous() if write else cos,
+            q.stride(0), kv.stride(0), c_kv.stride(0), cache.stride(0) if write else 0,
+            cache.stride(1) if write else 0, eps,
+            w_uk if fuse else q, q_lat if fuse else q, M, absorb_rows,
+            *(w_uk.stride() if fuse else (0, 0, 0)), *(q_lat.stride()[:2] if fuse else (0, 0)),
+            H=n_heads, DQ=DQ, N=N, C=C, R=R, BLOCK_H=triton.next_power_of_2(n_heads),
+            BLOCK_C=triton.next_power_of_2(C), BLOCK_P=triton.next_power_of_2(R // 2),
+            PAGE=kv_cache.shape[1] if write else 1, WRITE_CACHE=write, ABSORB=fuse,
+            UK_BLOCKS=uk_blocks if fuse else 1, UK_ROWS=uk_rows if fuse else 1,
+            UK_BLOCK_K=uk_block_k if fuse else 16, UK_BLOCK_C=uk_block_c if fuse else 16,
+            INTERPRETED=INTERPRET, num_warps=4, **pdl_launch(q))
+    out = q3[..., :N], q3[..., N:], c_kv, kv[:, C:]
+    if not absorb:
+        return out
+    return (*out, q_lat if fuse else per_head_matmul(out[0][:absorb_rows], w_uk))
 
 
 __all__ = ["rms_norm", "add_rms_norm", "add_rms_norm_ref", "mla_post_projection"]

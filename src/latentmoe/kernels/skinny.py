@@ -286,14 +286,15 @@ def skinny_swiglu_ref(x: torch.Tensor, w_gate: torch.Tensor, s_gate: torch.Tenso
     return F.silu(g) * u
 
 
-@jit(do_not_specialize=("B",))
-def _per_head_kernel(x_ptr, w_ptr, y_ptr, B, K, N, stride_xb, stride_xh, stride_wh, stride_wk, stride_wn,
+@jit
+def per_head_program(x_ptr, w_ptr, y_ptr, h, n_block, B, K, N, stride_xb, stride_xh, stride_wh, stride_wk, stride_wn,
                      stride_yb, stride_yh, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
                      INTERPRETED: tl.constexpr, PDL: tl.constexpr):
-    """y[b, h, n0:n0+BLOCK_N] for all B rows: the weight's first K slice loads before the wait for x (the
-    weight is no earlier kernel's output), each next slice while the current one is multiplied."""
-    h = tl.program_id(0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """y[b, h, n0:n0+BLOCK_N] (n0 = n_block * BLOCK_N) for all B rows: the weight's first K slice loads before
+    the wait for x (the weight is no earlier kernel's output), each next slice while the current one is
+    multiplied. One program's work in `_per_head_kernel`, and in kernels that run it beside their own
+    (norm.py's MLA post-projection)."""
+    offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     offs_b = tl.arange(0, ROWS)
     mask_n = offs_n < N
@@ -313,6 +314,14 @@ def _per_head_kernel(x_ptr, w_ptr, y_ptr, B, K, N, stride_xb, stride_xh, stride_
              cast(acc, y_ptr.dtype.element_ty, INTERPRETED), mask=mask_b[:, None] & mask_n[None, :])
 
 
+@jit(do_not_specialize=("B",))
+def _per_head_kernel(x_ptr, w_ptr, y_ptr, B, K, N, stride_xb, stride_xh, stride_wh, stride_wk, stride_wn,
+                     stride_yb, stride_yh, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                     INTERPRETED: tl.constexpr, PDL: tl.constexpr):
+    per_head_program(x_ptr, w_ptr, y_ptr, tl.program_id(0), tl.program_id(1), B, K, N, stride_xb, stride_xh,
+                     stride_wh, stride_wk, stride_wn, stride_yb, stride_yh, ROWS, BLOCK_K, BLOCK_N, INTERPRETED, PDL)
+
+
 # Where per_head_matmul runs the kernel above: up to 2 rows, on up to 4 MB of weight. On an H200
 # (`bench_kernels.py --per-head`, CUDA-graph replays) V2-Lite's 2 MB products took 1.9 us against cuBLAS's
 # 2.9-3.3 at one row, 2.2-2.5 against 3.0-3.3 at two, but 3.3-4.7 against 2.9-3.2 at four (the weight reused
@@ -326,6 +335,23 @@ def per_head_matmul_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bhk,hkn->bhn", x.float(), w.float()).to(x.dtype)
 
 
+def per_head_kernel_applies(x: torch.Tensor, w: torch.Tensor, max_rows: int = PER_HEAD_MAX_ROWS,
+                            max_bytes: int = PER_HEAD_MAX_BYTES) -> bool:
+    """Whether x [B, H, K] @ w [H, K, N] runs the few-row kernel (else one batched GEMM)."""
+    return (use_triton(x) and 0 < x.shape[0] <= max_rows and w.dtype == x.dtype and w.device == x.device
+            and w.numel() * w.element_size() <= max_bytes)
+
+
+def per_head_tiles(B: int, K: int, N: int) -> tuple[int, int, int]:
+    """(ROWS, BLOCK_K, BLOCK_N) of the few-row per-head kernel: 8K weight elements a program multiplies per K
+    slice (64 fp32 a thread at 4 warps), split between K and N."""
+    rows = triton.next_power_of_2(B)
+    tile = 8192 // rows
+    block_n = min(triton.next_power_of_2(N), max(16, tile // triton.next_power_of_2(K)))
+    block_k = min(triton.next_power_of_2(K), max(16, tile // block_n))
+    return rows, block_k, block_n
+
+
 def per_head_matmul(x: torch.Tensor, w: torch.Tensor, max_rows: int = PER_HEAD_MAX_ROWS,
                     max_bytes: int = PER_HEAD_MAX_BYTES) -> torch.Tensor:
     """x [B, H, K] @ w [H, K, N] per head -> [B, H, N] contiguous, in x's dtype; `w` may be any strided view
@@ -337,13 +363,9 @@ def per_head_matmul(x: torch.Tensor, w: torch.Tensor, max_rows: int = PER_HEAD_M
     if w.shape[:2] != (H, K):
         raise ValueError(f"per_head_matmul: x {tuple(x.shape)} does not match w {tuple(w.shape)}")
     out = new_buffer((B, H, N), x.dtype, x.device)
-    if (use_triton(x) and 0 < B <= max_rows and w.dtype == x.dtype and w.device == x.device
-            and w.numel() * w.element_size() <= max_bytes):
+    if per_head_kernel_applies(x, w, max_rows, max_bytes):
         x = x if x.stride(-1) == 1 else x.contiguous()
-        rows = triton.next_power_of_2(B)
-        tile = 8192 // rows    # weight elements a program multiplies per K slice (64 fp32 a thread at 4 warps)
-        block_n = min(triton.next_power_of_2(N), max(16, tile // triton.next_power_of_2(K)))
-        block_k = min(triton.next_power_of_2(K), max(16, tile // block_n))
+        rows, block_k, block_n = per_head_tiles(B, K, N)
         _per_head_kernel[(H, triton.cdiv(N, block_n))](
             x, w, out, B, K, N, x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
             out.stride(0), out.stride(1), ROWS=rows, BLOCK_K=block_k, BLOCK_N=block_n, INTERPRETED=INTERPRET,
