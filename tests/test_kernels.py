@@ -579,6 +579,24 @@ def test_mha_decode_full_size(K):
             assert rel_err(out, ref) < tol, (dtype, splits)
 
 
+@pytest.mark.parametrize("E,top_k,norm,scale,D", [(64, 6, False, 1.0, 96), (10, 3, True, 1.0, 40), (16, 2, False, 2.5, 64)])
+def test_route_one_token_matches_gemm_then_rule(K, E, top_k, norm, scale, D):
+    """One token's logits GEMM and routing rule in one launch: the same scores, weights and experts as the
+    few-row GEMM's fp32 logits through softmax_topk, launch after launch (the program count it keeps in `done`
+    is back at 0 after each), and None where it does not apply (two rows)."""
+    from latentmoe.kernels.skinny import skinny_linear
+    gen = torch.Generator().manual_seed(E * D)
+    w = torch.randn(E, D, generator=gen).to(torch.bfloat16).to(DEV)
+    done = torch.zeros(1, dtype=torch.int32, device=DEV)
+    for i in range(3):
+        x = torch.randn(1, D, generator=gen).to(torch.bfloat16).to(DEV)
+        scores, topw, topi = K.route_one_token(x, w, done, top_k, norm, scale)
+        ref_s, ref_w, ref_i = K.softmax_topk(skinny_linear(x, w, out_dtype=torch.float32), top_k, norm, scale)
+        assert torch.equal(topi, ref_i) and torch.equal(scores, ref_s) and torch.equal(topw, ref_w)
+        assert done.item() == 0
+    assert K.route_one_token(torch.randn(2, D).to(torch.bfloat16).to(DEV), w, done, top_k, norm, scale) is None
+
+
 # ---- few-row GEMMs (kernels/skinny.py) ----
 
 SKINNY_SHAPES = [(1, 200, 300), (3, 64, 520), (4, 9, 130)]   # N, K not multiples of the tiles; K < one tile

@@ -126,11 +126,14 @@ class EngineMLA(MLA):
 
 
 class EngineRouter(Router):
-    """Greedy routing: fp32 logits (one GEMM) + softmax/top-K/weights in one kernel. Only built for
-    routers without group or device limits (those keep the model's forward)."""
+    """Greedy routing: fp32 logits (one GEMM) + softmax/top-K/weights in one kernel, both in one launch for a
+    single token (kernels.route_one_token). Only built for routers without group or device limits (those keep
+    the model's forward)."""
 
     def prepare(self, cfg: ModelConfig) -> None:
         self._weight_fp32 = None   # (key, fp32 weight)
+        # route_one_token's program count (its own per layer); built here, before any CUDA-graph capture.
+        self._done = torch.zeros(1, dtype=torch.int32, device=self.weight.device)
 
     def weight_fp32(self) -> torch.Tensor:
         """The weight in fp32, converted once (again if the parameter is changed in place or replaced)."""
@@ -144,6 +147,10 @@ class EngineRouter(Router):
         w, x2 = self.weight, x.reshape(-1, x.shape[-1])
         logits = None
         if w.dtype == x.dtype:
+            routed = kernels.route_one_token(x2, w, self._done, self.top_k, self.norm_topk_prob,
+                                             self.routed_scaling_factor)
+            if routed is not None:
+                return routed
             # At decode sizes the few-row kernel, summing the exact products in fp32 (cuBLAS took 4.9 us here in
             # a batch-1 step on an H200, for a 256 KB weight).
             logits = kernels.skinny_linear(x2, w, out_dtype=torch.float32)

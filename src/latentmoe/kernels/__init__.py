@@ -22,7 +22,7 @@ from .norm import add_rms_norm, add_rms_norm_ref, mla_post_projection, rms_norm
 from .prefill import prefill_attention, prefill_attention_triton
 from .reference import (fused_moe_ref, mha_decode_ref, mla_decode_einsum, mla_decode_ref, mla_post_projection_ref,
                         prefill_attention_ref, rms_norm_ref, softmax_topk_ref, write_latent_cache_ref)
-from .router import softmax_topk
+from .router import route_one_token, softmax_topk
 from .skinny import (SKINNY_MAX_ROWS, per_head_matmul, per_head_matmul_ref, skinny_linear, skinny_linear_pair,
                      skinny_linear_ref, skinny_swiglu)
 
@@ -35,7 +35,7 @@ __all__ = [
     "FP8", "quantize_fp8_blocks", "dequantize_fp8_blocks", "quantize_fp8_rows", "quantize_fp8_groups", "fp8_linear",
     "fp8_linear_ref", "fused_moe_fp8", "fused_moe_fp8_ref", "quantize_latent_rows", "dequantize_latent_rows",
     "write_latent_cache_fp8", "write_latent_cache_fp8_ref",
-    "rms_norm", "rms_norm_ref", "add_rms_norm", "add_rms_norm_ref", "mla_post_projection", "mla_post_projection_ref", "softmax_topk", "softmax_topk_ref",
+    "rms_norm", "rms_norm_ref", "add_rms_norm", "add_rms_norm_ref", "mla_post_projection", "mla_post_projection_ref", "softmax_topk", "softmax_topk_ref", "route_one_token",
     "prefill_attention", "prefill_attention_ref", "prefill_attention_triton",
     "skinny_linear", "skinny_linear_pair", "skinny_swiglu", "skinny_linear_ref", "SKINNY_MAX_ROWS",
     "per_head_matmul", "per_head_matmul_ref",

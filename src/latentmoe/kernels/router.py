@@ -1,4 +1,5 @@
-"""The greedy router's softmax, top-K and weight rule in one Triton kernel (the fp32 logits GEMM stays in torch).
+"""The greedy router's softmax, top-K and weight rule in one Triton kernel after the fp32 logits GEMM, and at
+one token the GEMM and the rule in one launch (`route_one_token`).
 
 The model's router runs ~6 small kernels after its GEMM; at decode batch sizes their launches, not
 their bytes, are the cost. Same formulas in fp32; top-K by repeated arg-max, lowest index on ties.
@@ -7,18 +8,17 @@ import torch
 
 from ._triton import jit, new_buffer, pdl_launch, tl, triton, use_triton, wait_for_inputs
 from .reference import softmax_topk_ref
+from .skinny import _rows_dot, _store_rows, choose_skinny_config
 
 
 @jit
-def _softmax_topk_kernel(logits_ptr, scores_ptr, topw_ptr, topi_ptr, scale,
-                         E: tl.constexpr, K: tl.constexpr, NORM: tl.constexpr, BLOCK_E: tl.constexpr,
-                         PDL: tl.constexpr):
-    """One token: scores = softmax(logits) in fp32, greedy top-K, weights normalised or scaled."""
-    wait_for_inputs(PDL)
-    m = tl.program_id(0)
+def _softmax_topk_row(logits_ptr, scores_ptr, topw_ptr, topi_ptr, m, scale, E: tl.constexpr, K: tl.constexpr,
+                      NORM: tl.constexpr, BLOCK_E: tl.constexpr, VOLATILE: tl.constexpr):
+    """Token m: scores = softmax(logits) in fp32, greedy top-K, weights normalised or scaled. VOLATILE: the
+    logits are read past the caches (other programs of the same launch wrote them)."""
     offs_e = tl.arange(0, BLOCK_E)
     me = offs_e < E
-    logits = tl.load(logits_ptr + m * E + offs_e, mask=me, other=float("-inf"))
+    logits = tl.load(logits_ptr + m * E + offs_e, mask=me, other=float("-inf"), volatile=VOLATILE)
     p = tl.exp(logits - tl.max(logits, axis=0))
     p = p / tl.sum(p, axis=0)
     tl.store(scores_ptr + m * E + offs_e, p, mask=me)
@@ -42,6 +42,32 @@ def _softmax_topk_kernel(logits_ptr, scores_ptr, topw_ptr, topi_ptr, scale,
         tl.store(topw_ptr + m * K + k, wk)
 
 
+@jit
+def _softmax_topk_kernel(logits_ptr, scores_ptr, topw_ptr, topi_ptr, scale,
+                         E: tl.constexpr, K: tl.constexpr, NORM: tl.constexpr, BLOCK_E: tl.constexpr,
+                         PDL: tl.constexpr):
+    """One program per token (_softmax_topk_row)."""
+    wait_for_inputs(PDL)
+    _softmax_topk_row(logits_ptr, scores_ptr, topw_ptr, topi_ptr, tl.program_id(0), scale, E, K, NORM, BLOCK_E,
+                      False)
+
+
+@jit
+def _route_one_token_kernel(x_ptr, w_ptr, logits_ptr, scores_ptr, topw_ptr, topi_ptr, done_ptr, D, scale,
+                            E: tl.constexpr, K: tl.constexpr, NORM: tl.constexpr, BLOCK_E: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    """Each program: BLOCK_N fp32 logits of the token (skinny.py's few-row GEMM, its tiles), stored, then one
+    count on done_ptr; the program that counts last applies the routing rule to all E logits and sets the
+    count back to 0 for the next launch. The count's acquire-release atomic orders every program's logits
+    before the last one's reads."""
+    n0 = tl.program_id(0) * BLOCK_N
+    acc = _rows_dot(x_ptr, w_ptr, w_ptr, 1, E, D, D, D, 1, 0, n0, 1, BLOCK_N, BLOCK_K, False, 128, PDL)
+    _store_rows(logits_ptr, acc, 1, E, E, n0, 1, BLOCK_N)
+    if tl.atomic_add(done_ptr, 1, sem="acq_rel") == tl.num_programs(0) - 1:
+        _softmax_topk_row(logits_ptr, scores_ptr, topw_ptr, topi_ptr, 0, scale, E, K, NORM, BLOCK_E, True)
+        tl.store(done_ptr, 0)
+
+
 def softmax_topk(logits_ME: torch.Tensor, top_k: int, norm_topk_prob: bool, routed_scaling_factor: float):
     """Greedy routing from fp32 router logits [M, E] -> scores [M,E] fp32, topk_weight [M,K] fp32,
     topk_idx [M,K] int64 (weights normalised when top_k > 1 and norm_topk_prob, else scaled).
@@ -63,4 +89,27 @@ def softmax_topk(logits_ME: torch.Tensor, top_k: int, norm_topk_prob: bool, rout
     return scores, topw, topi
 
 
-__all__ = ["softmax_topk"]
+def route_one_token(x: torch.Tensor, weight: torch.Tensor, done: torch.Tensor, top_k: int, norm_topk_prob: bool,
+                    routed_scaling_factor: float):
+    """softmax_topk(x @ weight^T in fp32, ...) for one token x [1, D] (weight [E, D] in x's dtype) in one launch,
+    or None where it does not apply (more rows, no Triton: the caller runs the GEMM and softmax_topk).
+    `done`: a zeroed int32 [1] the kernel counts its programs on (left at 0; one per caller, so that no two
+    launches in flight share it). The logits are those skinny_linear(x, weight, out_dtype=torch.float32) gives
+    (the same tiles), so the routing is too."""
+    if not use_triton(x) or x.dim() != 2 or x.shape[0] != 1 or weight.dtype != x.dtype or not x.is_contiguous() \
+            or not weight.is_contiguous() or weight.shape[1] != x.shape[1]:
+        return None
+    E, D = weight.shape
+    cfg = choose_skinny_config(1, D, False)
+    logits = new_buffer((1, E), torch.float32, x.device)
+    scores = new_buffer((1, E), torch.float32, x.device)
+    topw = new_buffer((1, top_k), torch.float32, x.device)
+    topi = new_buffer((1, top_k), torch.int64, x.device)
+    _route_one_token_kernel[(triton.cdiv(E, cfg["block_n"]),)](
+        x, weight, logits, scores, topw, topi, done, D, float(routed_scaling_factor), E=E, K=top_k,
+        NORM=bool(top_k > 1 and norm_topk_prob), BLOCK_E=triton.next_power_of_2(E), BLOCK_N=cfg["block_n"],
+        BLOCK_K=cfg["block_k"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(x))
+    return scores, topw, topi
+
+
+__all__ = ["softmax_topk", "route_one_token"]
