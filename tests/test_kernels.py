@@ -397,6 +397,33 @@ def test_few_token_experts_match_reference(K, M):
     assert torch.equal(out, K.fused_moe(x, w1, w2, idx, w, few_token_layout=layout))   # deterministic
 
 
+@pytest.mark.parametrize("M", [1, 2])
+def test_routed_gemv_matches_grouped_few_token_kernels(K, M):
+    """One or two tokens' experts as row products (kernels/moe_gemv.py), bf16: against the grouped few-token
+    kernels over the same assignments and against the reference; an expert shared by the two tokens, and an
+    assignment with a negative id (another rank's) giving a zero row."""
+    from latentmoe.kernels.moe import fused_moe_few_tokens_triton, moe_combine
+    from latentmoe.kernels.moe_gemv import routed_gemv, routed_gemv_applies
+    g = torch.Generator().manual_seed(40 + M)
+    E, D, I, TOPK = 6, 64, 80, 3
+    x = torch.randn(M, D, generator=g).to(torch.bfloat16).to(DEV)
+    w1 = (torch.randn(E, 2 * I, D, generator=g) * D ** -0.5).to(torch.bfloat16).to(DEV)
+    w2 = (torch.randn(E, D, I, generator=g) * I ** -0.5).to(torch.bfloat16).to(DEV)
+    idx = torch.stack([torch.randperm(E, generator=g)[:TOPK] for _ in range(M)]).to(DEV)
+    if M == 2:
+        idx[1, 0] = idx[0, 1]
+    w = torch.rand(M, TOPK, generator=g).to(DEV)
+    assert routed_gemv_applies(x, w1, None, w2)
+    y = routed_gemv(x, w1, None, w2, None, idx, w)
+    grouped = fused_moe_few_tokens_triton(x, w1, w2, idx, w, K.few_token_layout(K.FEW_TOKENS * TOPK, DEV))
+    assert rel_err(moe_combine(y, TOPK), grouped) < 1e-2
+    assert rel_err(moe_combine(y, TOPK), K.fused_moe_ref(x.float(), w1.float(), w2.float(), idx, w)) < 1.5e-2
+    skipped = idx.clone()
+    skipped[0, 1] = -1
+    y2 = routed_gemv(x, w1, None, w2, None, skipped, w)
+    assert y2[1].abs().max() == 0 and torch.equal(y2[0], y[0])
+
+
 # ----------------------------------------------------------------------------- per-head (MHA) decode
 def make_per_head_cache(seq_lens, page, H, DK, DV, dtype, gen):
     kv, block_table, lens = make_paged_cache(seq_lens, page, H * DK, H * DV, dtype, gen)

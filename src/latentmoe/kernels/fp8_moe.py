@@ -24,6 +24,7 @@ from ._triton import (INTERPRET, dot, dot_acc, jit, new_buffer, pdl_launch, tens
 from .fp8 import BLOCK, FP8_MAX, dequantize_fp8_blocks, quantize_fp8_groups, round_through_fp8_groups, to_fp8
 from .moe import (DECODE_CONFIG, FEW_TOKENS, add_to_routed, choose_moe_config, down_descriptors, moe_align,
                   moe_combine, moe_shapes, program_expert, row_block, wait_for_add)
+from . import moe_gemv
 from .reference import fused_moe_ref
 
 
@@ -122,6 +123,11 @@ def fused_moe_fp8_triton(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scal
     A = M * K
     assert gate_up_proj.stride(-1) == 1 and down_proj.stride(-1) == 1
     x_MD = x_MD if x_MD.stride(-1) == 1 else x_MD.contiguous()
+    if few_token_layout is not None and M <= FEW_TOKENS and config is None \
+            and moe_gemv.routed_gemv_applies(x_MD, gate_up_proj, gate_up_scale, down_proj):
+        y_AD = moe_gemv.routed_gemv(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scale, topk_idx_MK,
+                                    topk_weight_MK)
+        return moe_combine(y_AD, K, add_MD, residual_MD, add_ready)
     if few_token_layout is not None and M <= FEW_TOKENS:
         cfg = config or DECODE_CONFIG
         assert cfg["block_m"] == DECODE_CONFIG["block_m"], "the few-token layout has DECODE_CONFIG's row blocks"

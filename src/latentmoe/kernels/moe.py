@@ -15,6 +15,7 @@ import torch
 
 from ._triton import (INTERPRET, cast, dot, jit, new_buffer, pdl_launch, tensor_descriptor, tl, triton, use_triton,
                       wait_for_inputs)
+from . import moe_gemv
 from .reference import fused_moe_ref
 
 
@@ -569,6 +570,10 @@ def fused_moe(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.T
         wait_for_add(add_ready, x_MD.device)
         return add_to_routed(y, add_MD, residual_MD)
     if few_token_layout is not None and M <= FEW_TOKENS:
+        x_MD, gate_up_proj, down_proj = _inference_inputs(x_MD, gate_up_proj, down_proj)
+        if moe_gemv.routed_gemv_applies(x_MD, gate_up_proj, None, down_proj):
+            y_AD = moe_gemv.routed_gemv(x_MD, gate_up_proj, None, down_proj, None, topk_idx_MK, topk_weight_MK)
+            return moe_combine(y_AD, topk_idx_MK.shape[1], add_MD, residual_MD, add_ready)
         return fused_moe_few_tokens_triton(x_MD, gate_up_proj, down_proj, topk_idx_MK, topk_weight_MK,
                                            few_token_layout, skip_negative, add_MD, residual_MD, add_ready)
     return fused_moe_triton(x_MD, gate_up_proj, down_proj, topk_idx_MK, topk_weight_MK, skip_negative=skip_negative,
