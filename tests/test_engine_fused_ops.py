@@ -118,6 +118,47 @@ def test_engine_greedy_with_fused_ops_matches_plain(dev):
 
 
 @torch.inference_mode()
+def test_engine_batch1_decode_fusions_match_model(dev, monkeypatch):
+    """A batch-1 decode through the engine's own MoE layer: the block's residual add and norm formed in the
+    router's launch (route_one_token with add_norm), the routed experts as row products (moe_gemv), W_UK in the
+    post-projection's launch; greedy tokens as the model's own, each fused path taken at every decode step."""
+    import latentmoe.kernels as K
+    import latentmoe.kernels.moe_gemv as mg
+    from latentmoe.engine import LLM, SamplingParams
+    calls = {"route_add_norm": 0, "gemv": 0, "w_uk": 0}
+    route, gemv, post = K.route_one_token, mg.routed_gemv, K.mla_post_projection
+
+    def counted_post(*a, **k):
+        calls["w_uk"] += k.get("w_uk") is not None
+        return post(*a, **k)
+
+    def counted_route(*a, **k):
+        out = route(*a, **k)
+        calls["route_add_norm"] += k.get("add_norm") is not None and out is not None
+        return out
+
+    def counted_gemv(*a, **k):
+        calls["gemv"] += 1
+        return gemv(*a, **k)
+    monkeypatch.setattr(K, "route_one_token", counted_route)
+    monkeypatch.setattr(mg, "routed_gemv", counted_gemv)
+    monkeypatch.setattr(K, "mla_post_projection", counted_post)
+    cfg = get_config("tiny", vocab_size=256, num_hidden_layers=3, topk_method="greedy", n_group=1, topk_group=1)
+    model = build_model(cfg, device=dev, dtype=torch.float32, seed=0, std=0.08).eval()
+    prompt = [5, 17, 3, 99, 42, 7]
+    ids = list(prompt)
+    for _ in range(4):
+        ids.append(int(model(torch.tensor([ids], device=dev))[0, -1].argmax()))
+    llm = LLM(model, block_size=4, num_blocks=16, max_num_seqs=4, enforce_eager=True, fused_ops=True,
+              experts_impl="fused")
+    got = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0].outputs[0].token_ids
+    assert got == ids[len(prompt):]
+    moe_layers = sum(type(m).__name__ == "EngineMoE" for m in llm.runner.model.modules())
+    assert moe_layers >= 1 and calls == {"route_add_norm": 3 * moe_layers, "gemv": 3 * moe_layers,
+                                         "w_uk": 3 * cfg.num_hidden_layers}
+
+
+@torch.inference_mode()
 def test_expert_parallel_share_skips_other_ranks_experts(dev):
     """One expert-parallel rank's share (engine/tensor_parallel.py) in a one-process group: the fused
     experts skip the other rank's assignments (id -1) and give what the model's experts give with those

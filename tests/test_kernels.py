@@ -624,6 +624,26 @@ def test_route_one_token_matches_gemm_then_rule(K, E, top_k, norm, scale, D):
     assert K.route_one_token(torch.randn(2, D).to(torch.bfloat16).to(DEV), w, done, top_k, norm, scale) is None
 
 
+@pytest.mark.parametrize("E,top_k,norm,D", [(64, 6, False, 96), (10, 3, True, 40)])
+def test_route_one_token_adds_and_norms_first(K, E, top_k, norm, D):
+    """With add_norm the launch also forms the block's residual add and norm: the stream and the normed row as
+    add_rms_norm returns them (bit for bit), and the routing of that row as the plain path routes it."""
+    from latentmoe.kernels.skinny import skinny_linear
+    gen = torch.Generator().manual_seed(D)
+    w = torch.randn(E, D, generator=gen).to(torch.bfloat16).to(DEV)
+    nw = (1 + 0.1 * torch.randn(D, generator=gen)).to(torch.bfloat16).to(DEV)
+    done = torch.zeros(1, dtype=torch.int32, device=DEV)
+    for i in range(2):
+        h = (torch.randn(1, D, generator=gen) * 3).to(torch.bfloat16).to(DEV)
+        d = torch.randn(1, D, generator=gen).to(torch.bfloat16).to(DEV)
+        scores, topw, topi, s, x = K.route_one_token(h, w, done, top_k, norm, 1.0, add_norm=(d, nw, 1e-6))
+        ref_s, ref_x = K.add_rms_norm(h, d, nw, 1e-6)
+        assert torch.equal(s, ref_s) and torch.equal(x, ref_x)
+        r_s, r_w, r_i = K.softmax_topk(skinny_linear(ref_x, w, out_dtype=torch.float32), top_k, norm, 1.0)
+        assert torch.equal(topi, r_i) and torch.allclose(scores, r_s, atol=1e-6) and torch.allclose(topw, r_w, atol=1e-6)
+        assert done.item() == 0
+
+
 # ---- few-row GEMMs (kernels/skinny.py) ----
 
 SKINNY_SHAPES = [(1, 200, 300), (3, 64, 520), (4, 9, 130)]   # N, K not multiples of the tiles; K < one tile

@@ -66,9 +66,9 @@ class EngineBlock(Block):
         else:
             a = self.self_attn(self.input_layernorm(h), cos, sin, mask, backend)
         norm = self.post_attention_layernorm
-        h, x = kernels.add_rms_norm(h, a, norm.weight, norm.eps)
         if type(self.mlp) is EngineMoE:
-            return self.mlp(x, residual=h)
+            return self.mlp(a, residual=h, add_norm=norm)
+        h, x = kernels.add_rms_norm(h, a, norm.weight, norm.eps)
         if self.is_moe:
             out, router = self.mlp(x)
             return h + out, router
@@ -143,6 +143,15 @@ class EngineRouter(Router):
             self._weight_fp32 = (key, w.detach().float().contiguous())
         return self._weight_fp32[1]
 
+    def route_add_norm(self, h: torch.Tensor, delta: torch.Tensor, norm: nn.Module):
+        """(scores, topk_weight, topk_idx, h + delta, norm(h + delta)) for one token in one launch
+        (kernels.route_one_token), or None where that does not apply."""
+        if self.weight.dtype != h.dtype or h.numel() != h.shape[-1]:
+            return None
+        return kernels.route_one_token(h.reshape(1, -1), self.weight, self._done, self.top_k, self.norm_topk_prob,
+                                       self.routed_scaling_factor,
+                                       add_norm=(delta.reshape(1, -1), norm.weight, norm.eps))
+
     def forward(self, x: torch.Tensor):
         w, x2 = self.weight, x.reshape(-1, x.shape[-1])
         logits = None
@@ -202,8 +211,19 @@ class EngineMoE(MoE):
         dev = next(self.parameters()).device
         self._side = _side_stream(dev) if dev.type == "cuda" and self.shared_experts is not None else None
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, add_norm: nn.Module | None = None):
+        """`add_norm` (the block's RMSNorm): x is the attention's output and `residual` the stream before it;
+        the layer's input is add_norm(residual + x), and the stream it adds to is residual + x (formed with the
+        routing in one launch at one token: EngineRouter.route_add_norm)."""
         shape = x.shape
+        routed = None
+        if add_norm is not None:
+            if type(self.gate) is EngineRouter:
+                routed = self.gate.route_add_norm(residual, x, add_norm)
+            if routed is None:
+                residual, x = kernels.add_rms_norm(residual, x, add_norm.weight, add_norm.eps)
+            else:
+                residual, x = routed[3].view(shape), routed[4].view(shape)
         x_MD = x.reshape(-1, shape[-1])
         side = getattr(self, "_side", None) if 0 < x_MD.shape[0] <= self.SIDE_STREAM_MAX_TOKENS else None
         shared = ready = None
@@ -214,7 +234,7 @@ class EngineMoE(MoE):
                 ready = torch.cuda.Event()
                 ready.record(side)
             shared.record_stream(torch.cuda.current_stream(x.device))   # read on this stream: not reused early
-        scores, topk_weight, topk_idx = self.gate(x_MD)
+        scores, topk_weight, topk_idx = self.gate(x_MD) if routed is None else routed[:3]
         if side is None and self.shared_experts is not None:
             shared = self.shared_experts(x_MD)
         res = residual.reshape(x_MD.shape) if residual is not None else None
