@@ -58,7 +58,8 @@ class EngineRMSNorm(RMSNorm):
 
 class EngineBlock(Block):
     """The decoder block with the attention's residual add and the next norm in one kernel (kernels.add_rms_norm),
-    and, where the MoE layer is the engine's, the MoE's residual add in the experts' combine."""
+    and, where the MoE layer is the engine's, both handed to it (EngineMoE's `add_norm`: at one token they run in
+    the router's launch) and the MoE's residual add in the experts' combine."""
 
     def forward(self, h, cos, sin, mask=None, backend=None):
         if type(self.self_attn) is EngineMLA and type(self.input_layernorm) in (RMSNorm, EngineRMSNorm):
@@ -253,7 +254,8 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 class EngineExperts(Experts):
-    """Routed experts through kernels.fused_moe; batch-1/2 decodes skip the expert sort (2 kernels, not ~14).
+    """Routed experts through kernels.fused_moe; batch-1/2 decodes skip the expert sort (2 kernels and the
+    combine, not ~14: row products, kernels/moe_gemv.py).
     Negative expert ids are skipped (an expert-parallel rank's assignments to other ranks' experts)."""
 
     skip_negative = False   # set on the experts of an expert-parallel rank (engine/tensor_parallel.py)

@@ -19,7 +19,7 @@ released model). Legend as in moe.py.
 """
 import torch
 
-from ._triton import INTERPRET, dot, dot_acc, jit, new_buffer, tensor_descriptor, tl, triton, use_triton
+from ._triton import INTERPRET, dot, dot_acc, jit, new_buffer, tl, triton, use_triton
 from .fp8 import BLOCK, FP8_MAX, dequantize_fp8_blocks, quantize_fp8_groups, round_through_fp8_groups, to_fp8
 from .moe import (DECODE_CONFIG, FEW_TOKENS, add_to_routed, choose_moe_config, down_descriptors, moe_align,
                   moe_combine, moe_shapes, program_expert, row_block, wait_for_add)

@@ -12,6 +12,8 @@ gate_up writes h[a] = silu(x . w_gate) * (x . w_up) (fp32, rounded once, as the 
 down writes y[a] = weight[a] * (h[a] . w_down) at the assignment's row, as `run_moe_gemms` leaves y_AD for
 the combine. Negative expert ids (an expert-parallel rank's assignments to other ranks) leave y[a] = 0.
 The reference is the grouped path's (`fused_moe_ref` / `fused_moe_fp8_ref`): same arithmetic per assignment.
+Not yet timed on a GPU against the grouped few-token kernels it replaces (`benchmarks/bench_ab.py` against a
+tree before it measures both); its tiles are skinny.py's, swept for V2-Lite's projections at one row.
 """
 import torch
 
