@@ -109,7 +109,7 @@ class EngineMLA(MLA):
         norm = self.kv_a_layernorm
         q_nope, q_pe, c_kv, k_pe, *q_lat = kernels.mla_post_projection(
             q.contiguous(), kv.contiguous(), norm.weight, norm.eps, cos2, sin2, self.n_heads,
-            *(cache_target or (None, None)), **({"w_uk": self.w_uk, "absorb_rows": absorb_rows} if absorb_rows else {}))
+            *(cache_target or (None, None)), w_uk=self.w_uk if absorb_rows else None, absorb_rows=absorb_rows)
         return (q_nope.view(B, T, *q_nope.shape[1:]), q_pe.view(B, T, *q_pe.shape[1:]),
                 c_kv.view(B, T, -1), k_pe.view(B, T, -1), *q_lat)
 

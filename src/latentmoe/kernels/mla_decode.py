@@ -388,6 +388,7 @@ def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.T
         # B=64 at 4K: 97.0 us with 3). 64-head programs have room for 2 stages only.
         one_wave = B * head_groups * num_splits <= sm_count(q_lat.device)
         num_stages = (4 if one_wave else 3) if block_h <= 16 else 2
+    assert w_uv is None or out is None, "`out` receives the latent output, which w_uv's product replaces"
     fused = w_uv is not None and num_splits > 1 and per_head_kernel_applies(q_lat, w_uv)
     if fused:
         o_part = new_buffer((B, H, num_splits, C), torch.float32, q_lat.device)

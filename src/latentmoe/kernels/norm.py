@@ -14,13 +14,21 @@ from .skinny import per_head_kernel_applies, per_head_matmul, per_head_program, 
 
 
 @jit
-def _rms_norm_row(x_ptr, w_ptr, y_ptr, offs, mask, N, eps):
-    """One row: y = w * (x * rstd).to(x's dtype), statistics in fp32 (the reference's rounding order)."""
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+def rms_normed(x, w_ptr, offs, mask, N, eps, x_dtype: tl.constexpr, y_dtype: tl.constexpr):
+    """One row x (fp32, the values of an x_dtype row) normalised: w * (x * rstd).to(x_dtype), statistics in fp32,
+    in y_dtype (the reference's rounding order). Shared by the kernels here and the router's add-and-norm."""
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
-    xn = (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
+    xn = (x * rstd).to(x_dtype).to(tl.float32)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + offs, (w * xn).to(y_ptr.dtype.element_ty), mask=mask)
+    return (w * xn).to(y_dtype)
+
+
+@jit
+def _rms_norm_row(x_ptr, w_ptr, y_ptr, offs, mask, N, eps):
+    """One row from memory to memory (`rms_normed`)."""
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, rms_normed(x, w_ptr, offs, mask, N, eps, x_ptr.dtype.element_ty, y_ptr.dtype.element_ty),
+             mask=mask)
 
 
 @jit

@@ -7,6 +7,7 @@ their bytes, are the cost. Same formulas in fp32; top-K by repeated arg-max, low
 import torch
 
 from ._triton import INTERPRET, cast, jit, new_buffer, pdl_launch, tl, triton, use_triton, wait_for_inputs
+from .norm import rms_normed
 from .reference import softmax_topk_ref
 from .skinny import _rows_dot, _store_rows, choose_skinny_config
 
@@ -82,9 +83,7 @@ def _route_add_norm_kernel(h_ptr, d_ptr, nw_ptr, s_ptr, xn_ptr, w_ptr, logits_pt
     dtype = s_ptr.dtype.element_ty
     sv = cast(tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
               + tl.load(d_ptr + offs, mask=mask, other=0.0).to(tl.float32), dtype, INTERPRETED).to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(sv * sv, axis=0) / D + eps)
-    xn = (sv * rstd).to(dtype).to(tl.float32)
-    x = (tl.load(nw_ptr + offs, mask=mask, other=0.0).to(tl.float32) * xn).to(xn_ptr.dtype.element_ty)
+    x = rms_normed(sv, nw_ptr, offs, mask, D, eps, dtype, xn_ptr.dtype.element_ty)
     if tl.program_id(0) == 0:
         tl.store(s_ptr + offs, sv.to(dtype), mask=mask)
         tl.store(xn_ptr + offs, x, mask=mask)
@@ -145,6 +144,13 @@ def route_one_token(x: torch.Tensor, weight: torch.Tensor, done: torch.Tensor, t
             or not weight.is_contiguous() or weight.shape[1] != x.shape[1]:
         return None
     E, D = weight.shape
+    if add_norm is not None:
+        delta, norm_weight, eps = add_norm
+        # (the router's GEMM takes the normed row in the weight's dtype)
+        if D > ROUTE_ADD_NORM_MAX_D or delta.shape != x.shape or delta.dtype != x.dtype or not delta.is_contiguous() \
+                or norm_weight.shape != (D,) or not norm_weight.is_contiguous() \
+                or torch.promote_types(x.dtype, norm_weight.dtype) != x.dtype:
+            return None
     scores = new_buffer((1, E), torch.float32, x.device)
     topw = new_buffer((1, top_k), torch.float32, x.device)
     topi = new_buffer((1, top_k), torch.int64, x.device)
@@ -157,14 +163,8 @@ def route_one_token(x: torch.Tensor, weight: torch.Tensor, done: torch.Tensor, t
             BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             **pdl_launch(x))
         return scores, topw, topi
-    delta, norm_weight, eps = add_norm
-    if D > ROUTE_ADD_NORM_MAX_D or delta.shape != x.shape or delta.dtype != x.dtype or not delta.is_contiguous() \
-            or norm_weight.shape != (D,) or not norm_weight.is_contiguous():
-        return None
     s = new_buffer((1, D), x.dtype, x.device)
-    xn = new_buffer((1, D), torch.promote_types(x.dtype, norm_weight.dtype), x.device)
-    if xn.dtype != x.dtype:   # the router's GEMM takes the normed row in the weight's dtype
-        return None
+    xn = new_buffer((1, D), x.dtype, x.device)
     block_n = 4
     _route_add_norm_kernel[(triton.cdiv(E, block_n),)](
         x, delta, norm_weight, s, xn, weight, logits, scores, topw, topi, done, D, eps, float(routed_scaling_factor),
