@@ -105,36 +105,6 @@ def test_mla_decode_uses_only_the_pieces_a_sequence_fills(K):
     check_mla(K, [300, 5, 1, 17], H=4, C=32, R=16, page=16, dtype=torch.bfloat16, num_splits=32, block_n=16)
 
 
-@pytest.mark.parametrize("seq_lens,num_splits,block_v", [([300], 32, None), ([5, 300], 32, 8), ([1, 2], 4, None),
-                                                         ([129, 64], 3, 16)])
-def test_mla_decode_merges_inside_w_uv(K, seq_lens, num_splits, block_v):
-    """At one or two rows with W_UV given, the split-KV merge runs inside the per-head product: the result must
-    equal the two-step path (the merged latent rounded to the dtype, then W_UV per head), W_UV read through a
-    transposed view as the engine passes it, pieces in use differing by row."""
-    from latentmoe.kernels.mla_decode import merge_and_project, merge_splits
-    gen = torch.Generator().manual_seed(11)
-    B, H, C, R, V = len(seq_lens), 3, 48, 16, 40
-    kv_cache, block_table, lens = make_paged_cache(seq_lens, 16, C, R, torch.bfloat16, gen)
-    q_lat = torch.randn(B, H, C, generator=gen).to(torch.bfloat16).to(DEV)
-    q_pe = torch.randn(B, H, R, generator=gen).to(torch.bfloat16).to(DEV)
-    w_uv = (torch.randn(H, V, C, generator=gen) / C ** 0.5).to(torch.bfloat16).to(DEV).transpose(1, 2)
-    fused = K.mla_decode(q_lat, q_pe, kv_cache, block_table, lens, 0.3, w_uv=w_uv, num_splits=num_splits,
-                         block_n=16)
-    o_lat = K.mla_decode_ref(q_lat.double(), q_pe.double(), kv_cache.double(), block_table, lens, 0.3)
-    ref = K.per_head_matmul_ref(o_lat, w_uv.double())
-    assert fused.shape == (B, H, V) and fused.dtype == torch.bfloat16
-    assert rel_err(fused, ref) < 1e-2
-    # The same partials merged then multiplied, against merged inside the product (any column block).
-    S = num_splits
-    o_part = torch.randn(B, H, S, C, generator=gen).to(DEV)
-    lse = torch.randn(B, H, S, generator=gen).to(DEV)
-    merged = torch.full((B, H, C), float("nan"), dtype=torch.bfloat16, device=DEV)
-    merge_splits(o_part, lse, merged, lens, 16)
-    two_step = K.per_head_matmul_ref(merged, w_uv)
-    one_step = merge_and_project(o_part, lse, lens, w_uv, torch.bfloat16, 16, block_v=block_v)
-    assert rel_err(one_step, two_step) < 1e-2
-
-
 def test_mla_decode_dispatch_handles_narrow_rope(K):
     """R = 8 is below tl.dot's minimum width on a GPU: the dispatcher must still answer correctly."""
     gen = torch.Generator().manual_seed(9)
@@ -395,33 +365,6 @@ def test_few_token_experts_match_reference(K, M):
     # fp32 tl.dot runs as tf32 on a GPU; the interpreter is exact fp32.
     assert rel_err(out, K.fused_moe_ref(x, w1, w2, idx, w)) < (5e-3 if CUDA else 1e-5)
     assert torch.equal(out, K.fused_moe(x, w1, w2, idx, w, few_token_layout=layout))   # deterministic
-
-
-@pytest.mark.parametrize("M", [1, 2])
-def test_routed_gemv_matches_grouped_few_token_kernels(K, M):
-    """One or two tokens' experts as row products (kernels/moe_gemv.py), bf16: against the grouped few-token
-    kernels over the same assignments and against the reference; an expert shared by the two tokens, and an
-    assignment with a negative id (another rank's) giving a zero row."""
-    from latentmoe.kernels.moe import fused_moe_few_tokens_triton, moe_combine
-    from latentmoe.kernels.moe_gemv import routed_gemv, routed_gemv_applies
-    g = torch.Generator().manual_seed(40 + M)
-    E, D, I, TOPK = 6, 64, 80, 3
-    x = torch.randn(M, D, generator=g).to(torch.bfloat16).to(DEV)
-    w1 = (torch.randn(E, 2 * I, D, generator=g) * D ** -0.5).to(torch.bfloat16).to(DEV)
-    w2 = (torch.randn(E, D, I, generator=g) * I ** -0.5).to(torch.bfloat16).to(DEV)
-    idx = torch.stack([torch.randperm(E, generator=g)[:TOPK] for _ in range(M)]).to(DEV)
-    if M == 2:
-        idx[1, 0] = idx[0, 1]
-    w = torch.rand(M, TOPK, generator=g).to(DEV)
-    assert routed_gemv_applies(x, w1, None, w2)
-    y = routed_gemv(x, w1, None, w2, None, idx, w)
-    grouped = fused_moe_few_tokens_triton(x, w1, w2, idx, w, K.few_token_layout(K.FEW_TOKENS * TOPK, DEV))
-    assert rel_err(moe_combine(y, TOPK), grouped) < 1e-2
-    assert rel_err(moe_combine(y, TOPK), K.fused_moe_ref(x.float(), w1.float(), w2.float(), idx, w)) < 1.5e-2
-    skipped = idx.clone()
-    skipped[0, 1] = -1
-    y2 = routed_gemv(x, w1, None, w2, None, skipped, w)
-    assert y2[1].abs().max() == 0 and torch.equal(y2[0], y[0])
 
 
 # ----------------------------------------------------------------------------- per-head (MHA) decode

@@ -111,13 +111,15 @@ class PagedLatentAttention(PagedAttention):
 
     def decode(self, layer, cache, q_nope, q_pe, block_table, seq_lens, q_lat=None):
         rows, scales = self.rows_and_scales(cache)
-        # W_UK and W_UV per head (kernels.per_head_matmul; W_UV's inside mla_decode, which merges the split-KV
-        # pieces in that product at few rows), the result in [nd, H, .] order: o_proj's flatten then reads it
-        # as is (an einsum's transposed view cost a copy kernel every layer).
+        # W_UK and W_UV per head (kernels.per_head_matmul), the result in [nd, H, .] order: o_proj's flatten then
+        # reads it as is (an einsum's transposed view cost a copy kernel every layer). Merging the split-KV
+        # pieces inside W_UV's product (one launch fewer) measured slower at every batch-1/2 point: H200, V2-Lite
+        # shape, graph sized for 128K, B=1 at 1K 2.51 against 2.41 ms a step, B=2 3.91 against 3.44, B=1 at
+        # 128K 4.20 against 3.94 (each program re-reads all the pieces of its head), so it was not kept.
         if q_lat is None:
             q_lat = kernels.per_head_matmul(q_nope, layer.w_uk)
-        return kernels.mla_decode(q_lat, q_pe, rows, block_table, seq_lens, layer.softmax_scale, kv_scale=scales,
-                                  w_uv=layer.w_uv.transpose(1, 2))
+        o_lat = kernels.mla_decode(q_lat, q_pe, rows, block_table, seq_lens, layer.softmax_scale, kv_scale=scales)
+        return kernels.per_head_matmul(o_lat, layer.w_uv.transpose(1, 2))
 
     def prefill(self, layer, cache, q_nope, q_pe, meta):
         # Every chunk's context decompressed in one GEMM (the prefix once per step, not per chunk).

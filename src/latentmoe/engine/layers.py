@@ -254,8 +254,7 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 class EngineExperts(Experts):
-    """Routed experts through kernels.fused_moe; batch-1/2 decodes skip the expert sort (2 kernels and the
-    combine, not ~14: row products, kernels/moe_gemv.py).
+    """Routed experts through kernels.fused_moe; batch-1/2 decodes skip the expert sort (2 kernels, not ~14).
     Negative expert ids are skipped (an expert-parallel rank's assignments to other ranks' experts)."""
 
     skip_negative = False   # set on the experts of an expert-parallel rank (engine/tensor_parallel.py)
@@ -294,7 +293,8 @@ class Fp8Linear(nn.Module):
 
 class Fp8Experts(Experts):
     """Routed experts with block-FP8 weights (gate_up_proj / down_proj e4m3 and their `_scale_inv`), run by
-    kernels.fused_moe_fp8; batch-1/2 decodes skip the expert sort as EngineExperts does."""
+    kernels.fused_moe_fp8; batch-1/2 decodes skip the expert sort as EngineExperts does (at one token the
+    experts run as row products, kernels/moe_gemv.py)."""
 
     def __init__(self, gate_up: tuple[torch.Tensor, torch.Tensor], down: tuple[torch.Tensor, torch.Tensor],
                  impl: str = "auto"):

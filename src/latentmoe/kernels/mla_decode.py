@@ -3,9 +3,7 @@
 Absorbed decode is an MQA: every head of a sequence attends to the same rows [c_kv (C) | k_pe (R)],
 so one program takes BLOCK_H heads and loads each latent tile once for all of them. A sequence is
 cut into at most NUM_SPLITS equal pieces, one program per piece, so that small batches still fill the chip;
-each piece leaves its normalised output and log-sum-exp, and a second kernel merges them. Given W_UV
-(`w_uv`), the result is each head's output times its matrix; at one or two rows the merge then runs inside
-that product (`_merge_project_kernel`), one launch a layer fewer in a batch-1 decode step.
+each piece leaves its normalised output and log-sum-exp, and a second kernel merges them.
 
 The piece count is fixed when a decode graph is captured (for the longest context it serves), but pieces
 are whole BLOCK_N tiles, so a short sequence uses only the first few: the others write nothing and the
@@ -14,9 +12,8 @@ context no more than one sized for 1K.
 """
 import torch
 
-from ._triton import INTERPRET, cast, dot, jit, new_buffer, pdl_launch, sm_count, tl, triton, use_triton, wait_for_inputs
+from ._triton import INTERPRET, dot, jit, new_buffer, pdl_launch, sm_count, tl, triton, use_triton, wait_for_inputs
 from .reference import mla_decode_ref
-from .skinny import per_head_kernel_applies, per_head_matmul
 
 LOG2E = 1.4426950408889634
 # The queries' scale in the FP8 cache's fp16 dots (a power of two: exact), so that none overflows fp16 below 2^24.
@@ -175,61 +172,6 @@ def _mla_decode_merge_kernel(
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_c, out.to(out_ptr.dtype.element_ty), mask=mask_c)
 
 
-@jit(do_not_specialize=("B",))
-def _merge_project_kernel(
-    o_part_ptr, lse_ptr, seq_lens_ptr, w_ptr, y_ptr, B, H, V, stride_wh, stride_wc, stride_wv, stride_yb, stride_yh,
-    C: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, TILE_N: tl.constexpr, ROWS: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr, CHUNK_S: tl.constexpr, INTERPRETED: tl.constexpr,
-    PDL: tl.constexpr,
-):
-    """y[b, h, v0:v0+BLOCK_V] = merge(o_part[b, h]) @ w[h][:, v0:v0+BLOCK_V] for the B (<= ROWS) rows.
-
-    The merge is `_mla_decode_merge_kernel`'s (the pieces each row uses, log-sum-exp weights), BLOCK_C latent
-    columns at a time; the merged row is rounded to y's dtype, as the latent output the two-kernel path stores,
-    before the product (fp32 sums, rounded once). The weight's first slice loads before the wait (it is no
-    earlier kernel's output)."""
-    h = tl.program_id(0)
-    offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_b = tl.arange(0, ROWS)
-    mask_v = offs_v < V
-    mask_b = offs_b < B
-    w_base = w_ptr + h * stride_wh + offs_v[None, :] * stride_wv
-    w = tl.load(w_base + offs_c[:, None] * stride_wc, mask=(offs_c[:, None] < C) & mask_v[None, :], other=0.0)
-    wait_for_inputs(PDL)
-    # split_range's arithmetic for every row at once: the pieces row b uses.
-    seq_len = tl.load(seq_lens_ptr + offs_b, mask=mask_b, other=0)
-    split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), TILE_N), 1) * TILE_N
-    n_used = tl.where(mask_b, tl.cdiv(seq_len, split_len), 0)
-    row_lse = lse_ptr + (offs_b[:, None] * H + h) * NUM_SPLITS                       # [ROWS, 1]
-    offs_s = tl.arange(0, BLOCK_S)
-    lse = tl.load(row_lse + offs_s[None, :], mask=offs_s[None, :] < n_used[:, None], other=float("-inf"))
-    m = tl.max(lse, 1)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    total = tl.maximum(tl.sum(tl.exp2(lse - m[:, None]), 1), 1e-30)                  # empty pieces weigh 0
-    most_used = tl.max(n_used, 0)
-    offs_k = tl.arange(0, CHUNK_S)
-    part = o_part_ptr + ((offs_b[:, None, None] * H + h) * NUM_SPLITS) * C            # [ROWS, 1, 1]
-    acc = tl.zeros([ROWS, BLOCK_V], dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        cc = c0 + offs_c
-        mask_c = cc < C
-        x = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
-        for s0 in range(0, most_used, CHUNK_S):
-            ks = s0 + offs_k
-            mask_k = ks[None, :] < n_used[:, None]                                     # [ROWS, CHUNK_S]
-            wt = tl.exp2(tl.load(row_lse + ks[None, :], mask=mask_k, other=float("-inf")) - m[:, None])
-            o = tl.load(part + ks[None, :, None] * C + cc[None, None, :],
-                        mask=mask_k[:, :, None] & mask_c[None, None, :], other=0.0)
-            x += tl.sum(o * wt[:, :, None], 1)
-        x = cast(x / total[:, None], y_ptr.dtype.element_ty, INTERPRETED).to(tl.float32)
-        acc += tl.sum(x[:, :, None] * w.to(tl.float32)[None, :, :], 1)
-        nxt = cc + BLOCK_C
-        w = tl.load(w_base + nxt[:, None] * stride_wc, mask=(nxt[:, None] < C) & mask_v[None, :], other=0.0)
-    tl.store(y_ptr + offs_b[:, None] * stride_yb + h * stride_yh + offs_v[None, :],
-             cast(acc, y_ptr.dtype.element_ty, INTERPRETED), mask=mask_b[:, None] & mask_v[None, :])
-
-
 def split_outputs(out: torch.Tensor, num_splits: int):
     """Where a split-KV decode kernel writes its pieces: straight into `out` [B, H, X] when there is one
     (the kernel normalises it itself), else fp32 partials [B, H, S, X] and log-sum-exps [B, H, S] for
@@ -266,29 +208,6 @@ def merge_splits(o_part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, seq
         o_part, lse, seq_lens, out, out.stride(0), out.stride(1), H,
         C=X, BLOCK_C=block_x, NUM_SPLITS=num_splits, BLOCK_S=block_s, BLOCK_N=block_n,
         CHUNK_S=chunk_s, num_warps=4, **pdl_launch(out))
-
-
-def merge_and_project(o_part: torch.Tensor, lse: torch.Tensor, seq_lens: torch.Tensor, w: torch.Tensor,
-                      out_dtype: torch.dtype, block_n: int, block_v: int | None = None,
-                      block_c: int | None = None) -> torch.Tensor:
-    """merge_splits' result times each head's matrix in one launch: o_part [B, H, S, C] (fp32), lse [B, H, S]
-    and w [H, C, V] (any strided view) -> [B, H, V] in `out_dtype` (`block_n`: the split kernel's token tile,
-    which fixes the pieces each sequence uses). Each program owns BLOCK_V columns of one head and merges that
-    head's pieces itself, so the partials are read once per column block: wider blocks read them fewer times,
-    narrower ones spread the weight over more programs."""
-    B, H, S, C = o_part.shape
-    V = w.shape[2]
-    assert w.shape[:2] == (H, C) and lse.shape == (B, H, S)
-    rows = triton.next_power_of_2(B)
-    block_v = min(triton.next_power_of_2(V), block_v or 32)
-    block_c = min(triton.next_power_of_2(C), block_c or max(16, 8192 // (rows * block_v)))
-    chunk_s = max(1, min(triton.next_power_of_2(S), 8192 // (rows * block_c)))
-    out = new_buffer((B, H, V), out_dtype, o_part.device)
-    _merge_project_kernel[(H, triton.cdiv(V, block_v))](
-        o_part, lse, seq_lens, w, out, B, H, V, w.stride(0), w.stride(1), w.stride(2), out.stride(0), out.stride(1),
-        C=C, NUM_SPLITS=S, BLOCK_S=triton.next_power_of_2(S), TILE_N=block_n, ROWS=rows, BLOCK_C=block_c,
-        BLOCK_V=block_v, CHUNK_S=chunk_s, INTERPRETED=INTERPRET, num_warps=4, **pdl_launch(o_part))
-    return out
 
 
 # The cache rows `choose_num_splits`' saturating_per_sm was measured with: bf16, 512 latent + 64 RoPE columns.
@@ -345,8 +264,7 @@ def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.T
                       seq_lens: torch.Tensor, softmax_scale: float, *, max_seq_len: int | None = None,
                       num_splits: int | None = None, block_h: int | None = None, block_n: int | None = None,
                       num_warps: int | None = None, num_stages: int | None = None,
-                      out: torch.Tensor | None = None, kv_scale: torch.Tensor | None = None,
-                      w_uv: torch.Tensor | None = None) -> torch.Tensor:
+                      out: torch.Tensor | None = None, kv_scale: torch.Tensor | None = None) -> torch.Tensor:
     B, H, C = q_lat.shape
     R = q_pe.shape[-1]
     NB, PAGE, X = kv_cache.shape
@@ -388,17 +306,10 @@ def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.T
         # B=64 at 4K: 97.0 us with 3). 64-head programs have room for 2 stages only.
         one_wave = B * head_groups * num_splits <= sm_count(q_lat.device)
         num_stages = (4 if one_wave else 3) if block_h <= 16 else 2
-    assert w_uv is None or out is None, "`out` receives the latent output, which w_uv's product replaces"
-    fused = w_uv is not None and num_splits > 1 and per_head_kernel_applies(q_lat, w_uv)
-    if fused:
-        o_part = new_buffer((B, H, num_splits, C), torch.float32, q_lat.device)
-        lse = new_buffer((B, H, num_splits), torch.float32, q_lat.device)
-        so = o_part.stride()[:3]
-    else:
-        if out is None:
-            out = new_buffer(q_lat.shape, q_lat.dtype, q_lat.device)
-        assert out.shape == q_lat.shape and out.stride(-1) == 1
-        o_part, lse, so = split_outputs(out, num_splits)
+    if out is None:
+        out = new_buffer(q_lat.shape, q_lat.dtype, q_lat.device)
+    assert out.shape == q_lat.shape and out.stride(-1) == 1
+    o_part, lse, so = split_outputs(out, num_splits)
     _mla_decode_split_kernel[(head_groups, num_splits, B)](
         q_lat, q_pe, kv_cache, kv_scale if fp8 else kv_cache, block_table, seq_lens, o_part, lse,
         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1),
@@ -408,16 +319,14 @@ def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.T
         C=C, R=R, BLOCK_C=triton.next_power_of_2(C), BLOCK_R=triton.next_power_of_2(R),
         PAGE=PAGE, BLOCK_H=block_h, BLOCK_N=block_n, NUM_SPLITS=num_splits, UPCAST=INTERPRET, KV_FP8=fp8,
         num_warps=num_warps, num_stages=num_stages, **pdl_launch(q_lat))
-    if fused:
-        return merge_and_project(o_part, lse, seq_lens, w_uv, q_lat.dtype, block_n)
     if num_splits > 1:
         merge_splits(o_part, lse, out, seq_lens, block_n)
-    return out if w_uv is None else per_head_matmul(out, w_uv)
+    return out
 
 
 def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                seq_lens: torch.Tensor, softmax_scale: float, kv_scale: torch.Tensor | None = None,
-               w_uv: torch.Tensor | None = None, **tuning) -> torch.Tensor:
+               **tuning) -> torch.Tensor:
     """Absorbed decode attention: q_lat [B,H,C], q_pe [B,H,R], kv_cache [NB,BS,C+R] -> o_lat [B,H,C].
 
     Triton on CUDA (and on CPU under TRITON_INTERPRET=1), the torch reference elsewhere. fp32
@@ -425,12 +334,9 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, 
     (max_seq_len, num_splits, block_h, block_n, num_warps, num_stages, out) reaches the Triton
     path only; max_seq_len (an upper bound, default the block table's capacity) picks the split count
     without a host sync. An FP8 cache (e4m3 rows) comes with `kv_scale` [NB,BS,2] (kernels/fp8_cache.py).
-    With `w_uv` [H, C, V] (any strided view) the result is per_head_matmul(o_lat, w_uv), [B, H, V]: at one or
-    two rows of a split launch the merge runs inside that product.
     """
     # tl.dot on a GPU needs inner dims of at least 16: narrower latents/rope keys take the reference.
     if use_triton(q_lat) and min(q_lat.shape[-1], q_pe.shape[-1]) >= 16:
         return mla_decode_triton(q_lat, q_pe, kv_cache, block_table, seq_lens, softmax_scale, kv_scale=kv_scale,
-                                 w_uv=w_uv, **tuning)
-    o_lat = mla_decode_ref(q_lat, q_pe, kv_cache, block_table, seq_lens, softmax_scale, kv_scale)
-    return o_lat if w_uv is None else per_head_matmul(o_lat, w_uv)
+                                 **tuning)
+    return mla_decode_ref(q_lat, q_pe, kv_cache, block_table, seq_lens, softmax_scale, kv_scale)

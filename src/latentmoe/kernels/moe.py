@@ -6,8 +6,7 @@ copy), and reads each weight tile once per BLOCK_M assignments. Few tokens (deco
 BLOCK_M = 16, so each touched expert's weights are read once; many tokens (prefill) use large
 tiles, whose weight tiles (and the second GEMM's activation tiles) the tensor memory accelerator
 copies where the GPU has one (`tma` in PREFILL_CONFIG). SwiGLU runs in the first GEMM's epilogue, the
-routing weight in the second's. One or two tokens (batch-1/2 decode) skip the sort: they run as row products
-(moe_gemv.py), or where those do not apply over `few_token_layout`.
+routing weight in the second's. One or two tokens (batch-1/2 decode) skip the sort: see `few_token_layout`.
 
 Legend: M tokens, K experts per token, A = M*K assignments, E experts, D hidden, I expert width,
 P padded assignment rows (a multiple of BLOCK_M).
@@ -16,7 +15,6 @@ import torch
 
 from ._triton import (INTERPRET, cast, dot, jit, new_buffer, pdl_launch, tensor_descriptor, tl, triton, use_triton,
                       wait_for_inputs)
-from . import moe_gemv
 from .reference import fused_moe_ref
 
 
@@ -556,8 +554,7 @@ def fused_moe(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.T
 
     x_MD [M,D], gate_up_proj [E,2I,D] rows [gate | up], down_proj [E,D,I] -> [M,D] in x's dtype.
     Forward only (no autograd). Triton on CUDA (CPU under TRITON_INTERPRET=1), the reference elsewhere.
-    With a `few_token_layout` (the caller's buffer), up to FEW_TOKENS tokens skip the expert sort: row products
-    (moe_gemv.routed_gemv) where they apply, else the grouped kernels over that layout.
+    With a `few_token_layout` (the caller's buffer), up to FEW_TOKENS tokens skip the expert sort.
     With `skip_negative`, assignments whose id is negative are skipped (they add nothing and cost no
     GEMM rows): an expert-parallel rank passes the assignments to other ranks' experts that way.
     `add_MD` [M, D] (the shared experts' output) is added to the result in the same final pass, then
@@ -572,10 +569,6 @@ def fused_moe(x_MD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.T
         wait_for_add(add_ready, x_MD.device)
         return add_to_routed(y, add_MD, residual_MD)
     if few_token_layout is not None and M <= FEW_TOKENS:
-        x_MD, gate_up_proj, down_proj = _inference_inputs(x_MD, gate_up_proj, down_proj)
-        if moe_gemv.routed_gemv_applies(x_MD, gate_up_proj, None, down_proj):
-            y_AD = moe_gemv.routed_gemv(x_MD, gate_up_proj, None, down_proj, None, topk_idx_MK, topk_weight_MK)
-            return moe_combine(y_AD, topk_idx_MK.shape[1], add_MD, residual_MD, add_ready)
         return fused_moe_few_tokens_triton(x_MD, gate_up_proj, down_proj, topk_idx_MK, topk_weight_MK,
                                            few_token_layout, skip_negative, add_MD, residual_MD, add_ready)
     return fused_moe_triton(x_MD, gate_up_proj, down_proj, topk_idx_MK, topk_weight_MK, skip_negative=skip_negative,
