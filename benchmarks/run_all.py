@@ -41,6 +41,8 @@ BENCHMARKS = [
      ["benchmarks/bench_prefill.py"]),
     ("engine", "Inference engine vs transformers (V2-Lite shape)",
      ["benchmarks/bench_engine.py", "--check", "--quick"]),
+    ("decode_paths", "Batch-1/2 decode: the one-token launch savings, each on and off (V2-Lite shape)",
+     ["benchmarks/bench_decode_paths.py"]),
     ("mla_vs_mha", "MLA vs per-head (MHA) cache in the same engine",
      ["benchmarks/bench_mla_vs_mha.py"]),
     ("kernels", "Kernels: MLA decode and fused MoE against the floor",
