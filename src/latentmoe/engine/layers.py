@@ -146,8 +146,9 @@ class EngineRouter(Router):
 
     def route_add_norm(self, h: torch.Tensor, delta: torch.Tensor, norm: nn.Module):
         """(scores, topk_weight, topk_idx, h + delta, norm(h + delta)) for one token in one launch
-        (kernels.route_one_token), or None where that does not apply."""
-        if self.weight.dtype != h.dtype or h.numel() != h.shape[-1]:
+        (kernels.route_one_token), or None where that does not apply (route_one_token checks the operands; the
+        row count is checked first so that a prefill's rows are not reshaped only to be refused)."""
+        if h.numel() != h.shape[-1]:
             return None
         return kernels.route_one_token(h.reshape(1, -1), self.weight, self._done, self.top_k, self.norm_topk_prob,
                                        self.routed_scaling_factor,
