@@ -19,7 +19,7 @@ released model). Legend as in moe.py.
 """
 import torch
 
-from ._triton import INTERPRET, dot, dot_acc, jit, new_buffer, tl, triton, use_triton
+from ._triton import INTERPRET, dot, dot_acc, jit, new_buffer, pdl_launch, tl, triton, use_triton, wait_for_inputs
 from .fp8 import BLOCK, FP8_MAX, dequantize_fp8_blocks, quantize_fp8_groups, round_through_fp8_groups, to_fp8
 from .moe import (DECODE_CONFIG, FEW_TOKENS, add_to_routed, choose_moe_config, down_descriptors, moe_align,
                   moe_combine, moe_shapes, program_expert, row_block, wait_for_add)
@@ -52,8 +52,11 @@ def fused_moe_fp8_w8a8_ref(x_MD, gate_up_proj, gate_up_scale, down_proj, down_sc
 def _moe_fp8_gate_up_kernel(x_ptr, w_ptr, s_ptr, h_ptr, sorted_ids_ptr, block_expert_ptr,
                             stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm, A, D, I, E,
                             TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, SCALE_BLOCK: tl.constexpr, UPCAST: tl.constexpr):
+                            BLOCK_K: tl.constexpr, SCALE_BLOCK: tl.constexpr, UPCAST: tl.constexpr,
+                            PDL: tl.constexpr):
     """h[p, n] = silu(x[tok(p)] . w_gate[e, n]) * (x[tok(p)] . w_up[e, n]), weights dequantised per tile."""
+    # Which expert a block reads is the router's output: nothing to load before the wait.
+    wait_for_inputs(PDL)
     pid_m, pid_n, e = program_expert(block_expert_ptr)
     if e < E:
         offs_m, ids, valid, tok, offs_n, mask_n = row_block(sorted_ids_ptr, pid_m, pid_n, A, I, TOP_K, BLOCK_M, BLOCK_N)
@@ -88,8 +91,9 @@ def _moe_fp8_gate_up_kernel(x_ptr, w_ptr, s_ptr, h_ptr, sorted_ids_ptr, block_ex
 def _moe_fp8_down_kernel(h_ptr, w_ptr, s_ptr, y_ptr, sorted_ids_ptr, block_expert_ptr, topk_weight_ptr,
                          stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_ym, A, I, D, E,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         SCALE_BLOCK: tl.constexpr, UPCAST: tl.constexpr):
+                         SCALE_BLOCK: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
     """y[id(p), n] = weight[id(p)] * (h[p] . w_down[e, n]), weights dequantised per tile."""
+    wait_for_inputs(PDL)
     pid_m, pid_n, e = program_expert(block_expert_ptr)
     if e < E:
         offs_m, ids, valid, _, offs_n, mask_n = row_block(sorted_ids_ptr, pid_m, pid_n, A, D, 1, BLOCK_M, BLOCK_N)
@@ -129,9 +133,11 @@ def fused_moe_fp8_triton(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scal
         assert cfg["block_m"] == DECODE_CONFIG["block_m"], "the few-token layout has DECODE_CONFIG's row blocks"
         assert few_token_layout.numel() >= A * cfg["block_m"], "the layout was built for fewer assignments"
         sorted_ids, block_expert = few_token_layout, topk_idx_MK.reshape(-1)   # block a = assignment a
+        launch = pdl_launch(x_MD)
     else:
         cfg = config or choose_moe_config(A, E)
         sorted_ids, block_expert = moe_align(topk_idx_MK, E, cfg["block_m"])
+        launch = {"PDL": False}
     bm, bk, nw, ns = cfg["block_m"], cfg["block_k"], cfg["num_warps"], cfg["num_stages"]
     assert BLOCK % bk == 0, "a K tile must lie inside one scale block"
     n_blocks = block_expert.numel()
@@ -141,7 +147,7 @@ def fused_moe_fp8_triton(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scal
         x_MD.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), gate_up_scale.stride(0),
         gate_up_scale.stride(1), h_PI.stride(0), A, D, I, E,
         TOP_K=K, BLOCK_M=bm, BLOCK_N=cfg["block_n1"], BLOCK_K=bk, SCALE_BLOCK=BLOCK, UPCAST=INTERPRET,
-        num_warps=nw, num_stages=ns)
+        num_warps=nw, num_stages=ns, **launch)
     y_AD = new_buffer((A, D), x_MD.dtype, x_MD.device)
     weight_A = topk_weight_MK.reshape(-1).contiguous()
     _moe_fp8_down_kernel[(triton.cdiv(D, cfg["block_n2"]), n_blocks)](
@@ -149,7 +155,7 @@ def fused_moe_fp8_triton(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scal
         h_PI.stride(0), down_proj.stride(0), down_proj.stride(1), down_scale.stride(0), down_scale.stride(1),
         y_AD.stride(0), A, I, D, E,
         BLOCK_M=bm, BLOCK_N=cfg["block_n2"], BLOCK_K=bk, SCALE_BLOCK=BLOCK, UPCAST=INTERPRET,
-        num_warps=nw, num_stages=ns)
+        num_warps=nw, num_stages=ns, **launch)
     return moe_combine(y_AD, K, add_MD, residual_MD, add_ready)
 
 
