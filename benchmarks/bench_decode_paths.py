@@ -2,8 +2,8 @@
 
 At batch 1 a decode step is a chain of ~400 small launches, so the engine saves launches where one token allows:
 the router's GEMM and top-K (with the block's residual add and norm) in one launch (kernels.route_one_token),
-W_UK's product in the MLA post-projection's launch (PagedAttention.absorb_rows), and one token's FP8 routed
-experts as row products (kernels.moe_gemv). This builds one engine per variant in one process, over one model
+W_UK's product in the MLA post-projection's launch (PagedAttention.absorb_rows), and the FP8 routed experts'
+few-token kernels launched early (programmatic dependent launch, kernels/fp8_moe.py). This builds one engine per variant in one process, over one model
 (bf16, then FP8 weights), with a path turned off by standing in for its entry point while that engine is built,
 captured and measured, and times pure decode steps (graph replays, bench_engine.engine_decode) at batch 1, 2
 and 4 and 1K to 128K of context, against the variant with every path off and the memory floor (bf16 rows).
@@ -25,7 +25,7 @@ import torch
 from latentmoe import build_model, get_config, kernels
 from latentmoe.engine import LLM
 from latentmoe.engine import attention
-from latentmoe.kernels import moe_gemv
+from latentmoe.kernels import fp8_moe
 
 from bench_engine import engine_decode, release_memory
 from floors import decode_bytes, measured
@@ -38,17 +38,17 @@ def _off(name: str):
         return unittest.mock.patch.object(kernels, "route_one_token", lambda *a, **k: None)
     if name == "w_uk":
         return unittest.mock.patch.object(attention.PagedLatentAttention, "absorb_rows", lambda self, layer: 0)
-    if name == "row products":
-        return unittest.mock.patch.object(moe_gemv, "routed_gemv_applies", lambda *a, **k: False)
+    if name == "fp8 pdl":
+        return unittest.mock.patch.object(fp8_moe, "pdl_launch", lambda t: {"PDL": False})
     raise ValueError(name)
 
 
-PATHS = ("router", "w_uk", "row products")
+PATHS = ("router", "w_uk", "fp8 pdl")
 # (label, quantization, paths off); the first of each weight format is its reference.
 VARIANTS = [("bf16, all paths off", None, PATHS), ("bf16, as built", None, ()),
             ("bf16, no router launch", None, ("router",)), ("bf16, no W_UK in post", None, ("w_uk",)),
             ("fp8, all paths off", "fp8", PATHS), ("fp8, as built", "fp8", ()),
-            ("fp8, no row products", "fp8", ("row products",)),
+            ("fp8, no few-token PDL", "fp8", ("fp8 pdl",)),
             ("fp8, no router launch", "fp8", ("router",)), ("fp8, no W_UK in post", "fp8", ("w_uk",))]
 
 

@@ -5,8 +5,7 @@ routed experts, and which SDPA kernel prefill attention gets at the 192/128 head
 --moe-backward (routed experts forward + backward for training), --moe-prefill (the fused-MoE prefill
 tile at V2 and V2-Lite shapes, 4K and 8K tokens), --fp8-moe (the FP8 fused MoE with fp8 activations at
 V2-Lite's shape, 4K to 16K tokens, beside the bf16 fused MoE), --few-token-fp8 (one and two tokens' routed
-experts over FP8 weights, V2-Lite shape: the grouped few-token kernels against the row products of
-kernels/moe_gemv.py, 26 layers in one CUDA graph). --sweep adds candidate tile configurations to
+experts over FP8 weights, V2-Lite shape, 26 layers in one CUDA graph, with and without early launch). --sweep adds candidate tile configurations to
 each table and reports the best; the defaults in kernels/ were picked this way.
 
     python benchmarks/bench_kernels.py [--moe-backward | --moe-prefill | --fp8-moe | --few-token-fp8] [--sweep]
@@ -443,18 +442,18 @@ def per_head_rows(copy_gbs: float):
 
 
 def few_token_fp8_rows(copy_gbs: float, sweep: bool, preset: str = "deepseek-v2-lite", layers: int = 26):
-    """Batch-1/2 decode's routed experts over block-FP8 weights: the grouped few-token kernels (kernels.fp8_moe,
-    with and without programmatic dependent launch) against the row products (kernels.moe_gemv) at their tile
-    and, with --sweep, 23 others. `layers` layers of distinct weights and random routing in one CUDA graph, so
-    the weights come from memory as in a decode step and launch latency is amortised; the combine included.
-    Floor: the distinct experts' e4m3 bytes and scales at the copy bandwidth."""
+    """Batch-1/2 decode's routed experts over block-FP8 weights: the grouped few-token kernels (kernels.fp8_moe)
+    launched with programmatic dependent launch, as the engine does, and without; with --sweep, other tiles.
+    `layers` layers of distinct weights and random routing in one CUDA graph, so the weights come from memory
+    as in a decode step and launch latency is amortised; the combine included. Alone, back to back, early
+    launch can lose where it wins inside a decode step (results/few_token_fp8.md): bench_decode_paths.py
+    decides. Floor: the distinct experts' e4m3 bytes and scales at the copy bandwidth."""
     import contextlib
     import itertools
     import unittest.mock
     from latentmoe.config import get_config
-    from latentmoe.kernels import fp8_moe, moe_gemv
-    from latentmoe.kernels.moe import DECODE_CONFIG, few_token_layout, moe_combine
-    from latentmoe.kernels.skinny import choose_skinny_config
+    from latentmoe.kernels import fp8_moe
+    from latentmoe.kernels.moe import DECODE_CONFIG, few_token_layout
     cfg = get_config(preset)
     E, D, I, K = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
     weights = []
@@ -464,45 +463,36 @@ def few_token_fp8_rows(copy_gbs: float, sweep: bool, preset: str = "deepseek-v2-
         weights.append((*gu, *dn))
     expert_bytes = 3 * I * D + 4 * (3 * I * D) // (128 * 128)
     layout = few_token_layout(2 * K, "cuda")
-    built = choose_skinny_config(1, D, True)
-    tiles = [None] + ([dict(built, block_n=bn, block_k=bk, num_warps=w)
-                       for bn, bk, w in itertools.product((4, 8, 16, 32), (512, 1024, 2048), (4, 8))
-                       if (bn, bk, w) != (built["block_n"], built["block_k"], built["num_warps"])] if sweep else [])
+    tiles = [DECODE_CONFIG] + ([dict(DECODE_CONFIG, block_n1=n, block_n2=n, num_warps=w, num_stages=st)
+                                for n, w, st in itertools.product((16, 32, 64), (2, 4, 8), (2, 3, 4))
+                                if (n, w, st) != (DECODE_CONFIG["block_n1"], DECODE_CONFIG["num_warps"],
+                                                  DECODE_CONFIG["num_stages"])] if sweep else [])
     rows, summary = [], []
     for M in (1, 2):
         x = torch.randn(M, D, device="cuda", dtype=torch.bfloat16)
         idx = [torch.stack([torch.randperm(E, device="cuda")[:K] for _ in range(M)]).int() for _ in range(layers)]
         wt = torch.rand(M, K, device="cuda")
         floor = sum(len(set(i.flatten().tolist())) for i in idx) / layers * expert_bytes / (copy_gbs * 1e9)
-
-        def grouped(l):
-            return fp8_moe.fused_moe_fp8_triton(x, *weights[l], idx[l], wt, layout, config=DECODE_CONFIG)
-
-        def row_products(l):
-            return moe_combine(moe_gemv.routed_gemv(x, *weights[l], idx[l], wt), K)
-
         ref = fp8_moe.fused_moe_fp8_ref(x.float(), *weights[0], idx[0], wt)
-        variants = [("grouped, PDL", grouped, None), ("grouped, no PDL", grouped, {"PDL": False})]
-        variants += [("row products, " + (f"n {t['block_n']}, k {t['block_k']}, {t['num_warps']} warps" if t
-                                          else "as built"), row_products, t) for t in tiles]
         times = {}
-        for name, one, opt in variants:
+        for tile, pdl in [(t, True) for t in tiles] + [(DECODE_CONFIG, False)]:
+            name = (f"n {tile['block_n1']}, {tile['num_warps']} warps, {tile['num_stages']} stages"
+                    + ("" if pdl else ", no PDL") + (" (as built)" if tile is DECODE_CONFIG and pdl else ""))
+
+            def one(l, tile=tile):
+                return fp8_moe.fused_moe_fp8_triton(x, *weights[l], idx[l], wt, layout, config=tile)
             with contextlib.ExitStack() as stack:
-                if one is grouped and opt is not None:
-                    stack.enter_context(unittest.mock.patch.object(fp8_moe, "pdl_launch", lambda t, o=opt: o))
-                if one is row_products and opt is not None:
-                    stack.enter_context(unittest.mock.patch.object(
-                        moe_gemv, "choose_skinny_config",
-                        lambda m, k, fp8, o=opt: dict(o, block_k=min(o["block_k"], 1 << (k - 1).bit_length()))))
+                if not pdl:
+                    stack.enter_context(unittest.mock.patch.object(fp8_moe, "pdl_launch", lambda t: {"PDL": False}))
                 err = ((one(0).float() - ref).norm() / ref.norm()).item()
                 t = median_seconds(lambda: [one(l) for l in range(layers)], graph=True) / layers
             times[name] = t
             rows.append(f"| {M} | {name} | {t * 1e6:.1f} | {floor * 1e6:.1f} | {floor / t * 100:.0f}% | {err:.1e} |")
             print(rows[-1], flush=True)
-        best_t, best = min((v, k) for k, v in times.items() if k.startswith("row"))
-        summary.append(f"| FP8 routed experts, {M} token{'s' if M > 1 else ''}: grouped kernels with PDL | "
-                       f"{times['grouped, PDL'] * 1e6:.1f} us a layer | best {best}: {best_t * 1e6:.1f} us | "
-                       f"{best_t / times['grouped, PDL']:.2f}x |")
+        built = next(k for k in times if k.endswith("(as built)"))
+        summary.append(f"| FP8 routed experts, {M} token{'s' if M > 1 else ''}, grouped kernels as built | "
+                       f"{times[built] * 1e6:.1f} us a layer | floor {floor * 1e6:.1f} us | "
+                       f"{floor / times[built] * 100:.0f}% of the floor |")
     return rows, [], summary
 
 
@@ -530,7 +520,7 @@ def main():
     only.add_argument("--fp8-moe", action="store_true",
                       help="only the FP8 fused MoE with fp8 activations beside the bf16 one (V2-Lite, 4K-16K tokens)")
     only.add_argument("--few-token-fp8", action="store_true",
-                      help="only batch-1/2 decode's FP8 routed experts: grouped few-token kernels vs row products")
+                      help="only batch-1/2 decode's FP8 routed experts (few-token kernels, with and without PDL)")
     only.add_argument("--per-head", action="store_true",
                       help="only absorbed decode's per-head products: the few-row kernel vs cuBLAS's batched GEMM")
     only.add_argument("--profile-one", type=int, default=0, metavar="HEADS",
@@ -568,14 +558,13 @@ def main():
              "peak extra MiB", "speedup vs grouped_mm", "rel err of grads"], rows)
     elif args.few_token_fp8:
         rows, notes, summary = few_token_fp8_rows(copy_gbs, args.sweep)
-        title = "Batch-1/2 decode's FP8 routed experts: grouped few-token kernels vs row products"
+        title = "Batch-1/2 decode's FP8 routed experts: the few-token kernels"
         tables = md_table(
             "Routed experts (SwiGLU, top-6) of one and two tokens, V2-Lite shape, e4m3 weights in 128 x 128 blocks, "
-            "26 layers of distinct weights and random routing per CUDA graph, us per layer (the combine included). "
-            "grouped = kernels.fp8_moe's weight-only kernels over the few-token layout (launched with or without "
-            "programmatic dependent launch); row products = kernels.moe_gemv (one program per assignment and column "
-            "block: n columns, k-wide slices). floor = the distinct experts' bytes at the copy bandwidth above; rel "
-            "err against the fp32 reference.",
+            "26 layers of distinct weights and random routing per CUDA graph, us per layer (the combine included): "
+            "kernels.fp8_moe's weight-only kernels over the few-token layout, 16-row blocks, n output columns per "
+            "program, launched with programmatic dependent launch unless marked. floor = the distinct experts' bytes "
+            "at the copy bandwidth above; rel err against the fp32 reference.",
             ["tokens", "variant", "us a layer", "floor us", "% of floor", "rel err"], rows)
     elif args.per_head:
         rows, notes, summary = per_head_rows(copy_gbs), [], []

@@ -53,6 +53,8 @@ BENCHMARKS = [
      ["benchmarks/bench_kernels.py", "--moe-backward", "--sweep"]),
     ("fp8_moe", "Kernels: FP8 fused MoE with fp8 activations vs bf16",
      ["benchmarks/bench_kernels.py", "--fp8-moe", "--sweep"]),
+    ("few_token_fp8", "Kernels: batch-1/2 decode's FP8 routed experts, early launch on and off",
+     ["benchmarks/bench_kernels.py", "--few-token-fp8"]),
     ("fp8", "FP8 weights and FP8 latent cache vs bf16 (V2-Lite shape)",
      ["benchmarks/bench_fp8.py"]),
     ("train", "Training throughput vs transformers (`small` preset)",

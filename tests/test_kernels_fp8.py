@@ -109,40 +109,6 @@ def test_fused_moe_fp8_matches_reference(K, M, few):
     assert rel_err(out.cpu(), ref) < (5e-3 if CUDA else 1e-5)
 
 
-def test_routed_gemv_matches_grouped_few_token_kernel(K):
-    """One token's FP8 experts as row products (kernels/moe_gemv.py): against the grouped few-token kernel over
-    the same assignments (forced by an explicit config) in fp32, and against the reference in bf16 (the
-    interpreter truncates fp32 -> bf16 where a GPU rounds, which the grouped kernel's casts feel); an assignment
-    with a negative id (another rank's) gives a zero row; two tokens and bf16 weights keep the grouped kernels
-    (measured faster there)."""
-    from latentmoe.kernels.fp8_moe import fused_moe_fp8_ref, fused_moe_fp8_triton
-    from latentmoe.kernels.moe import DECODE_CONFIG, moe_combine
-    from latentmoe.kernels.moe_gemv import routed_gemv, routed_gemv_applies
-    g = torch.Generator().manual_seed(41)
-    E, D, I, TOPK = 6, 256, 256, 3
-    gu, gu_s = K.quantize_fp8_blocks(torch.randn(E, 2 * I, D, generator=g) * D ** -0.5)
-    dn, dn_s = K.quantize_fp8_blocks(torch.randn(E, D, I, generator=g) * I ** -0.5)
-    x = torch.randn(1, D, generator=g)
-    idx = torch.randperm(E, generator=g)[:TOPK].view(1, TOPK)
-    w = torch.rand(1, TOPK, generator=g)
-    x, gu, gu_s, dn, dn_s, idx, w = (t.to(DEV) for t in (x, gu, gu_s, dn, dn_s, idx, w))
-    assert routed_gemv_applies(x, gu, gu_s, dn)
-    assert not routed_gemv_applies(torch.cat([x, x]), gu, gu_s, dn)
-    assert not routed_gemv_applies(x, gu.to(torch.bfloat16), None, dn.to(torch.bfloat16))
-    y = routed_gemv(x, gu, gu_s, dn, dn_s, idx, w)
-    layout = K.few_token_layout(K.FEW_TOKENS * TOPK, DEV)
-    grouped = fused_moe_fp8_triton(x, gu, gu_s, dn, dn_s, idx, w, few_token_layout=layout, config=DECODE_CONFIG)
-    assert rel_err(moe_combine(y, TOPK), grouped) < (5e-3 if CUDA else 1e-5)
-    xb = x.to(torch.bfloat16)
-    yb = moe_combine(routed_gemv(xb, gu, gu_s, dn, dn_s, idx, w), TOPK)
-    ref = fused_moe_fp8_ref(*(t.cpu() for t in (xb.float(), gu, gu_s, dn, dn_s, idx, w)))
-    assert yb.dtype == torch.bfloat16 and rel_err(yb.cpu(), ref) < 1e-2
-    skipped = idx.clone()
-    skipped[0, 1] = -1
-    y2 = routed_gemv(x, gu, gu_s, dn, dn_s, skipped, w)
-    assert y2[1].abs().max() == 0 and torch.equal(y2[0], y[0]) and torch.equal(y2[2], y[2])
-
-
 @pytest.mark.parametrize("E,D,I,TOPK,M,block_m,tma", [(4, 256, 128, 2, 30, 16, True), (3, 128, 256, 2, 40, 32, True),
                                                         (3, 128, 256, 2, 40, 32, False)])
 def test_fused_moe_fp8_activations_matches_reference(K, E, D, I, TOPK, M, block_m, tma):

@@ -294,8 +294,7 @@ class Fp8Linear(nn.Module):
 
 class Fp8Experts(Experts):
     """Routed experts with block-FP8 weights (gate_up_proj / down_proj e4m3 and their `_scale_inv`), run by
-    kernels.fused_moe_fp8; batch-1/2 decodes skip the expert sort as EngineExperts does (at one token the
-    experts run as row products, kernels/moe_gemv.py)."""
+    kernels.fused_moe_fp8; batch-1/2 decodes skip the expert sort as EngineExperts does."""
 
     def __init__(self, gate_up: tuple[torch.Tensor, torch.Tensor], down: tuple[torch.Tensor, torch.Tensor],
                  impl: str = "auto"):

@@ -112,11 +112,12 @@ def pdl_launch(t: torch.Tensor) -> dict:
     dependency), load what does not depend on it (weights), and wait at `wait_for_inputs`.
 
     Measured on an H200 (V2-Lite shape, batch-1 decode, both engines in one process): bf16 3.05-3.21 ms a
-    step against 3.26-3.32 without; with FP8 weights 3.13 against 2.96, so the kernels that dequantise FP8
-    weights launch without it (a guess at why, not verified: they are ALU-heavy, and the next kernel's
-    waiting programs share their multiprocessors). Letting the next kernel launch only at exit (no early
-    trigger) measured the same as off. Again for the bf16 routed-expert kernels alone (H100, same process):
-    batch 1 2.82 ms a step with it against 2.97 without."""
+    step against 3.26-3.32 without; with FP8 weights then 3.13 against 2.96, so the kernels that dequantise FP8
+    weights launched without it. Letting the next kernel launch only at exit (no early trigger) measured the
+    same as off. Again for the bf16 routed-expert kernels alone (H100, same process): batch 1 2.82 ms a step
+    with it against 2.97 without. Since 2026-12-07 the FP8 weight-only MoE kernels over the few-token layout
+    launch with it too (H100, FP8 engines in one process: B=1 at 1K 2.18 against 2.42 ms a step; the note in
+    fp8_moe.py), while the FP8 projections (fp8.py) still launch without."""
     on = t.is_cuda and _PDL_IN_TRITON and _major(_index(t.device)) >= 9
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 

@@ -23,7 +23,6 @@ from ._triton import INTERPRET, dot, dot_acc, jit, new_buffer, pdl_launch, tl, t
 from .fp8 import BLOCK, FP8_MAX, dequantize_fp8_blocks, quantize_fp8_groups, round_through_fp8_groups, to_fp8
 from .moe import (DECODE_CONFIG, FEW_TOKENS, add_to_routed, choose_moe_config, down_descriptors, moe_align,
                   moe_combine, moe_shapes, program_expert, row_block, wait_for_add)
-from . import moe_gemv
 from .reference import fused_moe_ref
 
 
@@ -42,6 +41,13 @@ def fused_moe_fp8_w8a8_ref(x_MD, gate_up_proj, gate_up_scale, down_proj, down_sc
     return y.to(x_MD.dtype)
 
 
+# Over the few-token layout (batch-1/2 decode) both weight-only kernels launch with programmatic dependent launch,
+# elsewhere without. Alone, back to back, they are faster without it (H100, V2-Lite shape, 26 layers a graph:
+# 26.7 against 40.5 us a layer at one token), but in whole decode steps with it (one process, an FP8 engine per
+# variant, H100: B=1 at 1K 2.18 against 2.42 ms a step, B=2 3.09 against 3.22), where it also beat one token's
+# experts as row products on the CUDA cores (2.21 ms; 3.22 at B=2), a kernel pair that was removed for it
+# (benchmarks/results/few_token_fp8.md). Prefill-sized grids gain nothing from an early launch.
+#
 # Measured and not taken: the per-element dequantisation is not what limits these kernels at decode sizes.
 # Converting e4m3 to fp16 (one packed conversion per two elements, exact) with x in fp16 and the block scale on
 # each tile's product, instead of fp32 multiply and bf16 rounding per weight: H100, V2-Lite shape, 6 layers a
@@ -123,17 +129,12 @@ def fused_moe_fp8_triton(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scal
     A = M * K
     assert gate_up_proj.stride(-1) == 1 and down_proj.stride(-1) == 1
     x_MD = x_MD if x_MD.stride(-1) == 1 else x_MD.contiguous()
-    if few_token_layout is not None and M <= FEW_TOKENS and config is None \
-            and moe_gemv.routed_gemv_applies(x_MD, gate_up_proj, gate_up_scale, down_proj):
-        y_AD = moe_gemv.routed_gemv(x_MD, gate_up_proj, gate_up_scale, down_proj, down_scale, topk_idx_MK,
-                                    topk_weight_MK)
-        return moe_combine(y_AD, K, add_MD, residual_MD, add_ready)
     if few_token_layout is not None and M <= FEW_TOKENS:
         cfg = config or DECODE_CONFIG
         assert cfg["block_m"] == DECODE_CONFIG["block_m"], "the few-token layout has DECODE_CONFIG's row blocks"
         assert few_token_layout.numel() >= A * cfg["block_m"], "the layout was built for fewer assignments"
         sorted_ids, block_expert = few_token_layout, topk_idx_MK.reshape(-1)   # block a = assignment a
-        launch = pdl_launch(x_MD)
+        launch = pdl_launch(x_MD)   # why: the note above the weight-only kernels
     else:
         cfg = config or choose_moe_config(A, E)
         sorted_ids, block_expert = moe_align(topk_idx_MK, E, cfg["block_m"])
