@@ -117,7 +117,7 @@ def pdl_launch(t: torch.Tensor) -> dict:
     same as off. Again for the bf16 routed-expert kernels alone (H100, same process): batch 1 2.82 ms a step
     with it against 2.97 without. Since 2026-12-07 the FP8 weight-only MoE kernels over the few-token layout
     launch with it too (H100, FP8 engines in one process: B=1 at 1K 2.18 against 2.42 ms a step; the note in
-    fp8_moe.py), while the FP8 projections (fp8.py) still launch without."""
+    fp8_moe.py), while the few-row kernel over FP8 weights (skinny.py) still launches without."""
     on = t.is_cuda and _PDL_IN_TRITON and _major(_index(t.device)) >= 9
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 

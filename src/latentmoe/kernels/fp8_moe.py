@@ -45,7 +45,7 @@ def fused_moe_fp8_w8a8_ref(x_MD, gate_up_proj, gate_up_scale, down_proj, down_sc
 # elsewhere without. Alone, back to back, they are faster without it (H100, V2-Lite shape, 26 layers a graph:
 # 26.7 against 40.5 us a layer at one token), but in whole decode steps with it (one process, an FP8 engine per
 # variant, H100: B=1 at 1K 2.18 against 2.42 ms a step, B=2 3.09 against 3.22), where it also beat one token's
-# experts as row products on the CUDA cores (2.21 ms; 3.22 at B=2), a kernel pair that was removed for it
+# experts as row products on the CUDA cores (2.21 ms at B=1), a kernel pair that was removed for it
 # (benchmarks/results/few_token_fp8.md). Prefill-sized grids gain nothing from an early launch.
 #
 # Measured and not taken: the per-element dequantisation is not what limits these kernels at decode sizes.
