@@ -3,10 +3,11 @@
 At batch 1 a decode step is a chain of ~400 small launches, so the engine saves launches where one token allows:
 the router's GEMM and top-K (with the block's residual add and norm) in one launch (kernels.route_one_token),
 W_UK's product in the MLA post-projection's launch (PagedAttention.absorb_rows), and the FP8 routed experts'
-few-token kernels launched early (programmatic dependent launch, kernels/fp8_moe.py). This builds one engine per variant in one process, over one model
-(bf16, then FP8 weights), with a path turned off by standing in for its entry point while that engine is built,
-captured and measured, and times pure decode steps (graph replays, bench_engine.engine_decode) at batch 1, 2
-and 4 and 1K to 128K of context, against the variant with every path off and the memory floor (bf16 rows).
+few-token kernels launched early (programmatic dependent launch, kernels/fp8_moe.py). This builds one engine
+per variant in one process, over one model (bf16, then FP8 weights), with a path turned off by standing in for
+its entry point while that engine is built, captured and measured, and times pure decode steps (graph replays,
+bench_engine.engine_decode) at batch 1, 2 and 4 and 1K to 128K of context, against the variant with every path
+off and the memory floor (bf16 rows).
 
     python benchmarks/bench_decode_paths.py            # GPU, V2-Lite shape (about 3 min on an H200)
     python benchmarks/bench_decode_paths.py --smoke    # CPU, tiny model
