@@ -117,7 +117,11 @@ def pdl_launch(t: torch.Tensor) -> dict:
     same as off. Again for the bf16 routed-expert kernels alone (H100, same process): batch 1 2.82 ms a step
     with it against 2.97 without. Since 2026-12-07 the FP8 weight-only MoE kernels over the few-token layout
     launch with it too (H100, FP8 engines in one process: B=1 at 1K 2.18 against 2.42 ms a step; the note in
-    fp8_moe.py), while the few-row kernel over FP8 weights (skinny.py) still launches without."""
+    fp8_moe.py), while the few-row kernel over FP8 weights (skinny.py) still launches without: launching it with
+    it as well, after that change, measured slower on either stream (H100, FP8 engines in one process, two
+    rounds, B=1 at 1K / B=1 at 32K: without 2.175-2.176 / 2.679-2.689 ms a step; with it on the main stream
+    only, for o_proj and q / kv_a, 2.255-2.258 / 2.823-2.836; on the shared experts' side stream only
+    2.262-2.263 / 2.764-2.774; on both 2.340-2.356 / 2.933-2.945; B=2 within 0.5% throughout)."""
     on = t.is_cuda and _PDL_IN_TRITON and _major(_index(t.device)) >= 9
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
