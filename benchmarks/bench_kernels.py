@@ -51,7 +51,7 @@ PREFILL_TILES = [dict(block_m=bm, block_n1=n1, block_n2=n2, block_k=bk, num_warp
 # shallower pipelines, and the smaller row tile with either depth.
 W8A8_TILES = [W8A8_PREFILL_CONFIG, dict(W8A8_PREFILL_CONFIG, gate_up_stages=3), dict(W8A8_PREFILL_CONFIG, tma=False),
               dict(W8A8_PREFILL_CONFIG, num_stages=2, gate_up_stages=2), W8A8_CONFIG,
-              dict(W8A8_CONFIG, gate_up_stages=4)]
+              dict(W8A8_CONFIG, gate_up_stages=4), dict(W8A8_CONFIG, num_stages=3, gate_up_stages=3)]
 # Rows of the main tables that also go on the summary: MLA (heads, batch, context), MoE (preset, tokens).
 MLA_SUMMARY = [(16, 64, 4096), (16, 128, 4096), (128, 64, 4096)]
 MOE_SUMMARY = [("deepseek-v2-lite", 256), ("deepseek-v2-lite", 8192), ("deepseek-v2-lite", 16384),

@@ -103,6 +103,30 @@ def test_fp8_engine_module_tree(model):
     assert e.model.embed_tokens.weight is model.model.embed_tokens.weight    # the rest is shared
 
 
+def test_fp8_gate_up_one_tensor():
+    """Under FP8 an MLP's gate and up weights are the halves of one e4m3 tensor where H is whole 128-row blocks:
+    each half exactly its own quantisation, one GEMM above the few-row kernel's rows giving what two give."""
+    m = tiny_model(seed=6, moe_intermediate_size=128)              # shared experts H = 128; the dense layer's 384
+    e = engine_model(m, fused_ops=True, fused_experts=True, quantization="fp8")
+    for mlp, src in ((e.model.layers[0].mlp, m.model.layers[0].mlp), (e.model.layers[1].mlp.shared_experts,
+                                                                         m.model.layers[1].mlp.shared_experts)):
+        q, s = mlp.gate_up_fp8
+        H = src.gate_proj.out_features
+        assert q.shape == (2 * H, src.gate_proj.in_features) and s.shape == (2 * H // 128, 1)
+        assert mlp.gate_proj.weight.data_ptr() == q.data_ptr() and mlp.up_proj.weight.data_ptr() == q[H:].data_ptr()
+        for lin, ref in ((mlp.gate_proj, src.gate_proj), (mlp.up_proj, src.up_proj)):
+            q_ref, s_ref = kernels.quantize_fp8_blocks(ref.weight.detach())
+            assert torch.equal(lin.weight.float(), q_ref.float()) and torch.equal(lin.weight_scale_inv, s_ref)
+        x = torch.randn(70, src.gate_proj.in_features, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            two = mlp.down_proj(kernels.silu_mul(mlp.gate_proj(x), mlp.up_proj(x)))
+            assert torch.allclose(mlp(x), two, rtol=1e-5, atol=1e-6)
+    assert set(e.state_dict()) == set(engine_model(m, quantization="fp8").state_dict())   # names unchanged
+    # H = 64 (tiny's default experts): a scale block would span gate and up, so they stay apart
+    e64 = engine_model(tiny_model(seed=6), fused_ops=True, fused_experts=True, quantization="fp8")
+    assert e64.model.layers[1].mlp.shared_experts.gate_up_fp8 is None
+
+
 def test_fp8_engine_is_the_dequantised_model(model):
     ids = torch.tensor(random_prompts([20, 20], seed=3))
     with torch.no_grad():

@@ -125,7 +125,8 @@ def test_fused_moe_fp8_activations_matches_reference(K, E, D, I, TOPK, M, block_
     args = [t.to(DEV) for t in (x, gu, gu_s, dn, dn_s, idx, w)]
     if tma and not CUDA:   # under the interpreter the descriptor path is the one run
         assert K._triton.tensor_descriptor(args[3], [E, D, I], [D * I, I, 1], [1, 128, 128]) is not None
-    out = fused_moe_fp8_w8a8_triton(*args, config=dict(W8A8_CONFIG, block_m=block_m, num_stages=2, tma=tma),
+    cfg = dict(W8A8_CONFIG, block_m=block_m, num_stages=2, gate_up_stages=2, tma=tma)
+    out = fused_moe_fp8_w8a8_triton(*args, config=cfg,
                                     add_MD=add.to(DEV))
     cpu = [t.cpu() for t in args]
     ref = fused_moe_fp8_w8a8_ref(*cpu) + add
@@ -245,9 +246,10 @@ def test_mla_decode_fp8_cache(K, num_splits, q_size, H):
 @needs_cuda
 @pytest.mark.parametrize("M", [1, 64, 65, 2047, 2048, 2063])
 def test_fp8_gemm_full_size(K, M):
-    """V2-Lite's q_proj shape in bf16, every route: the FP8 GEMM up to 64 rows, dequantise + GEMM above, and
-    from FP8_SCALED_MM_MIN_ROWS fp8 activations through torch's blockwise GEMM. The weight's 128 x 128 tiles
-    and x's 128-column groups span 2^-6..2^6 in scale, so a scale read from the wrong tile or group fails."""
+    """V2-Lite's q_proj shape in bf16, every route: the FP8 GEMM up to 64 rows, above them fp8 activations
+    through torch's blockwise GEMM (FP8_SCALED_MM_MIN_ROWS), and for kv_a's 576 output rows (not whole 128-blocks)
+    dequantise + GEMM. The weight's 128 x 128 tiles and x's 128-column groups span 2^-6..2^6 in scale, so a scale
+    read from the wrong tile or group fails."""
     from latentmoe.kernels.fp8 import uses_fp8_dense_activations
     g = torch.Generator(device=DEV).manual_seed(M)
     tile = 2.0 ** torch.randint(-6, 7, (24, 16), device=DEV, generator=g).float()
@@ -256,9 +258,12 @@ def test_fp8_gemm_full_size(K, M):
     group = 2.0 ** torch.randint(-6, 7, (M, 16), device=DEV, generator=g).float()
     x = (torch.randn(M, 2048, device=DEV, generator=g) * group.repeat_interleave(128, 1)).to(torch.bfloat16)
     fp8_acts = uses_fp8_dense_activations(M, w.shape)
-    assert fp8_acts == (M >= 2048)   # 2063 rows: padded to a multiple of 16 for cuBLAS
+    assert fp8_acts == (M > 64)   # 65 and 2063 rows: padded to a multiple of 16 for cuBLAS
     ref = K.fp8_linear_ref(x.float(), w, s, quantize_input=fp8_acts)
     assert rel_err(K.fp8_linear(x, w, s), ref) < 1e-2
+    w576, s576 = w[:576], s[:5]
+    assert not uses_fp8_dense_activations(M, w576.shape)
+    assert rel_err(K.fp8_linear(x, w576, s576), K.fp8_linear_ref(x.float(), w576, s576)) < 1e-2
     # the fp8-activation branch, opt-in
     from latentmoe.kernels.fp8 import fp8_linear_triton
     ref8 = K.fp8_linear_ref(x.float(), w, s, quantize_input=True)

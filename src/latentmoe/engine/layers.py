@@ -177,11 +177,23 @@ class EngineRouter(Router):
 
 class EngineMLP(MLP):
     """SwiGLU with silu(gate) * up in one kernel (the dense layers and the shared experts); at decode sizes the
-    gate and up GEMMs and that product are one few-row launch."""
+    gate and up GEMMs and that product are one few-row launch.
+
+    Under FP8 the gate and up weights are the two halves of one e4m3 tensor (`gate_up_fp8`, set by engine_model
+    where the hidden width is whole 128-row blocks), so more rows than the few-row kernel takes run one GEMM of
+    twice the width, quantising x once, instead of two. H100, V2-Lite shape, FP8 engine decode steps at 1K context
+    (one process, engines alternating, two rounds): B=64 9.67 against 10.11-10.12 ms, B=128 10.27-10.28 against
+    10.56-10.58, B=256 12.11-12.13 against 12.38-12.41 (bf16 13.08 / 14.11 / 15.81)."""
+
+    gate_up_fp8: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g, u = _weight_of(self.gate_proj), _weight_of(self.up_proj)
         h = kernels.skinny_swiglu(x, *g, *u) if g is not None and u is not None else None
+        if h is None and self.gate_up_fp8 is not None:
+            gu = kernels.fp8_linear(x, *self.gate_up_fp8)
+            half = gu.shape[-1] // 2
+            h = kernels.silu_mul(gu[..., :half], gu[..., half:])
         if h is None:
             h = kernels.silu_mul(self.gate_proj(x), self.up_proj(x))
         return self.down_proj(h)
@@ -339,6 +351,20 @@ def _fp8_pair(name: str, weight: torch.Tensor, stored: dict, device: torch.devic
     return kernels.quantize_fp8_blocks(weight.detach().to(target))
 
 
+def _fp8_gate_up(name: str, mlp: nn.Module, stored: dict, device: torch.device | None):
+    """One block-FP8 pair [2H, D] for an MLP's gate and up weights (gate rows first), or None where they are not
+    two bias-free Linears of one shape whose H is whole 128-row blocks (so no scale block spans both halves, and
+    each half's pair is exactly what quantising it alone gives)."""
+    g, u = mlp.gate_proj, mlp.up_proj
+    if not (type(g) is nn.Linear and type(u) is nn.Linear and g.bias is None and u.bias is None
+            and g.weight.shape == u.weight.shape and g.weight.shape[0] % kernels.fp8.BLOCK == 0
+            and fp8_quantizable(f"{name}.gate_proj", g, mlp) and fp8_quantizable(f"{name}.up_proj", u, mlp)):
+        return None
+    (qg, sg), (qu, su) = (_fp8_pair(f"{name}.{k}.weight", lin.weight, stored, device)
+                          for k, lin in (("gate_proj", g), ("up_proj", u)))
+    return torch.cat([qg, qu]), torch.cat([sg, su])
+
+
 def _engine_class(module: nn.Module, parent: nn.Module | None, fused_ops: bool, fused_experts: bool,
                   quantized: bool = False) -> type:
     """The class the engine builds `module` as: an engine subclass where one applies, else its own."""
@@ -386,7 +412,8 @@ def engine_model(model: nn.Module, *, fused_ops: bool = False, fused_experts: bo
     quantization="fp8": every Linear but those in FP8_SKIP becomes an Fp8Linear and the routed experts
     Fp8Experts, holding new e4m3 tensors quantised from the model's weights in 128 x 128 blocks, or the
     pairs of `fp8_weights` ({model tensor name: (e4m3, scale_inv)}, as checkpoint.read_fp8_weights
-    returns them from a block-FP8 checkpoint) where it has them.
+    returns them from a block-FP8 checkpoint) where it has them. An EngineMLP's gate and up weights are then
+    the halves of one such tensor (EngineMLP says why), each half exactly what quantising it alone gives.
     """
     if quantization not in (None, "fp8"):
         raise ValueError(f"quantization must be None or 'fp8', got {quantization!r}")
@@ -408,13 +435,22 @@ def engine_model(model: nn.Module, *, fused_ops: bool = False, fused_experts: bo
                               _fp8_pair(f"{name}.down_proj", module.down_proj, stored, device), module.impl)
         cls = _engine_class(module, parent, fused_ops, fused_experts, quantization == "fp8")
         new = cls.__new__(cls)
+        merged = _fp8_gate_up(name, module, stored, device) if quantization == "fp8" and cls is EngineMLP else None
+        halves = {}
+        if merged is not None:
+            # gate_proj and up_proj hold views of the halves: one copy of the weights, two ways to read them.
+            (q, s), n = merged, module.gate_proj.out_features
+            halves = {"gate_proj": Fp8Linear(q[:n], s[:n // kernels.fp8.BLOCK], None),
+                      "up_proj": Fp8Linear(q[n:], s[n // kernels.fp8.BLOCK:], None)}
         # Attributes by reference; containers (hooks, buffer-name sets, ...) as the copy's own.
         new.__dict__.update({k: copy.copy(v) if isinstance(v, (dict, set, list)) else v
                              for k, v in module.__dict__.items()})
         new._parameters = {k: share(p) for k, p in module._parameters.items()}
         new._buffers = {k: share(b) for k, b in module._buffers.items()}
-        new._modules = {k: None if c is None else rebuild(c, module, f"{name}.{k}" if name else k)
-                        for k, c in module._modules.items()}
+        new._modules = {k: halves[k] if k in halves else None if c is None else
+                        rebuild(c, module, f"{name}.{k}" if name else k) for k, c in module._modules.items()}
+        if merged is not None:
+            new.gate_up_fp8 = merged
         return new
 
     new_model = rebuild(model, None).eval()
