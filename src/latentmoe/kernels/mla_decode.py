@@ -111,7 +111,10 @@ def _mla_decode_split_kernel(
             # slower per token than the bf16 cache's despite reading half the bytes; see mla_decode_triton
             # for the tiles that recover most of it. With bf16 dots two other loads measured slower on an
             # H200: prefetching the next tile into registers by hand (B=1 at 128K: 196 us), and a second load
-            # of the tile for the values' dot (pipelined then): 128 us against 111 at B=4 and 32K.
+            # of the tile for the values' dot (pipelined then): 128 us against 111 at B=4 and 32K. Nor do TMA
+            # boxes help (one 64-row cache page a tile, the latent as two 256-column halves): H100, 2 stages
+            # (3 exceed shared memory), B=256 at 1K 182 us against 151, B=4 at 32K 99 against 84, B=1 at 128K
+            # 99 against 84 (the bf16 cache 110 / 67 / 67).
             srow = blk * stride_s_blk + (offs_n % PAGE) * stride_s_tok
             s_lat = tl.load(kv_scale_ptr + srow, mask=mask_n, other=0.0)
             s_pe = tl.load(kv_scale_ptr + srow + 1, mask=mask_n, other=0.0)
