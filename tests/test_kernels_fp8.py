@@ -126,8 +126,7 @@ def test_fused_moe_fp8_activations_matches_reference(K, E, D, I, TOPK, M, block_
     if tma and not CUDA:   # under the interpreter the descriptor path is the one run
         assert K._triton.tensor_descriptor(args[3], [E, D, I], [D * I, I, 1], [1, 128, 128]) is not None
     cfg = dict(W8A8_CONFIG, block_m=block_m, num_stages=2, gate_up_stages=2, tma=tma)
-    out = fused_moe_fp8_w8a8_triton(*args, config=cfg,
-                                    add_MD=add.to(DEV))
+    out = fused_moe_fp8_w8a8_triton(*args, config=cfg, add_MD=add.to(DEV))
     cpu = [t.cpu() for t in args]
     ref = fused_moe_fp8_w8a8_ref(*cpu) + add
     # fp32 inputs: the interpreter computes exact products of the fp8 operands; h's rounding can differ

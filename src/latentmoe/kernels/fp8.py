@@ -12,10 +12,10 @@ DeepSeek's FP8 checkpoints load as stored.
 multiply in x's dtype (weights dequantised in registers; up to 4 rows kernels/skinny.py does it better). More
 rows (large decode batches, prefill) quantise x per token and 128 columns (`quantize_fp8_groups`) and run
 torch's blockwise-scaled GEMM on fp8 tensor cores, DeepSeek's recipe, where the widths are whole 128-blocks;
-for other widths, or without that GEMM, the weight is dequantised in one pass for an ordinary GEMM. The Triton GEMM's
-own fp8-activation branch (each 128-deep partial product scaled) measured slower than cuBLAS bf16 and is
-opt-in. Elsewhere the reference dequantises the weight and calls F.linear, rounding x through fp8 at the
-sizes where the GPU would.
+for other widths, or without that GEMM, the weight is dequantised in one pass for an ordinary GEMM. The
+Triton GEMM's own fp8-activation branch (each 128-deep partial product scaled) measured slower than cuBLAS
+bf16 and is opt-in. Elsewhere the reference dequantises the weight and calls F.linear, rounding x through
+fp8 at the sizes where the GPU would.
 """
 import torch
 import torch.nn.functional as F
@@ -174,10 +174,11 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, c_ptr, bias_ptr, M, N, K,
 
 
 # Up to this many rows the weights dominate (decode): read fp8, multiply in x's dtype. Above it the
-# product is compute-bound: torch's blockwise scaled GEMM where the weight's shape allows it (below), else the
-# weight dequantised once (one bandwidth-bound pass over N x K) and cuBLAS's GEMM in x's dtype. The fp8-activation branch of the kernel (per-token fp8 groups on
-# fp8 tensor cores, quantize_input=True) measured 0.49-0.55x of cuBLAS bf16 on an H200 at 256 and
-# 8192 rows (benchmarks/results/fp8.md), so it is not the default.
+# product is compute-bound: torch's blockwise scaled GEMM where the weight's shape allows it (below), else
+# the weight dequantised once (one bandwidth-bound pass over N x K) and cuBLAS's GEMM in x's dtype. The
+# fp8-activation branch of the kernel (per-token fp8 groups on fp8 tensor cores, quantize_input=True)
+# measured 0.49-0.55x of cuBLAS bf16 on an H200 at 256 and 8192 rows (benchmarks/results/fp8.md), so it
+# is not the default.
 FP8_ACTIVATION_MIN_ROWS = 64
 
 
@@ -238,13 +239,14 @@ def fp8_linear_triton(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Te
 # From this many rows (above the few-row kernel's) a GEMM runs on FP8 tensor cores through torch's blockwise
 # scaled GEMM, x quantised per token and 128 columns (DeepSeek's own recipe). On an H200, quantisation included,
 # against cuBLAS bf16: 1.05-1.16x at 2,048 rows and 1.23-1.28x at 8,192 for V2-Lite's q_proj, o_proj and shared
-# gate/up; 0.81-0.98x at 512-1,024 rows; and 0.61-0.89x for kv_a's 576 output rows at any size. What it replaces
-# below 2,048 rows is not cuBLAS bf16 but the weight dequantised by one kernel first: H100, graph replays, V2-Lite's
-# q_proj, o_proj, shared gate and up at 256 rows 10.8-10.9 us each against 10.9-12.9 (bf16 7.0-8.2), at 512 and
-# 1,024 rows the whole layer's Linears 55.5 / 77.3 us against 86.8 / 118.4 (bf16 62.3 / 88.6); whole decode steps
-# of an FP8 engine (one process, engines alternating, 1K context): B=256 12.72-12.73 against 12.98-12.99 ms,
-# B=128 10.81-10.83 against 10.97-10.98, B=1 to 64 unchanged (at most 64 rows stay on the few-row kernels).
-# torch's kernel wants the weight's K in whole groups of four 128-blocks (the shared experts' K of 2,816 is refused).
+# gate/up; 0.81-0.98x at 512-1,024 rows; and 0.61-0.89x for kv_a's 576 output rows at any size. What it
+# replaces below 2,048 rows is not cuBLAS bf16 but the weight dequantised by one kernel first: H100, graph
+# replays, V2-Lite's q_proj, o_proj, shared gate and up at 256 rows 10.8-10.9 us each against 10.9-12.9 (bf16
+# 7.0-8.2), at 512 and 1,024 rows the whole layer's Linears 55.5 / 77.3 us against 86.8 / 118.4 (bf16 62.3 /
+# 88.6); whole decode steps of an FP8 engine (one process, engines alternating, 1K context): B=256 12.72-12.73
+# against 12.98-12.99 ms, B=128 10.81-10.83 against 10.97-10.98, B=1 to 64 unchanged (at most 64 rows stay on
+# the few-row kernels). torch's kernel wants the weight's K in whole groups of four 128-blocks (the shared
+# experts' K of 2,816 is refused).
 # Padding that K to 3,072 measured little (H100, graph replays, x's quantisation included, its padding not):
 # 114 / 219 us at 8,192 / 16,384 rows against 128 / 250 for today's dequantise + bf16 GEMM (the Triton w8a8
 # GEMM 169 / 367), about 0.4 ms over an 8K prefill's 26 MoE layers before a padded copy of x; kv_a stays best in
