@@ -307,12 +307,13 @@ def mla_decode_triton(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.T
         # per multiprocessor (B=1, 128K context, 128 pieces) took 62.6 us with 4 stages and 85.6 with 3; with
         # more programs than multiprocessors two of 3 stages share one (B=4 at 32K: 59.2 us, 4 stages 65.1;
         # B=64 at 4K: 97.0 us with 3). 64-head programs have room for 2 stages only.
-        # The FP8 cache's tile load is not pipelined (see the kernel), so its stages only hold shared memory:
-        # for 16-head programs (64-head ones, not measured, keep 2) one stage measured fastest of 1-3 at every point (H100, 16 heads, launches sized for 128K: B=256 at
-        # 1K 142.8 us against 153.2 as before, B=64 at 1K 43.1 / 44.6, B=4 at 32K 79.8 / 83.6, B=1 at 128K
-        # 80.2 / 83.2; the bf16 cache 114.1 / 42.4 / 68.5 / 65.4), and in whole decode steps of an engine with
-        # FP8 weights and cache (H100, 1K context, engines alternating in one process, two rounds): B=1 2.33-2.34
-        # against 2.38 ms, B=64 10.11-10.15 against 10.21-10.23, B=256 13.14-13.16 against 13.41.
+        # The FP8 cache's tile load is not pipelined (see the kernel), so its stages only hold shared memory. For
+        # 16-head programs (64-head ones, not measured, keep 2) one stage measured fastest of 1-3 at every point
+        # (H100, launches sized for 128K: B=256 at 1K 142.8 us against 153.2 as before, B=64 at 1K 43.1 / 44.6,
+        # B=4 at 32K 79.8 / 83.6, B=1 at 128K 80.2 / 83.2; the bf16 cache 114.1 / 42.4 / 68.5 / 65.4), and in
+        # whole decode steps of an engine with FP8 weights and cache (H100, 1K context, engines alternating in one
+        # process, two rounds): B=1 2.33-2.34 against 2.38 ms, B=64 10.11-10.15 against 10.21-10.23, B=256
+        # 13.14-13.16 against 13.41.
         one_wave = B * head_groups * num_splits <= sm_count(q_lat.device)
         num_stages = (1 if fp8 else 4 if one_wave else 3) if block_h <= 16 else 2
     if out is None:
