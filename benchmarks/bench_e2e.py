@@ -14,6 +14,7 @@ Floors (benchmarks/floors.py): prefill compute at the FLOP/s of a large GEMM, de
 cache) at the bandwidth of a large copy, both measured on this device before the engine starts.
 
     python benchmarks/bench_e2e.py --cold                  # GPU: writes benchmarks/results/e2e.md
+    python benchmarks/bench_e2e.py --cold --quantization fp8 --skip hf,checks   # results/e2e_fp8.md
     python benchmarks/bench_e2e.py --smoke --out /tmp/e2e.md   # CPU smoke test, tiny model
 """
 from __future__ import annotations
@@ -45,17 +46,18 @@ import torch   # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_engine import engine_decode, plain_greedy   # noqa: E402
-from floors import Floors, active_params, decode_bytes, measured   # noqa: E402
+from floors import Floors, active_params, decode_bytes, fp8_gemm_flops, measured   # noqa: E402
 from report import summary_block   # noqa: E402
 
 from latentmoe import build_model, get_config   # noqa: E402
 from latentmoe.bench import random_prompts, throughput   # noqa: E402
 from latentmoe.engine import LLM, SamplingParams   # noqa: E402
 
-def workload_floor_s(cfg, n: int, lin: int, lout: int, floors: Floors) -> float:
-    """n requests of lin prompt and lout output tokens: prefill compute + decode bytes (all n at once)."""
+def workload_floor_s(cfg, n: int, lin: int, lout: int, floors: Floors, step_bytes=decode_bytes) -> float:
+    """n requests of lin prompt and lout output tokens: prefill compute + decode bytes (all n at once).
+    `step_bytes(cfg, B, L)`: a decode step's bytes (decode_bytes with the engine's weight and cache formats)."""
     prefill = 2 * active_params(cfg) * n * lin / floors.flops
-    return prefill + sum(decode_bytes(cfg, n, lin + t) for t in range(lout)) / floors.bandwidth
+    return prefill + sum(step_bytes(cfg, n, lin + t) for t in range(lout)) / floors.bandwidth
 
 
 def sync(device):
@@ -183,13 +185,18 @@ def main():
     ap.add_argument("--preset", default="deepseek-v2-lite")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: checks,hf,128k,generate (the 256-prompt "
                                                "workload against transformers generate)")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "e2e.md"))
+    ap.add_argument("--quantization", choices=["fp8"], default=None,
+                    help="the engine's weights in block FP8 (LLM(..., quantization='fp8'))")
+    ap.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto", help="the engine's latent cache format")
+    ap.add_argument("--out", default=None, help="results file (default results/e2e.md, or e2e_fp8.md with FP8)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile-prefill", default=None, metavar="PATH",
                     help="append a kernel profile of the first long prompt's prefill to PATH")
     ap.add_argument("--trace-decode", default=None, metavar="PATH",
                     help="append the kernel timeline of decode steps (B=1 at 1K and 128K, B=4 at 32K) to PATH")
     args = ap.parse_args()
+    fp8 = args.quantization == "fp8" or args.kv_cache_dtype == "fp8"
+    args.out = args.out or os.path.join(os.path.dirname(__file__), "results", "e2e_fp8.md" if fp8 else "e2e.md")
     skip = set(filter(None, args.skip.split(",")))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     preset = "tiny" if args.smoke else args.preset
@@ -198,6 +205,7 @@ def main():
     dec = [(1, 512, "B=1 at 512"), (4, 256, "B=4 at 256"), (1, 64, "B=1 at 64")] if args.smoke else \
         [(1, 131072, "B=1 at 128K"), (4, 32768, "B=4 at 32K"), (1, 1024, "B=1 at 1K")]
     res = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "preset": preset,
+           "quantization": args.quantization, "kv_cache_dtype": args.kv_cache_dtype,
            "cold_triton_cache": args.cold, "triton_cache_entries_at_start": TRITON_CACHE_AT_START, "date": datetime.datetime.now(datetime.timezone.utc).strftime(
                "%Y-%m-%d %H:%M UTC"), "command": "python " + " ".join(sys.argv)}
     lines = []
@@ -208,14 +216,23 @@ def main():
 
     cfg = get_config(preset)
     floors = measured(device)   # before the engine takes the device's memory for its cache
+    if args.quantization == "fp8" and device.type == "cuda":
+        # An FP8 engine's compute floor is the FP8 GEMM's rate (its attention stays bf16: a floor, not a target).
+        floors = dataclasses.replace(floors, flops=fp8_gemm_flops(device) or floors.flops, dtype=torch.float8_e4m3fn)
     res["floors"] = dataclasses.asdict(floors)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     model = build_model(cfg, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
                         seed=0, std=0.02).eval()
     t0 = time.perf_counter()
-    llm = LLM(model, max_model_len=max(long_lens) + 64)
+    llm = LLM(model, max_model_len=max(long_lens) + 64, quantization=args.quantization,
+              kv_cache_dtype=args.kv_cache_dtype)
     res["time_to_ready_s"] = time.perf_counter() - t0
+    cache_bytes = llm.engine_config.kv_cache.bytes_per_token(cfg, llm.engine_config.dtype)
+
+    def step_bytes(cfg, B, L):
+        """A decode step's bytes in this engine's formats."""
+        return decode_bytes(cfg, B, L, fp8_weights=args.quantization == "fp8", cache_bytes_per_token=cache_bytes)
     res["max_num_batched_tokens"] = llm.engine_config.max_num_batched_tokens
     log(f"time to ready {res['time_to_ready_s']:.1f} s (warm-up {llm.runner.warmup_seconds:.1f} s, "
         f"{llm.runner.compilations_at_ready} compilations, {llm.runner.num_captures} graphs; "
@@ -223,7 +240,7 @@ def main():
     # Each run its own prompts (same lengths): the second run gets no prefix-cache hits from the first.
     tp = throughput(llm, [random_prompts(n, lin, cfg.vocab_size, seed=s) for s in (1, 2)], lout, progress=False)
     r1, r2 = tp["runs"]
-    floor = workload_floor_s(cfg, n, lin, lout, floors)
+    floor = workload_floor_s(cfg, n, lin, lout, floors, step_bytes)
     res["workload"] = dict(n=n, input=lin, output=lout, run1_s=r1["seconds"], run2_s=r2["seconds"],
                            run1_req_s=r1["requests_per_s"], run2_req_s=r2["requests_per_s"], floor_req_s=n / floor)
     log(f"{n} x ({lin} in, {lout} out): run 1 {r1['seconds']:.2f} s ({r1['requests_per_s']:.1f} req/s), run 2 "
@@ -250,7 +267,7 @@ def main():
             f"{t[2] * 1e3:.0f} ms")
     for B, L, name in dec:
         step, host = engine_decode(llm, B, L, 20 if not args.smoke else 3)
-        fl = decode_bytes(cfg, B, L) / floors.bandwidth
+        fl = step_bytes(cfg, B, L) / floors.bandwidth
         res.setdefault("decode", {})[name] = dict(ms_per_step=step * 1e3, floor_ms=fl * 1e3, share=fl / step)
         log(f"decode {name}: {step * 1e3:.2f} ms/step, floor {fl * 1e3:.2f} ms ({fl / step:.0%} of the floor)")
         if args.trace_decode:
@@ -333,10 +350,13 @@ def write(args, res, lines):
                 f"{res['compilations_after_ready']} / {res['graph_captures_after_ready']} | 0 | - |")
     prov = (f"date: {res['date']}; device: {res['device']}; torch {torch.__version__}; token budget "
             f"{res['max_num_batched_tokens']:,}; command: `{res['command']}`")
-    text = ["# End to end: LLM(model) then generate (V2-Lite shape, random bf16 weights)", "",
+    formats = ", ".join(f for f, on in (("FP8 weights", res["quantization"] == "fp8"),
+                                         ("FP8 latent cache", res["kv_cache_dtype"] == "fp8")) if on)
+    what = f"random bf16 weights, engine with {formats}" if formats else "random bf16 weights"
+    text = [f"# End to end: LLM(model) then generate (V2-Lite shape, {what})", "",
             *summary_block(prov, rows), "", "Log of the run:", "", "```", *lines, "```", "",
-            f"Floors: prefill compute and decode bytes (weights touched + latent cache) at what this device "
-            f"sustains, {Floors(**res['floors']).describe()}.", ""]
+            f"Floors: prefill compute and decode bytes (weights touched + latent cache, in the engine's formats) "
+            f"at what this device sustains, {Floors(**res['floors']).describe()}.", ""]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         f.write("\n".join(text))

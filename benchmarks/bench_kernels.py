@@ -22,7 +22,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from floors import measured  # noqa: E402
+from floors import fp8_gemm_flops, measured  # noqa: E402
 from report import summary_block  # noqa: E402
 from timing import median_seconds  # noqa: E402
 
@@ -61,20 +61,6 @@ MOE_SUMMARY = [("deepseek-v2-lite", 256), ("deepseek-v2-lite", 8192), ("deepseek
 def bench(fn, warmup=5, iters=30, graph=False):
     """Median milliseconds of fn(), optionally as replays of a captured CUDA graph."""
     return median_seconds(fn, iters=iters, warmup=warmup, graph=graph) * 1e3
-
-
-def fp8_matmul_rate():
-    """TFLOP/s of torch's FP8 GEMM (e4m3 operands, one scale per tensor) at 8192^3, the FP8 kernels' matmul
-    rate; None where this GPU or torch has no FP8 GEMM."""
-    try:
-        a = torch.randn(8192, 8192, device="cuda").to(torch.float8_e4m3fn)
-        b = torch.randn(8192, 8192, device="cuda").to(torch.float8_e4m3fn)
-        one = torch.ones((), device="cuda")
-        ms = bench(lambda: torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16), iters=20)
-    except (RuntimeError, TypeError) as exc:
-        print(f"[note] no FP8 matmul rate: {type(exc).__name__}: {str(exc)[:120]}")
-        return None
-    return 2 * 8192**3 / ms / 1e9
 
 
 def make_decode_inputs(B, H, L, page=64, dtype=torch.bfloat16):
@@ -575,7 +561,8 @@ def main():
             ["model", "product", "B", "kernel us", "batched GEMM us", "kernel speed-up", "floor us", "dispatch",
              "rel err"], rows)
     elif args.fp8_moe:
-        fp8_tflops = fp8_matmul_rate()
+        fp8_flops = fp8_gemm_flops("cuda")
+        fp8_tflops = fp8_flops / 1e12 if fp8_flops else None
         if fp8_tflops:
             roof.insert(-1, f"| 8192^3 FP8 matmul (e4m3, torch._scaled_mm) | {fp8_tflops:.0f} TFLOP/s |")
         print(f"FP8 matmul rate: {fp8_tflops or 0:.0f} TFLOP/s", flush=True)

@@ -64,12 +64,39 @@ def active_params(cfg) -> float:
             + cfg.num_moe_layers * cfg.num_experts_per_tok * expert)
 
 
-def decode_bytes(cfg, B: int, L: int, dtype_bytes: int = 2) -> float:
+def decode_bytes(cfg, B: int, L: int, dtype_bytes: int = 2, fp8_weights: bool = False,
+                 cache_bytes_per_token: int | None = None) -> float:
     """Bytes one decode step of B sequences at context L must read: the weights it touches (the routed experts
-    B tokens hit under uniform routing; the embedding table counted out, the LM head in) and the latent cache."""
+    B tokens hit under uniform routing; the embedding table counted out, the LM head in) and the latent cache.
+    `fp8_weights`: the engine's quantization="fp8" tree, one byte an element plus a 4-byte scale per 128 x 128
+    tile, except the LM head and kv_b_proj (engine/layers.py FP8_SKIP), which stay at `dtype_bytes`.
+    `cache_bytes_per_token` (all layers) replaces the cache's `dtype_bytes` an element (the FP8 cache's scales)."""
     expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
     routed = cfg.num_moe_layers * cfg.n_routed_experts * expert
     E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
     touched = E * (1 - (1 - K / E) ** B)   # distinct experts hit by B tokens
     weights = cfg.num_parameters() - routed - cfg.vocab_size * cfg.hidden_size + cfg.num_moe_layers * touched * expert
-    return (weights + B * L * cfg.kv_cache_elements_per_token()) * dtype_bytes
+    if fp8_weights:
+        kept = cfg.vocab_size * cfg.hidden_size + cfg.num_hidden_layers * cfg.kv_lora_rank * cfg.num_attention_heads * (
+            cfg.qk_nope_head_dim + cfg.v_head_dim)
+        weight_bytes = (weights - kept) * (1 + 4 / 128 ** 2) + kept * dtype_bytes
+    else:
+        weight_bytes = weights * dtype_bytes
+    per_token = cache_bytes_per_token or cfg.kv_cache_elements_per_token() * dtype_bytes
+    return weight_bytes + B * L * per_token
+
+
+@functools.lru_cache(maxsize=None)
+def fp8_gemm_flops(device: torch.device | str = "cuda") -> float | None:
+    """FLOP/s of torch's FP8 GEMM (e4m3 operands, one scale per tensor) at 8192^3 on this device: the FP8
+    engines' compute floor. None where this GPU or torch has none."""
+    try:
+        a = torch.randn(8192, 8192, device=device).to(torch.float8_e4m3fn)
+        b = torch.randn(8192, 8192, device=device).to(torch.float8_e4m3fn)
+        one = torch.ones((), device=device)
+        s = median_seconds(lambda: torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16),
+                           iters=20, warmup=20)
+    except (RuntimeError, TypeError) as exc:
+        print(f"[note] no FP8 GEMM rate: {type(exc).__name__}: {str(exc)[:120]}")
+        return None
+    return 2 * 8192 ** 3 / s

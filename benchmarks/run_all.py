@@ -57,6 +57,8 @@ BENCHMARKS = [
      ["benchmarks/bench_kernels.py", "--few-token-fp8"]),
     ("fp8", "FP8 weights and FP8 latent cache vs bf16 (V2-Lite shape)",
      ["benchmarks/bench_fp8.py"]),
+    ("e2e_fp8", "End to end with FP8 weights: LLM(model, quantization=\"fp8\") then generate (V2-Lite shape)",
+     ["benchmarks/bench_e2e.py", "--cold", "--quantization", "fp8", "--skip", "hf,checks"]),
     ("train", "Training throughput vs transformers (`small` preset)",
      ["benchmarks/bench_train.py"]),
     ("v2_projection", "DeepSeek-V2 at N=8: one rank's share on one GPU, projected node decode",
