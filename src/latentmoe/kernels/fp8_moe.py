@@ -55,8 +55,8 @@ def fused_moe_fp8_w8a8_ref(x_MD, gate_up_proj, gate_up_scale, down_proj, down_sc
 # 2% either way (B=1 2.31 against 2.35 ms, B=4 4.29 against 4.24). It was more exact (0.0028 against 0.0040
 # relative to the fp32 reference) but needed a second K loop for activations beyond fp16's range.
 # Nor is the weight tiles' staging: compiled for sm90 they reach shared memory through the pipeliner's
-# asynchronous copies. Few-token kernels with fp8 activations (tiles straight into FP8 dots) measured slower
-# and ten times less exact (H100, 1 token: 32.9 against 26.9 us a layer; results/few_token_fp8.md).
+# asynchronous copies. Few-token kernels with fp8 activations (tiles straight into FP8 dots) were ten times less
+# exact and, timed alone, not clearly faster (results/few_token_fp8.md); not tried in whole decode steps.
 @jit
 def _moe_fp8_gate_up_kernel(x_ptr, w_ptr, s_ptr, h_ptr, sorted_ids_ptr, block_expert_ptr,
                             stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm, A, D, I, E,
