@@ -69,7 +69,8 @@ def decode_bytes(cfg, B: int, L: int, dtype_bytes: int = 2, fp8_weights: bool = 
     """Bytes one decode step of B sequences at context L must read: the weights it touches (the routed experts
     B tokens hit under uniform routing; the embedding table counted out, the LM head in) and the latent cache.
     `fp8_weights`: the engine's quantization="fp8" tree, one byte an element plus a 4-byte scale per 128 x 128
-    tile, except the LM head and kv_b_proj (engine/layers.py FP8_SKIP), which stay at `dtype_bytes`.
+    tile, except the LM head and kv_b_proj (engine/layers.py FP8_SKIP), which stay at `dtype_bytes` (the norms'
+    and routers' few MB, also unquantised, are counted at one byte: under 0.3% of a V2-Lite batch-1 step).
     `cache_bytes_per_token` (all layers) replaces the cache's `dtype_bytes` an element (the FP8 cache's scales)."""
     expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
     routed = cfg.num_moe_layers * cfg.n_routed_experts * expert
